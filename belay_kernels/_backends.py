@@ -1,0 +1,122 @@
+"""Which backends exist, which are usable here, and which one an op runs on.
+
+A backend is a module that implements the reference's functions with the same
+positional signatures (see :mod:`belay_kernels.reference`)::
+
+    ema_update_(shadow, weights, decay, skip_nonfinite, skipped)
+    swa_update_(shadow, weights, count, skip_nonfinite, skipped)
+    belay_step_(weights, shadow, alpha, beta, skip_nonfinite, skipped)
+    two_point_average_(out, weights, snapshot)
+    swap_(weights, shadow, inverse)
+
+and declares ``DEVICE_TYPES`` (the tensor device types it runs on). Optionally it has
+``unavailable_reason()`` (a string when it cannot run on this machine), ``supports(op,
+dtypes)`` (False sends ``auto`` to the next backend), ``REQUIRES_CONTIGUOUS`` and
+foreach variants that take lists of tensors in one launch, named after the op with
+``foreach`` appended (``ema_update_foreach(shadows, weights, decay, skip_nonfinite,
+skipped)``, ``swap_foreach(weights, shadows, inverse)``, ...).
+
+Compiled backends are optional: an import error is kept and reported by
+:func:`backends`, and surfaces only when that backend is asked for by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from ._checks import BelayInputError
+
+# name -> module implementing it
+_MODULES = {
+    "torch": "belay_kernels.reference",
+    "cpp": "belay_kernels.extension.cpu",
+    "cuda": "belay_kernels.extension.cuda",
+    "triton": "belay_kernels.triton",
+}
+
+# What "auto" tries, per tensor device type, fastest first.
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+_FALLBACK_ORDER = ("torch",)
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    module: ModuleType | None
+    reason: str  # why it is unavailable; empty when available
+
+    @property
+    def available(self) -> bool:
+        return self.module is not None
+
+
+_cache: dict[str, BackendStatus] = {}
+
+
+def _load(name: str) -> BackendStatus:
+    if name in _cache:
+        return _cache[name]
+    try:
+        module = importlib.import_module(_MODULES[name])
+        reason = getattr(module, "unavailable_reason", lambda: None)()
+    except Exception as exc:  # keep the error, report it on demand
+        module, reason = None, f"{type(exc).__name__}: {exc}"
+    status = BackendStatus(name, module if not reason else None, reason or "")
+    _cache[name] = status
+    return status
+
+
+def backends() -> dict[str, str]:
+    """Every backend's status on this machine: 'available (devices)' or why not."""
+    report = {}
+    for name in _MODULES:
+        status = _load(name)
+        if status.available:
+            devices = ", ".join(sorted(status.module.DEVICE_TYPES))
+            report[name] = f"available ({devices})"
+        else:
+            report[name] = f"unavailable: {status.reason}"
+    return report
+
+
+def _usable(status: BackendStatus, op: str, device_type: str, dtypes, contiguous: bool) -> bool:
+    module = status.module
+    if module is None or device_type not in module.DEVICE_TYPES:
+        return False
+    if getattr(module, "REQUIRES_CONTIGUOUS", False) and not contiguous:
+        return False
+    supports = getattr(module, "supports", None)
+    return supports is None or supports(op, dtypes)
+
+
+def resolve(backend: str, op: str, device_type: str, dtypes, contiguous: bool) -> ModuleType:
+    """The backend module that runs ``op`` on tensors of ``device_type`` and ``dtypes``."""
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device_type, _FALLBACK_ORDER):
+            status = _load(name)
+            if _usable(status, op, device_type, dtypes, contiguous):
+                return status.module
+        return _load("torch").module
+    if backend not in _MODULES:
+        raise BelayInputError(
+            f"backend must be 'auto' or one of {sorted(_MODULES)}, got {backend!r}."
+        )
+    status = _load(backend)
+    if not status.available:
+        raise BelayInputError(
+            f"backend {backend!r} is unavailable: {status.reason}. "
+            "Use backend='auto' to fall back, or see belay_kernels.backends()."
+        )
+    if not _usable(status, op, device_type, dtypes, contiguous):
+        dtype_names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        layout = "" if contiguous else " non-contiguous"
+        raise BelayInputError(
+            f"backend {backend!r} cannot run {op} on{layout} {device_type} tensors of "
+            f"dtype {dtype_names}. Use backend='auto' or backend='torch'."
+        )
+    return status.module

@@ -1,0 +1,192 @@
+"""Functional in-place ops on flat tensors: check the arguments once, then dispatch.
+
+Each op takes either tensors or equal-length lists of tensors (the tensor-list path, for
+parameters that cannot live in a flat buffer), and ``backend="auto"`` or a backend name
+from :func:`belay_kernels.backends`. All checks run before any memory is written; a
+failing check raises :class:`BelayInputError` and leaves every tensor untouched.
+
+The math of each op is in :mod:`belay_kernels.reference`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _backends
+from ._checks import (
+    BelayInputError,
+    check_count,
+    check_nonfinite,
+    check_pair,
+    check_skipped,
+    check_unit_interval,
+)
+from .reference import SWAP_PAIRS, swap_supported
+
+TensorOrList = torch.Tensor | Sequence[torch.Tensor]
+
+
+def _rows(names: Sequence[str], args: Sequence[TensorOrList]) -> list[tuple[torch.Tensor, ...]]:
+    """Turn (tensor, tensor, ...) or (list, list, ...) into checked rows of tensors."""
+    if all(isinstance(a, torch.Tensor) for a in args):
+        rows = [tuple(args)]
+        check_pair(names, rows[0])
+        return rows
+    lists = []
+    for name, a in zip(names, args):
+        if isinstance(a, torch.Tensor) or not isinstance(a, Sequence):
+            raise BelayInputError(
+                f"{name} must be a tensor or a list of tensors like the others, "
+                f"got {type(a).__name__}."
+            )
+        lists.append(list(a))
+    lengths = {len(lst) for lst in lists}
+    if len(lengths) != 1:
+        counts = ", ".join(f"{n}: {len(lst)}" for n, lst in zip(names, lists))
+        raise BelayInputError(f"the tensor lists differ in length ({counts}).")
+    rows = list(zip(*lists))
+    for i, row in enumerate(rows):
+        check_pair([f"{n}[{i}]" for n in names], row)
+    devices = {row[0].device for row in rows}
+    if len(devices) > 1:
+        raise BelayInputError(
+            f"one call covers one device, but the lists span {sorted(map(str, devices))}; "
+            "call once per device."
+        )
+    return rows
+
+
+def _device(rows) -> torch.device:
+    return rows[0][0].device if rows else torch.device("cpu")
+
+
+def _dispatch(op: str, rows, args: tuple, backend: str) -> None:
+    """Run ``op`` on every row, grouping rows that go to the same backend module."""
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        key = (
+            row[0].device.type,
+            tuple(t.dtype for t in row),
+            all(t.is_contiguous() for t in row),
+        )
+        groups.setdefault(key, []).append(row)
+    # Resolve every group before running any, so a refusal leaves all tensors untouched.
+    plan = [
+        (_backends.resolve(backend, op, device_type, dtypes, contiguous), group)
+        for (device_type, dtypes, contiguous), group in groups.items()
+    ]
+    with torch.no_grad():
+        for module, group in plan:
+            foreach = getattr(module, op + "foreach", None)
+            if foreach is not None and len(group) > 1:
+                foreach(*(list(column) for column in zip(*group)), *args)
+            else:
+                fn = getattr(module, op)
+                for row in group:
+                    fn(*row, *args)
+
+
+def ema_update_(
+    shadow: TensorOrList,
+    weights: TensorOrList,
+    *,
+    decay: float | torch.Tensor,
+    nonfinite: str = "skip",
+    skipped: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> TensorOrList:
+    """``shadow <- shadow + (1 - decay) (weights - shadow)``, in place."""
+    rows = _rows(("shadow", "weights"), (shadow, weights))
+    device = _device(rows)
+    check_unit_interval("decay", decay, device)
+    skip = check_nonfinite(nonfinite)
+    check_skipped(skipped, device)
+    _dispatch("ema_update_", rows, (decay, skip, skipped), backend)
+    return shadow
+
+
+def swa_update_(
+    shadow: TensorOrList,
+    weights: TensorOrList,
+    *,
+    count: int | torch.Tensor,
+    nonfinite: str = "skip",
+    skipped: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> TensorOrList:
+    """Equal running mean: ``shadow <- shadow + (weights - shadow) / (count + 1)``, where
+    ``count`` is how many models the shadow already holds (0 copies). The caller
+    increments its count afterwards."""
+    rows = _rows(("shadow", "weights"), (shadow, weights))
+    device = _device(rows)
+    check_count(count, device)
+    skip = check_nonfinite(nonfinite)
+    check_skipped(skipped, device)
+    _dispatch("swa_update_", rows, (count, skip, skipped), backend)
+    return shadow
+
+
+def belay_step_(
+    weights: TensorOrList,
+    shadow: TensorOrList,
+    *,
+    alpha: float | torch.Tensor,
+    beta: float | torch.Tensor,
+    nonfinite: str = "skip",
+    skipped: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[TensorOrList, TensorOrList]:
+    """BELAY after the optimizer's step, both sides read before either write:
+    ``weights <- weights + beta (shadow - weights)`` and
+    ``shadow <- shadow + alpha (weights_before - shadow)``."""
+    rows = _rows(("weights", "shadow"), (weights, shadow))
+    device = _device(rows)
+    check_unit_interval("alpha", alpha, device)
+    check_unit_interval("beta", beta, device)
+    skip = check_nonfinite(nonfinite)
+    check_skipped(skipped, device)
+    _dispatch("belay_step_", rows, (alpha, beta, skip, skipped), backend)
+    return weights, shadow
+
+
+def two_point_average(
+    weights: TensorOrList,
+    snapshot: TensorOrList,
+    *,
+    out: TensorOrList | None = None,
+    backend: str = "auto",
+) -> TensorOrList:
+    """``(weights + snapshot) / 2``, into ``out`` (a new tensor like ``weights`` if None)."""
+    if out is None:
+        if isinstance(weights, torch.Tensor):
+            out = torch.empty_like(weights, memory_format=torch.contiguous_format)
+        else:
+            out = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+    rows = _rows(("out", "weights", "snapshot"), (out, weights, snapshot))
+    _dispatch("two_point_average_", rows, (), backend)
+    return out
+
+
+def swap_(
+    weights: TensorOrList,
+    shadow: TensorOrList,
+    *,
+    inverse: bool = False,
+    backend: str = "auto",
+) -> None:
+    """Exchange weights and shadow in place, exactly; ``inverse=True`` swaps back.
+
+    For one dtype the swap is its own inverse. For bf16 weights with an fp32 shadow the
+    model receives the shadow rounded to bf16 and both are restored bit for bit by the
+    inverse (see :func:`belay_kernels.reference.swap_`)."""
+    rows = _rows(("weights", "shadow"), (weights, shadow))
+    for row in rows:
+        if not swap_supported(row[0].dtype, row[1].dtype):
+            raise BelayInputError(
+                f"no exact in-place swap for {row[0].dtype} weights with a {row[1].dtype} "
+                f"shadow; supported: {', '.join(SWAP_PAIRS)}. Use copy_to() for evaluation, "
+                "or choose shadow_dtype to match the weights."
+            )
+    _dispatch("swap_", rows, (bool(inverse),), backend)

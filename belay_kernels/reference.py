@@ -1,0 +1,190 @@
+"""The pure-PyTorch reference: the spec that every other backend is tested against.
+
+Every function here updates flat (or same-shaped) tensors in place. The math runs in
+``opmath``: float64 when either tensor is float64, float32 otherwise. Results are stored
+back in each tensor's own dtype, so a bf16 model with an fp32 shadow is handled exactly
+as a kernel that loads, upcasts, computes and downcasts would handle it.
+
+These functions do not validate their arguments: :mod:`belay_kernels.ops` does that once,
+for every backend, before any memory is touched. Scalar hyperparameters may be Python
+numbers or 0-d tensors on the tensors' device (the form a CUDA graph needs).
+
+The formulas, one per method (``s`` shadow, ``w`` weights, all read before any write):
+
+====================  ==========================================================
+EMA                   ``s <- lerp(s, w, 1 - decay)``
+SWA                   ``s <- w`` when ``count == 0``, else ``s + (w - s) / (count + 1)``
+BELAY (post-step)     ``w <- lerp(w, s, beta)`` and ``s <- lerp(s, w, alpha)``
+two-point average     ``out <- (w + snapshot) / 2``
+====================  ==========================================================
+
+``lerp`` is ``torch.lerp``: ``a + t (b - a)`` for ``t < 0.5`` and ``b - (b - a)(1 - t)``
+otherwise, so a weight of exactly 1 copies and a weight of 0 keeps. The EMA therefore
+rounds exactly as ``torch._foreach_lerp_`` does (timm's ModelEmaV3, ``AveragedModel``).
+
+Non-finite policy: with ``skip_nonfinite`` an element whose incoming weight is NaN or
+inf keeps its previous shadow value, and the number of such elements is added to
+``skipped`` (an int64 tensor) when one is given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Scalar = float | torch.Tensor
+
+# The reference runs wherever torch does.
+DEVICE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
+
+
+def opmath_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the math runs in: float64 if any tensor is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _keep_shadow_where_nonfinite(
+    new_shadow: torch.Tensor,
+    old_shadow: torch.Tensor,
+    weights: torch.Tensor,
+    skipped: torch.Tensor | None,
+) -> torch.Tensor:
+    bad = ~torch.isfinite(weights)
+    if skipped is not None:
+        skipped.add_(bad.sum())
+    return torch.where(bad, old_shadow, new_shadow)
+
+
+def _shadow_update_(
+    shadow: torch.Tensor,
+    weights: torch.Tensor,
+    new_shadow_fn,
+    skip_nonfinite: bool,
+    skipped: torch.Tensor | None,
+) -> torch.Tensor:
+    op = opmath_dtype(shadow, weights)
+    s, w = _up(shadow, op), _up(weights, op)
+    new = new_shadow_fn(s, w)
+    if skip_nonfinite:
+        new = _keep_shadow_where_nonfinite(new, s, w, skipped)
+    shadow.copy_(new)
+    return shadow
+
+
+def ema_update_(
+    shadow: torch.Tensor,
+    weights: torch.Tensor,
+    decay: Scalar,
+    skip_nonfinite: bool = True,
+    skipped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``shadow <- lerp(shadow, weights, 1 - decay)``."""
+    return _shadow_update_(
+        shadow, weights, lambda s, w: torch.lerp(s, w, 1 - decay), skip_nonfinite, skipped
+    )
+
+
+def swa_update_(
+    shadow: torch.Tensor,
+    weights: torch.Tensor,
+    count: int | torch.Tensor,
+    skip_nonfinite: bool = True,
+    skipped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Equal running mean; ``count`` is how many models the shadow already holds."""
+
+    def new_shadow(s, w):
+        mean = s + (w - s) / (count + 1)
+        if isinstance(count, torch.Tensor):
+            return torch.where(count == 0, w, mean)
+        return w.clone() if count == 0 else mean
+
+    return _shadow_update_(shadow, weights, new_shadow, skip_nonfinite, skipped)
+
+
+def belay_step_(
+    weights: torch.Tensor,
+    shadow: torch.Tensor,
+    alpha: Scalar,
+    beta: Scalar,
+    skip_nonfinite: bool = True,
+    skipped: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BELAY, post-step form: the spring pulls the model toward the shadow, and the
+    shadow takes an EMA step toward the model. Both right-hand sides read the values
+    from before this call: ``w <- lerp(w, s, beta)``, ``s <- lerp(s, w, alpha)``."""
+    op = opmath_dtype(weights, shadow)
+    w, s = _up(weights, op), _up(shadow, op)
+    new_w = torch.lerp(w, s, beta)
+    new_s = torch.lerp(s, w, alpha)
+    if skip_nonfinite:
+        new_s = _keep_shadow_where_nonfinite(new_s, s, w, skipped)
+    weights.copy_(new_w)
+    shadow.copy_(new_s)
+    return weights, shadow
+
+
+def two_point_average_(
+    out: torch.Tensor, weights: torch.Tensor, snapshot: torch.Tensor
+) -> torch.Tensor:
+    """``out <- (weights + snapshot) / 2``, computed in opmath."""
+    op = opmath_dtype(out, weights, snapshot)
+    out.copy_((_up(weights, op) + _up(snapshot, op)) * 0.5)
+    return out
+
+
+# --- swap -------------------------------------------------------------------------------
+# ``averaged()`` puts the shadow into the model for evaluation and must restore both
+# tensors bit for bit afterwards, with no second copy of the model. For one dtype that is
+# a plain exchange. For bf16 weights with an fp32 shadow it is an exact bit packing: an
+# fp32 word is the bf16 word of its high half plus 16 low bits, so
+#   model slot  <- the shadow rounded to bf16 (to nearest, ties toward zero)
+#   shadow slot <- (live bf16 bits << 16) | (the shadow's low 16 bits)
+# and the inverse recovers both words exactly: the low half says whether the high half
+# was rounded up. Ties toward zero (not to even) keep that test unambiguous.
+
+SWAP_PAIRS = (
+    "same dtype",
+    "bfloat16 weights with a float32 shadow",
+)
+
+
+def swap_supported(weights_dtype: torch.dtype, shadow_dtype: torch.dtype) -> bool:
+    return weights_dtype == shadow_dtype or (
+        weights_dtype == torch.bfloat16 and shadow_dtype == torch.float32
+    )
+
+
+_LOW_HALF = 0xFFFF
+_HALF_WAY = 0x8000
+
+
+def _wrap_to_signed(bits: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Reinterpret unsigned ``width``-bit values (held in int64) as signed ``dtype``."""
+    return torch.where(bits >= 2 ** (width - 1), bits - 2**width, bits).to(dtype)
+
+
+def swap_(weights: torch.Tensor, shadow: torch.Tensor, inverse: bool = False) -> None:
+    """Exchange ``weights`` and ``shadow`` (``inverse=True`` undoes a mixed-dtype swap)."""
+    if weights.dtype == shadow.dtype:
+        held = weights.clone()
+        weights.copy_(shadow)
+        shadow.copy_(held)
+        return
+    model_bits = weights.view(torch.int16).to(torch.int64) & _LOW_HALF
+    slot_bits = shadow.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    low = slot_bits & _LOW_HALF
+    high = slot_bits >> 16
+    rounds_up = (low > _HALF_WAY).to(torch.int64)
+    if not inverse:
+        # model <- rounded shadow; slot <- live weights in the high half, shadow's low half
+        new_model = (high + rounds_up) & _LOW_HALF
+        new_slot = (model_bits << 16) | low
+    else:
+        new_model = high
+        new_slot = (((model_bits - rounds_up) & _LOW_HALF) << 16) | low
+    weights.view(torch.int16).copy_(_wrap_to_signed(new_model, 16, torch.int16))
+    shadow.view(torch.int32).copy_(_wrap_to_signed(new_slot, 32, torch.int32))

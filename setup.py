@@ -1,0 +1,5 @@
+"""Build script. The package itself is pure Python; compiled backends are added here."""
+
+from setuptools import setup
+
+setup()
