@@ -1,0 +1,158 @@
+"""``belay-kernels bench``: parse the options, run the sweep and the model-level mode,
+print the table and write JSON, CSV and the plot."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .architectures import ARCHITECTURES
+from .peers import PEERS
+from .report import add_stream_fraction, format_table, write_csv, write_json
+from .sweep import DTYPE_PAIRS
+from .traffic import METHODS
+
+# Largest working set per element across methods and peers: a peer's deep copy plus
+# our operands, fp32 (about 6 tensors of 4 bytes), with headroom for the allocator.
+BYTES_PER_ELEMENT_BUDGET = 32
+QUICK_SIZES = (100_000, 1_000_000)
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 4 << 30
+
+
+def default_sizes(device: torch.device) -> list[int]:
+    """1e5, 3e5, 1e6, ... up to the largest whose working set fits in an eighth of the
+    free memory (the machine is shared)."""
+    limit = _available_memory(device) // 8 // BYTES_PER_ELEMENT_BUDGET
+    sizes, size = [], 100_000
+    while size <= limit and size <= 1_000_000_000:
+        sizes.append(size)
+        size = size * 3 if str(size)[0] == "1" else size * 10 // 3
+    return sizes or [100_000]
+
+
+def _csv(kind, choices):
+    def parse(text):
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if choices is not None and v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {bad}; choose from {list(choices)}")
+        return values
+
+    return parse
+
+
+def _sizes(text):
+    try:
+        return [int(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"sizes are numbers like 1e5,1e6: {exc}") from exc
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="belay-kernels bench",
+        description="Time EMA, SWA, BELAY, two-point and swap on every available backend "
+        "against the peer libraries, over a size sweep and on real model shapes.",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help=f"sizes {QUICK_SIZES}, short timing, no model-level mode")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mode", choices=("sweep", "models", "all"), default=None,
+                   help="default: all (sweep with --quick)")
+    p.add_argument("--sizes", type=_sizes, default=None, help="e.g. 1e5,1e6,1e7")
+    p.add_argument("--methods", type=_csv("method", METHODS), default=list(METHODS))
+    p.add_argument("--dtypes", type=_csv("dtype pair", DTYPE_PAIRS), default=list(DTYPE_PAIRS))
+    p.add_argument("--peers", type=_csv("peer", PEERS), default=list(PEERS),
+                   help="comma list; empty string for none")
+    p.add_argument("--models", type=_csv("model", ARCHITECTURES), default=list(ARCHITECTURES))
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds of timing per point (default 0.3, 0.05 with --quick)")
+    p.add_argument("--stream-size", type=float, default=None,
+                   help="elements of the streaming copy (default: 64M, 16M with --quick)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--out", type=Path, default=Path("belay-bench-results"))
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device)
+    args.mode = args.mode or ("sweep" if args.quick else "all")
+    args.sizes = args.sizes or (list(QUICK_SIZES) if args.quick else default_sizes(args.device))
+    args.min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
+    args.stream_size = int(args.stream_size or (1 << 24 if args.quick else 1 << 26))
+    return args
+
+
+def main(argv=None) -> int:
+    from .machine import machine_info
+    from .timing import streaming_bandwidth
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    machine = machine_info(args.device)
+    log(f"belay-kernels bench on {machine['cpu']} ({machine['cores']} cores)"
+        f"{', ' + machine['gpu'] if machine['gpu'] else ''}; backends: {machine['backends']}")
+
+    def stream():
+        gbps, timing = streaming_bandwidth(args.device, numel=args.stream_size,
+                                           min_run_time=args.min_run_time)
+        log(f"streaming copy of {args.stream_size:.1e} fp32: {gbps:.1f} GB/s")
+        return gbps
+
+    stream_runs = [stream()]
+    rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        best = max(stream_runs)
+        add_stream_fraction(rows, best)
+        info = {"gbps": best, "runs_gbps": stream_runs, "numel": args.stream_size,
+                "dtype": "float32", "bytes_counted": "read + write"}
+        write_json(args.out / "results.json", machine, info, rows)
+        write_csv(args.out / "results.csv", machine, info, rows)
+        return best
+
+    if args.mode in ("sweep", "all"):
+        from .sweep import run_sweep
+
+        rows += run_sweep(device=args.device, sizes=args.sizes, methods=args.methods,
+                          pairs=args.dtypes, peers=args.peers, min_run_time=args.min_run_time,
+                          log=log)
+        save()
+    if args.mode in ("models", "all"):
+        from .model_level import run_models
+
+        rows += run_models(device=args.device, models=args.models, methods=args.methods,
+                           pairs=args.dtypes, peers=args.peers,
+                           min_run_time=max(args.min_run_time, 0.5), log=log)
+    stream_runs.append(stream())  # the machine may be busier now than at the start
+    best = save()
+    print(f"# {machine['date']}  {machine['cpu']} x{machine['cores']}"
+          f"{'  ' + machine['gpu'] if machine['gpu'] else ''}  torch {machine['versions']['torch']}")
+    print(f"# streaming copy: {best:.1f} GB/s (best of {len(stream_runs)} runs)")
+    for mode in ("sweep", "model"):
+        part = [r for r in rows if r["mode"] == mode]
+        if part:
+            print(format_table(part))
+    if not args.no_plot and any(r["mode"] == "sweep" for r in rows):
+        from .plot import plot_sweep
+
+        plot_sweep(rows, best, args.out / "sweep.png",
+                   f"{machine['cpu']} x{machine['cores']} {machine['gpu'] or ''}, "
+                   f"torch {machine['versions']['torch']}, {machine['date']}")
+    log(f"wrote {args.out}/results.json, results.csv"
+        f"{', sweep.png' if not args.no_plot else ''}")
+    return 0
