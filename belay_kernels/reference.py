@@ -18,7 +18,7 @@ BELAY (post-step)     ``w <- lerp(w, s, beta)`` and ``s <- lerp(s, w, alpha)``
 two-point average     ``out <- (w + snapshot) / 2``
 ====================  ==========================================================
 
-Scalars are rounded to opmath before use, and ``1 - decay`` is computed in opmath.
+Scalars are rounded to opmath before use; ``1 - decay`` is computed in float64 first.
 ``lerp`` is ``torch.lerp``: ``a + t (b - a)`` for ``t < 0.5`` and ``b - (b - a)(1 - t)``
 otherwise, so a weight of exactly 1 copies and a weight of 0 keeps. The EMA therefore
 rounds exactly as ``torch._foreach_lerp_`` does (timm's ModelEmaV3, ``AveragedModel``).
@@ -43,12 +43,13 @@ def opmath_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def one_minus(x: Scalar, dtype: torch.dtype) -> Scalar:
-    """``1 - x`` computed in ``dtype`` after rounding ``x`` to it, for a Python number
-    and a device tensor alike, so both forms of a hyperparameter round the same way."""
+def one_minus(x: Scalar) -> Scalar:
+    """``1 - x`` in float64, before any rounding to opmath: a Python number and a float64
+    device tensor of the same value give the same rate, and ``EMA(decay=1 - alpha)`` gets
+    the very rate ``Belay(alpha=alpha)`` uses."""
     if isinstance(x, torch.Tensor):
-        return 1 - x.to(dtype)
-    return float(torch.ones((), dtype=dtype) - torch.tensor(x, dtype=dtype))
+        return 1 - x.to(torch.float64)
+    return 1.0 - x
 
 
 def _up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -90,8 +91,10 @@ def ema_update_(
     skip_nonfinite: bool = True,
     skipped: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``shadow <- lerp(shadow, weights, 1 - decay)``, with ``1 - decay`` in opmath."""
-    rate = one_minus(decay, opmath_dtype(shadow, weights))
+    """``shadow <- lerp(shadow, weights, 1 - decay)``, ``1 - decay`` taken in float64."""
+    rate = one_minus(decay)
+    if isinstance(rate, torch.Tensor):
+        rate = rate.to(opmath_dtype(shadow, weights))
     return _shadow_update_(
         shadow, weights, lambda s, w: torch.lerp(s, w, rate), skip_nonfinite, skipped
     )

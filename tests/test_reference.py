@@ -158,7 +158,7 @@ def test_nonfinite_weights_keep_the_shadow_and_are_counted():
 def test_scalars_may_be_device_tensors():
     w, s = _fresh(33, torch.float32, 10), _fresh(33, torch.float32, 11)
     s2 = s.clone()
-    ops.ema_update_(s, w, decay=torch.tensor(0.8), backend="torch")
+    ops.ema_update_(s, w, decay=torch.tensor(0.8, dtype=torch.float64), backend="torch")
     ops.ema_update_(s2, w, decay=0.8, backend="torch")
     assert torch.equal(s, s2)
     ops.swa_update_(s, w, count=torch.tensor(0), backend="torch")
