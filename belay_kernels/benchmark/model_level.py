@@ -3,6 +3,7 @@ library's own API, and report the step time and the op calls per step."""
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import torch
@@ -14,6 +15,16 @@ from .peers import PEER_METHODS, Unsupported, peer_step
 from .sweep import DTYPE_PAIRS, add_speedups
 from .timing import time_step
 from .traffic import bytes_per_step
+
+
+def model_step_bytes(method, numel, weights_dtype, shadow_dtype) -> int:
+    """Minimal bytes of one model-level step. The two-point row times ``averaged()``:
+    the average (in the weights' dtype) plus a swap round trip of it."""
+    if method == "two_point":
+        return bytes_per_step("two_point", numel, weights_dtype, weights_dtype) + bytes_per_step(
+            "swap", numel, weights_dtype, weights_dtype
+        )
+    return bytes_per_step(method, numel, weights_dtype, shadow_dtype)
 
 TWO_POINT_GAP = 100
 TORCH_REFERENCE = "belay_kernels[torch]"
@@ -32,10 +43,14 @@ def our_averager_step(method: str, backend: str, model, shadow_dtype: torch.dtyp
         return averagers.SWA(model, **common).step
     if method == "belay":
         return averagers.Belay(model, alpha=BELAY_ALPHA, beta=BELAY_BETA, **common).step
-    if method == "two_point":
-        return averagers.TwoPoint(model, gap=TWO_POINT_GAP, **common).step
-    if method == "swap":
-        averager = averagers.EMA(model, decay=DECAY, **common)
+    if method in ("two_point", "swap"):
+        # The two-point average is computed when evaluating: time averaged() (compute
+        # the average, swap it in, swap back). Its snapshot and average are kept in the
+        # weights' dtype, the class's default. For swap, time an EMA's averaged().
+        if method == "two_point":
+            averager = averagers.TwoPoint(model, gap=TWO_POINT_GAP, backend=backend)
+        else:
+            averager = averagers.EMA(model, decay=DECAY, **common)
 
         def round_trip():
             with averager.averaged():
@@ -66,13 +81,16 @@ def run_models(*, device, models, methods, pairs, peers, min_run_time, log=print
             params = [p for p in model.parameters() if p.is_floating_point()]
             numel = sum(p.numel() for p in params)
             for method in methods:
-                nbytes = bytes_per_step(method, numel, weights_dtype, shadow_dtype)
+                nbytes = model_step_bytes(method, numel, weights_dtype, shadow_dtype)
                 impls = [
                     (f"belay_kernels[{b}]", "ours",
-                     lambda b=b: our_averager_step(method, b, model, shadow_dtype))
+                     lambda b=b: our_averager_step(method, b, copy.deepcopy(model), shadow_dtype))
                     for b in backends
                 ] + [
-                    (peer, "peer", lambda p=peer: peer_step(p, method, model, shadow_dtype))
+                    # every library gets its own copy: our averagers move the model's
+                    # tensors into flat buffers, which must not leak into the next one
+                    (peer, "peer",
+                     lambda p=peer: peer_step(p, method, copy.deepcopy(model), shadow_dtype))
                     for peer in peers if method in PEER_METHODS[peer]
                 ]
                 for impl, kind, build in impls:

@@ -22,8 +22,9 @@ TRAFFIC = {
 }
 
 # Which dtype each operand is stored in: the model's or the shadow's. The two-point
-# snapshot is a stored copy of past weights, kept like a shadow; its output is a model.
-OPERAND_KIND = {"weights": "weights", "out": "weights", "shadow": "shadow", "snapshot": "shadow"}
+# snapshot is an exact copy of past weights and its output is a model, so both are kept
+# in the weights' dtype (as belay_kernels.averagers.TwoPoint keeps them).
+OPERAND_KIND = {"weights": "weights", "out": "weights", "snapshot": "weights", "shadow": "shadow"}
 
 # Op calls in one timed step. A timed swap is what `averaged()` does around an
 # evaluation: swap the shadow in, then swap it back (two exchanges).
