@@ -18,16 +18,16 @@ from belay_kernels.benchmark.sweep import add_speedups
 def test_bench_command_writes_table_json_csv_and_plot(tmp_path, capsys):
     argv = [
         "--quick", "--device", "cpu", "--sizes", "3000", "--methods", "ema,swap",
-        "--dtypes", "fp32/fp32", "--peers", "_foreach_lerp_,torch_ema",
+        "--dtypes", "fp32/fp32", "--peers", "torch._foreach_lerp_,torch_ema",
         "--min-run-time", "0.005", "--stream-size", "2e5", "--out", str(tmp_path),
     ]
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert "belay_kernels[torch]" in table and "_foreach_lerp_" in table
+    assert "belay_kernels[torch]" in table and "torch._foreach_lerp_" in table
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["machine"]["cores"] >= 1 and result["machine"]["versions"]["torch"]
     timed = {(r["method"], r["impl"]) for r in result["rows"] if "median_ms" in r}
-    assert {("ema", "belay_kernels[torch]"), ("ema", "_foreach_lerp_"),
+    assert {("ema", "belay_kernels[torch]"), ("ema", "torch._foreach_lerp_"),
             ("swap", "belay_kernels[torch]"), ("swap", "torch_ema")} <= timed
     for row in result["rows"]:
         if "median_ms" in row:
@@ -67,12 +67,12 @@ def test_model_level_mode_on_a_tiny_model(monkeypatch):
     monkeypatch.setitem(architectures.ARCHITECTURES, "tiny", tiny)
     rows = run_models(
         device=torch.device("cpu"), models=["tiny"], methods=["ema", "belay", "two_point"],
-        pairs=["fp32/fp32"], peers=["lerp_ loop", "_foreach_lerp_", "timm ModelEmaV3"],
+        pairs=["fp32/fp32"], peers=["lerp_ loop", "torch._foreach_lerp_", "timm ModelEmaV3"],
         min_run_time=0.005, log=lambda _: None,
     )
     by_impl = {(r["method"], r["impl"]): r for r in rows}
     assert by_impl[("ema", "lerp_ loop")]["ops_per_step"] == 6  # one lerp_ per parameter
-    assert by_impl[("ema", "_foreach_lerp_")]["ops_per_step"] == 1
+    assert by_impl[("ema", "torch._foreach_lerp_")]["ops_per_step"] == 1
     ours = by_impl[("belay", "belay_kernels[torch]")]
     assert ours["median_ms"] > 0 and ours["speedup_vs_torch_reference"] == 1.0
     assert "median_ms" in by_impl[("two_point", "belay_kernels[torch]")]

@@ -11,7 +11,7 @@ import torch
 
 from .architectures import ARCHITECTURES
 from .peers import PEERS
-from .report import add_stream_fraction, format_table, write_csv, write_json
+from .report import add_stream_fraction, format_table, write_csv, write_json, write_markdown
 from .sweep import DTYPE_PAIRS
 from .traffic import METHODS
 
@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     from .machine import machine_info
     from .timing import streaming_bandwidth
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    raw_argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(raw_argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
@@ -123,6 +124,8 @@ def main(argv=None) -> int:
                 "dtype": "float32", "bytes_counted": "read + write"}
         write_json(args.out / "results.json", machine, info, rows)
         write_csv(args.out / "results.csv", machine, info, rows)
+        write_markdown(args.out / "results.md", machine, info, rows,
+                       "belay-kernels bench " + " ".join(raw_argv))
         return best
 
     if args.mode in ("sweep", "all"):
@@ -151,8 +154,8 @@ def main(argv=None) -> int:
         from .plot import plot_sweep
 
         plot_sweep(rows, best, args.out / "sweep.png",
-                   f"{machine['cpu']} x{machine['cores']} {machine['gpu'] or ''}, "
+                   f"{machine['cpu']} x{machine['cores']}{', ' + machine['gpu'] if machine['gpu'] else ''}, "
                    f"torch {machine['versions']['torch']}, {machine['date']}")
-    log(f"wrote {args.out}/results.json, results.csv"
+    log(f"wrote {args.out}/results.json, results.csv, results.md"
         f"{', sweep.png' if not args.no_plot else ''}")
     return 0

@@ -141,7 +141,7 @@ def averaged_model(method: str, model: nn.Module, shadow_dtype: torch.dtype):
 # name -> builder(method, model, shadow_dtype) -> step
 PEERS = {
     "lerp_ loop": lerp_loop,
-    "_foreach_lerp_": foreach_lerp,
+    "torch._foreach_lerp_": foreach_lerp,
     "timm ModelEmaV3": timm_model_ema_v3,
     "ema-pytorch (foreach)": ema_pytorch_foreach,
     "torch_ema": torch_ema,
@@ -151,7 +151,7 @@ PEERS = {
 # Which methods each peer's API has (the sweep skips the rest without building them).
 PEER_METHODS = {
     "lerp_ loop": ("ema", "swa"),
-    "_foreach_lerp_": ("ema", "swa"),
+    "torch._foreach_lerp_": ("ema", "swa"),
     "timm ModelEmaV3": ("ema",),
     "ema-pytorch (foreach)": ("ema",),
     "torch_ema": ("ema", "swap"),

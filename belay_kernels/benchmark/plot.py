@@ -41,7 +41,8 @@ def plot_sweep(rows, stream_gbps: float, path: Path, title: str) -> None:
             ax.axhline(stream_gbps, color="black", linewidth=1, linestyle=":",
                        label="streaming copy")
             ax.set_xscale("log")
-            ax.grid(True, which="major", alpha=0.3)
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.25)
             ax.set_title(f"{TITLES[method]}  {pair}", fontsize=10)
             if j == 0:
                 ax.set_ylabel("GB/s (counted bytes)")

@@ -64,3 +64,110 @@ def write_csv(path: Path, machine: dict, stream: dict, rows) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in COLUMNS})
+
+
+def _ms(row) -> str:
+    return f"{row['median_ms']:.2f} ({row['p20_ms']:.2f}–{row['p80_ms']:.2f})"
+
+
+def _ratio(value) -> str:
+    return f"{value:.2f}x" if value is not None else ""
+
+
+def markdown_model_table(rows) -> str:
+    """The model-level rows as a Markdown table, one row per (model, pair, method, impl)."""
+    lines = [
+        "| model | dtypes | method | library [backend] | ms/step median (p20–p80) | GB/s "
+        "| op calls/step | vs torch reference | vs fastest peer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["mode"] != "model":
+            continue
+        if "median_ms" not in r:
+            lines.append(f"| {r['model']} | {r['dtypes']} | {r['method']} | {r['impl']} | "
+                         f"— ({r['note'][:70]}) | | | | |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['dtypes']} | {r['method']} | {r['impl']} | {_ms(r)} | "
+            f"{r['gbps']:.1f} | {r['ops_per_step']} | "
+            f"{_ratio(r.get('speedup_vs_torch_reference'))} | "
+            f"{_ratio(r.get('speedup_vs_best_peer'))} |"
+        )
+    return "\n".join(lines)
+
+
+def target_ratios(rows, reference_impl="belay_kernels[torch]") -> list[dict]:
+    """The issue's targets, from model-level rows, for our fastest backend other than the
+    reference itself: EMA on ResNet-50 against the fastest peer (goal >= 1.4x) and BELAY
+    against the torch reference on every model (goal >= 2x)."""
+    results = []
+    timed = [r for r in rows if r["mode"] == "model" and "median_ms" in r]
+    for model, pair, method in sorted({(r["model"], r["dtypes"], r["method"]) for r in timed}):
+        if not (method == "belay" or (method == "ema" and model == "resnet50")):
+            continue
+        same = [r for r in timed if (r["model"], r["dtypes"], r["method"]) == (model, pair, method)]
+        ours = [r for r in same if r["kind"] == "ours" and r["impl"] != reference_impl]
+        if method == "ema":
+            target, goal, field = "EMA on ResNet-50 vs fastest peer", 1.4, "speedup_vs_best_peer"
+        else:
+            target, goal, field = f"BELAY on {model} vs torch reference", 2.0, "speedup_vs_torch_reference"
+        if not ours:
+            results.append({"target": target, "dtypes": pair, "ours": "no compiled backend",
+                            "against": "", "ratio": None, "goal": goal})
+            continue
+        best = min(ours, key=lambda r: r["median_ms"])
+        against = best.get("best_peer", "") if method == "ema" else reference_impl
+        results.append({"target": target, "dtypes": pair, "ours": best["impl"],
+                        "against": against, "ratio": best.get(field), "goal": goal})
+    return results
+
+
+def markdown_targets(rows) -> str:
+    lines = ["| target | dtypes | ours | against | measured | goal | met |", "|---|---|---|---|---|---|---|"]
+    for t in target_ratios(rows):
+        met = "" if t["ratio"] is None else ("yes" if t["ratio"] >= t["goal"] else "NO")
+        lines.append(f"| {t['target']} | {t['dtypes']} | {t['ours']} | {t['against']} | "
+                     f"{_ratio(t['ratio'])} | {t['goal']}x | {met} |")
+    return "\n".join(lines)
+
+
+def markdown_sweep_summary(rows, numel: int) -> str:
+    """The sweep at one size: every method, dtype pair and implementation."""
+    lines = [
+        f"| method | dtypes | implementation | ms median (p20–p80) | GB/s | % streaming | vs fastest peer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["mode"] != "sweep" or r["numel"] != numel:
+            continue
+        if "median_ms" not in r:
+            lines.append(f"| {r['method']} | {r['dtypes']} | {r['impl']} | — ({r['note'][:70]}) | | | |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['dtypes']} | {r['impl']} | {_ms(r)} | {r['gbps']:.1f} | "
+            f"{r.get('pct_stream', 0):.0f} | {_ratio(r.get('speedup_vs_best_peer'))} |"
+        )
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, machine: dict, stream: dict, rows, command: str) -> None:
+    """results.md: what bench/README.md quotes (command, machine, date, tables)."""
+    parts = [
+        f"Command: `{command}`  ",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB"
+        f"{', ' + machine['gpu'] if machine['gpu'] else ''}; torch threads "
+        f"{machine['torch_threads']}; date {machine['date']}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()) + "  ",
+        "Backends: " + "; ".join(f"{k}: {v}" for k, v in machine["backends"].items()) + "  ",
+        f"Streaming copy (fp32, {stream['numel']:.1e} elements, read + write counted): "
+        f"{stream['gbps']:.1f} GB/s (best of {stream['runs_gbps']})",
+    ]
+    if any(r["mode"] == "model" for r in rows):
+        parts += ["", "### Targets", "", markdown_targets(rows),
+                  "", "### Model level", "", markdown_model_table(rows)]
+    sizes = sorted({r["numel"] for r in rows if r["mode"] == "sweep"})
+    if sizes:
+        parts += ["", f"### Sweep at {sizes[-1]:.0e} elements", "",
+                  markdown_sweep_summary(rows, sizes[-1])]
+    path.write_text("\n".join(parts) + "\n")
