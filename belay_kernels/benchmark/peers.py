@@ -36,13 +36,18 @@ def _float_params(model: nn.Module):
 # --- torch primitives --------------------------------------------------------------------
 
 
-def lerp_loop(method: str, model: nn.Module, shadow_dtype: torch.dtype):
-    """One ``lerp_`` per parameter tensor."""
+def _lerp_operands(name: str, method: str, model: nn.Module, shadow_dtype: torch.dtype):
+    """(lerp weight, the model's tensors, fresh shadows) for EMA or SWA as a lerp."""
     weight = {"ema": 1 - DECAY, "swa": 1 / (SWA_COUNT + 1)}.get(method)
     if weight is None:
-        raise Unsupported(f"lerp_ loop has no {method}")
+        raise Unsupported(f"{name} has no {method}")
     weights = _float_params(model)
-    shadows = [p.detach().to(shadow_dtype, copy=True) for p in weights]
+    return weight, weights, [p.detach().to(shadow_dtype, copy=True) for p in weights]
+
+
+def lerp_loop(method: str, model: nn.Module, shadow_dtype: torch.dtype):
+    """One ``lerp_`` per parameter tensor."""
+    weight, weights, shadows = _lerp_operands("lerp_ loop", method, model, shadow_dtype)
 
     @torch.no_grad()
     def step():
@@ -54,11 +59,7 @@ def lerp_loop(method: str, model: nn.Module, shadow_dtype: torch.dtype):
 
 def foreach_lerp(method: str, model: nn.Module, shadow_dtype: torch.dtype):
     """``torch._foreach_lerp_`` over all parameter tensors."""
-    weight = {"ema": 1 - DECAY, "swa": 1 / (SWA_COUNT + 1)}.get(method)
-    if weight is None:
-        raise Unsupported(f"_foreach_lerp_ has no {method}")
-    weights = _float_params(model)
-    shadows = [p.detach().to(shadow_dtype, copy=True) for p in weights]
+    weight, weights, shadows = _lerp_operands("_foreach_lerp_", method, model, shadow_dtype)
 
     @torch.no_grad()
     def step():
