@@ -58,8 +58,13 @@ def _rows(names: Sequence[str], args: Sequence[TensorOrList]) -> list[tuple[torc
     return rows
 
 
-def _device(rows) -> torch.device:
-    return rows[0][0].device if rows else torch.device("cpu")
+def _checked(names, tensors, nonfinite, skipped):
+    """Rows, their device, and the non-finite flag, for the ops that update a shadow."""
+    rows = _rows(names, tensors)
+    device = rows[0][0].device if rows else torch.device("cpu")
+    skip = check_nonfinite(nonfinite)
+    check_skipped(skipped, device)
+    return rows, device, skip
 
 
 def _dispatch(op: str, rows, args: tuple, backend: str) -> None:
@@ -98,11 +103,8 @@ def ema_update_(
     backend: str = "auto",
 ) -> TensorOrList:
     """``shadow <- shadow + (1 - decay) (weights - shadow)``, in place."""
-    rows = _rows(("shadow", "weights"), (shadow, weights))
-    device = _device(rows)
+    rows, device, skip = _checked(("shadow", "weights"), (shadow, weights), nonfinite, skipped)
     check_unit_interval("decay", decay, device)
-    skip = check_nonfinite(nonfinite)
-    check_skipped(skipped, device)
     _dispatch("ema_update_", rows, (decay, skip, skipped), backend)
     return shadow
 
@@ -119,11 +121,8 @@ def swa_update_(
     """Equal running mean: ``shadow <- shadow + (weights - shadow) / (count + 1)``, where
     ``count`` is how many models the shadow already holds (0 copies). The caller
     increments its count afterwards."""
-    rows = _rows(("shadow", "weights"), (shadow, weights))
-    device = _device(rows)
+    rows, device, skip = _checked(("shadow", "weights"), (shadow, weights), nonfinite, skipped)
     check_count(count, device)
-    skip = check_nonfinite(nonfinite)
-    check_skipped(skipped, device)
     _dispatch("swa_update_", rows, (count, skip, skipped), backend)
     return shadow
 
@@ -141,12 +140,9 @@ def belay_step_(
     """BELAY after the optimizer's step, both sides read before either write:
     ``weights <- weights + beta (shadow - weights)`` and
     ``shadow <- shadow + alpha (weights_before - shadow)``."""
-    rows = _rows(("weights", "shadow"), (weights, shadow))
-    device = _device(rows)
+    rows, device, skip = _checked(("weights", "shadow"), (weights, shadow), nonfinite, skipped)
     check_unit_interval("alpha", alpha, device)
     check_unit_interval("beta", beta, device)
-    skip = check_nonfinite(nonfinite)
-    check_skipped(skipped, device)
     _dispatch("belay_step_", rows, (alpha, beta, skip, skipped), backend)
     return weights, shadow
 
