@@ -150,12 +150,20 @@ def main(argv=None) -> int:
         part = [r for r in rows if r["mode"] == mode]
         if part:
             print(format_table(part))
+    plotted = False
     if not args.no_plot and any(r["mode"] == "sweep" for r in rows):
-        from .plot import plot_sweep
-
-        plot_sweep(rows, best, args.out / "sweep.png",
-                   f"{machine['cpu']} x{machine['cores']}{', ' + machine['gpu'] if machine['gpu'] else ''}, "
-                   f"torch {machine['versions']['torch']}, {machine['date']}")
+        try:
+            from .plot import plot_sweep
+        except ImportError as exc:  # matplotlib is the optional [plots] extra
+            log(f"no plot: {exc}; pip install matplotlib")
+        else:
+            plotted = True
+            plot_sweep(
+                rows, best, args.out / "sweep.png",
+                f"{machine['cpu']} x{machine['cores']}"
+                f"{', ' + machine['gpu'] if machine['gpu'] else ''}, "
+                f"torch {machine['versions']['torch']}, {machine['date']}",
+            )
     log(f"wrote {args.out}/results.json, results.csv, results.md"
-        f"{', sweep.png' if not args.no_plot else ''}")
+        f"{', sweep.png' if plotted else ''}")
     return 0

@@ -10,12 +10,13 @@ from .traffic import METHODS
 TITLES = {"ema": "EMA", "swa": "SWA", "belay": "BELAY", "two_point": "two-point", "swap": "swap (in+out)"}
 
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
 def plot_sweep(rows, stream_gbps: float, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in rows if r["mode"] == "sweep" and "gbps" in r]
     pairs = list(dict.fromkeys(r["dtypes"] for r in rows))
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
