@@ -9,7 +9,6 @@ import torch
 
 from .. import ops
 from .._backends import _load
-from ..testing import random_like_model
 from .traffic import TRAFFIC, operand_dtype
 
 DECAY = 0.999
@@ -30,15 +29,16 @@ def available_backends(device: torch.device) -> list[str]:
     return names
 
 
-def make_operands(method, numel, weights_dtype, shadow_dtype, device, seed=0):
-    """Fresh random (never zero) operands of ``method``, by operand name."""
-    generator = torch.Generator().manual_seed(seed)
+def make_operands(method, numel, weights_dtype, shadow_dtype, device):
+    """Fresh operands of ``method``, by operand name: uniform in [-1, 1), drawn on the
+    device (the timing does not depend on the values, and the sweep builds thousands)."""
     reads, writes = TRAFFIC[method]
-    operands = {}
-    for name in dict.fromkeys(reads + writes):
-        dtype = operand_dtype(name, weights_dtype, shadow_dtype)
-        operands[name] = random_like_model(numel, dtype, generator=generator).to(device)
-    return operands
+    return {
+        name: torch.empty(
+            numel, dtype=operand_dtype(name, weights_dtype, shadow_dtype), device=device
+        ).uniform_(-1, 1)
+        for name in dict.fromkeys(reads + writes)
+    }
 
 
 def our_step(method: str, backend: str, t: dict):
