@@ -46,6 +46,16 @@ def _lerp(a, b, t):
 
 
 @triton.jit
+def _div(a, b, COMPUTE: tl.constexpr):
+    """Correctly rounded division, as torch's: Triton's fp32 ``/`` is approximate."""
+    if COMPUTE == tl.float64:
+        quotient = a / b  # fp64 division is IEEE-rounded already
+    else:
+        quotient = tl.math.div_rn(a, b)
+    return quotient
+
+
+@triton.jit
 def _keep_where_nonfinite(new, old, incoming, skipped_ptr, HAS_SKIPPED: tl.constexpr):
     """``old`` where ``incoming`` is NaN/inf, else ``new``; adds the count to *skipped.
     Masked-off lanes were loaded as 0, so they never count."""
@@ -82,8 +92,9 @@ def _rate(bits, ptr, FROM_PTR: tl.constexpr, ONE_MINUS: tl.constexpr, COMPUTE: t
 
 # --- tensor lists --------------------------------------------------------------------
 # The table built by _launch.PointerTable (int64): for each of C columns (shadow,
-# weights, ...) the T tensors' addresses, then the T sizes, then each tensor's first
-# block; plus, separately, the owner (tensor index) of every block as int32.
+# weights, ...) the T tensors' element offsets from that column's base tensor (a kernel
+# argument, so the pointers keep their dtype and the JIT's alignment facts), then the T
+# sizes, then each tensor's first block; plus, separately, every block's owner (int32).
 
 
 @triton.jit
@@ -98,11 +109,13 @@ def _table_block(table_ptr, owner_ptr, num_tensors, NUM_COLUMNS: tl.constexpr,
 
 
 @triton.jit
-def _table_pointer(table_ptr, column: tl.constexpr, tensor, num_tensors, DTYPE: tl.constexpr,
+def _table_pointer(table_ptr, base_ptr, column: tl.constexpr, tensor, num_tensors,
                    ALIGNED: tl.constexpr):
-    address = tl.load(table_ptr + column * num_tensors + tensor)
+    offset = tl.load(table_ptr + column * num_tensors + tensor)
     if ALIGNED:
-        # The launcher checked that every address is 16-byte aligned; saying so lets
-        # the compiler emit 128-bit accesses as it does for aligned flat tensors.
-        address = tl.multiple_of(address, 16)
-    return address.to(tl.pointer_type(DTYPE), bitcast=True)
+        # The launcher checked that every tensor is 16-byte aligned, so the offset is a
+        # multiple of 16 bytes; writing it as one tells the compiler, which then emits
+        # 128-bit accesses as it does for aligned flat tensors.
+        VECTOR: tl.constexpr = 128 // base_ptr.dtype.element_ty.primitive_bitwidth
+        offset = offset // VECTOR * VECTOR
+    return base_ptr + offset

@@ -11,25 +11,25 @@ import triton
 import triton.language as tl
 
 # Block size and warps. An update streams 2-4 tensors and does a few flops per element,
-# so it is bound by memory bandwidth: what matters is enough bytes in flight per SM and
-# 128-bit accesses, not arithmetic. 2048 elements on 4 warps gives each thread 16
-# elements: four 128-bit accesses per fp32 tensor (two per bf16/fp16 tensor, eight
-# 64-bit-element pairs for fp64), enough independent loads to cover DRAM latency, at a
-# register count that still allows high occupancy (see bench/README.md, "Triton: static
-# PTX check", for the registers ptxas reports). One program per block keeps the grid
-# large (half a million programs for 1B elements) so the tail effect is negligible.
-# This is a heuristic; belay_kernels.triton.measure reports the achieved bandwidth.
-BLOCK = 2048
-NUM_WARPS = 4
+# so it is bound by memory bandwidth: what matters is 128-bit accesses and enough bytes
+# in flight per SM, not arithmetic. The rule: 8 warps, and as many elements per thread
+# as give the widest tensor two 128-bit accesses per thread (8 elements for fp32, 4 for
+# fp64, 16 for bf16/fp16), so each thread has 4-8 independent 128-bit loads in flight.
+# Measured statically (bench/README.md, "Triton: static PTX check"): with 16 fp32
+# elements per thread, ptxas used 80-112 registers on sm_90 (occupancy capped near a
+# quarter of the SM's threads); with 8 it uses 30-86 and spills nothing, except that
+# 8 fp64 elements spilled 8 bytes in BELAY on sm_80, hence 4 for fp64. One program per
+# block keeps the grid large (half a million programs for 1B fp32 elements), so the
+# tail wave is negligible. A heuristic: belay_kernels.triton.measure reports the
+# bandwidth it achieves on a GPU.
+NUM_WARPS = 8
+_THREADS = 32 * NUM_WARPS
+_BYTES_PER_THREAD = 32  # two 128-bit accesses of the widest tensor
 
-TL_DTYPES = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-}
-# The integer views the swap kernel exchanges (bits, never values).
-TL_DTYPES_BITS = {torch.int16: tl.int16, torch.int32: tl.int32, torch.int64: tl.int64}
+
+def block_size(*dtypes: torch.dtype) -> int:
+    """Elements per program for tensors of ``dtypes`` (the widest one sets it)."""
+    return _THREADS * (_BYTES_PER_THREAD // max(d.itemsize for d in dtypes))
 
 
 def compute_dtype(*dtypes: torch.dtype):
@@ -42,8 +42,8 @@ def float_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
-def grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, BLOCK),)
+def grid(n: int, block: int) -> tuple[int]:
+    return (triton.cdiv(n, block),)
 
 
 def scalar_args(value, one_minus: bool = False) -> tuple[int, object, bool]:
@@ -55,34 +55,39 @@ def scalar_args(value, one_minus: bool = False) -> tuple[int, object, bool]:
 
 
 class PointerTable:
-    """The device table one tensor-list launch reads: addresses, sizes, first blocks and
-    the owner of every block (layout in _blocks). Tables are cached by (addresses,
-    sizes), so a training loop builds each once; build it before a CUDA-graph capture."""
+    """The device table one tensor-list launch reads (layout in _blocks): per column the
+    element offsets from the column's base tensor, the sizes, the first blocks, and every
+    block's owner. Tables are cached by (addresses, sizes), so a training loop builds each
+    once; build it (run one step) before a CUDA-graph capture."""
 
     _cache: OrderedDict = OrderedDict()
     _CACHE_SIZE = 32
 
     def __init__(self, columns: list[list[torch.Tensor]]):
-        device = columns[0][0].device
+        self.block = block_size(*(column[0].dtype for column in columns))
         sizes = [t.numel() for t in columns[0]]
-        blocks = [triton.cdiv(n, BLOCK) for n in sizes]
+        blocks = [triton.cdiv(n, self.block) for n in sizes]
         first = [0]
         for b in blocks[:-1]:
             first.append(first[-1] + b)
-        addresses = [[t.data_ptr() for t in column] for column in columns]
-        rows = [a for column in addresses for a in column] + sizes + first
-        self.table = torch.tensor(rows, dtype=torch.int64).to(device)
+        base_index = next((i for i, n in enumerate(sizes) if n), 0)
+        self.bases = [column[base_index] for column in columns]
+        rows = []
+        for column, base in zip(columns, self.bases):
+            rows += [(t.data_ptr() - base.data_ptr()) // t.element_size() for t in column]
+        device = self.bases[0].device
+        self.table = torch.tensor(rows + sizes + first, dtype=torch.int64).to(device)
         owners = torch.repeat_interleave(
             torch.arange(len(sizes), dtype=torch.int32), torch.tensor(blocks, dtype=torch.int64)
         )
         self.owner = owners.to(device)
         self.num_tensors = len(sizes)
         self.num_blocks = sum(blocks)
-        self.aligned = all(a % 16 == 0 for column in addresses for a in column)
+        self.aligned = all(t.data_ptr() % 16 == 0 for column in columns for t in column)
 
     @classmethod
     def of(cls, columns: list[list[torch.Tensor]]) -> PointerTable:
-        key = tuple((t.data_ptr(), t.numel(), t.device) for column in columns for t in column)
+        key = tuple((t.data_ptr(), t.numel(), t.dtype, t.device) for c in columns for t in c)
         table = cls._cache.get(key)
         if table is None:
             table = cls(columns)
@@ -94,4 +99,5 @@ class PointerTable:
         return table
 
     def launch_args(self) -> tuple:
-        return self.table, self.owner, self.num_tensors
+        """table, owner, number of tensors, then each column's base tensor."""
+        return (self.table, self.owner, self.num_tensors, *self.bases)

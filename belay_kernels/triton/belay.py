@@ -71,17 +71,16 @@ def _belay_step_kernel(weights_ptr, shadow_ptr, n, alpha_bits, alpha_ptr, beta_b
 
 
 @triton.jit(do_not_specialize=["alpha_bits", "beta_bits"])
-def _belay_step_foreach_kernel(table_ptr, owner_ptr, num_tensors, alpha_bits, alpha_ptr,
-                               beta_bits, beta_ptr, skipped_ptr, step_ptr, skip_ptr,
-                               first_step, every, WEIGHTS_DTYPE: tl.constexpr,
-                               SHADOW_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+def _belay_step_foreach_kernel(table_ptr, owner_ptr, num_tensors, weights_ptr, shadow_ptr,
+                               alpha_bits, alpha_ptr, beta_bits, beta_ptr, skipped_ptr,
+                               step_ptr, skip_ptr, first_step, every, ALIGNED: tl.constexpr,
                                ALPHA_FROM_PTR: tl.constexpr, BETA_FROM_PTR: tl.constexpr,
                                HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
                                SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
                                COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 2, BLOCK)
-    weights_ptr = _table_pointer(table_ptr, 0, tensor, num_tensors, WEIGHTS_DTYPE, ALIGNED)
-    shadow_ptr = _table_pointer(table_ptr, 1, tensor, num_tensors, SHADOW_DTYPE, ALIGNED)
+    weights_ptr = _table_pointer(table_ptr, weights_ptr, 0, tensor, num_tensors, ALIGNED)
+    shadow_ptr = _table_pointer(table_ptr, shadow_ptr, 1, tensor, num_tensors, ALIGNED)
     _belay_program(weights_ptr, shadow_ptr, start, n, alpha_bits, alpha_ptr, beta_bits,
                    beta_ptr, skipped_ptr, step_ptr, skip_ptr, first_step, every,
                    ALPHA_FROM_PTR, BETA_FROM_PTR, HAS_STEP, HAS_SKIP, SKIP_NONFINITE,
@@ -107,7 +106,7 @@ def _common_args(alpha, beta, skip_nonfinite, skipped, gate, placeholder, dtypes
         SKIP_NONFINITE=bool(skip_nonfinite),
         HAS_SKIPPED=skipped is not None,
         COMPUTE=_launch.compute_dtype(*dtypes),
-        BLOCK=_launch.BLOCK,
+        BLOCK=_launch.block_size(*dtypes),
         num_warps=_launch.NUM_WARPS,
     )
     return args, flags
@@ -119,7 +118,7 @@ def belay_step_(weights: torch.Tensor, shadow: torch.Tensor, alpha, beta, skip_n
     args, flags = _common_args(alpha, beta, skip_nonfinite, skipped, gate, weights,
                                (weights.dtype, shadow.dtype))
     if n:
-        _belay_step_kernel[_launch.grid(n)](weights, shadow, n, *args, **flags)
+        _belay_step_kernel[_launch.grid(n, flags['BLOCK'])](weights, shadow, n, *args, **flags)
     return weights, shadow
 
 
@@ -130,8 +129,5 @@ def belay_step_foreach(weights, shadows, alpha, beta, skip_nonfinite=True, skipp
                                (weights[0].dtype, shadows[0].dtype))
     if table.num_blocks:
         _belay_step_foreach_kernel[(table.num_blocks,)](
-            *table.launch_args(), *args,
-            WEIGHTS_DTYPE=_launch.TL_DTYPES[weights[0].dtype],
-            SHADOW_DTYPE=_launch.TL_DTYPES[shadows[0].dtype],
-            ALIGNED=table.aligned, **flags)
+            *table.launch_args(), *args, ALIGNED=table.aligned, **flags)
     return weights, shadows

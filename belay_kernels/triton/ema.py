@@ -70,17 +70,17 @@ def _ema_update_kernel(shadow_ptr, weights_ptr, n, weight_bits, decay_ptr, skipp
 
 
 @triton.jit(do_not_specialize=["weight_bits", "inv_gamma_bits", "power_bits"])
-def _ema_update_foreach_kernel(table_ptr, owner_ptr, num_tensors, weight_bits, decay_ptr,
-                               skipped_ptr, step_ptr, skip_ptr, first_step, every,
-                               inv_gamma_bits, power_bits, SHADOW_DTYPE: tl.constexpr,
-                               WEIGHTS_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+def _ema_update_foreach_kernel(table_ptr, owner_ptr, num_tensors, shadow_ptr, weights_ptr,
+                               weight_bits, decay_ptr, skipped_ptr, step_ptr, skip_ptr,
+                               first_step, every, inv_gamma_bits, power_bits,
+                               ALIGNED: tl.constexpr,
                                DECAY_FROM_PTR: tl.constexpr, WARMUP: tl.constexpr,
                                HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
                                SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
                                COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 2, BLOCK)
-    shadow_ptr = _table_pointer(table_ptr, 0, tensor, num_tensors, SHADOW_DTYPE, ALIGNED)
-    weights_ptr = _table_pointer(table_ptr, 1, tensor, num_tensors, WEIGHTS_DTYPE, ALIGNED)
+    shadow_ptr = _table_pointer(table_ptr, shadow_ptr, 0, tensor, num_tensors, ALIGNED)
+    weights_ptr = _table_pointer(table_ptr, weights_ptr, 1, tensor, num_tensors, ALIGNED)
     _ema_program(shadow_ptr, weights_ptr, start, n, weight_bits, decay_ptr, skipped_ptr,
                  step_ptr, skip_ptr, first_step, every, inv_gamma_bits, power_bits,
                  DECAY_FROM_PTR, WARMUP, HAS_STEP, HAS_SKIP, SKIP_NONFINITE, HAS_SKIPPED,
@@ -108,7 +108,7 @@ def _common_args(decay, skip_nonfinite, skipped, gate, warmup, placeholder, dtyp
         SKIP_NONFINITE=bool(skip_nonfinite),
         HAS_SKIPPED=skipped is not None,
         COMPUTE=_launch.compute_dtype(*dtypes),
-        BLOCK=_launch.BLOCK,
+        BLOCK=_launch.block_size(*dtypes),
         num_warps=_launch.NUM_WARPS,
     )
     return args, flags
@@ -121,7 +121,7 @@ def ema_update_(shadow: torch.Tensor, weights: torch.Tensor, decay, skip_nonfini
     args, flags = _common_args(decay, skip_nonfinite, skipped, gate, warmup, shadow,
                                (shadow.dtype, weights.dtype))
     if n:
-        _ema_update_kernel[_launch.grid(n)](shadow, weights, n, *args, **flags)
+        _ema_update_kernel[_launch.grid(n, flags['BLOCK'])](shadow, weights, n, *args, **flags)
     return shadow
 
 
@@ -132,8 +132,5 @@ def ema_update_foreach(shadows, weights, decay, skip_nonfinite=True, skipped=Non
                                (shadows[0].dtype, weights[0].dtype))
     if table.num_blocks:
         _ema_update_foreach_kernel[(table.num_blocks,)](
-            *table.launch_args(), *args,
-            SHADOW_DTYPE=_launch.TL_DTYPES[shadows[0].dtype],
-            WEIGHTS_DTYPE=_launch.TL_DTYPES[weights[0].dtype],
-            ALIGNED=table.aligned, **flags)
+            *table.launch_args(), *args, ALIGNED=table.aligned, **flags)
     return shadows

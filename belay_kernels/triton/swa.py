@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._blocks import _keep_where_nonfinite, _load, _offsets, _store, _table_block, _table_pointer
+from ._blocks import _div, _keep_where_nonfinite, _load, _offsets, _store, _table_block, _table_pointer
 from .device_step import StepGate, _gate, gate_args
 
 
@@ -19,8 +19,7 @@ def _swa_block(shadow_ptr, weights_ptr, start, n, count, skipped_ptr, MASKED: tl
     offs = _offsets(start, BLOCK)
     shadow = _load(shadow_ptr, offs, n, MASKED).to(COMPUTE)
     weights = _load(weights_ptr, offs, n, MASKED).to(COMPUTE)
-    # div_rn: correctly rounded, as torch's division (Triton's `/` is approximate in fp32).
-    mean = shadow + tl.math.div_rn(weights - shadow, (count + 1).to(COMPUTE))
+    mean = shadow + _div(weights - shadow, (count + 1).to(COMPUTE), COMPUTE)
     new_shadow = tl.where(count == 0, weights, mean)
     if SKIP_NONFINITE:
         new_shadow = _keep_where_nonfinite(new_shadow, shadow, weights, skipped_ptr, HAS_SKIPPED)
@@ -59,16 +58,15 @@ def _swa_update_kernel(shadow_ptr, weights_ptr, n, count, count_ptr, skipped_ptr
 
 
 @triton.jit(do_not_specialize=["count"])
-def _swa_update_foreach_kernel(table_ptr, owner_ptr, num_tensors, count, count_ptr,
-                               skipped_ptr, step_ptr, skip_ptr, first_step, every,
-                               SHADOW_DTYPE: tl.constexpr, WEIGHTS_DTYPE: tl.constexpr,
-                               ALIGNED: tl.constexpr, COUNT_FROM_PTR: tl.constexpr,
+def _swa_update_foreach_kernel(table_ptr, owner_ptr, num_tensors, shadow_ptr, weights_ptr,
+                               count, count_ptr, skipped_ptr, step_ptr, skip_ptr, first_step,
+                               every, ALIGNED: tl.constexpr, COUNT_FROM_PTR: tl.constexpr,
                                HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
                                SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
                                COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 2, BLOCK)
-    shadow_ptr = _table_pointer(table_ptr, 0, tensor, num_tensors, SHADOW_DTYPE, ALIGNED)
-    weights_ptr = _table_pointer(table_ptr, 1, tensor, num_tensors, WEIGHTS_DTYPE, ALIGNED)
+    shadow_ptr = _table_pointer(table_ptr, shadow_ptr, 0, tensor, num_tensors, ALIGNED)
+    weights_ptr = _table_pointer(table_ptr, weights_ptr, 1, tensor, num_tensors, ALIGNED)
     _swa_program(shadow_ptr, weights_ptr, start, n, count, count_ptr, skipped_ptr, step_ptr,
                  skip_ptr, first_step, every, COUNT_FROM_PTR, HAS_STEP, HAS_SKIP,
                  SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
@@ -89,7 +87,7 @@ def _common_args(count, skip_nonfinite, skipped, gate, placeholder, dtypes):
         SKIP_NONFINITE=bool(skip_nonfinite),
         HAS_SKIPPED=skipped is not None,
         COMPUTE=_launch.compute_dtype(*dtypes),
-        BLOCK=_launch.BLOCK,
+        BLOCK=_launch.block_size(*dtypes),
         num_warps=_launch.NUM_WARPS,
     )
     return args, flags
@@ -102,7 +100,7 @@ def swa_update_(shadow: torch.Tensor, weights: torch.Tensor, count, skip_nonfini
     args, flags = _common_args(count, skip_nonfinite, skipped, gate, shadow,
                                (shadow.dtype, weights.dtype))
     if n:
-        _swa_update_kernel[_launch.grid(n)](shadow, weights, n, *args, **flags)
+        _swa_update_kernel[_launch.grid(n, flags['BLOCK'])](shadow, weights, n, *args, **flags)
     return shadow
 
 
@@ -113,8 +111,5 @@ def swa_update_foreach(shadows, weights, count, skip_nonfinite=True, skipped=Non
                                (shadows[0].dtype, weights[0].dtype))
     if table.num_blocks:
         _swa_update_foreach_kernel[(table.num_blocks,)](
-            *table.launch_args(), *args,
-            SHADOW_DTYPE=_launch.TL_DTYPES[shadows[0].dtype],
-            WEIGHTS_DTYPE=_launch.TL_DTYPES[weights[0].dtype],
-            ALIGNED=table.aligned, **flags)
+            *table.launch_args(), *args, ALIGNED=table.aligned, **flags)
     return shadows

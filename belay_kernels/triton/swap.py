@@ -64,12 +64,12 @@ def _swap_kernel(weights_ptr, shadow_ptr, n, PACKED: tl.constexpr, INVERSE: tl.c
 
 
 @triton.jit
-def _swap_foreach_kernel(table_ptr, owner_ptr, num_tensors, WEIGHTS_DTYPE: tl.constexpr,
-                         SHADOW_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+def _swap_foreach_kernel(table_ptr, owner_ptr, num_tensors, weights_ptr, shadow_ptr,
+                         ALIGNED: tl.constexpr,
                          PACKED: tl.constexpr, INVERSE: tl.constexpr, BLOCK: tl.constexpr):
     tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 2, BLOCK)
-    weights_ptr = _table_pointer(table_ptr, 0, tensor, num_tensors, WEIGHTS_DTYPE, ALIGNED)
-    shadow_ptr = _table_pointer(table_ptr, 1, tensor, num_tensors, SHADOW_DTYPE, ALIGNED)
+    weights_ptr = _table_pointer(table_ptr, weights_ptr, 0, tensor, num_tensors, ALIGNED)
+    shadow_ptr = _table_pointer(table_ptr, shadow_ptr, 1, tensor, num_tensors, ALIGNED)
     _swap_program(weights_ptr, shadow_ptr, start, n, PACKED, INVERSE, BLOCK)
 
 
@@ -83,9 +83,10 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def swap_(weights: torch.Tensor, shadow: torch.Tensor, inverse: bool = False) -> None:
     n = weights.numel()
     if n:
-        _swap_kernel[_launch.grid(n)](
+        block = _launch.block_size(weights.dtype, shadow.dtype)
+        _swap_kernel[_launch.grid(n, block)](
             _bits(weights), _bits(shadow), n, PACKED=weights.dtype != shadow.dtype,
-            INVERSE=bool(inverse), BLOCK=_launch.BLOCK, num_warps=_launch.NUM_WARPS)
+            INVERSE=bool(inverse), BLOCK=block, num_warps=_launch.NUM_WARPS)
 
 
 def swap_foreach(weights, shadows, inverse: bool = False) -> None:
@@ -94,8 +95,5 @@ def swap_foreach(weights, shadows, inverse: bool = False) -> None:
     table = _launch.PointerTable.of([weights_bits, shadow_bits])
     if table.num_blocks:
         _swap_foreach_kernel[(table.num_blocks,)](
-            *table.launch_args(),
-            WEIGHTS_DTYPE=_launch.TL_DTYPES_BITS[weights_bits[0].dtype],
-            SHADOW_DTYPE=_launch.TL_DTYPES_BITS[shadow_bits[0].dtype],
-            ALIGNED=table.aligned, PACKED=weights[0].dtype != shadows[0].dtype,
-            INVERSE=bool(inverse), BLOCK=_launch.BLOCK, num_warps=_launch.NUM_WARPS)
+            *table.launch_args(), ALIGNED=table.aligned, PACKED=weights[0].dtype != shadows[0].dtype,
+            INVERSE=bool(inverse), BLOCK=table.block, num_warps=_launch.NUM_WARPS)

@@ -36,24 +36,24 @@ def _two_point_average_kernel(out_ptr, weights_ptr, snapshot_ptr, n, COMPUTE: tl
 
 
 @triton.jit
-def _two_point_average_foreach_kernel(table_ptr, owner_ptr, num_tensors,
-                                      OUT_DTYPE: tl.constexpr, WEIGHTS_DTYPE: tl.constexpr,
-                                      SNAPSHOT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+def _two_point_average_foreach_kernel(table_ptr, owner_ptr, num_tensors, out_ptr,
+                                      weights_ptr, snapshot_ptr, ALIGNED: tl.constexpr,
                                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 3, BLOCK)
-    out_ptr = _table_pointer(table_ptr, 0, tensor, num_tensors, OUT_DTYPE, ALIGNED)
-    weights_ptr = _table_pointer(table_ptr, 1, tensor, num_tensors, WEIGHTS_DTYPE, ALIGNED)
-    snapshot_ptr = _table_pointer(table_ptr, 2, tensor, num_tensors, SNAPSHOT_DTYPE, ALIGNED)
+    out_ptr = _table_pointer(table_ptr, out_ptr, 0, tensor, num_tensors, ALIGNED)
+    weights_ptr = _table_pointer(table_ptr, weights_ptr, 1, tensor, num_tensors, ALIGNED)
+    snapshot_ptr = _table_pointer(table_ptr, snapshot_ptr, 2, tensor, num_tensors, ALIGNED)
     _two_point_program(out_ptr, weights_ptr, snapshot_ptr, start, n, COMPUTE, BLOCK)
 
 
 def two_point_average_(out: torch.Tensor, weights: torch.Tensor, snapshot: torch.Tensor):
     n = out.numel()
     if n:
-        _two_point_average_kernel[_launch.grid(n)](
-            out, weights, snapshot, n,
-            COMPUTE=_launch.compute_dtype(out.dtype, weights.dtype, snapshot.dtype),
-            BLOCK=_launch.BLOCK, num_warps=_launch.NUM_WARPS)
+        dtypes = (out.dtype, weights.dtype, snapshot.dtype)
+        block = _launch.block_size(*dtypes)
+        _two_point_average_kernel[_launch.grid(n, block)](
+            out, weights, snapshot, n, COMPUTE=_launch.compute_dtype(*dtypes), BLOCK=block,
+            num_warps=_launch.NUM_WARPS)
     return out
 
 
@@ -62,10 +62,6 @@ def two_point_average_foreach(outs, weights, snapshots):
     if table.num_blocks:
         dtypes = (outs[0].dtype, weights[0].dtype, snapshots[0].dtype)
         _two_point_average_foreach_kernel[(table.num_blocks,)](
-            *table.launch_args(),
-            OUT_DTYPE=_launch.TL_DTYPES[dtypes[0]],
-            WEIGHTS_DTYPE=_launch.TL_DTYPES[dtypes[1]],
-            SNAPSHOT_DTYPE=_launch.TL_DTYPES[dtypes[2]],
-            ALIGNED=table.aligned, COMPUTE=_launch.compute_dtype(*dtypes),
-            BLOCK=_launch.BLOCK, num_warps=_launch.NUM_WARPS)
+            *table.launch_args(), ALIGNED=table.aligned, COMPUTE=_launch.compute_dtype(*dtypes),
+            BLOCK=table.block, num_warps=_launch.NUM_WARPS)
     return outs
