@@ -310,3 +310,17 @@ def test_warmup_without_gate_is_refused():
     shadow, weights = torch.ones(4), torch.ones(4)
     with pytest.raises(ValueError, match="StepGate"):
         triton_ema.ema_update_(shadow, weights, 0.9, warmup=EmaWarmup())
+
+
+def test_measure_counts_bytes_explicitly(monkeypatch):
+    """The GPU measurement's bookkeeping (timing replaced: no GPU here)."""
+    from belay_kernels.triton import measure
+
+    monkeypatch.setattr(measure, "time_cuda", lambda fn, runs, warmup: (
+        fn(), {"median_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0})[1])
+    rows = measure.kernel_bandwidth("cpu", 4099, 1, 0, measure.METHODS, DTYPE_PAIRS)
+    assert len(rows) == 5 * len(DTYPE_PAIRS) - 1  # swap has no fp16/fp32 pair
+    ema_mixed = next(r for r in rows if r["kernel"] == "ema_update_"
+                     and (r["weights_dtype"], r["shadow_dtype"]) == ("bfloat16", "float32"))
+    assert ema_mixed["bytes_per_element"] == 2 + 4 + 4  # read weights and shadow, write shadow
+    assert ema_mixed["gbps"] == 10 * 4099 / 2.0 / 1e6
