@@ -11,25 +11,26 @@ import triton
 import triton.language as tl
 
 # Block size and warps. An update streams 2-4 tensors and does a few flops per element,
-# so it is bound by memory bandwidth: what matters is 128-bit accesses and enough bytes
-# in flight per SM, not arithmetic. The rule: 8 warps, and as many elements per thread
-# as give the widest tensor two 128-bit accesses per thread (8 elements for fp32, 4 for
-# fp64, 16 for bf16/fp16), so each thread has 4-8 independent 128-bit loads in flight.
-# Measured statically (bench/README.md, "Triton: static PTX check"): with 16 fp32
-# elements per thread, ptxas used 80-112 registers on sm_90 (occupancy capped near a
-# quarter of the SM's threads); with 8 it uses 30-86 and spills nothing, except that
-# 8 fp64 elements spilled 8 bytes in BELAY on sm_80, hence 4 for fp64. One program per
-# block keeps the grid large (half a million programs for 1B fp32 elements), so the
-# tail wave is negligible. A heuristic: belay_kernels.triton.measure reports the
-# bandwidth it achieves on a GPU.
+# so it is bound by memory bandwidth: what matters is 128-bit accesses, enough bytes in
+# flight per SM, and registers low enough for high occupancy. The rule: 8 warps, and 8
+# elements per thread (4 when the math is fp64): each fp32 tensor then moves as two
+# 128-bit accesses per thread, each 16-bit tensor as one, each fp64 tensor as two.
+# Registers follow the number of elements a thread holds in fp32/fp64, not the storage
+# bytes; measured statically with ptxas (bench/README.md, "Triton: static PTX check"):
+# 16 elements per thread took 80-112 registers for fp32 and up to 149 for bf16 BELAY on
+# sm_90 (one 256-thread program per SM); 8 per thread takes 28-74 on sm_80 and sm_90,
+# spilling nothing, while 8 fp64 elements spilled 8 bytes in BELAY on sm_80, hence 4 for
+# fp64. One program per block keeps the grid large (half a million programs for 1B
+# elements), so the tail wave is negligible. A heuristic, not tuned on a GPU:
+# belay_kernels.triton.measure reports the bandwidth it achieves.
 NUM_WARPS = 8
 _THREADS = 32 * NUM_WARPS
-_BYTES_PER_THREAD = 32  # two 128-bit accesses of the widest tensor
 
 
 def block_size(*dtypes: torch.dtype) -> int:
-    """Elements per program for tensors of ``dtypes`` (the widest one sets it)."""
-    return _THREADS * (_BYTES_PER_THREAD // max(d.itemsize for d in dtypes))
+    """Elements per program for tensors of ``dtypes``."""
+    elements_per_thread = 4 if any(d.itemsize == 8 for d in dtypes) else 8
+    return _THREADS * elements_per_thread
 
 
 def compute_dtype(*dtypes: torch.dtype):
