@@ -22,8 +22,8 @@ PARAMS = {"1B": 1e9, "7B": 7e9}
 
 
 def ptx_rows(cases, archs):
-    header = ("| kernel | dtype pair (weights/shadow) | arch | block | vector bits | local mem bytes "
-              "(ld/st.local, stack, spill) | registers | smem ops | scalar loads "
+    header = ("| kernel | dtype pair (weights/shadow) | arch | block | vector bits "
+              "| local mem bytes (ld/st.local, stack, spill) | registers | smem ops | scalar loads "
               "| bytes/elem loaded | bytes/elem stored | bytes/elem total |")
     yield header
     yield "|" + "---|" * (header.count("|") - 1)
@@ -32,8 +32,8 @@ def ptx_rows(cases, archs):
             r = aot.analyse(case, arch)
             name, variant, pair = case.label.split(" ")
             local = r.local_ops + r.usage["stack_bytes"] + r.usage["spill_bytes"]
-            yield (f"| {name} {variant} | {pair} | sm_{arch} | {case.block} | {r.vector_bits} | {local} | "
-                   f"{r.usage['registers']} | {r.shared_ops} | {r.scalar_loads} | "
+            yield (f"| {name} {variant} | {pair} | sm_{arch} | {case.block} | {r.vector_bits} "
+                   f"| {local} | {r.usage['registers']} | {r.shared_ops} | {r.scalar_loads} | "
                    f"{r.load_bytes_per_element:g} | {r.store_bytes_per_element:g} | "
                    f"{r.load_bytes_per_element + r.store_bytes_per_element:g} |")
 

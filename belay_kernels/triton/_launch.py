@@ -47,6 +47,35 @@ def grid(n: int, block: int) -> tuple[int]:
     return (triton.cdiv(n, block),)
 
 
+def shape_flags(*dtypes: torch.dtype) -> dict:
+    """Block size and warps for tensors of ``dtypes``."""
+    return {"BLOCK": block_size(*dtypes), "num_warps": NUM_WARPS}
+
+
+def update_flags(skip_nonfinite: bool, skipped, dtypes) -> dict:
+    """The flags every shadow update shares: non-finite policy, counter, math dtype, shape."""
+    return {
+        "SKIP_NONFINITE": bool(skip_nonfinite),
+        "HAS_SKIPPED": skipped is not None,
+        "COMPUTE": compute_dtype(*dtypes),
+        **shape_flags(*dtypes),
+    }
+
+
+def launch_flat(kernel, tensors, args, flags) -> None:
+    """One program per block of the flat tensors (nothing for empty ones)."""
+    n = tensors[0].numel()
+    if n:
+        kernel[grid(n, flags["BLOCK"])](*tensors, n, *args, **flags)
+
+
+def launch_foreach(kernel, columns, args, flags) -> None:
+    """One launch over every block of every tensor in ``columns`` (lists, same lengths)."""
+    table = PointerTable.of(columns)
+    if table.num_blocks:
+        kernel[(table.num_blocks,)](*table.launch_args(), *args, ALIGNED=table.aligned, **flags)
+
+
 def scalar_args(value, one_minus: bool = False) -> tuple[int, object, bool]:
     """(host bits, device tensor or None, FROM_PTR) for a rate given either way."""
     if isinstance(value, torch.Tensor):

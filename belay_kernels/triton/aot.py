@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 

@@ -99,35 +99,22 @@ def _common_args(alpha, beta, skip_nonfinite, skipped, gate, placeholder, dtypes
         placeholder if skipped is None else skipped,
         *gate_positional,
     )
-    flags = dict(
-        ALPHA_FROM_PTR=alpha_from_ptr,
-        BETA_FROM_PTR=beta_from_ptr,
-        **gate_flags,
-        SKIP_NONFINITE=bool(skip_nonfinite),
-        HAS_SKIPPED=skipped is not None,
-        COMPUTE=_launch.compute_dtype(*dtypes),
-        BLOCK=_launch.block_size(*dtypes),
-        num_warps=_launch.NUM_WARPS,
-    )
+    flags = dict(ALPHA_FROM_PTR=alpha_from_ptr, BETA_FROM_PTR=beta_from_ptr, **gate_flags,
+                 **_launch.update_flags(skip_nonfinite, skipped, dtypes))
     return args, flags
 
 
 def belay_step_(weights: torch.Tensor, shadow: torch.Tensor, alpha, beta, skip_nonfinite=True,
                 skipped=None, *, gate: StepGate | None = None):
-    n = weights.numel()
     args, flags = _common_args(alpha, beta, skip_nonfinite, skipped, gate, weights,
                                (weights.dtype, shadow.dtype))
-    if n:
-        _belay_step_kernel[_launch.grid(n, flags['BLOCK'])](weights, shadow, n, *args, **flags)
+    _launch.launch_flat(_belay_step_kernel, (weights, shadow), args, flags)
     return weights, shadow
 
 
 def belay_step_foreach(weights, shadows, alpha, beta, skip_nonfinite=True, skipped=None, *,
                        gate: StepGate | None = None):
-    table = _launch.PointerTable.of([weights, shadows])
-    args, flags = _common_args(alpha, beta, skip_nonfinite, skipped, gate, table.table,
+    args, flags = _common_args(alpha, beta, skip_nonfinite, skipped, gate, weights[0],
                                (weights[0].dtype, shadows[0].dtype))
-    if table.num_blocks:
-        _belay_step_foreach_kernel[(table.num_blocks,)](
-            *table.launch_args(), *args, ALIGNED=table.aligned, **flags)
+    _launch.launch_foreach(_belay_step_foreach_kernel, [weights, shadows], args, flags)
     return weights, shadows

@@ -101,36 +101,23 @@ def _common_args(decay, skip_nonfinite, skipped, gate, warmup, placeholder, dtyp
         _launch.float_bits(warm.inv_gamma),
         _launch.float_bits(warm.power),
     )
-    flags = dict(
-        DECAY_FROM_PTR=from_ptr,
-        WARMUP=warmup is not None,
-        **gate_flags,
-        SKIP_NONFINITE=bool(skip_nonfinite),
-        HAS_SKIPPED=skipped is not None,
-        COMPUTE=_launch.compute_dtype(*dtypes),
-        BLOCK=_launch.block_size(*dtypes),
-        num_warps=_launch.NUM_WARPS,
-    )
+    flags = dict(DECAY_FROM_PTR=from_ptr, WARMUP=warmup is not None, **gate_flags,
+                 **_launch.update_flags(skip_nonfinite, skipped, dtypes))
     return args, flags
 
 
 def ema_update_(shadow: torch.Tensor, weights: torch.Tensor, decay, skip_nonfinite=True,
                 skipped=None, *, gate: StepGate | None = None,
                 warmup: EmaWarmup | None = None) -> torch.Tensor:
-    n = shadow.numel()
     args, flags = _common_args(decay, skip_nonfinite, skipped, gate, warmup, shadow,
                                (shadow.dtype, weights.dtype))
-    if n:
-        _ema_update_kernel[_launch.grid(n, flags['BLOCK'])](shadow, weights, n, *args, **flags)
+    _launch.launch_flat(_ema_update_kernel, (shadow, weights), args, flags)
     return shadow
 
 
 def ema_update_foreach(shadows, weights, decay, skip_nonfinite=True, skipped=None, *,
                        gate: StepGate | None = None, warmup: EmaWarmup | None = None):
-    table = _launch.PointerTable.of([shadows, weights])
-    args, flags = _common_args(decay, skip_nonfinite, skipped, gate, warmup, table.table,
+    args, flags = _common_args(decay, skip_nonfinite, skipped, gate, warmup, shadows[0],
                                (shadows[0].dtype, weights[0].dtype))
-    if table.num_blocks:
-        _ema_update_foreach_kernel[(table.num_blocks,)](
-            *table.launch_args(), *args, ALIGNED=table.aligned, **flags)
+    _launch.launch_foreach(_ema_update_foreach_kernel, [shadows, weights], args, flags)
     return shadows

@@ -8,7 +8,15 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._blocks import _div, _keep_where_nonfinite, _load, _offsets, _store, _table_block, _table_pointer
+from ._blocks import (
+    _div,
+    _keep_where_nonfinite,
+    _load,
+    _offsets,
+    _store,
+    _table_block,
+    _table_pointer,
+)
 from .device_step import StepGate, _gate, gate_args
 
 
@@ -81,35 +89,23 @@ def _common_args(count, skip_nonfinite, skipped, gate, placeholder, dtypes):
         placeholder if skipped is None else skipped,
         *gate_positional,
     )
-    flags = dict(
-        COUNT_FROM_PTR=from_ptr,
-        **gate_flags,
-        SKIP_NONFINITE=bool(skip_nonfinite),
-        HAS_SKIPPED=skipped is not None,
-        COMPUTE=_launch.compute_dtype(*dtypes),
-        BLOCK=_launch.block_size(*dtypes),
-        num_warps=_launch.NUM_WARPS,
-    )
+    flags = dict(COUNT_FROM_PTR=from_ptr, **gate_flags,
+                 **_launch.update_flags(skip_nonfinite, skipped, dtypes))
     return args, flags
 
 
 def swa_update_(shadow: torch.Tensor, weights: torch.Tensor, count, skip_nonfinite=True,
                 skipped=None, *, gate: StepGate | None = None) -> torch.Tensor:
     """With a gate, the count is ``count + k`` for the gate's update number k."""
-    n = shadow.numel()
     args, flags = _common_args(count, skip_nonfinite, skipped, gate, shadow,
                                (shadow.dtype, weights.dtype))
-    if n:
-        _swa_update_kernel[_launch.grid(n, flags['BLOCK'])](shadow, weights, n, *args, **flags)
+    _launch.launch_flat(_swa_update_kernel, (shadow, weights), args, flags)
     return shadow
 
 
 def swa_update_foreach(shadows, weights, count, skip_nonfinite=True, skipped=None, *,
                        gate: StepGate | None = None):
-    table = _launch.PointerTable.of([shadows, weights])
-    args, flags = _common_args(count, skip_nonfinite, skipped, gate, table.table,
+    args, flags = _common_args(count, skip_nonfinite, skipped, gate, shadows[0],
                                (shadows[0].dtype, weights[0].dtype))
-    if table.num_blocks:
-        _swa_update_foreach_kernel[(table.num_blocks,)](
-            *table.launch_args(), *args, ALIGNED=table.aligned, **flags)
+    _launch.launch_foreach(_swa_update_foreach_kernel, [shadows, weights], args, flags)
     return shadows

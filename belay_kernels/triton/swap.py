@@ -80,20 +80,17 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT_VIEW[t.element_size()])
 
 
+def _flags(weights, shadow, inverse):
+    return {"PACKED": weights.dtype != shadow.dtype, "INVERSE": bool(inverse),
+            **_launch.shape_flags(weights.dtype, shadow.dtype)}
+
+
 def swap_(weights: torch.Tensor, shadow: torch.Tensor, inverse: bool = False) -> None:
-    n = weights.numel()
-    if n:
-        block = _launch.block_size(weights.dtype, shadow.dtype)
-        _swap_kernel[_launch.grid(n, block)](
-            _bits(weights), _bits(shadow), n, PACKED=weights.dtype != shadow.dtype,
-            INVERSE=bool(inverse), BLOCK=block, num_warps=_launch.NUM_WARPS)
+    flags = _flags(weights, shadow, inverse)
+    _launch.launch_flat(_swap_kernel, (_bits(weights), _bits(shadow)), (), flags)
 
 
 def swap_foreach(weights, shadows, inverse: bool = False) -> None:
-    weights_bits = [_bits(t) for t in weights]
-    shadow_bits = [_bits(t) for t in shadows]
-    table = _launch.PointerTable.of([weights_bits, shadow_bits])
-    if table.num_blocks:
-        _swap_foreach_kernel[(table.num_blocks,)](
-            *table.launch_args(), ALIGNED=table.aligned, PACKED=weights[0].dtype != shadows[0].dtype,
-            INVERSE=bool(inverse), BLOCK=table.block, num_warps=_launch.NUM_WARPS)
+    flags = _flags(weights[0], shadows[0], inverse)
+    columns = [[_bits(t) for t in weights], [_bits(t) for t in shadows]]
+    _launch.launch_foreach(_swap_foreach_kernel, columns, (), flags)

@@ -46,22 +46,19 @@ def _two_point_average_foreach_kernel(table_ptr, owner_ptr, num_tensors, out_ptr
     _two_point_program(out_ptr, weights_ptr, snapshot_ptr, start, n, COMPUTE, BLOCK)
 
 
+def _flags(*dtypes):
+    return {"COMPUTE": _launch.compute_dtype(*dtypes), **_launch.shape_flags(*dtypes)}
+
+
 def two_point_average_(out: torch.Tensor, weights: torch.Tensor, snapshot: torch.Tensor):
-    n = out.numel()
-    if n:
-        dtypes = (out.dtype, weights.dtype, snapshot.dtype)
-        block = _launch.block_size(*dtypes)
-        _two_point_average_kernel[_launch.grid(n, block)](
-            out, weights, snapshot, n, COMPUTE=_launch.compute_dtype(*dtypes), BLOCK=block,
-            num_warps=_launch.NUM_WARPS)
+    tensors = (out, weights, snapshot)
+    flags = _flags(*(t.dtype for t in tensors))
+    _launch.launch_flat(_two_point_average_kernel, tensors, (), flags)
     return out
 
 
 def two_point_average_foreach(outs, weights, snapshots):
-    table = _launch.PointerTable.of([outs, weights, snapshots])
-    if table.num_blocks:
-        dtypes = (outs[0].dtype, weights[0].dtype, snapshots[0].dtype)
-        _two_point_average_foreach_kernel[(table.num_blocks,)](
-            *table.launch_args(), ALIGNED=table.aligned, COMPUTE=_launch.compute_dtype(*dtypes),
-            BLOCK=table.block, num_warps=_launch.NUM_WARPS)
+    columns = [outs, weights, snapshots]
+    flags = _flags(*(column[0].dtype for column in columns))
+    _launch.launch_foreach(_two_point_average_foreach_kernel, columns, (), flags)
     return outs
