@@ -21,7 +21,26 @@ number ``k = (t - start) // every`` (0 for the first). From ``k`` the kernels co
 
 One averaging step is then: the update kernels (one launch per flat buffer or tensor
 list), then ``advance_step_(gate)`` (one tiny launch). Create the gate and run one
-step before capturing, so that any pointer table is built outside the capture.
+step before capturing, so that kernels are compiled and any pointer table is built
+outside the capture::
+
+    from belay_kernels.triton import EmaWarmup, StepGate, advance_step_, ema_update_foreach
+
+    found_inf = torch.zeros(1, device="cuda")      # or GradScaler's found_inf tensor
+    gate = StepGate.on("cuda", skip=found_inf, start=0, every=1)
+
+    def average():
+        ema_update_foreach(shadows, params, 0.999, gate=gate, warmup=EmaWarmup())
+        advance_step_(gate)
+
+    average()                                      # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        average()
+    graph.replay()                                 # every later step: no host sync
+
+The update functions take the gate (and, for the EMA, the warmup) as keyword-only
+arguments after the backend contract's positional ones.
 """
 
 from __future__ import annotations
