@@ -1,9 +1,20 @@
 """Fused kernels for averaged ("shadow") weights in PyTorch training: EMA, SWA, BELAY and
 the two-point average, one pass over memory per (device, dtype) group and step."""
 
-from . import ops
+from . import ops, schedules
 from ._backends import backends
 from ._checks import BelayInputError
+from .averagers import EMA, SWA, Averager, Belay, TwoPoint
 
-__all__ = ["BelayInputError", "backends", "ops"]
+__all__ = [
+    "EMA",
+    "SWA",
+    "Averager",
+    "Belay",
+    "BelayInputError",
+    "TwoPoint",
+    "backends",
+    "ops",
+    "schedules",
+]
 __version__ = "0.1.0"

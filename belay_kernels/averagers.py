@@ -1,0 +1,680 @@
+"""The averagers a training loop holds: EMA, SWA, Belay and TwoPoint.
+
+Each one collects a model's tensors, moves them into flat buffers (one per device and
+dtype, see :mod:`belay_kernels.flat`), keeps a shadow laid out like each buffer, and
+on ``step()`` calls one functional op per buffer (:mod:`belay_kernels.ops`). Tensors that
+cannot be flattened take the tensor-list path through the same ops, with the same
+results.
+
+    ema = EMA(model, decay=0.999)
+    for batch in loader:
+        loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.step()
+    with ema.averaged():      # the shadow swapped into the model, in place
+        evaluate(model)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import flat, ops
+from ._checks import BelayInputError, check_nonfinite, check_unit_interval
+from .reference import SWAP_PAIRS, swap_supported
+from .schedules import Constant, Warmup, as_schedule, every_k, from_state, to_state
+from .schedules import half_life as half_life_decay
+
+STATE_FORMAT = 1
+BUFFER_POLICIES = ("average", "copy")
+
+
+def default_shadow_dtype(weights_dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision weights (a bf16 shadow would stall: its ulp exceeds the
+    EMA's per-step change), otherwise the weights' own dtype."""
+    return torch.float32 if weights_dtype in (torch.bfloat16, torch.float16) else weights_dtype
+
+
+@dataclass
+class Track:
+    """What one op call covers: a flat buffer, or a list of tensors on one device."""
+
+    names: list[str]
+    live: list[torch.Tensor]  # the model's tensors, one per name
+    weights: torch.Tensor | list[torch.Tensor]  # flat buffer, or the live tensors
+    shadow: torch.Tensor | list[torch.Tensor]  # laid out like ``weights``
+    shadows: list[torch.Tensor]  # per-name views of ``shadow``
+    is_param: bool
+    group: flat.FlatGroup | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.live[0].device
+
+
+def _make_shadow(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weights.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+def _tracks(named, is_param, shadow_dtype_for, flatten) -> list[Track]:
+    tracks = []
+    groups, leftovers = flat.flatten(named) if flatten else ([], list(named))
+    for group in groups:
+        shadow = _make_shadow(group.buffer, shadow_dtype_for(group.buffer.dtype))
+        tracks.append(
+            Track(
+                names=[s.name for s in group.slots],
+                live=[s.tensor for s in group.slots],
+                weights=group.buffer,
+                shadow=shadow,
+                shadows=[group.view(shadow, s) for s in group.slots],
+                is_param=is_param,
+                group=group,
+            )
+        )
+    by_device: dict[torch.device, list] = {}
+    for name, t in leftovers:
+        by_device.setdefault(t.device, []).append((name, t))
+    for members in by_device.values():
+        live = [t for _, t in members]
+        shadows = [_make_shadow(t, shadow_dtype_for(t.dtype)) for t in live]
+        tracks.append(Track([n for n, _ in members], live, live, shadows, shadows, is_param))
+    return tracks
+
+
+def _collect(module_or_params, include_frozen: bool, buffers: str):
+    """(named params, named floating buffers) to average, tied tensors counted once."""
+    if isinstance(module_or_params, nn.Module):
+        module = module_or_params
+        params = list(module.named_parameters())  # removes duplicates (tied weights)
+        named_buffers = list(module.named_buffers()) if buffers == "average" else []
+    else:
+        module = None
+        if isinstance(module_or_params, torch.Tensor):
+            raise BelayInputError(
+                "pass a module or an iterable of parameters, not a single tensor "
+                "(wrap it in a list: [tensor])."
+            )
+        try:
+            items = list(module_or_params)
+        except TypeError:
+            raise BelayInputError(
+                f"expected an nn.Module or an iterable of tensors, got "
+                f"{type(module_or_params).__name__}."
+            ) from None
+        seen, params = set(), []
+        for i, p in enumerate(items):
+            if not isinstance(p, torch.Tensor):
+                raise BelayInputError(
+                    f"item {i} of the parameters is a {type(p).__name__}, not a tensor "
+                    "(param-group dicts are not supported; pass model.parameters())."
+                )
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append((str(i), p))
+        named_buffers = []
+    params = [
+        (n, p)
+        for n, p in params
+        if p.is_floating_point() and (include_frozen or p.requires_grad)
+    ]
+    named_buffers = [(n, b) for n, b in named_buffers if b.is_floating_point()]
+    if not params and not named_buffers:
+        raise BelayInputError(
+            "there is nothing to average: no floating-point parameters"
+            + ("" if include_frozen else " that require grad (include_frozen=False)")
+            + "."
+        )
+    return module, params, named_buffers
+
+
+class Averager:
+    """Shared machinery: flat buffers, shadows, swap, copy and checkpoints.
+
+    Subclasses set ``method``, implement ``_update()`` and ``hparams``/``_set_hparams``.
+    """
+
+    method = "Averager"
+    # Whether parameters and buffers may share a flat buffer (one launch). Belay keeps
+    # them apart: its spring acts on the optimizer's parameters, not on running stats.
+    _buffers_join_params = True
+
+    def __init__(
+        self,
+        module_or_params: nn.Module | Iterable[torch.Tensor],
+        *,
+        shadow_dtype: torch.dtype | None = None,
+        include_frozen: bool = True,
+        buffers: str = "average",
+        nonfinite: str = "skip",
+        backend: str = "auto",
+        flatten: bool = True,
+    ):
+        if buffers not in BUFFER_POLICIES:
+            raise BelayInputError(f"buffers must be one of {BUFFER_POLICIES}, got {buffers!r}.")
+        check_nonfinite(nonfinite)
+        if shadow_dtype is not None and shadow_dtype not in (
+            torch.float16, torch.bfloat16, torch.float32, torch.float64
+        ):
+            raise BelayInputError(f"shadow_dtype must be a floating dtype, got {shadow_dtype!r}.")
+        self._module, params, named_buffers = _collect(module_or_params, include_frozen, buffers)
+        self.nonfinite = nonfinite
+        self.backend = backend
+        shadow_dtype_for = self._shadow_dtype_rule(shadow_dtype)
+        if self._buffers_join_params:
+            self._tracks = _tracks(params + named_buffers, True, shadow_dtype_for, flatten)
+            for track in self._tracks:  # a track holding only buffers is still "params" here
+                track.is_param = True
+        else:
+            self._tracks = _tracks(params, True, shadow_dtype_for, flatten) + _tracks(
+                named_buffers, False, shadow_dtype_for, flatten
+            )
+        self._steps = 0  # step() calls so far
+        self._updates = 0  # shadow updates so far (SWA: models in the mean)
+        self._skipped = {t.device: torch.zeros((), dtype=torch.int64, device=t.device) for t in self._tracks}
+        self._swapped = False
+
+    def _shadow_dtype_rule(self, shadow_dtype):
+        return (lambda _: shadow_dtype) if shadow_dtype is not None else default_shadow_dtype
+
+    # ---- the update -------------------------------------------------------------------
+    def step(self) -> None:
+        """Update the shadow (and for BELAY the weights). Call after ``optimizer.step()``."""
+        self._check_ready("step()")
+        self._update(self._steps)
+        self._steps += 1
+
+    def _update(self, t: int) -> None:
+        raise NotImplementedError
+
+    def _op_kwargs(self, track: Track) -> dict:
+        return {
+            "nonfinite": self.nonfinite,
+            "skipped": self._skipped[track.device],
+            "backend": self.backend,
+        }
+
+    def _check_ready(self, what: str) -> None:
+        if self._swapped:
+            raise BelayInputError(
+                f"{what} inside averaged(): the model holds the shadow right now. "
+                "Leave the with-block first."
+            )
+        flat.check_not_stale([t.group for t in self._tracks if t.group is not None])
+
+    # ---- introspection ----------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return self._steps
+
+    @property
+    def num_updates(self) -> int:
+        return self._updates
+
+    @property
+    def num_skipped(self) -> int:
+        """Elements whose non-finite weight was kept out of the shadow (syncs the device)."""
+        return int(sum(int(c.item()) for c in self._skipped.values()))
+
+    def shadow_params(self) -> list[torch.Tensor]:
+        """The shadow of each averaged tensor, shaped like it (views, not copies)."""
+        return [s for track in self._tracks for s in track.shadows]
+
+    def names(self) -> list[str]:
+        return [n for track in self._tracks for n in track.names]
+
+    @property
+    def launches_per_step(self) -> int:
+        """Op calls one ``step()`` makes: one per flat buffer, one per list of leftovers."""
+        return len(self._tracks)
+
+    def memory_report(self) -> str:
+        """What the averager's own tensors cost, next to the weights they average."""
+        lines = []
+        for track, state in zip(self._tracks, self._state_per_track()):
+            w_bytes = _nbytes(track.live)
+            s_bytes = _nbytes(state)
+            path = "flat buffer" if track.group is not None else "tensor list"
+            lines.append(
+                f"{track.device} {track.live[0].dtype} ({path}, {len(track.live)} tensors): "
+                f"weights {_mib(w_bytes)}, averager state {_mib(s_bytes)}"
+            )
+        lines.append(f"total averager state: {_mib(self.state_bytes)}")
+        return "\n".join(lines)
+
+    def _state_per_track(self) -> list[list[torch.Tensor]]:
+        """The tensors this averager allocated, per track."""
+        return [_as_list(t.shadow) for t in self._tracks]
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the averager's own tensors (the shadow; TwoPoint also its average)."""
+        return sum(_nbytes(state) for state in self._state_per_track())
+
+    # ---- evaluation -------------------------------------------------------------------
+    def _eval_pairs(self) -> list[tuple]:
+        """(live, averaged) pairs that averaged() swaps."""
+        return [(t.weights, t.shadow) for t in self._tracks]
+
+    def _prepare_eval(self) -> None:
+        """Make the averaged values ready to swap in (TwoPoint computes them here)."""
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[nn.Module | None]:
+        """Swap the averaged weights into the model in place, and back on exit, bit-exactly.
+
+        No copy of the model is made. Yields the module (or None for a parameter list)."""
+        self._check_ready("averaged()")
+        pairs = self._eval_pairs()
+        for live, avg in pairs:
+            for w, s in _rows(live, avg):
+                if not swap_supported(w.dtype, s.dtype):
+                    raise BelayInputError(
+                        f"averaged() cannot swap {w.dtype} weights with a {s.dtype} shadow "
+                        f"exactly in place (supported: {', '.join(SWAP_PAIRS)}). Use "
+                        "copy_to(another_model), or build the averager with "
+                        f"shadow_dtype={w.dtype}."
+                    )
+        self._prepare_eval()
+        for live, avg in pairs:
+            ops.swap_(live, avg, backend=self.backend)
+        self._swapped = True
+        try:
+            yield self._module
+        finally:
+            for live, avg in reversed(pairs):
+                ops.swap_(live, avg, inverse=True, backend=self.backend)
+            self._swapped = False
+
+    def copy_to(self, target: nn.Module | Iterable[torch.Tensor]) -> None:
+        """Write the averaged weights into ``target``: a module with the same names (its
+        other state is copied from the live model), or tensors in the averager's order."""
+        self._check_ready("copy_to()")
+        names = self.names()
+        if isinstance(target, nn.Module):
+            dests = dict(target.named_parameters()) | dict(target.named_buffers())
+            missing = [n for n in names if n not in dests]
+            if missing:
+                raise BelayInputError(f"copy_to: the target module has no tensors named {missing[:5]}.")
+            ordered = [dests[n] for n in names]
+        else:
+            ordered = list(target)
+            if len(ordered) != len(names):
+                raise BelayInputError(
+                    f"copy_to: got {len(ordered)} tensors, the averager holds {len(names)}."
+                )
+        averaged = self._averaged_values()
+        bad = [
+            f"{n}: target {tuple(d.shape)} vs averaged {tuple(a.shape)}"
+            for n, d, a in zip(names, ordered, averaged)
+            if d.shape != a.shape
+        ]
+        if bad:
+            raise BelayInputError("copy_to: shapes differ: " + "; ".join(bad[:5]))
+        with torch.no_grad():
+            if isinstance(target, nn.Module) and self._module is not None and target is not self._module:
+                target.load_state_dict(self._module.state_dict())
+            for dest, value in zip(ordered, averaged):
+                dest.copy_(value)
+
+    def _averaged_values(self) -> list[torch.Tensor]:
+        return self.shadow_params()
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def hparams(self) -> dict:
+        raise NotImplementedError
+
+    def _set_hparams(self, hparams: dict) -> None:
+        raise NotImplementedError
+
+    def _saved_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """Tensor state by kind, each list in ``names()`` order."""
+        return {"shadow": self.shadow_params()}
+
+    def state_dict(self) -> dict:
+        """The shadow (views, no copy), the counters and the hyperparameters."""
+        self._check_ready("state_dict()")
+        names = self.names()
+        return {
+            "method": self.method,
+            "format": STATE_FORMAT,
+            "hparams": self.hparams(),
+            "nonfinite": self.nonfinite,
+            "num_steps": self._steps,
+            "num_updates": self._updates,
+            "num_skipped": self.num_skipped,
+            **{
+                kind: dict(zip(names, tensors))
+                for kind, tensors in self._saved_tensors().items()
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`. Everything is checked before anything is written."""
+        self._check_ready("load_state_dict()")
+        if not isinstance(state, dict) or state.get("method") != self.method:
+            got = state.get("method") if isinstance(state, dict) else type(state).__name__
+            raise BelayInputError(f"this is a {self.method} averager; the state is from {got!r}.")
+        if state.get("format") != STATE_FORMAT:
+            raise BelayInputError(
+                f"state format {state.get('format')!r} is not supported (expected {STATE_FORMAT})."
+            )
+        absent = [k for k in self._STATE_KEYS if k not in state]
+        if absent:
+            raise BelayInputError(f"the state lacks {absent}; pass what state_dict() returned.")
+        names = self.names()
+        mine = self._saved_tensors()
+        problems = []
+        for kind, tensors in mine.items():
+            theirs = state.get(kind)
+            if not isinstance(theirs, dict):
+                problems.append(f"no {kind!r} tensors in the state")
+                continue
+            missing = [n for n in names if n not in theirs]
+            unexpected = [n for n in theirs if n not in set(names)]
+            if missing:
+                problems.append(f"{kind} missing: {missing[:5]}")
+            if unexpected:
+                problems.append(f"{kind} unexpected: {unexpected[:5]}")
+            for name, t in zip(names, tensors):
+                other = theirs.get(name)
+                if other is not None and tuple(other.shape) != tuple(t.shape):
+                    problems.append(
+                        f"{kind} {name}: saved shape {tuple(other.shape)}, model shape {tuple(t.shape)}"
+                    )
+        if problems:
+            raise BelayInputError(
+                "the state does not fit this model (was it saved from a different one?): "
+                + "; ".join(problems[:8])
+            )
+        self._validate_hparams(state["hparams"])
+        check_nonfinite(state["nonfinite"])
+        with torch.no_grad():
+            for kind, tensors in mine.items():
+                for name, t in zip(names, tensors):
+                    t.copy_(state[kind][name])
+        self._set_hparams(state["hparams"])
+        self.nonfinite = state["nonfinite"]
+        self._steps = int(state["num_steps"])
+        self._updates = int(state["num_updates"])
+        counters = list(self._skipped.values())
+        for i, c in enumerate(counters):
+            c.fill_(int(state["num_skipped"]) if i == 0 else 0)
+
+    _STATE_KEYS = ("hparams", "nonfinite", "num_steps", "num_updates", "num_skipped")
+
+    def _validate_hparams(self, hparams: dict) -> None:
+        """Run the constructor's checks on the saved settings, changing nothing."""
+        try:
+            self._hparam_check(**hparams)
+        except (TypeError, KeyError) as exc:
+            raise BelayInputError(f"the saved hyperparameters {hparams!r} are malformed: {exc}") from None
+
+    @staticmethod
+    def _hparam_check(**hparams) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        return f"{self.method}({settings}, tracks={len(self._tracks)}, steps={self._steps})"
+
+
+def _as_list(t: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t] if isinstance(t, torch.Tensor) else list(t)
+
+
+def _rows(live, avg):
+    return list(zip(_as_list(live), _as_list(avg)))
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _mib(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _check_every(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BelayInputError(f"{name} must be an int >= 1, got {value!r}.")
+    return value
+
+
+class EMA(Averager):
+    """Exponential moving average: ``shadow += (1 - decay) (weights - shadow)``.
+
+    ``decay`` is a float or a schedule (:class:`~belay_kernels.schedules.Warmup`);
+    ``half_life`` (in steps) is another way to give a constant decay. With ``every=k``
+    the shadow updates on every k-th step with decay ``decay ** k``, so its time
+    constant in optimizer steps stays the same.
+    """
+
+    method = "EMA"
+
+    def __init__(
+        self,
+        module_or_params,
+        *,
+        decay: float | Constant | Warmup | None = None,
+        half_life: float | None = None,
+        every: int = 1,
+        **options,
+    ):
+        schedule, every = self._hparam_check(decay=decay, half_life=half_life, every=every)
+        self.schedule, self.every = schedule, every
+        super().__init__(module_or_params, **options)
+
+    @staticmethod
+    def _hparam_check(decay=None, half_life=None, every=1, schedule=None):
+        if schedule is not None:  # the checkpoint form
+            return from_state(schedule), _check_every("every", every)
+        if decay is not None and half_life is not None:
+            raise BelayInputError("give decay or half_life, not both.")
+        if half_life is not None:
+            decay = half_life_decay(half_life)
+        elif decay is None:
+            decay = 0.999
+        return as_schedule(decay), _check_every("every", every)
+
+    def decay_at(self, t: int) -> float:
+        """The decay applied at step ``t`` (0 for steps that do not update)."""
+        return every_k(self.schedule.decay_at(t), self.every)
+
+    def _update(self, t: int) -> None:
+        if t % self.every:
+            return
+        decay = self.decay_at(t)
+        for track in self._tracks:
+            ops.ema_update_(track.shadow, track.weights, decay=decay, **self._op_kwargs(track))
+        self._updates += 1
+
+    def hparams(self) -> dict:
+        return {"schedule": to_state(self.schedule), "every": self.every}
+
+    def _set_hparams(self, hparams: dict) -> None:
+        self.schedule, self.every = self._hparam_check(**hparams)
+
+
+class SWA(Averager):
+    """Stochastic weight averaging: the equal mean of the weights at steps ``start``,
+    ``start + every``, ... The first update copies."""
+
+    method = "SWA"
+
+    def __init__(self, module_or_params, *, start: int = 0, every: int = 1, **options):
+        self.start, self.every = self._hparam_check(start=start, every=every)
+        super().__init__(module_or_params, **options)
+
+    @staticmethod
+    def _hparam_check(start=0, every=1):
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise BelayInputError(f"start must be an int >= 0, got {start!r}.")
+        return start, _check_every("every", every)
+
+    def _update(self, t: int) -> None:
+        if t < self.start or (t - self.start) % self.every:
+            return
+        for track in self._tracks:
+            ops.swa_update_(track.shadow, track.weights, count=self._updates, **self._op_kwargs(track))
+        self._updates += 1
+
+    def hparams(self) -> dict:
+        return {"start": self.start, "every": self.every}
+
+    def _set_hparams(self, hparams: dict) -> None:
+        self.start, self.every = self._hparam_check(**hparams)
+
+
+class Belay(Averager):
+    """BELAY: the model and the shadow are two masses on a spring (see the poster in
+    ``shared/seeds``). After the optimizer's step, both sides read before either write::
+
+        weights <- weights + beta  * (shadow - weights)       # the spring pulls the model
+        shadow  <- shadow  + alpha * (weights_before - shadow)  # the shadow is an EMA
+
+    ``beta = 0`` is exactly an EMA with ``decay = 1 - alpha``. Floating buffers (running
+    statistics) are averaged by that EMA and are not pulled.
+    """
+
+    method = "Belay"
+    _buffers_join_params = False
+
+    def __init__(self, module_or_params, *, alpha: float, beta: float, **options):
+        self.alpha, self.beta, self.eta = self._hparam_check(alpha=alpha, beta=beta)
+        super().__init__(module_or_params, **options)
+
+    @classmethod
+    def from_physics(cls, module_or_params, *, k: float, m1: float, m2: float, **options) -> Belay:
+        """Critical damping (c1 = 2 m1, c2 = 2 m2) with spring constant ``k``, model mass
+        ``m1`` and shadow mass ``m2``: ``alpha = k / (2 m2)``, ``beta = k / (2 m1)``. The
+        implied optimizer step scale ``eta = 1 / (2 m1)`` is kept as ``.eta``."""
+        for name, value in (("k", k), ("m1", m1), ("m2", m2)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise BelayInputError(f"{name} must be a positive number, got {value!r}.")
+        alpha, beta = k / (2 * m2), k / (2 * m1)
+        for name, value, mass in (("alpha", alpha, "m2"), ("beta", beta, "m1")):
+            if value > 1:
+                raise BelayInputError(
+                    f"k={k}, {mass}={m2 if mass == 'm2' else m1} give {name} = {value:.4g} > 1; "
+                    f"the discrete step needs {mass} >= k / 2."
+                )
+        averager = cls(module_or_params, alpha=alpha, beta=beta, **options)
+        averager.eta = 1 / (2 * m1)
+        return averager
+
+    @staticmethod
+    def _hparam_check(alpha=None, beta=None, eta=None):
+        check_unit_interval("alpha", alpha, None)
+        check_unit_interval("beta", beta, None)
+        if eta is not None and not (isinstance(eta, (int, float)) and eta > 0):
+            raise BelayInputError(f"eta must be a positive number or None, got {eta!r}.")
+        return float(alpha), float(beta), eta
+
+    def _update(self, t: int) -> None:
+        for track in self._tracks:
+            kwargs = self._op_kwargs(track)
+            if track.is_param:
+                ops.belay_step_(track.weights, track.shadow, alpha=self.alpha, beta=self.beta, **kwargs)
+            else:
+                ops.ema_update_(track.shadow, track.weights, decay=1 - self.alpha, **kwargs)
+        self._updates += 1
+
+    def hparams(self) -> dict:
+        return {"alpha": self.alpha, "beta": self.beta, "eta": self.eta}
+
+    def _set_hparams(self, hparams: dict) -> None:
+        self.alpha, self.beta, self.eta = self._hparam_check(**hparams)
+
+
+class TwoPoint(Averager):
+    """The two-point average of Sandler et al.: ``(weights + snapshot) / 2``, where the
+    snapshot is retaken whenever it is ``gap`` steps old (at steps gap, 2 gap, ...; the
+    first is the weights at construction). ``snapshot_age`` says how old it is now.
+
+    Memory: the snapshot, in the weights' dtype so it is exact, plus the averaged buffer
+    that ``averaged()`` swaps in, filled only when evaluating.
+    """
+
+    method = "TwoPoint"
+
+    def __init__(self, module_or_params, *, gap: int, **options):
+        (self.gap,) = self._hparam_check(gap=gap)
+        super().__init__(module_or_params, **options)
+        # the shadow made by the base class is the snapshot; the average is separate
+        self._average = [
+            torch.empty_like(t.shadow) if isinstance(t.shadow, torch.Tensor)
+            else [torch.empty_like(s) for s in t.shadow]
+            for t in self._tracks
+        ]
+        self._snapshot_step = 0
+
+    def _shadow_dtype_rule(self, shadow_dtype):
+        return (lambda _: shadow_dtype) if shadow_dtype is not None else (lambda d: d)
+
+    @staticmethod
+    def _hparam_check(gap=1):
+        return (_check_every("gap", gap),)
+
+    @property
+    def snapshot_age(self) -> int:
+        return self._steps - self._snapshot_step
+
+    def _update(self, t: int) -> None:
+        if (t + 1) % self.gap:
+            return
+        with torch.no_grad():
+            for track in self._tracks:
+                for snap, live in _rows(track.shadow, track.weights):
+                    snap.copy_(live)
+        self._snapshot_step = t + 1
+        self._updates += 1
+
+    def _prepare_eval(self) -> None:
+        for track, average in zip(self._tracks, self._average):
+            ops.two_point_average(track.weights, track.shadow, out=average, backend=self.backend)
+
+    def _eval_pairs(self) -> list[tuple]:
+        return [(t.weights, avg) for t, avg in zip(self._tracks, self._average)]
+
+    def _averaged_values(self) -> list[torch.Tensor]:
+        self._prepare_eval()
+        values = []
+        for track, average in zip(self._tracks, self._average):
+            if isinstance(average, torch.Tensor):
+                values += [track.group.view(average, s) for s in track.group.slots]
+            else:
+                values += average
+        return values
+
+    def _state_per_track(self) -> list[list[torch.Tensor]]:
+        return [
+            _as_list(t.shadow) + _as_list(avg) for t, avg in zip(self._tracks, self._average)
+        ]
+
+    def _saved_tensors(self) -> dict[str, list[torch.Tensor]]:
+        return {"snapshot": self.shadow_params()}
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["snapshot_step"] = self._snapshot_step
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._snapshot_step = int(state["snapshot_step"])
+
+    def hparams(self) -> dict:
+        return {"gap": self.gap}
+
+    def _set_hparams(self, hparams: dict) -> None:
+        (self.gap,) = self._hparam_check(**hparams)

@@ -1,0 +1,146 @@
+"""Flat parameter buffers: a model's tensors, grouped by (device, dtype), moved into one
+contiguous buffer per group, each tensor's ``.data`` becoming a view into its buffer.
+
+After flattening, one kernel launch covers a whole group. The Parameter objects stay the
+same objects, so an optimizer built before or after keeps working, and
+``model.state_dict()`` has the same keys, shapes and values.
+
+A tensor stays out of the buffers, on the tensor-list path, when moving it could change
+behaviour: it is not contiguous, it is a tensor subclass (a DTensor shard, say), or its
+storage holds more than this tensor (a view, or memory shared with something else).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ._checks import BelayInputError
+
+
+@dataclass
+class Slot:
+    """One named tensor inside a flat buffer."""
+
+    name: str
+    tensor: torch.Tensor  # the Parameter or buffer whose .data is a view into the group
+    offset: int
+    numel: int
+    shape: torch.Size
+
+
+@dataclass
+class FlatGroup:
+    """Tensors of one (device, dtype), living in one contiguous ``buffer``."""
+
+    buffer: torch.Tensor
+    slots: list[Slot] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[torch.device, torch.dtype]:
+        return self.buffer.device, self.buffer.dtype
+
+    def view(self, flat: torch.Tensor, slot: Slot) -> torch.Tensor:
+        """``slot``'s part of any tensor laid out like this group's buffer."""
+        return flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
+
+    def stale_slots(self) -> list[str]:
+        """Names of tensors whose .data no longer points into this group's buffer."""
+        base = self.buffer.data_ptr()
+        size = self.buffer.element_size()
+        return [
+            s.name
+            for s in self.slots
+            if s.tensor.data_ptr() != base + s.offset * size or s.tensor.shape != s.shape
+        ]
+
+
+def _owns_its_storage(t: torch.Tensor) -> bool:
+    return (
+        t.storage_offset() == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
+
+
+def can_flatten(t: torch.Tensor) -> bool:
+    data = t.data
+    return (
+        type(data) is torch.Tensor
+        and data.is_contiguous()
+        and data.numel() > 0
+        and _owns_its_storage(data)
+    )
+
+
+def _existing_group(tensors: list[torch.Tensor]) -> FlatGroup | None:
+    """The group these exact tensors already live in (a second averager on one model)."""
+    groups = {id(getattr(t, "_belay_flat_group", None)) for t in tensors}
+    group = getattr(tensors[0], "_belay_flat_group", None)
+    if len(groups) != 1 or group is None or group.stale_slots():
+        return None
+    if [id(s.tensor) for s in group.slots] != [id(t) for t in tensors]:
+        return None
+    return group
+
+
+def flatten(named: list[tuple[str, torch.Tensor]]) -> tuple[list[FlatGroup], list[tuple[str, torch.Tensor]]]:
+    """Move ``named`` tensors into flat buffers, one per (device, dtype).
+
+    Returns the groups and the (name, tensor) pairs left on the tensor-list path.
+    """
+    by_key: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+    leftovers = []
+    for name, t in named:
+        in_a_group = getattr(t, "_belay_flat_group", None) is not None
+        if in_a_group or can_flatten(t):
+            by_key.setdefault((t.device, t.dtype), []).append((name, t))
+        else:
+            leftovers.append((name, t))
+
+    groups = []
+    for members in by_key.values():
+        tensors = [t for _, t in members]
+        group = _existing_group(tensors)
+        if group is None:
+            if any(getattr(t, "_belay_flat_group", None) is not None for t in tensors):
+                # Already in another averager's buffer with different company: leave those
+                # where they are and take the list path, rather than moving them twice.
+                leftovers.extend(members)
+                continue
+            group = _build_group(members)
+        groups.append(group)
+    return groups, leftovers
+
+
+def _build_group(members: list[tuple[str, torch.Tensor]]) -> FlatGroup:
+    first = members[0][1]
+    total = sum(t.numel() for _, t in members)
+    buffer = torch.empty(total, dtype=first.dtype, device=first.device)
+    group = FlatGroup(buffer)
+    offset = 0
+    with torch.no_grad():
+        for name, t in members:
+            n = t.numel()
+            view = buffer[offset : offset + n].view(t.shape)
+            view.copy_(t.data)
+            t.data = view
+            group.slots.append(Slot(name, t, offset, n, t.shape))
+            t._belay_flat_group = group
+            offset += n
+    return group
+
+
+def check_not_stale(groups: list[FlatGroup]) -> None:
+    for group in groups:
+        stale = group.stale_slots()
+        if stale:
+            shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+            raise BelayInputError(
+                f"the model's tensors {shown} no longer live in the averager's flat buffer: "
+                "their .data was replaced (model.to(), .cuda(), .half(), "
+                "load_state_dict(assign=True), or assigning .data). The averager would "
+                "update memory the model no longer uses. Create the averager after moving "
+                "or reloading the model, and move it with the model's state via "
+                "state_dict()/load_state_dict()."
+            )
