@@ -34,7 +34,9 @@ def _window_run(gradient_fn, theta, batches, windows, decay, ema_history):
     with fresh averagers; return {method: {k: average at t1 + k}}."""
     swa = SWA([theta])
     ema_fresh = EMA([theta], decay=decay)
-    two_points = {k: TwoPoint([theta], gap=k) for k in windows}
+    # TwoPoint retakes its snapshot on the step() that makes it ``gap`` old, so the oldest
+    # snapshot it shows is gap - 1 steps old: gap = k + 1 averages theta_{t1} and theta_{t2}
+    two_points = {k: TwoPoint([theta], gap=k + 1) for k in windows}
     read = {"swa": {}, "two_point": {}, "ema": {}, "ema_long": {}}
     for step, batch in enumerate(batches, start=1):
         sgd_step_(theta.data, gradient_fn(batch, theta.data), LR)
@@ -44,6 +46,7 @@ def _window_run(gradient_fn, theta, batches, windows, decay, ema_history):
             read["swa"][step] = averaged_values(swa, [theta])[0]
             read["ema"][step] = averaged_values(ema_fresh, [theta])[0]
             read["ema_long"][step] = averaged_values(ema_history, [theta])[0]
+            assert two_points[step].snapshot_age == step
             read["two_point"][step] = averaged_values(two_points[step], [theta])[0]
     return read
 
