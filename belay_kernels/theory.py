@@ -89,11 +89,41 @@ def ou_stationary_covariance(hessian, noise_cov, lr) -> np.ndarray:
     return np.linalg.solve(lyapunov, lr * sigma.reshape(-1)).reshape(n, n)
 
 
+def discrete_lyapunov(transition, noise_cov) -> np.ndarray:
+    """The stationary covariance ``S = A S A^T + Q`` of ``x <- A x + noise``, Cov = Q."""
+    a, q = np.asarray(transition, dtype=float), np.asarray(noise_cov, dtype=float)
+    n = a.shape[0]
+    return np.linalg.solve(np.eye(n * n) - np.kron(a, a), q.reshape(-1)).reshape(n, n)
+
+
 def sgd_stationary_covariance(hessian, noise_cov, lr) -> np.ndarray:
     """The exact discrete stationary covariance of the same SGD:
     ``S = (I - lr H) S (I - lr H)^T + lr^2 Sigma``."""
+    h = np.asarray(hessian, dtype=float)
+    return discrete_lyapunov(np.eye(h.shape[0]) - lr * h, lr**2 * np.asarray(noise_cov, dtype=float))
+
+
+def sgd_ema_stationary_covariance(hessian, noise_cov, lr, decay) -> np.ndarray:
+    """Exact stationary covariance of the EMA of that SGD, from the joint linear system
+    ``theta' = G theta - lr eps``, ``s' = decay s + (1 - decay) theta'`` with G = I - lr H."""
     h, sigma = np.asarray(hessian, dtype=float), np.asarray(noise_cov, dtype=float)
     n = h.shape[0]
-    a = np.eye(n) - lr * h
-    lyapunov = np.eye(n * n) - np.kron(a, a)
-    return np.linalg.solve(lyapunov, (lr**2 * sigma).reshape(-1)).reshape(n, n)
+    g = np.eye(n) - lr * h
+    delta = 1.0 - decay
+    transition = np.block([[g, np.zeros((n, n))], [delta * g, decay * np.eye(n)]])
+    mix = np.vstack([-lr * np.eye(n), -delta * lr * np.eye(n)])  # how eps enters (theta, s)
+    return discrete_lyapunov(transition, mix @ sigma @ mix.T)[n:, n:]
+
+
+def sgd_window_mean_covariance(hessian, noise_cov, lr, window: int) -> np.ndarray:
+    """Exact covariance of the mean of ``window`` consecutive stationary SGD iterates:
+    ``(1/W^2) [W S + sum_{l=1}^{W-1} (W - l) (G^l S + S G^l^T)]`` with G = I - lr H."""
+    h = np.asarray(hessian, dtype=float)
+    s = sgd_stationary_covariance(h, noise_cov, lr)
+    g = np.eye(h.shape[0]) - lr * h
+    total, power = window * s, np.eye(h.shape[0])
+    for lag in range(1, window):
+        power = power @ g
+        cross = power @ s
+        total = total + (window - lag) * (cross + cross.T)
+    return total / window**2
