@@ -82,8 +82,8 @@ FUNCTIONS = (
     TestFunction("Beale", _beale, (1.0, 1.5), 0.0, 1e-2),
     TestFunction("Booth", _booth, (-5.0, 5.0), 0.0, 1e-2),
     TestFunction("Himmelblau", _himmelblau, (0.0, -4.0), 0.0, 1e-2),
-    TestFunction("Rastrigin", _rastrigin, (2.2, -1.3), 0.0, 1e-1),
-    TestFunction("Ackley", _ackley, (2.5, -1.5), 0.0, 1e-1),
+    TestFunction("Rastrigin", _rastrigin, (0.45, -0.3), 0.0, 1e-1),
+    TestFunction("Ackley", _ackley, (0.6, -0.6), 0.0, 1e-1),
     TestFunction("quadratic (cond. 1000)", _ill_conditioned, (3.0, 1.0), 0.0, 1e-2),
 )
 
@@ -111,6 +111,8 @@ class ArmResults:
     live: np.ndarray  # same, at the live weights
     diverged: np.ndarray  # (arms, seeds) bool
     record_steps: np.ndarray
+    final_live: torch.Tensor  # (arms, seeds, 2) weights at the end
+    final_evaluated: torch.Tensor  # same, the evaluated weights
 
 
 def _make_averager(method, params, alpha, beta):
@@ -187,5 +189,7 @@ def run_arms(function: TestFunction, arms: list[Arm], *, seeds: int, steps: int,
                 far = (xs.abs().amax(-1) > DIVERGED) | (ev.abs().amax(-1) > DIVERGED)
                 far |= ~torch.isfinite(xs).all(-1)
                 diverged |= far.reshape(len(arms), seeds).numpy()[unsort]
-    return ArmResults(arms, evaluated, live, diverged,
-                      record_every * np.arange(1, records + 1))
+    final = lambda tensors: torch.cat([t.detach() for t in tensors]).reshape(
+        len(arms), seeds, 2)[torch.from_numpy(unsort)].clone()
+    return ArmResults(arms, evaluated, live, diverged, record_every * np.arange(1, records + 1),
+                      final(data), final(evaluated_views))
