@@ -27,6 +27,14 @@ PROBLEMS = ((QUADRATIC, "sgd", 1.5e-3), (QUADRATIC, "adam", 0.03),
 NOISE = 1.0
 
 
+LR_CURVATURES = (0.01, 0.1, 1.0, 1.9, 2.5)  # lr h; plain SGD diverges for lr h > 2
+
+
+def spectral_radius(lr_h, zeta):
+    return max(abs(np.linalg.eigvals(linear_step_matrix(lr_h, alpha=ALPHA, beta=BETA,
+                                                        zeta1=zeta, zeta2=zeta))))
+
+
 def make_averager(method, params, alpha, beta):
     """``"none"`` -> None; ``"belay"`` -> the library's Belay; ``"damped:Z"`` -> DampedTwoMass, zeta = Z."""
     if method == "none":
@@ -38,6 +46,11 @@ def make_averager(method, params, alpha, beta):
     k = 2 * beta * m1
     m2 = k / (2 * alpha)
     return DampedTwoMass(params, k=k, m1=m1, m2=m2, c1=2 * zeta * m1, c2=2 * zeta * m2)
+
+
+def _range_text(grid, radius):
+    stable = grid[radius < 1]
+    return f"{stable.min():.2f} .. {stable.max():.2f}" if stable.size else "none"
 
 
 def exactness(steps):
@@ -86,15 +99,16 @@ def run(quick: bool = False, out_dir="docs/results") -> Result:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]
-    grid = np.linspace(0.0, 2.2, 221)
-    for lr_h in (0.01, 0.1, 1.0, 1.9):
-        radius = [max(abs(np.linalg.eigvals(linear_step_matrix(lr_h, alpha=ALPHA, beta=BETA,
-                                                               zeta1=z, zeta2=z)))) for z in grid]
-        ax.plot(grid, radius, label=f"lr h = {lr_h:g}")
+    grid = np.linspace(0.02, 2.2, 219)  # zeta = 0 is undamped: radius exactly 1
+    radii = {lr_h: np.array([spectral_radius(lr_h, z) for z in grid]) for lr_h in LR_CURVATURES}
+    for lr_h, radius in radii.items():
+        with np.errstate(divide="ignore"):
+            time_constant = np.where(radius < 1, -1.0 / np.log(radius), np.nan)
+        ax.plot(grid, time_constant, label=f"lr h = {lr_h:g}")
     ax.axvline(1.0, color="k", ls=":", lw=0.8)
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set(xlabel=r"damping ratio $\zeta = c/(2m)$ (1 = BELAY)", ylabel="spectral radius",
-           yscale="log", title=f"noiseless quadratic, alpha={ALPHA}, beta={BETA}")
+    ax.set(xlabel=r"damping ratio $\zeta = c/(2m)$ (1 = BELAY)",
+           ylabel=r"steps per e-fold, $-1/\ln\rho$ (gap: unstable)", yscale="log",
+           ylim=(1, 1e4), title=f"noiseless quadratic, alpha={ALPHA}, beta={BETA}")
     ax.legend(fontsize=8)
     for ax, fname in zip(axes[1:], (QUADRATIC.name, ROSENBROCK.name)):
         for (f, opt, lr), res in sims.items():
@@ -114,6 +128,10 @@ def run(quick: bool = False, out_dir="docs/results") -> Result:
                title=f"{fname}, noise {NOISE}")
         ax.legend(fontsize=7)
     fig.tight_layout()
+    stable_table = markdown_table(
+        ["lr h", "stable zeta range", "radius at zeta = 1 (BELAY)"],
+        [[lr_h, _range_text(grid, radii[lr_h]), f"{spectral_radius(lr_h, 1.0):.5f}"]
+         for lr_h in LR_CURVATURES])
     intro = f"""alpha = {ALPHA}, beta = {BETA}; zeta = c / (2 m) for both masses; gradient noise N(0, {NOISE}^2);
 {steps} steps; 5 seeds. zeta < 1: under-damped (the velocity acts as heavy-ball momentum, coefficient
 1 - zeta); zeta > 1: over-damped (negative momentum); the discrete scheme needs 0 < zeta < 2.
@@ -122,7 +140,14 @@ Reduction to BELAY at c = 2m (identical noise; final weights, shadows and every 
 
 {exact_table}
 
+Noiseless quadratic (first panel): the damping ratios zeta in [0.02, 2.2] for which the step
+matrix has spectral radius < 1, per lr h:
+
+{stable_table}
+
 Noisy runs (mean ± std over non-diverged seeds):"""
     files = write_outputs(NAME, out_dir, fig, table, intro)
-    checks = {"exact": exact}
+    stable = {lr_h: [float(z) for z in grid[radius < 1]] for lr_h, radius in radii.items()}
+    checks = {"exact": exact,
+              "stable_zeta_range": {k: (min(v), max(v)) if v else None for k, v in stable.items()}}
     return Result(NAME, table, checks, files)
