@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from belay_kernels import experiments
-from belay_kernels.averagers import Belay
-from belay_kernels.physics import DampedTwoMass, linear_step_matrix
-from belay_kernels.theory import equivalent_lr_schedule, two_point_effective_lr
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+from belay_kernels import experiments  # noqa: E402
+from belay_kernels.averagers import Belay  # noqa: E402
+from belay_kernels.physics import DampedTwoMass, linear_step_matrix  # noqa: E402
+from belay_kernels.theory import equivalent_lr_schedule, two_point_effective_lr  # noqa: E402
 
 _cache: dict[str, experiments._common.Result] = {}
 

@@ -123,7 +123,8 @@ def run(quick: bool = False, out_dir="docs/results") -> Result:
                 curve = np.where(res.diverged[i][:, None], np.nan, res.evaluated[i]).mean(0)
                 ax.plot(res.record_steps, curve, "-" if opt == "sgd" else "--", lw=1.2,
                         color={min(zetas): "C0", 1.0: "C1", max(zetas): "C2"}[zeta],
-                        label=f"{opt.upper()} lr {lr:g}, zeta={zeta:g}")
+                        label=f"{opt.upper()} lr {lr:g}, zeta={zeta:g}"
+                        + (" (diverged)" if res.diverged[i].all() else ""))
         ax.set(yscale="log", xlabel="step", ylabel="mean f - f* at the shadow (5 seeds)",
                title=f"{fname}, noise {NOISE}")
         ax.legend(fontsize=7)
