@@ -175,6 +175,7 @@ class Averager:
             self._tracks = _tracks(params, True, shadow_dtype_for, flatten) + _tracks(
                 named_buffers, False, shadow_dtype_for, flatten
             )
+        self._names = [n for n, _ in params + named_buffers]  # the caller's order
         self._steps = 0  # step() calls so far
         self._updates = 0  # shadow updates so far (SWA: models in the mean)
         self._skipped = {t.device: torch.zeros((), dtype=torch.int64, device=t.device) for t in self._tracks}
@@ -223,11 +224,21 @@ class Averager:
         return int(sum(int(c.item()) for c in self._skipped.values()))
 
     def shadow_params(self) -> list[torch.Tensor]:
-        """The shadow of each averaged tensor, shaped like it (views, not copies)."""
-        return [s for track in self._tracks for s in track.shadows]
+        """The shadow of each averaged tensor, shaped like it (views, not copies), in the
+        order of :meth:`names`."""
+        return self._in_caller_order([track.shadows for track in self._tracks])
 
     def names(self) -> list[str]:
-        return [n for track in self._tracks for n in track.names]
+        """The averaged tensors' names (module names, or "0", "1", ... for a list)."""
+        return list(self._names)
+
+    def _in_caller_order(self, per_track: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        by_name = {
+            name: value
+            for track, values in zip(self._tracks, per_track)
+            for name, value in zip(track.names, values)
+        }
+        return [by_name[n] for n in self._names]
 
     @property
     def launches_per_step(self) -> int:
@@ -648,13 +659,12 @@ class TwoPoint(Averager):
 
     def _averaged_values(self) -> list[torch.Tensor]:
         self._prepare_eval()
-        values = []
-        for track, average in zip(self._tracks, self._average):
-            if isinstance(average, torch.Tensor):
-                values += [track.group.view(average, s) for s in track.group.slots]
-            else:
-                values += average
-        return values
+        return self._in_caller_order(
+            [
+                [t.group.view(avg, s) for s in t.group.slots] if t.group is not None else avg
+                for t, avg in zip(self._tracks, self._average)
+            ]
+        )
 
     def _state_per_track(self) -> list[list[torch.Tensor]]:
         return [

@@ -18,6 +18,7 @@ BELAY (post-step)     ``w <- lerp(w, s, beta)`` and ``s <- lerp(s, w, alpha)``
 two-point average     ``out <- (w + snapshot) / 2``
 ====================  ==========================================================
 
+Scalars are rounded to opmath before use; ``1 - decay`` is computed in float64 first.
 ``lerp`` is ``torch.lerp``: ``a + t (b - a)`` for ``t < 0.5`` and ``b - (b - a)(1 - t)``
 otherwise, so a weight of exactly 1 copies and a weight of 0 keeps. The EMA therefore
 rounds exactly as ``torch._foreach_lerp_`` does (timm's ModelEmaV3, ``AveragedModel``).
@@ -40,6 +41,15 @@ DEVICE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
 def opmath_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The dtype the math runs in: float64 if any tensor is float64, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def one_minus(x: Scalar) -> Scalar:
+    """``1 - x`` in float64, before any rounding to opmath: a Python number and a float64
+    device tensor of the same value give the same rate, and ``EMA(decay=1 - alpha)`` gets
+    the very rate ``Belay(alpha=alpha)`` uses."""
+    if isinstance(x, torch.Tensor):
+        return 1 - x.to(torch.float64)
+    return 1.0 - x
 
 
 def _up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -81,9 +91,12 @@ def ema_update_(
     skip_nonfinite: bool = True,
     skipped: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``shadow <- lerp(shadow, weights, 1 - decay)``."""
+    """``shadow <- lerp(shadow, weights, 1 - decay)``, ``1 - decay`` taken in float64."""
+    rate = one_minus(decay)
+    if isinstance(rate, torch.Tensor):
+        rate = rate.to(opmath_dtype(shadow, weights))
     return _shadow_update_(
-        shadow, weights, lambda s, w: torch.lerp(s, w, 1 - decay), skip_nonfinite, skipped
+        shadow, weights, lambda s, w: torch.lerp(s, w, rate), skip_nonfinite, skipped
     )
 
 
