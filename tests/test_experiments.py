@@ -148,3 +148,18 @@ def test_damped_system_differs_from_belay_away_from_critical_damping():
         belay.step()
         damped.step()
     assert not torch.equal(a, b)
+
+
+def test_eq19_general_kernel_matches_its_closed_forms():
+    from belay_kernels.theory import ema_variance_factor, kernel_variance_factor
+
+    lr, kappa, decay = 0.05, 0.3, 0.9
+    lags = np.arange(400)
+    ema_autocorrelation = (1 - decay) * decay**lags / (1 + decay)  # sum_k mu_k mu_{k+d}
+    assert kernel_variance_factor(ema_autocorrelation, lr, kappa) == pytest.approx(
+        ema_variance_factor(decay, lr, kappa), rel=1e-9)
+    gap = 7  # two-point kernel: C_0 = 1/2, C_gap = 1/4
+    two_point = np.zeros(gap + 1)
+    two_point[0], two_point[gap] = 0.5, 0.25
+    assert kernel_variance_factor(two_point, lr, kappa) == pytest.approx(
+        two_point_effective_lr(lr, kappa, gap) / lr, rel=1e-12)
