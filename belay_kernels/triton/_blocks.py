@@ -1,0 +1,121 @@
+"""Per-element building blocks shared by every Triton kernel: offsets, masked or unmasked
+loads and stores, lerp, the non-finite policy, scalars and the pointer table.
+
+The math that two kernels share is written here once: ``_lerp`` is the reference's
+two-sided ``torch.lerp`` formula, ``_keep_where_nonfinite`` is the reference's
+skip-and-count policy. Every value is computed in ``COMPUTE`` (fp32, or fp64 when a
+tensor is fp64) and cast back to each tensor's dtype on store.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _offsets(start, BLOCK: tl.constexpr):
+    # ``start`` is int64, so offsets past 2**31 elements do not wrap.
+    return start + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _load(ptr, offs, n, MASKED: tl.constexpr):
+    # Full blocks load without a mask, so the 16-byte-aligned fast path vectorizes
+    # whatever n is; only the last block of a tensor is masked.
+    if MASKED:
+        value = tl.load(ptr + offs, mask=offs < n, other=0)
+    else:
+        value = tl.load(ptr + offs)
+    return value
+
+
+@triton.jit
+def _store(ptr, offs, value, n, MASKED: tl.constexpr):
+    value = value.to(ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(ptr + offs, value, mask=offs < n)
+    else:
+        tl.store(ptr + offs, value)
+
+
+@triton.jit
+def _lerp(a, b, t):
+    """torch.lerp: ``a + t (b - a)`` for |t| < 0.5, else ``b - (b - a)(1 - t)``. The
+    explicit fma pins the rounding to ATen's vectorized lerp (one rounding per branch)."""
+    diff = b - a
+    return tl.where(tl.abs(t) < 0.5, tl.fma(t, diff, a), tl.fma(t - 1, diff, b))
+
+
+@triton.jit
+def _div(a, b, COMPUTE: tl.constexpr):
+    """Correctly rounded division, as torch's: Triton's fp32 ``/`` is approximate."""
+    if COMPUTE == tl.float64:
+        quotient = a / b  # fp64 division is IEEE-rounded already
+    else:
+        quotient = tl.math.div_rn(a, b)
+    return quotient
+
+
+@triton.jit
+def _keep_where_nonfinite(new, old, incoming, skipped_ptr, HAS_SKIPPED: tl.constexpr):
+    """``old`` where ``incoming`` is NaN/inf, else ``new``; adds the count to *skipped.
+    Masked-off lanes were loaded as 0, so they never count."""
+    bad = ~(tl.abs(incoming) < float("inf"))
+    if HAS_SKIPPED:
+        n_bad = tl.sum(bad.to(tl.int64), axis=0)
+        # One atomic per block, and none at all in the normal case of no bad element.
+        tl.atomic_add(skipped_ptr, n_bad, mask=n_bad > 0, sem="relaxed")
+    return tl.where(bad, old, new)
+
+
+@triton.jit
+def _host_float(bits, COMPUTE: tl.constexpr):
+    """A Python float passed as the int64 bit pattern of its float64 value (see
+    _launch.float_bits), so fp64 kernels get the exact value and fp32 kernels get it
+    rounded once, as torch does with a Python scalar."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(COMPUTE)
+
+
+@triton.jit
+def _rate(bits, ptr, FROM_PTR: tl.constexpr, ONE_MINUS: tl.constexpr, COMPUTE: tl.constexpr):
+    """A rate given on the host (already ``1 - x`` there when ONE_MINUS) or as a
+    1-element device tensor read here, with ``1 - x`` taken in the tensor's own dtype
+    as torch would."""
+    if FROM_PTR:
+        value = tl.load(ptr)
+        if ONE_MINUS:
+            value = 1 - value
+        value = value.to(COMPUTE)
+    else:
+        value = _host_float(bits, COMPUTE)
+    return value
+
+
+# --- tensor lists --------------------------------------------------------------------
+# The table built by _launch.PointerTable (int64): for each of C columns (shadow,
+# weights, ...) the T tensors' element offsets from that column's base tensor (a kernel
+# argument, so the pointers keep their dtype and the JIT's alignment facts), then the T
+# sizes, then each tensor's first block; plus, separately, every block's owner (int32).
+
+
+@triton.jit
+def _table_block(table_ptr, owner_ptr, num_tensors, NUM_COLUMNS: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """(tensor index, first element of this program's block, size of that tensor)."""
+    pid = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(owner_ptr + pid).to(tl.int64)
+    n = tl.load(table_ptr + NUM_COLUMNS * num_tensors + tensor)
+    first_block = tl.load(table_ptr + (NUM_COLUMNS + 1) * num_tensors + tensor)
+    return tensor, (pid - first_block) * BLOCK, n
+
+
+@triton.jit
+def _table_pointer(table_ptr, base_ptr, column: tl.constexpr, tensor, num_tensors,
+                   ALIGNED: tl.constexpr):
+    offset = tl.load(table_ptr + column * num_tensors + tensor)
+    if ALIGNED:
+        # The launcher checked that every tensor is 16-byte aligned, so the offset is a
+        # multiple of 16 bytes; writing it as one tells the compiler, which then emits
+        # 128-bit accesses as it does for aligned flat tensors.
+        VECTOR: tl.constexpr = 128 // base_ptr.dtype.element_ty.primitive_bitwidth
+        offset = offset // VECTOR * VECTOR
+    return base_ptr + offset

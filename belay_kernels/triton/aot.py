@@ -1,0 +1,256 @@
+"""Ahead-of-time compilation of every kernel for a GPU architecture, with no GPU, and
+what its PTX says about memory traffic.
+
+``compile_case(case, arch)`` builds the kernel as the JIT would for contiguous,
+16-byte-aligned tensors (pointers carry ``tt.divisibility = 16``; the sizes carry no
+divisibility, the worst case). ``analyse(...)`` reads the PTX:
+
+- the fast path is the unpredicated global loads and stores (the unmasked full
+  blocks; the masked tail block's accesses are predicated);
+- their widths (128-bit = ``.v4.b32`` or ``.v2.b64``), and the bytes they move per
+  thread, which must equal one load per input and one store per output element;
+- ``ld.local`` / ``st.local`` instructions, and ptxas' registers, stack frame and
+  spill bytes (from the ptxas that ships with Triton).
+
+Used by tests/test_triton_ptx.py and bench/triton_ptx_table.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import _launch
+from .belay import _belay_step_foreach_kernel, _belay_step_kernel
+from .ema import _ema_update_foreach_kernel, _ema_update_kernel
+from .swa import _swa_update_foreach_kernel, _swa_update_kernel
+from .swap import _swap_foreach_kernel, _swap_kernel
+from .two_point import _two_point_average_foreach_kernel, _two_point_average_kernel
+
+ARCHS = (80, 90)
+THREADS = 32 * _launch.NUM_WARPS
+
+_TRITON_TYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int16: "i16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+# Scalar and bookkeeping parameters, the same in every kernel that has them.
+_COMMON_TYPES = {
+    "n": "i32", "num_tensors": "i32", "first_step": "i32", "every": "i32", "count": "i64",
+    "weight_bits": "i64", "alpha_bits": "i64", "beta_bits": "i64",
+    "inv_gamma_bits": "i64", "power_bits": "i64",
+    "decay_ptr": "*fp32", "alpha_ptr": "*fp32", "beta_ptr": "*fp32", "count_ptr": "*i64",
+    "skipped_ptr": "*i64", "step_ptr": "*i64", "skip_ptr": "*fp32",
+    "table_ptr": "*i64", "owner_ptr": "*i32",
+}
+
+# The flags of the common call: host scalars, no gate, non-finite skip without a counter.
+FAST_FLAGS = dict(DECAY_FROM_PTR=False, WARMUP=False, COUNT_FROM_PTR=False,
+                  ALPHA_FROM_PTR=False, BETA_FROM_PTR=False, HAS_STEP=False, HAS_SKIP=False,
+                  SKIP_NONFINITE=True, HAS_SKIPPED=False)
+# Everything on: device scalars, warmup, step gate, skip flag, counted non-finite skips.
+GRAPH_FLAGS = dict(DECAY_FROM_PTR=True, WARMUP=True, COUNT_FROM_PTR=True,
+                   ALPHA_FROM_PTR=True, BETA_FROM_PTR=True, HAS_STEP=True, HAS_SKIP=True,
+                   SKIP_NONFINITE=True, HAS_SKIPPED=True)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    flat: object
+    foreach: object
+    inputs: tuple[str, ...]   # tensor roles read
+    outputs: tuple[str, ...]  # tensor roles written
+    bits_only: bool = False   # swap: sees integer views
+
+
+METHODS = (
+    Method("ema_update_", _ema_update_kernel, _ema_update_foreach_kernel,
+           ("shadow", "weights"), ("shadow",)),
+    Method("swa_update_", _swa_update_kernel, _swa_update_foreach_kernel,
+           ("shadow", "weights"), ("shadow",)),
+    Method("belay_step_", _belay_step_kernel, _belay_step_foreach_kernel,
+           ("weights", "shadow"), ("weights", "shadow")),
+    Method("two_point_average_", _two_point_average_kernel,
+           _two_point_average_foreach_kernel, ("weights", "snapshot"), ("out",)),
+    Method("swap_", _swap_kernel, _swap_foreach_kernel,
+           ("weights", "shadow"), ("weights", "shadow"), bits_only=True),
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    method: Method
+    weights_dtype: torch.dtype
+    shadow_dtype: torch.dtype
+    foreach: bool = False
+    flags: dict = field(default_factory=lambda: dict(FAST_FLAGS))
+
+    @property
+    def kernel(self):
+        return self.method.foreach if self.foreach else self.method.flat
+
+    def role_dtype(self, role: str) -> torch.dtype:
+        # two-point: out is like the weights, the snapshot has the "shadow" dtype
+        dtype = self.shadow_dtype if role in ("shadow", "snapshot") else self.weights_dtype
+        if self.method.bits_only:
+            dtype = _INT_OF_WIDTH[dtype.itemsize]
+        return dtype
+
+    @property
+    def block(self) -> int:
+        roles = set(self.method.inputs) | set(self.method.outputs)
+        return _launch.block_size(*(self.role_dtype(role) for role in roles))
+
+    @property
+    def elements_per_thread(self) -> int:
+        return self.block // THREADS
+
+    def bytes_per_element(self, roles) -> int:
+        return sum(self.role_dtype(role).itemsize for role in roles)
+
+    @property
+    def label(self) -> str:
+        pair = "/".join(str(d).removeprefix("torch.")
+                        for d in (self.weights_dtype, self.shadow_dtype))
+        variant = "foreach" if self.foreach else "flat"
+        if self.flags == GRAPH_FLAGS:
+            variant += "+graph"
+        return f"{self.method.name} {variant} {pair}"
+
+
+def fast_cases(foreach: bool = False) -> list[Case]:
+    """Every method and dtype pair it supports, in the common configuration."""
+    from ..reference import swap_supported
+    from ..testing import DTYPE_PAIRS
+
+    return [Case(m, w, s, foreach) for m in METHODS for w, s in DTYPE_PAIRS
+            if m.name != "swap_" or swap_supported(w, s)]
+
+
+def graph_cases() -> list[Case]:
+    """The graph-capturable configuration of the methods that have one."""
+    pairs = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32))
+    return [Case(m, w, s, False, dict(GRAPH_FLAGS)) for m in METHODS[:3] for w, s in pairs]
+
+
+def _signature(case: Case):
+    fn = case.kernel
+    signature, constexprs, attrs = {}, {}, {}
+    roles_dtype = {f"{r}_ptr": case.role_dtype(r) for r in ("shadow", "weights", "out", "snapshot")}
+    compute = _launch.compute_dtype(case.weights_dtype, case.shadow_dtype)
+    for index, name in enumerate(fn.arg_names):
+        if name in roles_dtype:
+            signature[name] = "*" + _TRITON_TYPES[roles_dtype[name]]
+        elif name in _COMMON_TYPES:
+            signature[name] = _COMMON_TYPES[name]
+        else:
+            value = {**case.flags, "COMPUTE": compute, "BLOCK": case.block,
+                     "ALIGNED": True, "INVERSE": False,
+                     "PACKED": case.weights_dtype != case.shadow_dtype}[name]
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        if signature[name].startswith("*"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def compile_case(case: Case, arch: int):
+    signature, constexprs, attrs = _signature(case)
+    source = ASTSource(case.kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": _launch.NUM_WARPS})
+
+
+_GLOBAL = re.compile(r"^\s*(@!?%p\d+\s+)?(ld|st)\.global(\.[\w:]+)*?\s")
+_WIDTH = re.compile(r"\.(v(\d))?\.?[bfsu](\d+)\s")
+
+
+def _access_bits(line: str) -> int:
+    op = line.split()[1] if line.lstrip().startswith("@") else line.split()[0]
+    parts = op.split(".")
+    vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+    width = next(int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bfsu]\d+", p))
+    return vec * width
+
+
+def ptxas_usage(ptx: str) -> dict[str, int]:
+    """Registers, stack frame and spill bytes, from ``ptxas -v`` (Triton's own ptxas)."""
+    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([ptxas, "-v", f"-arch={arch}", path, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    def number(pattern):
+        match = re.search(pattern, report)
+        return int(match.group(1)) if match else 0
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "stack_bytes": number(r"(\d+) bytes stack frame"),
+        "spill_bytes": number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads"),
+    }
+
+
+@dataclass
+class PtxReport:
+    case: Case
+    arch: int
+    fast_loads: list[int]     # bits of each unpredicated global load (the fast path)
+    fast_stores: list[int]
+    local_ops: int            # ld.local / st.local instructions
+    shared_ops: int           # ld/st.shared (layout conversions, reductions)
+    usage: dict[str, int]
+
+    @property
+    def streaming_loads(self) -> list[int]:
+        return [b for b in self.fast_loads if b == 128]
+
+    @property
+    def vector_bits(self) -> int:
+        widths = set(self.streaming_loads) | set(self.fast_stores)
+        return min(widths) if widths else 0
+
+    @property
+    def load_bytes_per_element(self) -> float:
+        return sum(self.streaming_loads) / 8 / self.case.elements_per_thread
+
+    @property
+    def store_bytes_per_element(self) -> float:
+        return sum(self.fast_stores) / 8 / self.case.elements_per_thread
+
+    @property
+    def scalar_loads(self) -> int:
+        """Per-program loads of one value: table entries, device scalars, step, skip flag.
+        (Any streaming load that is not 128-bit also lands here, and then the streaming
+        bytes per element fall short of the minimum.)"""
+        return len(self.fast_loads) - len(self.streaming_loads)
+
+
+def analyse(case: Case, arch: int) -> PtxReport:
+    ptx = compile_case(case, arch).asm["ptx"]
+    loads, stores = [], []
+    for line in ptx.splitlines():
+        match = _GLOBAL.match(line)
+        if match and not match.group(1):
+            (loads if match.group(2) == "ld" else stores).append(_access_bits(line))
+    local_ops = len(re.findall(r"\b(ld|st)\.local\b", ptx))
+    shared_ops = len(re.findall(r"\b(ld|st)\.shared\b", ptx))
+    return PtxReport(case, arch, loads, stores, local_ops, shared_ops, ptxas_usage(ptx))

@@ -1,0 +1,120 @@
+"""BELAY, post-step form, one pass: ``weights <- lerp(weights, shadow, beta)`` and
+``shadow <- lerp(shadow, weights, alpha)``, both right-hand sides read before either
+write; the non-finite policy guards the shadow."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+from ._blocks import (
+    _keep_where_nonfinite,
+    _lerp,
+    _load,
+    _offsets,
+    _rate,
+    _store,
+    _table_block,
+    _table_pointer,
+)
+from .device_step import StepGate, _gate, gate_args
+
+
+@triton.jit
+def _belay_block(weights_ptr, shadow_ptr, start, n, alpha, beta, skipped_ptr,
+                 MASKED: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+                 HAS_SKIPPED: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = _offsets(start, BLOCK)
+    weights = _load(weights_ptr, offs, n, MASKED).to(COMPUTE)
+    shadow = _load(shadow_ptr, offs, n, MASKED).to(COMPUTE)
+    new_weights = _lerp(weights, shadow, beta)
+    new_shadow = _lerp(shadow, weights, alpha)
+    if SKIP_NONFINITE:
+        new_shadow = _keep_where_nonfinite(new_shadow, shadow, weights, skipped_ptr, HAS_SKIPPED)
+    _store(weights_ptr, offs, new_weights, n, MASKED)
+    _store(shadow_ptr, offs, new_shadow, n, MASKED)
+
+
+@triton.jit
+def _belay_program(weights_ptr, shadow_ptr, start, n, alpha_bits, alpha_ptr, beta_bits, beta_ptr,
+                   skipped_ptr, step_ptr, skip_ptr, first_step, every,
+                   ALPHA_FROM_PTR: tl.constexpr, BETA_FROM_PTR: tl.constexpr,
+                   HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
+                   SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+                   COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    active, k = _gate(step_ptr, skip_ptr, first_step, every, HAS_STEP, HAS_SKIP)
+    if active:
+        alpha = _rate(alpha_bits, alpha_ptr, ALPHA_FROM_PTR, False, COMPUTE)
+        beta = _rate(beta_bits, beta_ptr, BETA_FROM_PTR, False, COMPUTE)
+        if start + BLOCK <= n:
+            _belay_block(weights_ptr, shadow_ptr, start, n, alpha, beta, skipped_ptr, False,
+                         SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+        else:
+            _belay_block(weights_ptr, shadow_ptr, start, n, alpha, beta, skipped_ptr, True,
+                         SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+
+
+@triton.jit(do_not_specialize=["alpha_bits", "beta_bits"])
+def _belay_step_kernel(weights_ptr, shadow_ptr, n, alpha_bits, alpha_ptr, beta_bits, beta_ptr,
+                       skipped_ptr, step_ptr, skip_ptr, first_step, every,
+                       ALPHA_FROM_PTR: tl.constexpr, BETA_FROM_PTR: tl.constexpr,
+                       HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
+                       SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    _belay_program(weights_ptr, shadow_ptr, start, n, alpha_bits, alpha_ptr, beta_bits,
+                   beta_ptr, skipped_ptr, step_ptr, skip_ptr, first_step, every,
+                   ALPHA_FROM_PTR, BETA_FROM_PTR, HAS_STEP, HAS_SKIP, SKIP_NONFINITE,
+                   HAS_SKIPPED, COMPUTE, BLOCK)
+
+
+@triton.jit(do_not_specialize=["alpha_bits", "beta_bits"])
+def _belay_step_foreach_kernel(table_ptr, owner_ptr, num_tensors, weights_ptr, shadow_ptr,
+                               alpha_bits, alpha_ptr, beta_bits, beta_ptr, skipped_ptr,
+                               step_ptr, skip_ptr, first_step, every, ALIGNED: tl.constexpr,
+                               ALPHA_FROM_PTR: tl.constexpr, BETA_FROM_PTR: tl.constexpr,
+                               HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
+                               SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+                               COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 2, BLOCK)
+    weights_ptr = _table_pointer(table_ptr, weights_ptr, 0, tensor, num_tensors, ALIGNED)
+    shadow_ptr = _table_pointer(table_ptr, shadow_ptr, 1, tensor, num_tensors, ALIGNED)
+    _belay_program(weights_ptr, shadow_ptr, start, n, alpha_bits, alpha_ptr, beta_bits,
+                   beta_ptr, skipped_ptr, step_ptr, skip_ptr, first_step, every,
+                   ALPHA_FROM_PTR, BETA_FROM_PTR, HAS_STEP, HAS_SKIP, SKIP_NONFINITE,
+                   HAS_SKIPPED, COMPUTE, BLOCK)
+
+
+def _common_args(alpha, beta, skip_nonfinite, skipped, gate, placeholder, dtypes):
+    alpha_bits, alpha_ptr, alpha_from_ptr = _launch.scalar_args(alpha)
+    beta_bits, beta_ptr, beta_from_ptr = _launch.scalar_args(beta)
+    gate_positional, gate_flags = gate_args(gate, placeholder)
+    args = (
+        alpha_bits,
+        placeholder if alpha_ptr is None else alpha_ptr,
+        beta_bits,
+        placeholder if beta_ptr is None else beta_ptr,
+        placeholder if skipped is None else skipped,
+        *gate_positional,
+    )
+    flags = dict(ALPHA_FROM_PTR=alpha_from_ptr, BETA_FROM_PTR=beta_from_ptr, **gate_flags,
+                 **_launch.update_flags(skip_nonfinite, skipped, dtypes))
+    return args, flags
+
+
+def belay_step_(weights: torch.Tensor, shadow: torch.Tensor, alpha, beta, skip_nonfinite=True,
+                skipped=None, *, gate: StepGate | None = None):
+    args, flags = _common_args(alpha, beta, skip_nonfinite, skipped, gate, weights,
+                               (weights.dtype, shadow.dtype))
+    _launch.launch_flat(_belay_step_kernel, (weights, shadow), args, flags)
+    return weights, shadow
+
+
+def belay_step_foreach(weights, shadows, alpha, beta, skip_nonfinite=True, skipped=None, *,
+                       gate: StepGate | None = None):
+    args, flags = _common_args(alpha, beta, skip_nonfinite, skipped, gate, weights[0],
+                               (weights[0].dtype, shadows[0].dtype))
+    _launch.launch_foreach(_belay_step_foreach_kernel, [weights, shadows], args, flags)
+    return weights, shadows

@@ -1,0 +1,125 @@
+"""Device-side step counters: the state that lets a whole averaging ``step()`` run with
+no host synchronisation, and so be captured in a CUDA graph.
+
+A :class:`StepGate` holds two device tensors:
+
+- ``step``: int64, one element, the number of optimizer steps taken so far (counting
+  from 0, skipped steps excluded). The kernels read it; :func:`advance_step_` adds one.
+- ``skip`` (optional): any one-element tensor, e.g. ``GradScaler``'s ``found_inf``.
+  Nonzero makes every gated kernel, and ``advance_step_``, a no-op on the device.
+
+and two host constants, ``start`` and ``every``. At step ``t`` a gated kernel runs when
+``skip == 0``, ``t >= start`` and ``(t - start) % every == 0``; it is then the update
+number ``k = (t - start) // every`` (0 for the first). From ``k`` the kernels compute:
+
+- SWA: the count of models already in the shadow, ``count + k`` (``count`` being what
+  the shadow held before the first gated update, usually 0);
+- EMA warmup (optional, :class:`EmaWarmup`): the effective weight of the new model is
+  ``max(1 - decay, (1 + k / inv_gamma) ** -power)``, i.e. the decay ramps up from 0 and
+  is capped at ``decay``. With ``inv_gamma = power = 1`` it is ``1 / (k + 1)``: the EMA
+  starts as an equal running mean (the SWA) until ``1 - decay`` takes over.
+
+One averaging step is then: the update kernels (one launch per flat buffer or tensor
+list), then ``advance_step_(gate)`` (one tiny launch). Create the gate and run one
+step before capturing, so that kernels are compiled and any pointer table is built
+outside the capture::
+
+    from belay_kernels.triton import EmaWarmup, StepGate, advance_step_, ema_update_foreach
+
+    found_inf = torch.zeros(1, device="cuda")      # or GradScaler's found_inf tensor
+    gate = StepGate.on("cuda", skip=found_inf, start=0, every=1)
+
+    def average():
+        ema_update_foreach(shadows, params, 0.999, gate=gate, warmup=EmaWarmup())
+        advance_step_(gate)
+
+    average()                                      # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        average()
+    graph.replay()                                 # every later step: no host sync
+
+The update functions take the gate (and, for the EMA, the warmup) as keyword-only
+arguments after the backend contract's positional ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class StepGate:
+    step: torch.Tensor
+    skip: torch.Tensor | None = None
+    start: int = 0
+    every: int = 1
+
+    @classmethod
+    def on(cls, device, *, skip=None, start: int = 0, every: int = 1) -> StepGate:
+        """A gate at step 0 on ``device``."""
+        step = torch.zeros(1, dtype=torch.int64, device=device)
+        return cls(step, skip, start, every)
+
+
+@dataclass(frozen=True)
+class EmaWarmup:
+    inv_gamma: float = 1.0
+    power: float = 1.0
+
+
+def warmup_weight(k: int, warmup: EmaWarmup) -> float:
+    """Host-side formula of the warmup weight of update ``k`` (for tests and docs)."""
+    return (1.0 + k / warmup.inv_gamma) ** -warmup.power
+
+
+@triton.jit
+def _gate(step_ptr, skip_ptr, start, every, HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr):
+    """(whether this step updates, the update number k) read from the device."""
+    active = tl.full([], 1, tl.int1)
+    k = tl.full([], 0, tl.int64)
+    if HAS_SKIP:
+        active = tl.load(skip_ptr) == 0
+    if HAS_STEP:
+        since = tl.load(step_ptr) - start
+        active = active & (since >= 0) & (since % every == 0)
+        k = tl.maximum(since, 0) // every
+    return active, k
+
+
+@triton.jit
+def _warmup_weight(k, inv_gamma, power, COMPUTE: tl.constexpr):
+    """``(1 + k / inv_gamma) ** -power`` in COMPUTE; exactly 1 at k = 0."""
+    base = 1 + k.to(COMPUTE) / inv_gamma
+    return tl.exp2(-power * tl.log2(base))
+
+
+@triton.jit
+def _advance_step_kernel(step_ptr, skip_ptr, HAS_SKIP: tl.constexpr):
+    step = tl.load(step_ptr)
+    if HAS_SKIP:
+        step += (tl.load(skip_ptr) == 0).to(tl.int64)
+    else:
+        step += 1
+    tl.store(step_ptr, step)
+
+
+def advance_step_(gate: StepGate) -> None:
+    """``gate.step += 1`` on the device, unless ``gate.skip`` is nonzero."""
+    skip = gate.skip if gate.skip is not None else gate.step
+    _advance_step_kernel[(1,)](gate.step, skip, HAS_SKIP=gate.skip is not None, num_warps=1)
+
+
+def gate_args(gate: StepGate | None, placeholder: torch.Tensor) -> tuple:
+    """The kernels' gate arguments: step, skip, start, every, HAS_STEP, HAS_SKIP."""
+    if gate is None:
+        return (placeholder, placeholder, 0, 1), {"HAS_STEP": False, "HAS_SKIP": False}
+    skip = gate.skip if gate.skip is not None else placeholder
+    return (gate.step, skip, gate.start, gate.every), {
+        "HAS_STEP": True,
+        "HAS_SKIP": gate.skip is not None,
+    }

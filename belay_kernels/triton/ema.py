@@ -1,0 +1,123 @@
+"""EMA: ``shadow <- lerp(shadow, weights, 1 - decay)``, one pass, any dtype pair."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+from ._blocks import (
+    _host_float,
+    _keep_where_nonfinite,
+    _lerp,
+    _load,
+    _offsets,
+    _rate,
+    _store,
+    _table_block,
+    _table_pointer,
+)
+from .device_step import EmaWarmup, StepGate, _gate, _warmup_weight, gate_args
+
+
+@triton.jit
+def _ema_block(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr, MASKED: tl.constexpr,
+               SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+               COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = _offsets(start, BLOCK)
+    shadow = _load(shadow_ptr, offs, n, MASKED).to(COMPUTE)
+    weights = _load(weights_ptr, offs, n, MASKED).to(COMPUTE)
+    new_shadow = _lerp(shadow, weights, weight)
+    if SKIP_NONFINITE:
+        new_shadow = _keep_where_nonfinite(new_shadow, shadow, weights, skipped_ptr, HAS_SKIPPED)
+    _store(shadow_ptr, offs, new_shadow, n, MASKED)
+
+
+@triton.jit
+def _ema_program(shadow_ptr, weights_ptr, start, n, weight_bits, decay_ptr, skipped_ptr,
+                 step_ptr, skip_ptr, first_step, every, inv_gamma_bits, power_bits,
+                 DECAY_FROM_PTR: tl.constexpr, WARMUP: tl.constexpr, HAS_STEP: tl.constexpr,
+                 HAS_SKIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+                 HAS_SKIPPED: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    active, k = _gate(step_ptr, skip_ptr, first_step, every, HAS_STEP, HAS_SKIP)
+    if active:
+        weight = _rate(weight_bits, decay_ptr, DECAY_FROM_PTR, True, COMPUTE)
+        if WARMUP:
+            warm = _warmup_weight(k, _host_float(inv_gamma_bits, COMPUTE),
+                                  _host_float(power_bits, COMPUTE), COMPUTE)
+            weight = tl.maximum(weight, warm)
+        if start + BLOCK <= n:
+            _ema_block(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr, False,
+                       SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+        else:
+            _ema_block(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr, True,
+                       SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+
+
+@triton.jit(do_not_specialize=["weight_bits", "inv_gamma_bits", "power_bits"])
+def _ema_update_kernel(shadow_ptr, weights_ptr, n, weight_bits, decay_ptr, skipped_ptr,
+                       step_ptr, skip_ptr, first_step, every, inv_gamma_bits, power_bits,
+                       DECAY_FROM_PTR: tl.constexpr, WARMUP: tl.constexpr,
+                       HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
+                       SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    _ema_program(shadow_ptr, weights_ptr, start, n, weight_bits, decay_ptr, skipped_ptr,
+                 step_ptr, skip_ptr, first_step, every, inv_gamma_bits, power_bits,
+                 DECAY_FROM_PTR, WARMUP, HAS_STEP, HAS_SKIP, SKIP_NONFINITE, HAS_SKIPPED,
+                 COMPUTE, BLOCK)
+
+
+@triton.jit(do_not_specialize=["weight_bits", "inv_gamma_bits", "power_bits"])
+def _ema_update_foreach_kernel(table_ptr, owner_ptr, num_tensors, shadow_ptr, weights_ptr,
+                               weight_bits, decay_ptr, skipped_ptr, step_ptr, skip_ptr,
+                               first_step, every, inv_gamma_bits, power_bits,
+                               ALIGNED: tl.constexpr,
+                               DECAY_FROM_PTR: tl.constexpr, WARMUP: tl.constexpr,
+                               HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
+                               SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+                               COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 2, BLOCK)
+    shadow_ptr = _table_pointer(table_ptr, shadow_ptr, 0, tensor, num_tensors, ALIGNED)
+    weights_ptr = _table_pointer(table_ptr, weights_ptr, 1, tensor, num_tensors, ALIGNED)
+    _ema_program(shadow_ptr, weights_ptr, start, n, weight_bits, decay_ptr, skipped_ptr,
+                 step_ptr, skip_ptr, first_step, every, inv_gamma_bits, power_bits,
+                 DECAY_FROM_PTR, WARMUP, HAS_STEP, HAS_SKIP, SKIP_NONFINITE, HAS_SKIPPED,
+                 COMPUTE, BLOCK)
+
+
+def _common_args(decay, skip_nonfinite, skipped, gate, warmup, placeholder, dtypes):
+    weight_bits, decay_ptr, from_ptr = _launch.scalar_args(decay, one_minus=True)
+    gate_positional, gate_flags = gate_args(gate, placeholder)
+    if warmup is not None and gate is None:
+        raise ValueError("an EMA warmup needs a StepGate: the decay follows gate.step.")
+    warm = warmup or EmaWarmup()
+    args = (
+        weight_bits,
+        placeholder if decay_ptr is None else decay_ptr,
+        placeholder if skipped is None else skipped,
+        *gate_positional,
+        _launch.float_bits(warm.inv_gamma),
+        _launch.float_bits(warm.power),
+    )
+    flags = dict(DECAY_FROM_PTR=from_ptr, WARMUP=warmup is not None, **gate_flags,
+                 **_launch.update_flags(skip_nonfinite, skipped, dtypes))
+    return args, flags
+
+
+def ema_update_(shadow: torch.Tensor, weights: torch.Tensor, decay, skip_nonfinite=True,
+                skipped=None, *, gate: StepGate | None = None,
+                warmup: EmaWarmup | None = None) -> torch.Tensor:
+    args, flags = _common_args(decay, skip_nonfinite, skipped, gate, warmup, shadow,
+                               (shadow.dtype, weights.dtype))
+    _launch.launch_flat(_ema_update_kernel, (shadow, weights), args, flags)
+    return shadow
+
+
+def ema_update_foreach(shadows, weights, decay, skip_nonfinite=True, skipped=None, *,
+                       gate: StepGate | None = None, warmup: EmaWarmup | None = None):
+    args, flags = _common_args(decay, skip_nonfinite, skipped, gate, warmup, shadows[0],
+                               (shadows[0].dtype, weights[0].dtype))
+    _launch.launch_foreach(_ema_update_foreach_kernel, [shadows, weights], args, flags)
+    return shadows

@@ -1,0 +1,111 @@
+"""SWA: ``shadow <- weights`` when the shadow holds no model yet (count 0), else the
+running mean ``shadow + (weights - shadow) / (count + 1)``, one pass, any dtype pair."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+from ._blocks import (
+    _div,
+    _keep_where_nonfinite,
+    _load,
+    _offsets,
+    _store,
+    _table_block,
+    _table_pointer,
+)
+from .device_step import StepGate, _gate, gate_args
+
+
+@triton.jit
+def _swa_block(shadow_ptr, weights_ptr, start, n, count, skipped_ptr, MASKED: tl.constexpr,
+               SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+               COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = _offsets(start, BLOCK)
+    shadow = _load(shadow_ptr, offs, n, MASKED).to(COMPUTE)
+    weights = _load(weights_ptr, offs, n, MASKED).to(COMPUTE)
+    mean = shadow + _div(weights - shadow, (count + 1).to(COMPUTE), COMPUTE)
+    new_shadow = tl.where(count == 0, weights, mean)
+    if SKIP_NONFINITE:
+        new_shadow = _keep_where_nonfinite(new_shadow, shadow, weights, skipped_ptr, HAS_SKIPPED)
+    _store(shadow_ptr, offs, new_shadow, n, MASKED)
+
+
+@triton.jit
+def _swa_program(shadow_ptr, weights_ptr, start, n, count, count_ptr, skipped_ptr, step_ptr,
+                 skip_ptr, first_step, every, COUNT_FROM_PTR: tl.constexpr,
+                 HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
+                 SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+                 COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    active, k = _gate(step_ptr, skip_ptr, first_step, every, HAS_STEP, HAS_SKIP)
+    if active:
+        if COUNT_FROM_PTR:
+            count = tl.load(count_ptr)
+        count = count.to(tl.int64) + k
+        if start + BLOCK <= n:
+            _swa_block(shadow_ptr, weights_ptr, start, n, count, skipped_ptr, False,
+                       SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+        else:
+            _swa_block(shadow_ptr, weights_ptr, start, n, count, skipped_ptr, True,
+                       SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+
+
+@triton.jit(do_not_specialize=["count"])
+def _swa_update_kernel(shadow_ptr, weights_ptr, n, count, count_ptr, skipped_ptr, step_ptr,
+                       skip_ptr, first_step, every, COUNT_FROM_PTR: tl.constexpr,
+                       HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
+                       SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    _swa_program(shadow_ptr, weights_ptr, start, n, count, count_ptr, skipped_ptr, step_ptr,
+                 skip_ptr, first_step, every, COUNT_FROM_PTR, HAS_STEP, HAS_SKIP,
+                 SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+
+
+@triton.jit(do_not_specialize=["count"])
+def _swa_update_foreach_kernel(table_ptr, owner_ptr, num_tensors, shadow_ptr, weights_ptr,
+                               count, count_ptr, skipped_ptr, step_ptr, skip_ptr, first_step,
+                               every, ALIGNED: tl.constexpr, COUNT_FROM_PTR: tl.constexpr,
+                               HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
+                               SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+                               COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 2, BLOCK)
+    shadow_ptr = _table_pointer(table_ptr, shadow_ptr, 0, tensor, num_tensors, ALIGNED)
+    weights_ptr = _table_pointer(table_ptr, weights_ptr, 1, tensor, num_tensors, ALIGNED)
+    _swa_program(shadow_ptr, weights_ptr, start, n, count, count_ptr, skipped_ptr, step_ptr,
+                 skip_ptr, first_step, every, COUNT_FROM_PTR, HAS_STEP, HAS_SKIP,
+                 SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+
+
+def _common_args(count, skip_nonfinite, skipped, gate, placeholder, dtypes):
+    from_ptr = isinstance(count, torch.Tensor)
+    gate_positional, gate_flags = gate_args(gate, placeholder)
+    args = (
+        0 if from_ptr else int(count),
+        count if from_ptr else placeholder,
+        placeholder if skipped is None else skipped,
+        *gate_positional,
+    )
+    flags = dict(COUNT_FROM_PTR=from_ptr, **gate_flags,
+                 **_launch.update_flags(skip_nonfinite, skipped, dtypes))
+    return args, flags
+
+
+def swa_update_(shadow: torch.Tensor, weights: torch.Tensor, count, skip_nonfinite=True,
+                skipped=None, *, gate: StepGate | None = None) -> torch.Tensor:
+    """With a gate, the count is ``count + k`` for the gate's update number k."""
+    args, flags = _common_args(count, skip_nonfinite, skipped, gate, shadow,
+                               (shadow.dtype, weights.dtype))
+    _launch.launch_flat(_swa_update_kernel, (shadow, weights), args, flags)
+    return shadow
+
+
+def swa_update_foreach(shadows, weights, count, skip_nonfinite=True, skipped=None, *,
+                       gate: StepGate | None = None):
+    args, flags = _common_args(count, skip_nonfinite, skipped, gate, shadows[0],
+                               (shadows[0].dtype, weights[0].dtype))
+    _launch.launch_foreach(_swa_update_foreach_kernel, [shadows, weights], args, flags)
+    return shadows

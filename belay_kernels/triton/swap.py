@@ -1,0 +1,96 @@
+"""In-place swap of weights and shadow, exact, in one pass.
+
+Same dtype: a plain exchange of bits (the kernel sees integer views of equal width, so
+no value is ever converted). bf16 weights with an fp32 shadow: the bit packing of
+:func:`belay_kernels.reference.swap_` on 16-bit and 32-bit integer views."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+from ._blocks import _load, _offsets, _store, _table_block, _table_pointer
+
+@triton.jit
+def _swap_bits(model_bits, slot_bits, INVERSE: tl.constexpr):
+    """bf16 model word (uint32, low 16 bits used) and fp32 slot word (uint32) -> new
+    words; the reference's packing: round to nearest with ties toward zero, so the low
+    half of the slot tells exactly whether the model's half was rounded up."""
+    low = slot_bits & 0xFFFF
+    high = slot_bits >> 16
+    rounds_up = (low > 0x8000).to(tl.uint32)
+    if INVERSE:
+        new_model = high
+        new_slot = (((model_bits - rounds_up) & 0xFFFF) << 16) | low
+    else:
+        new_model = (high + rounds_up) & 0xFFFF
+        new_slot = (model_bits << 16) | low
+    return new_model, new_slot
+
+
+@triton.jit
+def _swap_block(weights_ptr, shadow_ptr, start, n, PACKED: tl.constexpr,
+                INVERSE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = _offsets(start, BLOCK)
+    model = _load(weights_ptr, offs, n, MASKED)
+    slot = _load(shadow_ptr, offs, n, MASKED)
+    if PACKED:
+        # int16 and int32 views: reinterpret as unsigned, work in uint32.
+        model_bits = model.to(tl.uint16, bitcast=True).to(tl.uint32)
+        new_model, new_slot = _swap_bits(model_bits, slot.to(tl.uint32, bitcast=True), INVERSE)
+        _store(weights_ptr, offs, new_model.to(tl.uint16).to(tl.int16, bitcast=True), n, MASKED)
+        _store(shadow_ptr, offs, new_slot.to(tl.int32, bitcast=True), n, MASKED)
+    else:
+        _store(weights_ptr, offs, slot, n, MASKED)
+        _store(shadow_ptr, offs, model, n, MASKED)
+
+
+@triton.jit
+def _swap_program(weights_ptr, shadow_ptr, start, n, PACKED: tl.constexpr,
+                  INVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    if start + BLOCK <= n:
+        _swap_block(weights_ptr, shadow_ptr, start, n, PACKED, INVERSE, False, BLOCK)
+    else:
+        _swap_block(weights_ptr, shadow_ptr, start, n, PACKED, INVERSE, True, BLOCK)
+
+
+@triton.jit
+def _swap_kernel(weights_ptr, shadow_ptr, n, PACKED: tl.constexpr, INVERSE: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    _swap_program(weights_ptr, shadow_ptr, start, n, PACKED, INVERSE, BLOCK)
+
+
+@triton.jit
+def _swap_foreach_kernel(table_ptr, owner_ptr, num_tensors, weights_ptr, shadow_ptr,
+                         ALIGNED: tl.constexpr,
+                         PACKED: tl.constexpr, INVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 2, BLOCK)
+    weights_ptr = _table_pointer(table_ptr, weights_ptr, 0, tensor, num_tensors, ALIGNED)
+    shadow_ptr = _table_pointer(table_ptr, shadow_ptr, 1, tensor, num_tensors, ALIGNED)
+    _swap_program(weights_ptr, shadow_ptr, start, n, PACKED, INVERSE, BLOCK)
+
+
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_INT_VIEW[t.element_size()])
+
+
+def _flags(weights, shadow, inverse):
+    return {"PACKED": weights.dtype != shadow.dtype, "INVERSE": bool(inverse),
+            **_launch.shape_flags(weights.dtype, shadow.dtype)}
+
+
+def swap_(weights: torch.Tensor, shadow: torch.Tensor, inverse: bool = False) -> None:
+    flags = _flags(weights, shadow, inverse)
+    _launch.launch_flat(_swap_kernel, (_bits(weights), _bits(shadow)), (), flags)
+
+
+def swap_foreach(weights, shadows, inverse: bool = False) -> None:
+    flags = _flags(weights[0], shadows[0], inverse)
+    columns = [[_bits(t) for t in weights], [_bits(t) for t in shadows]]
+    _launch.launch_foreach(_swap_foreach_kernel, columns, (), flags)

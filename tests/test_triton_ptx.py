@@ -1,0 +1,45 @@
+"""Static GPU check of the Triton kernels, no GPU needed: compile every kernel ahead of
+time for sm_80 and sm_90 and read the PTX (see belay_kernels/triton/aot.py)."""
+
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("the AOT check needs compiled (not interpreted) kernels", allow_module_level=True)
+
+from belay_kernels.triton import aot  # noqa: E402
+
+CASES = aot.fast_cases() + aot.fast_cases(foreach=True) + aot.graph_cases()
+
+# Per-program scalar loads a kernel may make: the table entries of the list kernels
+# (block owner, size, first block, one offset per tensor column) and, in the graph
+# configuration, each device-side scalar, the step and the skip flag.
+_SCALAR_POINTERS = {"decay_ptr": "DECAY_FROM_PTR", "alpha_ptr": "ALPHA_FROM_PTR",
+                    "beta_ptr": "BETA_FROM_PTR", "count_ptr": "COUNT_FROM_PTR",
+                    "step_ptr": "HAS_STEP", "skip_ptr": "HAS_SKIP"}
+
+
+def allowed_scalar_loads(case: aot.Case) -> int:
+    names = case.kernel.arg_names
+    loads = sum(1 for name, flag in _SCALAR_POINTERS.items()
+                if name in names and case.flags[flag])
+    if case.foreach:
+        columns = len(set(case.method.inputs) | set(case.method.outputs))
+        loads += 3 + columns
+    return loads
+
+
+@pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label.replace(" ", "-"))
+def test_fast_path_moves_each_element_once_with_128_bit_accesses(case, arch):
+    report = aot.analyse(case, arch)
+    assert report.local_ops == 0, "ld.local/st.local in the PTX"
+    assert report.usage["stack_bytes"] == 0 and report.usage["spill_bytes"] == 0, report.usage
+    assert report.fast_stores and set(report.fast_stores) == {128}, report.fast_stores
+    assert report.streaming_loads, report.fast_loads
+    # one load of every input element and one store of every output element, no more
+    assert report.load_bytes_per_element == case.bytes_per_element(case.method.inputs)
+    assert report.store_bytes_per_element == case.bytes_per_element(case.method.outputs)
+    assert report.scalar_loads <= allowed_scalar_loads(case), report.fast_loads
