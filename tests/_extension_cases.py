@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from belay_kernels import backends, ops
-from belay_kernels.testing import assert_close, random_like_model
+from belay_kernels.testing import assert_close, random_like_model, tolerance
 
 STEPS = 6
 NONFINITE_STEP = 2  # the step at which some incoming weights are NaN / +inf / -inf
@@ -104,9 +104,18 @@ def run_method(method, backend, trajectory, *, policy="skip", hyper=None):
 def compare_with_reference(method, backend, trajectory, *, policy="skip", hyper=None):
     got, got_skipped = run_method(method, backend, trajectory, policy=policy, hyper=hyper)
     want, want_skipped = run_method(method, "torch", trajectory, policy=policy, hyper=hyper)
+    coarsest = max(trajectory.weights_dtype, trajectory.shadow_dtype,
+                   key=lambda d: tolerance(d)["rtol"])
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.dtype == w.dtype
-        assert_close(g, w, msg=f"{method} {backend} tensor {i} of size {g.numel()}")
+        message = f"{method} {backend} tensor {i} of size {g.numel()}"
+        if method == "belay" and g.dtype != coarsest:
+            # BELAY feeds the weights back into the shadow: an fp32 shadow next to bf16
+            # weights inherits one bf16 rounding difference of the weights per step.
+            torch.testing.assert_close(g.double(), w.double(), equal_nan=True,
+                                       msg=lambda m: f"{message}\n{m}", **tolerance(coarsest))
+        else:
+            assert_close(g, w, msg=message)
     assert int(got_skipped) == int(want_skipped)
     return int(got_skipped)
 

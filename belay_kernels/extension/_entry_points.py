@@ -13,7 +13,6 @@ import torch
 
 from ..reference import swap_supported
 from ..testing import DTYPE_PAIRS
-from ._library import ops
 
 __all__ = [
     "ema_update_",
@@ -29,6 +28,11 @@ __all__ = [
 ]
 
 _PAIRS = frozenset(DTYPE_PAIRS)
+
+# The backend registry calls unavailable_reason() (which loads the compiled module) before
+# it hands out this module, so the ops exist by the time these functions run. A plain
+# attribute keeps the functions traceable by torch.compile.
+_ops = torch.ops.belay_kernels
 
 # The compiled kernels read flat contiguous storage.
 REQUIRES_CONTIGUOUS = True
@@ -69,21 +73,21 @@ def _count(value, like):
 
 
 def ema_update_(shadow, weights, decay, skip_nonfinite=True, skipped=None):
-    ops().ema_update_(shadow, weights, *_rate(decay, shadow), skip_nonfinite, skipped)
+    _ops.ema_update_(shadow, weights, *_rate(decay, shadow), skip_nonfinite, skipped)
     return shadow
 
 
 def ema_update_foreach(shadows, weights, decay, skip_nonfinite=True, skipped=None):
-    ops().ema_update_foreach_(shadows, weights, *_rate(decay, shadows[0]), skip_nonfinite, skipped)
+    _ops.ema_update_foreach_(shadows, weights, *_rate(decay, shadows[0]), skip_nonfinite, skipped)
 
 
 def swa_update_(shadow, weights, count, skip_nonfinite=True, skipped=None):
-    ops().swa_update_(shadow, weights, *_count(count, shadow), skip_nonfinite, skipped)
+    _ops.swa_update_(shadow, weights, *_count(count, shadow), skip_nonfinite, skipped)
     return shadow
 
 
 def swa_update_foreach(shadows, weights, count, skip_nonfinite=True, skipped=None):
-    ops().swa_update_foreach_(shadows, weights, *_count(count, shadows[0]), skip_nonfinite, skipped)
+    _ops.swa_update_foreach_(shadows, weights, *_count(count, shadows[0]), skip_nonfinite, skipped)
 
 
 def _belay_args(alpha, beta, like):
@@ -93,28 +97,28 @@ def _belay_args(alpha, beta, like):
 
 
 def belay_step_(weights, shadow, alpha, beta, skip_nonfinite=True, skipped=None):
-    ops().belay_step_(weights, shadow, *_belay_args(alpha, beta, weights), skip_nonfinite, skipped)
+    _ops.belay_step_(weights, shadow, *_belay_args(alpha, beta, weights), skip_nonfinite, skipped)
     return weights, shadow
 
 
 def belay_step_foreach(weights, shadows, alpha, beta, skip_nonfinite=True, skipped=None):
-    ops().belay_step_foreach_(
+    _ops.belay_step_foreach_(
         weights, shadows, *_belay_args(alpha, beta, weights[0]), skip_nonfinite, skipped
     )
 
 
 def two_point_average_(out, weights, snapshot):
-    ops().two_point_average_(out, weights, snapshot)
+    _ops.two_point_average_(out, weights, snapshot)
     return out
 
 
 def two_point_average_foreach(outs, weights, snapshots):
-    ops().two_point_average_foreach_(outs, weights, snapshots)
+    _ops.two_point_average_foreach_(outs, weights, snapshots)
 
 
 def swap_(weights, shadow, inverse=False):
-    ops().swap_(weights, shadow, bool(inverse))
+    _ops.swap_(weights, shadow, bool(inverse))
 
 
 def swap_foreach(weights, shadows, inverse=False):
-    ops().swap_foreach_(weights, shadows, bool(inverse))
+    _ops.swap_foreach_(weights, shadows, bool(inverse))
