@@ -18,6 +18,17 @@ EMA_DECAYS = (0.9, 0.3)
 BELAY_RATES = ({"alpha": 0.05, "beta": 0.6}, {"alpha": 0.7, "beta": 0.2})
 
 
+@pytest.fixture(scope="module", autouse=False)
+def one_cpu_thread():
+    """Run a test module on one intra-op thread. On this shared 2-core machine, OpenMP's
+    spinning threads made every op ~40x slower under load (torch's own ops included);
+    test_extension_cpu.py checks the parallel split separately."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def require_backend(name: str) -> None:
     """Skip when the compiled backend is absent, unless CI demands it
     (BELAY_KERNELS_REQUIRE_EXTENSION=1 turns the skip into a failure)."""

@@ -3,7 +3,8 @@ dtype pair, odd sizes, many steps, both non-finite policies and the skipped coun
 
 import pytest
 import torch
-from _extension_cases import (
+from _extension_cases import (  # noqa: F401 (one_cpu_thread is a fixture)
+    one_cpu_thread,
     BELAY_RATES,
     EMA_DECAYS,
     Trajectory,
@@ -16,7 +17,7 @@ from _extension_cases import (
 from belay_kernels import ops
 from belay_kernels.testing import DTYPE_PAIRS, ODD_SIZES
 
-pytestmark = pytest.mark.usefixtures("cpp_backend")
+pytestmark = pytest.mark.usefixtures("cpp_backend", "one_cpu_thread")
 
 SWAP_PAIRS = [p for p in DTYPE_PAIRS if p[0] == p[1]] + [(torch.bfloat16, torch.float32)]
 
@@ -109,3 +110,16 @@ def test_auto_prefers_cpp_on_cpu():
     # non-contiguous tensors go to the reference
     module = _backends.resolve("auto", "ema_update_", "cpu", (torch.float32,) * 2, False)
     assert module.__name__ == "belay_kernels.reference"
+
+
+def test_parallel_split_matches_reference():
+    """More than one task per thread on two threads (the other tests run on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for method, hyper in (("ema", 0.9), ("belay", BELAY_RATES[0])):
+            compare_with_reference(
+                method, "cpp", Trajectory((torch.bfloat16, torch.float32), [200_003], seed=2,
+                                          nonfinite=True), hyper=hyper)
+    finally:
+        torch.set_num_threads(threads)

@@ -6,7 +6,8 @@ import contextlib
 
 import pytest
 import torch
-from _extension_cases import (
+from _extension_cases import (  # noqa: F401 (one_cpu_thread is a fixture)
+    one_cpu_thread,
     BELAY_RATES,
     Trajectory,
     check_swap,
@@ -17,7 +18,7 @@ from _extension_cases import (
 
 from belay_kernels.testing import DTYPE_PAIRS
 
-pytestmark = pytest.mark.usefixtures("cpp_backend")
+pytestmark = pytest.mark.usefixtures("cpp_backend", "one_cpu_thread")
 
 # (blocks, threads): one thread alone; a warp-sized grid; an odd grid.
 GRIDS = ((1, 1), (3, 32), (2, 5))
