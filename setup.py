@@ -24,7 +24,9 @@ from setuptools import setup
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 CPU_SOURCES = ["csrc/registration.cpp", "csrc/cpu_kernels.cpp", "csrc/cpu_module.cpp"]
 CUDA_SOURCES = ["csrc/cuda_kernels.cu", "csrc/cuda_module.cpp"]
-CXX_FLAGS = ["-O3", "-fopenmp"]
+# -fno-trapping-math lets GCC turn the per-element choices (lerp's two sides, the
+# non-finite policy) into vector selects; nothing here relies on floating-point traps.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 

@@ -58,13 +58,18 @@ def measure(fns: dict, device, repeats: int) -> dict:
 
 
 def streaming_bandwidth(numel, device, repeats):
-    """Bytes/s of a copy (read 1, write 1) and a triad (read 2, write 1), fp32."""
+    """Bytes/s of torch's copy (read 1, write 1), triad (read 2, write 1) and in-place
+    scale (read 1, write 1 in place), fp32."""
     a, b, c = (torch.rand(numel, device=device) for _ in range(3))
     result = measure(
-        {"copy": lambda: a.copy_(b), "triad": lambda: torch.add(b, c, alpha=0.5, out=a)},
+        {
+            "copy": lambda: a.copy_(b),
+            "triad": lambda: torch.add(b, c, alpha=0.5, out=a),
+            "scale in place": lambda: a.mul_(1.0),
+        },
         device, repeats,
     )
-    nbytes = {"copy": 8 * numel, "triad": 12 * numel}
+    nbytes = {"copy": 8 * numel, "triad": 12 * numel, "scale in place": 8 * numel}
     return {name: nbytes[name] / r["median_s"] for name, r in result.items()}
 
 
@@ -159,7 +164,8 @@ def main(argv=None) -> int:
 
     stream = streaming_bandwidth(args.numel, device, args.repeats)
     best_stream = max(stream.values())
-    print(f"device {device}, {torch.get_num_threads()} threads, {args.numel:,} elements, "
+    print(f"best streaming bandwidth {best_stream / 1e9:.2f} GB/s; "
+          f"device {device}, {torch.get_num_threads()} threads, {args.numel:,} elements, "
           f"{args.repeats} repeats")
     print("streaming bandwidth: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in stream.items()))
     results = []
@@ -171,6 +177,7 @@ def main(argv=None) -> int:
         peer_name = next(k for k in fns if k != "fused")
         peer = timing[peer_name]
         growth = peak_growth_bytes(fns["fused"], device)
+        peer_growth = peak_growth_bytes(fns[peer_name], device)
         row = {
             "case": name,
             "bytes": nbytes,
@@ -181,12 +188,14 @@ def main(argv=None) -> int:
             "speedup_vs_" + peer_name.replace(" ", "_"): peer["median_s"] / fused["median_s"],
             "peak_growth_bytes": growth,
             "peak_growth_fraction_of_buffer": growth / (args.numel * 4),
+            "peer_peak_growth_bytes": peer_growth,
         }
         results.append(row)
         print(f"{name:48s} {fused['median_s'] * 1e3:7.1f} ({fused['p20_s'] * 1e3:6.1f}-"
               f"{fused['p80_s'] * 1e3:6.1f}) {row['fused_gb_s']:6.1f} "
               f"{100 * row['fraction_of_stream']:7.1f}%  {peer['median_s'] / fused['median_s']:5.2f}x "
-              f"{peer_name} ({peer['median_s'] * 1e3:.1f} ms); peak +{growth / 2**20:.2f} MiB")
+              f"{peer_name} ({peer['median_s'] * 1e3:.1f} ms); peak +{growth / 2**20:.1f} MiB "
+              f"(torch +{peer_growth / 2**20:.0f} MiB)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({

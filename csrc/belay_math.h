@@ -43,10 +43,13 @@ BK_HD T ema_shadow(T shadow, T weights, T rate) {
   return lerp(shadow, weights, rate);
 }
 
-// SWA: ``count`` models are already in the shadow; the first one is copied.
+// SWA: ``count`` models are already in the shadow; the first one is copied. The mean is
+// computed unconditionally so that the choice is a select, which vectorizes (a division
+// under a condition does not, since it might trap).
 template <typename T>
 BK_HD T swa_shadow(T shadow, T weights, int64_t count) {
-  return count == 0 ? weights : shadow + (weights - shadow) / T(count + 1);
+  const T mean = shadow + (weights - shadow) / T(count + 1);
+  return count == 0 ? weights : mean;
 }
 
 // BELAY, post-step form; both right-hand sides use the values from before the call.

@@ -104,14 +104,14 @@ struct EmaOp {
   BK_HD bool aligned_at(int64_t i) const {
     return is_aligned16(shadow + i) && is_aligned16(weights + i);
   }
-  // Returns how many elements kept their shadow under the non-finite policy.
+  // Returns how many of the N elements kept their shadow under the non-finite policy.
   template <int N>
-  BK_HD int64_t apply(int64_t i) const {
+  BK_HD int apply(int64_t i) const {
     W w_in[N];
     S s_io[N];
     load<N>(weights + i, w_in);
     load<N>(shadow + i, s_io);
-    int64_t skipped = 0;
+    int skipped = 0;
     BK_UNROLL
     for (int k = 0; k < N; ++k) {
       const T w = static_cast<T>(w_in[k]);
@@ -144,12 +144,12 @@ struct SwaOp {
     return is_aligned16(shadow + i) && is_aligned16(weights + i);
   }
   template <int N>
-  BK_HD int64_t apply(int64_t i) const {
+  BK_HD int apply(int64_t i) const {
     W w_in[N];
     S s_io[N];
     load<N>(weights + i, w_in);
     load<N>(shadow + i, s_io);
-    int64_t skipped = 0;
+    int skipped = 0;
     BK_UNROLL
     for (int k = 0; k < N; ++k) {
       const T w = static_cast<T>(w_in[k]);
@@ -185,12 +185,12 @@ struct BelayOp {
     return is_aligned16(shadow + i) && is_aligned16(weights + i);
   }
   template <int N>
-  BK_HD int64_t apply(int64_t i) const {
+  BK_HD int apply(int64_t i) const {
     W w_io[N];
     S s_io[N];
     load<N>(weights + i, w_io);
     load<N>(shadow + i, s_io);
-    int64_t skipped = 0;
+    int skipped = 0;
     BK_UNROLL
     for (int k = 0; k < N; ++k) {
       const T w = static_cast<T>(w_io[k]);
@@ -221,7 +221,7 @@ struct TwoPointOp {
     return is_aligned16(out + i) && is_aligned16(weights + i) && is_aligned16(snapshot + i);
   }
   template <int N>
-  BK_HD int64_t apply(int64_t i) const {
+  BK_HD int apply(int64_t i) const {
     W w_in[N];
     S snap_in[N];
     W result[N];
@@ -249,7 +249,7 @@ struct ExchangeOp {
     return is_aligned16(weights + i) && is_aligned16(shadow + i);
   }
   template <int N>
-  BK_HD int64_t apply(int64_t i) const {
+  BK_HD int apply(int64_t i) const {
     Bits w[N];
     Bits s[N];
     load<N>(weights + i, w);
@@ -272,7 +272,7 @@ struct PackedSwapOp {
     return is_aligned16(weights + i) && is_aligned16(shadow + i);
   }
   template <int N>
-  BK_HD int64_t apply(int64_t i) const {
+  BK_HD int apply(int64_t i) const {
     uint16_t w[N];
     uint32_t s[N];
     load<N>(weights + i, w);
