@@ -86,19 +86,36 @@ struct ScalarArg {
   BK_HD V get() const { return address != nullptr ? *address : value; }
 };
 
-template <typename W, typename S>
-struct EmaOp {
+// The rules of the methods that update only the shadow, each with its hyperparameter.
+template <typename T>
+struct EmaRule {
+  ScalarArg<double> decay;
+  T rate;  // 1 - decay, set by resolved()
+  BK_HD EmaRule resolved() const { return {decay, static_cast<T>(1.0 - decay.get())}; }
+  BK_HD T operator()(T shadow, T weights) const { return ema_shadow(shadow, weights, rate); }
+};
+
+template <typename T>
+struct SwaRule {
+  ScalarArg<int64_t> count;
+  int64_t models;  // count, set by resolved()
+  BK_HD SwaRule resolved() const { return {count, count.get()}; }
+  BK_HD T operator()(T shadow, T weights) const { return swa_shadow(shadow, weights, models); }
+};
+
+// shadow <- rule(shadow, weights), except where the non-finite policy keeps it.
+template <typename W, typename S, template <typename> class Rule>
+struct ShadowUpdateOp {
   using T = opmath_t<W, S>;
   static constexpr int kVec = vector_width<W, S>();
   S* shadow;
   const W* weights;
-  ScalarArg<double> decay;
   bool skip_nonfinite;
-  T rate;  // 1 - decay, set by resolved()
+  Rule<T> rule;
 
-  BK_HD EmaOp resolved() const {
-    EmaOp op = *this;
-    op.rate = static_cast<T>(1.0 - decay.get());
+  BK_HD ShadowUpdateOp resolved() const {
+    ShadowUpdateOp op = *this;
+    op.rule = rule.resolved();
     return op;
   }
   BK_HD bool aligned_at(int64_t i) const {
@@ -117,7 +134,7 @@ struct EmaOp {
       const T w = static_cast<T>(w_in[k]);
       const bool keep = keeps_old_shadow(w, skip_nonfinite);
       skipped += keep;
-      const S updated = static_cast<S>(ema_shadow(static_cast<T>(s_io[k]), w, rate));
+      const S updated = static_cast<S>(rule(static_cast<T>(s_io[k]), w));
       s_io[k] = keep ? s_io[k] : updated;
     }
     store<N>(shadow + i, s_io);
@@ -126,42 +143,9 @@ struct EmaOp {
 };
 
 template <typename W, typename S>
-struct SwaOp {
-  using T = opmath_t<W, S>;
-  static constexpr int kVec = vector_width<W, S>();
-  S* shadow;
-  const W* weights;
-  ScalarArg<int64_t> count;
-  bool skip_nonfinite;
-  int64_t models;  // count, set by resolved()
-
-  BK_HD SwaOp resolved() const {
-    SwaOp op = *this;
-    op.models = count.get();
-    return op;
-  }
-  BK_HD bool aligned_at(int64_t i) const {
-    return is_aligned16(shadow + i) && is_aligned16(weights + i);
-  }
-  template <int N>
-  BK_HD int apply(int64_t i) const {
-    W w_in[N];
-    S s_io[N];
-    load<N>(weights + i, w_in);
-    load<N>(shadow + i, s_io);
-    int skipped = 0;
-    BK_UNROLL
-    for (int k = 0; k < N; ++k) {
-      const T w = static_cast<T>(w_in[k]);
-      const bool keep = keeps_old_shadow(w, skip_nonfinite);
-      skipped += keep;
-      const S updated = static_cast<S>(swa_shadow(static_cast<T>(s_io[k]), w, models));
-      s_io[k] = keep ? s_io[k] : updated;
-    }
-    store<N>(shadow + i, s_io);
-    return skipped;
-  }
-};
+using EmaOp = ShadowUpdateOp<W, S, EmaRule>;
+template <typename W, typename S>
+using SwaOp = ShadowUpdateOp<W, S, SwaRule>;
 
 template <typename W, typename S>
 struct BelayOp {

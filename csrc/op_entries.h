@@ -201,8 +201,8 @@ void ema_update_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& r
     using W = decltype(w);
     using S = decltype(s);
     run_rows(exec, rows, skipped_at, [&](const std::vector<Tensor>& row) {
-      return EmaOp<W, S>{address<S>(row[0]), address<const W>(row[1]), decay_arg,
-                         skip_nonfinite, 0};
+      return EmaOp<W, S>{address<S>(row[0]), address<const W>(row[1]), skip_nonfinite,
+                         {decay_arg, 0}};
     });
   });
 }
@@ -220,8 +220,8 @@ void swa_update_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& r
     using W = decltype(w);
     using S = decltype(s);
     run_rows(exec, rows, skipped_at, [&](const std::vector<Tensor>& row) {
-      return SwaOp<W, S>{address<S>(row[0]), address<const W>(row[1]), models,
-                         skip_nonfinite, 0};
+      return SwaOp<W, S>{address<S>(row[0]), address<const W>(row[1]), skip_nonfinite,
+                         {models, 0}};
     });
   });
 }

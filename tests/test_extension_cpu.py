@@ -4,12 +4,12 @@ dtype pair, odd sizes, many steps, both non-finite policies and the skipped coun
 import pytest
 import torch
 from _extension_cases import (  # noqa: F401 (one_cpu_thread is a fixture)
-    one_cpu_thread,
     BELAY_RATES,
     EMA_DECAYS,
     Trajectory,
     check_swap,
     compare_with_reference,
+    one_cpu_thread,
     pair_id,
     require_backend,
 )
@@ -27,32 +27,21 @@ def cpp_backend():
     require_backend("cpp")
 
 
-@pytest.mark.parametrize("n", ODD_SIZES)
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-def test_ema_matches_reference(pair, n):
-    for decay in EMA_DECAYS:
-        compare_with_reference("ema", "cpp", Trajectory(pair, [n], seed=n, nonfinite=False),
-                               hyper=decay)
+# (method, hyperparameter): every method, with rates on both sides of lerp's switch
+METHODS = (
+    [("ema", decay) for decay in EMA_DECAYS]
+    + [("swa", None)]
+    + [("belay", rates) for rates in BELAY_RATES]
+    + [("two_point", None)]
+)
 
 
 @pytest.mark.parametrize("n", ODD_SIZES)
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-def test_swa_matches_reference(pair, n):
-    compare_with_reference("swa", "cpp", Trajectory(pair, [n], seed=n, nonfinite=False))
-
-
-@pytest.mark.parametrize("n", ODD_SIZES)
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-def test_belay_matches_reference(pair, n):
-    for rates in BELAY_RATES:
-        compare_with_reference("belay", "cpp", Trajectory(pair, [n], seed=n, nonfinite=False),
-                               hyper=rates)
-
-
-@pytest.mark.parametrize("n", ODD_SIZES)
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-def test_two_point_matches_reference(pair, n):
-    compare_with_reference("two_point", "cpp", Trajectory(pair, [n], seed=n, nonfinite=False))
+@pytest.mark.parametrize("method,hyper", METHODS, ids=lambda v: str(v) if v is not None else "")
+def test_matches_reference(method, hyper, pair, n):
+    compare_with_reference(method, "cpp", Trajectory(pair, [n], seed=n, nonfinite=False),
+                           hyper=hyper)
 
 
 @pytest.mark.parametrize("n", ODD_SIZES)

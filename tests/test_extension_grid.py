@@ -7,11 +7,11 @@ import contextlib
 import pytest
 import torch
 from _extension_cases import (  # noqa: F401 (one_cpu_thread is a fixture)
-    one_cpu_thread,
     BELAY_RATES,
     Trajectory,
     check_swap,
     compare_with_reference,
+    one_cpu_thread,
     pair_id,
     require_backend,
 )

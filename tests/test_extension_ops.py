@@ -183,3 +183,10 @@ def test_refuses_mixed_devices():
     ops = _ops()
     w, s = _pair(10)
     _refuses(lambda: ops.ema_update_(s.cuda(), w, 0.9, None, True, None), "move them", w)
+
+
+def test_a_missing_build_is_reported_not_raised():
+    from belay_kernels.extension import _library
+
+    module, reason = _library._load("belay_kernels._no_such_build")
+    assert module is None and "not importable" in reason
