@@ -8,13 +8,14 @@ a memory copy and a triad on the same number of bytes). It also measures how far
 memory rises during a fused step.
 
     PYTHONPATH=. python bench/bench_extension.py [--numel 67108864] [--repeats 15]
-        [--device cpu|cuda] [--json bench/results/extension-cpu.json]
+        [--device cpu|cuda] [--json bench/results/extension-cpu.json] [--only BELAY]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -149,12 +150,23 @@ def cases(numel, device):
     }
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--numel", type=int, default=64 * 2**20)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     status = backends()["cuda" if device.type == "cuda" else "cpp"]
@@ -162,6 +174,7 @@ def main(argv=None) -> int:
         print(f"the compiled backend is {status}")
         return 1
 
+    load_before = os.getloadavg()
     stream = streaming_bandwidth(args.numel, device, args.repeats)
     best_stream = max(stream.values())
     print(f"best streaming bandwidth {best_stream / 1e9:.2f} GB/s; "
@@ -172,6 +185,8 @@ def main(argv=None) -> int:
     header = f"{'case':48s} {'fused ms (p20-p80)':>22s} {'GB/s':>6s} {'% stream':>8s}  ratio to torch"
     print(header)
     for name, nbytes, fns in cases(args.numel, device):
+        if args.only not in name:
+            continue
         timing = measure(fns, device, args.repeats)
         fused = timing["fused"]
         peer_name = next(k for k in fns if k != "fused")
@@ -199,7 +214,10 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "machine": platform.processor() or platform.machine(),
+            "machine": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "load_average_before_after": [load_before, os.getloadavg()],
             "platform": platform.platform(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

@@ -43,13 +43,18 @@ BK_HD T ema_shadow(T shadow, T weights, T rate) {
   return lerp(shadow, weights, rate);
 }
 
-// SWA: ``count`` models are already in the shadow; the first one is copied. The mean is
-// computed unconditionally so that the choice is a select, which vectorizes (a division
-// under a condition does not, since it might trap).
+// SWA: ``count`` models are already in the shadow. The running mean is a lerp toward
+// the new model with weight 1 / (count + 1): the first model (weight 1) is copied
+// exactly, and the rest differ from the reference's division by about an ulp. A lerp
+// vectorizes where a division by a loop-invariant count did not (measured: the division
+// ran at 50% of the streaming bandwidth on 2 CPU cores).
 template <typename T>
-BK_HD T swa_shadow(T shadow, T weights, int64_t count) {
-  const T mean = shadow + (weights - shadow) / T(count + 1);
-  return count == 0 ? weights : mean;
+BK_HD T swa_weight(int64_t count) {
+  return static_cast<T>(1.0 / static_cast<double>(count + 1));
+}
+template <typename T>
+BK_HD T swa_shadow(T shadow, T weights, T weight_of_new) {
+  return lerp(shadow, weights, weight_of_new);
 }
 
 // BELAY, post-step form; both right-hand sides use the values from before the call.

@@ -98,9 +98,11 @@ struct EmaRule {
 template <typename T>
 struct SwaRule {
   ScalarArg<int64_t> count;
-  int64_t models;  // count, set by resolved()
-  BK_HD SwaRule resolved() const { return {count, count.get()}; }
-  BK_HD T operator()(T shadow, T weights) const { return swa_shadow(shadow, weights, models); }
+  T weight_of_new;  // 1 / (count + 1), set by resolved()
+  BK_HD SwaRule resolved() const { return {count, swa_weight<T>(count.get())}; }
+  BK_HD T operator()(T shadow, T weights) const {
+    return swa_shadow(shadow, weights, weight_of_new);
+  }
 };
 
 // shadow <- rule(shadow, weights), except where the non-finite policy keeps it.
