@@ -56,7 +56,8 @@ class Trajectory:
     """Weights and shadows (lists of tensors of the given sizes) and the step's inputs,
     regenerated identically for each backend from one seed."""
 
-    def __init__(self, pair, sizes, seed, *, nonfinite, offsets=(0, 0)):
+    def __init__(self, pair, sizes, seed, *, nonfinite, offsets=(0, 0), device="cpu"):
+        self.device = torch.device(device)
         self.weights_dtype, self.shadow_dtype = pair
         self.sizes, self.seed, self.nonfinite = sizes, seed, nonfinite
         # Elements to skip at the start of the storage of (weights, shadow): a nonzero
@@ -66,7 +67,10 @@ class Trajectory:
     def tensors(self, role, generator):
         dtype = self.weights_dtype if role == "weights" else self.shadow_dtype
         skip = self.offsets[role]
-        return [random_like_model(n + skip, dtype, generator=generator)[skip:] for n in self.sizes]
+        return [
+            random_like_model(n + skip, dtype, generator=generator).to(self.device)[skip:]
+            for n in self.sizes
+        ]
 
     def incoming(self, step, generator):
         """The step's new weights (for EMA and SWA) or the optimizer's change (BELAY)."""
@@ -85,7 +89,7 @@ def _arg(tensors):
 def run_method(method, backend, trajectory, *, policy="skip", hyper=None):
     """Returns every tensor the method wrote, and the skipped counter."""
     generator = torch.Generator().manual_seed(trajectory.seed)
-    skipped = torch.zeros((), dtype=torch.int64)
+    skipped = torch.zeros((), dtype=torch.int64, device=trajectory.device)
     shadow = trajectory.tensors("shadow", generator)
     weights = trajectory.tensors("weights", generator)
     outs = []
@@ -131,11 +135,11 @@ def compare_with_reference(method, backend, trajectory, *, policy="skip", hyper=
     return int(got_skipped)
 
 
-def check_swap(backend, pair, sizes, seed):
+def check_swap(backend, pair, sizes, seed, device="cpu"):
     """Forward and inverse swap equal the reference bit for bit."""
     generator = torch.Generator().manual_seed(seed)
-    weights = [random_like_model(n, pair[0], generator=generator) for n in sizes]
-    shadow = [random_like_model(n, pair[1], generator=generator) for n in sizes]
+    weights = [random_like_model(n, pair[0], generator=generator).to(device) for n in sizes]
+    shadow = [random_like_model(n, pair[1], generator=generator).to(device) for n in sizes]
     originals = [t.clone() for t in weights + shadow]
     ref_w, ref_s = [t.clone() for t in weights], [t.clone() for t in shadow]
     for inverse in (False, True):

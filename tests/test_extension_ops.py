@@ -190,3 +190,22 @@ def test_a_missing_build_is_reported_not_raised():
 
     module, reason = _library._load("belay_kernels._no_such_build")
     assert module is None and "not importable" in reason
+
+
+def test_package_works_without_the_build():
+    """With the compiled module unimportable, the package imports, says why, and runs the
+    ops on the torch reference."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['belay_kernels._C'] = None\n"
+        "import torch, belay_kernels\n"
+        "status = belay_kernels.backends()['cpp']\n"
+        "assert status.startswith('unavailable') and 'not importable' in status, status\n"
+        "s, w = torch.zeros(5), torch.ones(5)\n"
+        "belay_kernels.ops.ema_update_(s, w, decay=0.5)\n"
+        "assert torch.equal(s, torch.full((5,), 0.5))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
