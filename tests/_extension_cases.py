@@ -40,6 +40,11 @@ def require_backend(name: str) -> None:
     pytest.skip(f"backend {name!r} {status}")
 
 
+@pytest.fixture(scope="module")
+def cpp_backend():
+    require_backend("cpp")
+
+
 def pair_id(pair) -> str:
     return "-".join(str(d).removeprefix("torch.") for d in pair)
 

@@ -3,15 +3,15 @@ dtype pair, odd sizes, many steps, both non-finite policies and the skipped coun
 
 import pytest
 import torch
-from _extension_cases import (  # noqa: F401 (one_cpu_thread is a fixture)
+from _extension_cases import (  # noqa: F401 (cpp_backend, one_cpu_thread: fixtures)
     BELAY_RATES,
     EMA_DECAYS,
     Trajectory,
     check_swap,
     compare_with_reference,
+    cpp_backend,
     one_cpu_thread,
     pair_id,
-    require_backend,
 )
 
 from belay_kernels import ops
@@ -20,11 +20,6 @@ from belay_kernels.testing import DTYPE_PAIRS, ODD_SIZES
 pytestmark = pytest.mark.usefixtures("cpp_backend", "one_cpu_thread")
 
 SWAP_PAIRS = [p for p in DTYPE_PAIRS if p[0] == p[1]] + [(torch.bfloat16, torch.float32)]
-
-
-@pytest.fixture(scope="module")
-def cpp_backend():
-    require_backend("cpp")
 
 
 # (method, hyperparameter): every method, with rates on both sides of lerp's switch

@@ -6,14 +6,14 @@ import contextlib
 
 import pytest
 import torch
-from _extension_cases import (  # noqa: F401 (one_cpu_thread is a fixture)
+from _extension_cases import (  # noqa: F401 (cpp_backend, one_cpu_thread: fixtures)
     BELAY_RATES,
     Trajectory,
     check_swap,
     compare_with_reference,
+    cpp_backend,
     one_cpu_thread,
     pair_id,
-    require_backend,
 )
 
 from belay_kernels.testing import DTYPE_PAIRS
@@ -27,11 +27,6 @@ SIZES = (1, 3, 31, 1009, 20_011)
 # head, then vectors); misaligned differently (no index aligns both: all scalar).
 OFFSETS = ((0, 0), (1, 1), (1, 2))
 LIST_CHUNK = 64  # elements per simulated block in list launches: many chunks and launches
-
-
-@pytest.fixture(scope="module")
-def cpp_backend():
-    require_backend("cpp")
 
 
 @contextlib.contextmanager

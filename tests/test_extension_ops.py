@@ -4,16 +4,11 @@ when the ops are called directly, before any memory is written."""
 
 import pytest
 import torch
-from _extension_cases import one_cpu_thread, require_backend  # noqa: F401 (fixture)
+from _extension_cases import cpp_backend, one_cpu_thread  # noqa: F401 (fixtures)
 
 from belay_kernels.testing import random_like_model
 
 pytestmark = pytest.mark.usefixtures("cpp_backend", "one_cpu_thread")
-
-
-@pytest.fixture(scope="module")
-def cpp_backend():
-    require_backend("cpp")
 
 
 def _ops():
