@@ -89,6 +89,15 @@ def _extensions():
     class BuildOptionalExtensions(cpp_extension.BuildExtension):
         """torch's build, where an extension marked optional may fail with a warning."""
 
+        def build_extensions(self):
+            try:  # torch checks the compiler here, before any extension is built
+                super().build_extensions()
+            except Exception as exc:
+                if not all(ext.optional for ext in self.extensions):
+                    raise
+                print(f"WARNING: belay_kernels: no compiled kernels ({exc}); the package "
+                      "works without them (backend 'torch').")
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
