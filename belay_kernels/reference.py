@@ -13,7 +13,7 @@ The formulas, one per method (``s`` shadow, ``w`` weights, all read before any w
 
 ====================  ==========================================================
 EMA                   ``s <- lerp(s, w, 1 - decay)``
-SWA                   ``s <- w`` when ``count == 0``, else ``s + (w - s) / (count + 1)``
+SWA                   ``s <- lerp(s, w, 1 / (count + 1))`` (count 0 copies)
 BELAY (post-step)     ``w <- lerp(w, s, beta)`` and ``s <- lerp(s, w, alpha)``
 two-point average     ``out <- (w + snapshot) / 2``
 ====================  ==========================================================
@@ -107,13 +107,19 @@ def swa_update_(
     skip_nonfinite: bool = True,
     skipped: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Equal running mean; ``count`` is how many models the shadow already holds."""
+    """Equal running mean; ``count`` is how many models the shadow already holds:
+    ``lerp(shadow, weights, 1 / (count + 1))``, the weight taken in float64 then rounded
+    to opmath. Weight 1 (count 0) copies exactly. This is the mean
+    ``shadow + (weights - shadow) / (count + 1)`` rounded as ``AveragedModel`` rounds it."""
+
+    if isinstance(count, torch.Tensor):
+        weight_of_new = 1 / (count.to(torch.float64) + 1)
+        weight_of_new = weight_of_new.to(opmath_dtype(shadow, weights))
+    else:
+        weight_of_new = 1 / (count + 1)
 
     def new_shadow(s, w):
-        mean = s + (w - s) / (count + 1)
-        if isinstance(count, torch.Tensor):
-            return torch.where(count == 0, w, mean)
-        return w.clone() if count == 0 else mean
+        return torch.lerp(s, w, weight_of_new)
 
     return _shadow_update_(shadow, weights, new_shadow, skip_nonfinite, skipped)
 

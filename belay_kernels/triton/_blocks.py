@@ -46,16 +46,6 @@ def _lerp(a, b, t):
 
 
 @triton.jit
-def _div(a, b, COMPUTE: tl.constexpr):
-    """Correctly rounded division, as torch's: Triton's fp32 ``/`` is approximate."""
-    if COMPUTE == tl.float64:
-        quotient = a / b  # fp64 division is IEEE-rounded already
-    else:
-        quotient = tl.math.div_rn(a, b)
-    return quotient
-
-
-@triton.jit
 def _keep_where_nonfinite(new, old, incoming, skipped_ptr, HAS_SKIPPED: tl.constexpr):
     """``old`` where ``incoming`` is NaN/inf, else ``new``; adds the count to *skipped.
     Masked-off lanes were loaded as 0, so they never count."""
@@ -78,12 +68,12 @@ def _host_float(bits, COMPUTE: tl.constexpr):
 @triton.jit
 def _rate(bits, ptr, FROM_PTR: tl.constexpr, ONE_MINUS: tl.constexpr, COMPUTE: tl.constexpr):
     """A rate given on the host (already ``1 - x`` there when ONE_MINUS) or as a
-    1-element device tensor read here, with ``1 - x`` taken in the tensor's own dtype
-    as torch would."""
+    1-element device tensor read here, with ``1 - x`` taken in float64 as the reference
+    does (reference.one_minus)."""
     if FROM_PTR:
         value = tl.load(ptr)
         if ONE_MINUS:
-            value = 1 - value
+            value = 1 - value.to(tl.float64)
         value = value.to(COMPUTE)
     else:
         value = _host_float(bits, COMPUTE)

@@ -1,5 +1,5 @@
-"""SWA: ``shadow <- weights`` when the shadow holds no model yet (count 0), else the
-running mean ``shadow + (weights - shadow) / (count + 1)``, one pass, any dtype pair."""
+"""SWA: the running mean ``shadow <- lerp(shadow, weights, 1 / (count + 1))``, the weight
+taken in float64 then rounded; count 0 copies. One pass, any dtype pair."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import triton.language as tl
 
 from . import _launch
 from ._blocks import (
-    _div,
+    _lerp,
     _keep_where_nonfinite,
     _load,
     _offsets,
@@ -27,8 +27,8 @@ def _swa_block(shadow_ptr, weights_ptr, start, n, count, skipped_ptr, MASKED: tl
     offs = _offsets(start, BLOCK)
     shadow = _load(shadow_ptr, offs, n, MASKED).to(COMPUTE)
     weights = _load(weights_ptr, offs, n, MASKED).to(COMPUTE)
-    mean = shadow + _div(weights - shadow, (count + 1).to(COMPUTE), COMPUTE)
-    new_shadow = tl.where(count == 0, weights, mean)
+    weight_of_new = (1.0 / (count + 1).to(tl.float64)).to(COMPUTE)
+    new_shadow = _lerp(shadow, weights, weight_of_new)
     if SKIP_NONFINITE:
         new_shadow = _keep_where_nonfinite(new_shadow, shadow, weights, skipped_ptr, HAS_SKIPPED)
     _store(shadow_ptr, offs, new_shadow, n, MASKED)

@@ -1,0 +1,82 @@
+"""Loads the compiled modules once, on first use, and registers the ops' fake (meta)
+implementations so that torch.compile can trace calls to them.
+
+``belay_kernels._C`` defines the ops (``torch.ops.belay_kernels.*``) and their CPU
+kernels; ``belay_kernels._C_cuda`` adds the CUDA kernels. The reason a module could not
+be loaded is kept and reported, never raised at import time of the package.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+
+# Every op mutates its tensor arguments in place and returns nothing, so each fake
+# implementation has nothing to compute: it only has to exist.
+OP_NAMES = (
+    "ema_update_",
+    "swa_update_",
+    "belay_step_",
+    "two_point_average_",
+    "swap_",
+)
+ALL_OP_NAMES = OP_NAMES + tuple(name + "foreach_" for name in OP_NAMES)
+
+_BUILD_HINT = (
+    "build it with `python setup.py build_ext --inplace` (or `pip install "
+    "--no-build-isolation .`) where a C++ compiler is present"
+)
+
+
+def _mutates_only(*args, **kwargs) -> None:
+    return None
+
+
+@functools.cache
+def _load(module_name: str) -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module(module_name), ""
+    except Exception as exc:  # ImportError, or an undefined symbol from a stale build
+        return None, f"{module_name} is not importable ({type(exc).__name__}: {exc})"
+
+
+@functools.cache
+def _register_fakes() -> None:
+    for name in ALL_OP_NAMES:
+        torch.library.register_fake(f"belay_kernels::{name}")(_mutates_only)
+
+
+def cpu_module() -> tuple[ModuleType | None, str]:
+    """(belay_kernels._C, "") or (None, why not)."""
+    module, reason = _load("belay_kernels._C")
+    if module is None:
+        return None, f"{reason}; {_BUILD_HINT}"
+    _register_fakes()
+    return module, ""
+
+
+def cuda_unavailable_reason() -> str:
+    """Why the CUDA kernels cannot run here, or "" when they can."""
+    _, reason = cpu_module()
+    if reason:
+        return reason
+    module, reason = _load("belay_kernels._C_cuda")
+    if module is None:
+        return (
+            f"{reason}; the CUDA kernels are built when nvcc (CUDA_HOME) and a CUDA build "
+            "of torch are present (BELAY_KERNELS_CUDA=1 makes that required)"
+        )
+    if not torch.cuda.is_available():
+        return "the CUDA kernels are built, but torch sees no CUDA device"
+    return ""
+
+
+def ops():
+    """The namespace ``torch.ops.belay_kernels`` (loads the CPU module first)."""
+    _, reason = cpu_module()
+    if reason:
+        raise RuntimeError(reason)
+    return torch.ops.belay_kernels

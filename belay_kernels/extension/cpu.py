@@ -1,0 +1,11 @@
+"""The ``cpp`` backend: the compiled CPU kernels (csrc/cpu_kernels.cpp)."""
+
+from ._entry_points import *  # noqa: F403 (the backend functions)
+from ._entry_points import REQUIRES_CONTIGUOUS, supports  # noqa: F401
+from ._library import cpu_module
+
+DEVICE_TYPES = frozenset({"cpu"})
+
+
+def unavailable_reason() -> str:
+    return cpu_module()[1]

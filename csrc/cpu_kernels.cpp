@@ -1,0 +1,175 @@
+// CPU implementations: at::parallel_for over the flat buffer, each chunk a plain loop over
+// element_ops.h's functors that the compiler vectorizes. On x86 the loop is compiled a
+// second time for AVX2+FMA+F16C and picked at run time, since the extension is built for
+// the baseline ISA.
+//
+// This file also holds the simulated CUDA grid: with _simulate_cuda_grid(blocks, threads,
+// chunk) set, the CPU ops run grid_body.h (the CUDA kernels' bodies) for every (block,
+// thread) of that grid instead, so the tests check the GPU code paths on a CPU.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "grid_body.h"
+#include "op_entries.h"
+
+namespace belay {
+namespace {
+
+struct NoDeviceGuard {
+  explicit NoDeviceGuard(const at::Device&) {}
+};
+
+// Skipped elements are counted in 32 bits per block of this many, which vectorizes far
+// better than a 64-bit count per element.
+constexpr int64_t kCountBlock = int64_t{1} << 24;
+
+template <typename Op>
+BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
+  int64_t skipped = 0;
+  for (int64_t block = begin; block < end; block += kCountBlock) {
+    const int64_t block_end = std::min(end, block + kCountBlock);
+    int32_t block_skipped = 0;
+    for (int64_t i = block; i < block_end; ++i) block_skipped += op.template apply<1>(i);
+    skipped += block_skipped;
+  }
+  return skipped;
+}
+
+template <typename Op>
+BK_HD int64_t cpu_loop(const Op& op_in, int64_t begin, int64_t end) {
+  // A local copy, so stores cannot alias its fields; and when the op has a non-finite
+  // policy, a loop per policy with the flag a known constant, so the propagate loop
+  // carries no test and no count.
+  Op op = op_in.resolved();
+  if constexpr (requires { op.skip_nonfinite; }) {
+    if (op.skip_nonfinite) {
+      op.skip_nonfinite = true;
+      return plain_loop(op, begin, end);
+    }
+    op.skip_nonfinite = false;
+    return plain_loop(op, begin, end);
+  }
+  return plain_loop(op, begin, end);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename Op>
+__attribute__((target("avx2,fma,f16c"))) int64_t cpu_loop_avx2(const Op& op, int64_t begin,
+                                                                int64_t end) {
+  return cpu_loop(op, begin, end);
+}
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
+
+template <typename Op>
+int64_t cpu_chunk(const Op& op, int64_t begin, int64_t end) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_avx2()) return cpu_loop_avx2(op, begin, end);
+#endif
+  return cpu_loop(op, begin, end);
+}
+
+// Elements per task: large enough to amortize a task, small enough for both cores.
+constexpr int64_t kGrain = 1 << 15;
+
+struct CpuExec {
+  using DeviceGuard = NoDeviceGuard;
+  template <typename Op>
+  void run(const Op& op, int64_t numel, int64_t* skipped) const {
+    std::atomic<int64_t> total{0};
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+      total += cpu_chunk(op, begin, end);
+    });
+    if (skipped != nullptr) *skipped += total.load();
+  }
+  template <typename Op>
+  void run_list(const std::vector<Op>& ops, const std::vector<int64_t>& numels,
+                int64_t* skipped) const {
+    for (size_t t = 0; t < ops.size(); ++t) run(ops[t], numels[t], skipped);
+  }
+};
+
+// The simulated CUDA grid (tests only); 0 blocks = off.
+struct SimulatedGrid {
+  int64_t blocks = 0;
+  int64_t threads = 0;
+  int64_t chunk = 0;
+};
+SimulatedGrid& simulated_grid() {
+  static thread_local SimulatedGrid grid;
+  return grid;
+}
+
+struct SimulatedGridExec {
+  using DeviceGuard = NoDeviceGuard;
+  template <typename Op>
+  void run(const Op& op, int64_t numel, int64_t* skipped) const {
+    const SimulatedGrid& grid = simulated_grid();
+    int64_t total = 0;
+    for (int64_t block = 0; block < grid.blocks; ++block) {
+      for (int64_t thread = 0; thread < grid.threads; ++thread) {
+        total += flat_body(op, numel, block, thread, grid.blocks, grid.threads);
+      }
+    }
+    if (skipped != nullptr) *skipped += total;
+  }
+  template <typename Op>
+  void run_list(const std::vector<Op>& ops, const std::vector<int64_t>& numels,
+                int64_t* skipped) const {
+    const SimulatedGrid& grid = simulated_grid();
+    int64_t total = 0;
+    for (const auto& launch : plan_list_launches(ops, numels, grid.chunk)) {
+      for (int64_t block = 0; block < launch.blocks; ++block) {
+        for (int64_t thread = 0; thread < grid.threads; ++thread) {
+          total += list_body(launch, block, thread, grid.threads);
+        }
+      }
+    }
+    if (skipped != nullptr) *skipped += total;
+  }
+};
+
+// Each CPU entry runs on the simulated grid when one is set.
+template <auto CpuEntry, auto SimulatedEntry>
+struct CpuOrSimulated;
+template <typename... Args, void (*CpuEntry)(Args...), void (*SimulatedEntry)(Args...)>
+struct CpuOrSimulated<CpuEntry, SimulatedEntry> {
+  static void call(Args... args) {
+    if (simulated_grid().blocks > 0) return SimulatedEntry(args...);
+    return CpuEntry(args...);
+  }
+};
+
+}  // namespace
+
+void set_simulated_grid(int64_t blocks, int64_t threads, int64_t chunk) {
+  TORCH_CHECK_VALUE(blocks >= 0 && threads >= 0 && chunk % 16 == 0 && (blocks == 0 || chunk > 0),
+                    "_simulate_cuda_grid: need blocks >= 0, threads >= 0 and a chunk that "
+                    "is a positive multiple of 16 elements.");
+  simulated_grid() = SimulatedGrid{blocks, threads, chunk};
+}
+
+}  // namespace belay
+
+#define BELAY_CPU_ENTRY(name)                                                     \
+  &::belay::CpuOrSimulated<&::belay::Entries<::belay::CpuExec>::name,             \
+                           &::belay::Entries<::belay::SimulatedGridExec>::name>::call
+
+TORCH_LIBRARY_IMPL(belay_kernels, CPU, m) {
+  m.impl("ema_update_", BELAY_CPU_ENTRY(ema_update_));
+  m.impl("ema_update_foreach_", BELAY_CPU_ENTRY(ema_update_foreach_));
+  m.impl("swa_update_", BELAY_CPU_ENTRY(swa_update_));
+  m.impl("swa_update_foreach_", BELAY_CPU_ENTRY(swa_update_foreach_));
+  m.impl("belay_step_", BELAY_CPU_ENTRY(belay_step_));
+  m.impl("belay_step_foreach_", BELAY_CPU_ENTRY(belay_step_foreach_));
+  m.impl("two_point_average_", BELAY_CPU_ENTRY(two_point_average_));
+  m.impl("two_point_average_foreach_", BELAY_CPU_ENTRY(two_point_average_foreach_));
+  m.impl("swap_", BELAY_CPU_ENTRY(swap_));
+  m.impl("swap_foreach_", BELAY_CPU_ENTRY(swap_foreach_));
+}

@@ -1,0 +1,274 @@
+// One functor per method: the tensors' addresses and scalars of one call, and ``apply<N>``,
+// which loads N elements of every tensor, runs belay_math.h on each, and stores the result.
+// N is 1 (scalar path, and the CPU loops) or kVec (the aligned 128-bit path on CUDA).
+// The functors are plain structs, so a kernel launch can take them by value.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "belay_math.h"
+
+#if defined(__CUDA_ARCH__)
+#define BK_UNROLL _Pragma("unroll")
+#else
+#define BK_UNROLL
+#endif
+
+namespace belay {
+
+// Math in float64 when any tensor is float64, in float32 otherwise (as the reference).
+template <typename... Storage>
+using opmath_t =
+    std::conditional_t<(std::is_same_v<Storage, double> || ...), double, float>;
+
+constexpr int kVectorBytes = 16;
+
+// Elements per vector step: enough that every tensor moves whole 16-byte words.
+template <typename... Storage>
+constexpr int vector_width() {
+  return kVectorBytes / static_cast<int>(std::min({sizeof(Storage)...}));
+}
+
+template <typename T>
+struct alignas(kVectorBytes) Word16 {
+  T value[kVectorBytes / sizeof(T)];
+};
+
+template <typename T>
+BK_HD bool is_aligned16(const T* address) {
+  return reinterpret_cast<uintptr_t>(address) % kVectorBytes == 0;
+}
+
+// N elements from ``source`` to registers; N > 1 requires 16-byte alignment.
+template <int N, typename T>
+BK_HD void load(const T* source, T (&values)[N]) {
+  if constexpr (N == 1) {
+    values[0] = source[0];
+  } else {
+    constexpr int kPerWord = kVectorBytes / sizeof(T);
+    static_assert(N % kPerWord == 0, "vector width must cover whole 16-byte words");
+    BK_UNROLL
+    for (int word = 0; word < N / kPerWord; ++word) {
+      const Word16<T> loaded = reinterpret_cast<const Word16<T>*>(source)[word];
+      BK_UNROLL
+      for (int k = 0; k < kPerWord; ++k) values[word * kPerWord + k] = loaded.value[k];
+    }
+  }
+}
+
+template <int N, typename T>
+BK_HD void store(T* target, const T (&values)[N]) {
+  if constexpr (N == 1) {
+    target[0] = values[0];
+  } else {
+    constexpr int kPerWord = kVectorBytes / sizeof(T);
+    BK_UNROLL
+    for (int word = 0; word < N / kPerWord; ++word) {
+      Word16<T> packed;
+      BK_UNROLL
+      for (int k = 0; k < kPerWord; ++k) packed.value[k] = values[word * kPerWord + k];
+      reinterpret_cast<Word16<T>*>(target)[word] = packed;
+    }
+  }
+}
+
+// A hyperparameter given as a number, or as the address of a one-element tensor that the
+// kernel reads (so a CUDA graph can replay with a new value).
+template <typename V>
+struct ScalarArg {
+  V value;
+  const V* address;
+  BK_HD V get() const { return address != nullptr ? *address : value; }
+};
+
+// The rules of the methods that update only the shadow, each with its hyperparameter.
+template <typename T>
+struct EmaRule {
+  ScalarArg<double> decay;
+  T rate;  // 1 - decay, set by resolved()
+  BK_HD EmaRule resolved() const { return {decay, static_cast<T>(1.0 - decay.get())}; }
+  BK_HD T operator()(T shadow, T weights) const { return ema_shadow(shadow, weights, rate); }
+};
+
+template <typename T>
+struct SwaRule {
+  ScalarArg<int64_t> count;
+  T weight_of_new;  // 1 / (count + 1), set by resolved()
+  BK_HD SwaRule resolved() const { return {count, swa_weight<T>(count.get())}; }
+  BK_HD T operator()(T shadow, T weights) const {
+    return swa_shadow(shadow, weights, weight_of_new);
+  }
+};
+
+// shadow <- rule(shadow, weights), except where the non-finite policy keeps it.
+template <typename W, typename S, template <typename> class Rule>
+struct ShadowUpdateOp {
+  using T = opmath_t<W, S>;
+  static constexpr int kVec = vector_width<W, S>();
+  S* shadow;
+  const W* weights;
+  bool skip_nonfinite;
+  Rule<T> rule;
+
+  BK_HD ShadowUpdateOp resolved() const {
+    ShadowUpdateOp op = *this;
+    op.rule = rule.resolved();
+    return op;
+  }
+  BK_HD bool aligned_at(int64_t i) const {
+    return is_aligned16(shadow + i) && is_aligned16(weights + i);
+  }
+  // Returns how many of the N elements kept their shadow under the non-finite policy.
+  template <int N>
+  BK_HD int apply(int64_t i) const {
+    W w_in[N];
+    S s_io[N];
+    load<N>(weights + i, w_in);
+    load<N>(shadow + i, s_io);
+    int skipped = 0;
+    BK_UNROLL
+    for (int k = 0; k < N; ++k) {
+      const T w = static_cast<T>(w_in[k]);
+      const bool keep = keeps_old_shadow(w, skip_nonfinite);
+      skipped += keep;
+      const S updated = static_cast<S>(rule(static_cast<T>(s_io[k]), w));
+      s_io[k] = keep ? s_io[k] : updated;
+    }
+    store<N>(shadow + i, s_io);
+    return skipped;
+  }
+};
+
+template <typename W, typename S>
+using EmaOp = ShadowUpdateOp<W, S, EmaRule>;
+template <typename W, typename S>
+using SwaOp = ShadowUpdateOp<W, S, SwaRule>;
+
+template <typename W, typename S>
+struct BelayOp {
+  using T = opmath_t<W, S>;
+  static constexpr int kVec = vector_width<W, S>();
+  W* weights;
+  S* shadow;
+  ScalarArg<double> alpha_arg;
+  ScalarArg<double> beta_arg;
+  bool skip_nonfinite;
+  T alpha;  // set by resolved()
+  T beta;
+
+  BK_HD BelayOp resolved() const {
+    BelayOp op = *this;
+    op.alpha = static_cast<T>(alpha_arg.get());
+    op.beta = static_cast<T>(beta_arg.get());
+    return op;
+  }
+  BK_HD bool aligned_at(int64_t i) const {
+    return is_aligned16(shadow + i) && is_aligned16(weights + i);
+  }
+  template <int N>
+  BK_HD int apply(int64_t i) const {
+    W w_io[N];
+    S s_io[N];
+    load<N>(weights + i, w_io);
+    load<N>(shadow + i, s_io);
+    int skipped = 0;
+    BK_UNROLL
+    for (int k = 0; k < N; ++k) {
+      const T w = static_cast<T>(w_io[k]);
+      const T s = static_cast<T>(s_io[k]);
+      const bool keep = keeps_old_shadow(w, skip_nonfinite);
+      skipped += keep;
+      w_io[k] = static_cast<W>(belay_weights(w, s, beta));
+      const S updated = static_cast<S>(belay_shadow(s, w, alpha));
+      s_io[k] = keep ? s_io[k] : updated;
+    }
+    store<N>(weights + i, w_io);
+    store<N>(shadow + i, s_io);
+    return skipped;
+  }
+};
+
+// out has the weights' dtype; the snapshot may be wider (an fp32 copy of a bf16 model).
+template <typename W, typename S>
+struct TwoPointOp {
+  using T = opmath_t<W, S>;
+  static constexpr int kVec = vector_width<W, S>();
+  W* out;
+  const W* weights;
+  const S* snapshot;
+
+  BK_HD TwoPointOp resolved() const { return *this; }
+  BK_HD bool aligned_at(int64_t i) const {
+    return is_aligned16(out + i) && is_aligned16(weights + i) && is_aligned16(snapshot + i);
+  }
+  template <int N>
+  BK_HD int apply(int64_t i) const {
+    W w_in[N];
+    S snap_in[N];
+    W result[N];
+    load<N>(weights + i, w_in);
+    load<N>(snapshot + i, snap_in);
+    BK_UNROLL
+    for (int k = 0; k < N; ++k) {
+      result[k] =
+          static_cast<W>(two_point(static_cast<T>(w_in[k]), static_cast<T>(snap_in[k])));
+    }
+    store<N>(out + i, result);
+    return 0;
+  }
+};
+
+// Same dtype: exchange the raw words (Bits is the unsigned integer of the element size).
+template <typename Bits>
+struct ExchangeOp {
+  static constexpr int kVec = vector_width<Bits>();
+  Bits* weights;
+  Bits* shadow;
+
+  BK_HD ExchangeOp resolved() const { return *this; }
+  BK_HD bool aligned_at(int64_t i) const {
+    return is_aligned16(weights + i) && is_aligned16(shadow + i);
+  }
+  template <int N>
+  BK_HD int apply(int64_t i) const {
+    Bits w[N];
+    Bits s[N];
+    load<N>(weights + i, w);
+    load<N>(shadow + i, s);
+    store<N>(weights + i, s);
+    store<N>(shadow + i, w);
+    return 0;
+  }
+};
+
+// bf16 weights with an fp32 shadow: the exact bit packing of belay_math.h.
+struct PackedSwapOp {
+  static constexpr int kVec = vector_width<uint16_t, uint32_t>();
+  uint16_t* weights;
+  uint32_t* shadow;
+  bool inverse;
+
+  BK_HD PackedSwapOp resolved() const { return *this; }
+  BK_HD bool aligned_at(int64_t i) const {
+    return is_aligned16(weights + i) && is_aligned16(shadow + i);
+  }
+  template <int N>
+  BK_HD int apply(int64_t i) const {
+    uint16_t w[N];
+    uint32_t s[N];
+    load<N>(weights + i, w);
+    load<N>(shadow + i, s);
+    BK_UNROLL
+    for (int k = 0; k < N; ++k) swap_packed(w[k], s[k], inverse);
+    store<N>(weights + i, w);
+    store<N>(shadow + i, s);
+    return 0;
+  }
+};
+
+}  // namespace belay

@@ -1,0 +1,114 @@
+// The bodies of the CUDA kernels, written as functions of explicit grid coordinates
+// (block, thread) so that the CPU can run them over a simulated grid in the tests
+// (tests/test_extension_grid.py). cuda_kernels.cu's __global__ functions only call these.
+//
+// A span [begin, end) is covered by ``thread_count`` threads in grid-stride order:
+//   head  the first few elements, one by one, up to the first index where every
+//         tensor is 16-byte aligned (all of them, if their alignments never agree);
+//   body  whole vectors of kVec elements with 128-bit loads and stores;
+//   tail  the last < kVec elements, one by one.
+// Indices are 64-bit throughout.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "element_ops.h"
+
+namespace belay {
+
+template <typename Op>
+BK_HD int64_t span_body(const Op& op, int64_t begin, int64_t end, int64_t rank,
+                        int64_t thread_count) {
+  constexpr int V = Op::kVec;
+  int64_t head_end = begin;
+  while (head_end < end && head_end - begin < V && !op.aligned_at(head_end)) ++head_end;
+  if (head_end - begin == V) head_end = end;  // no index aligns every tensor
+  int64_t skipped = 0;
+  for (int64_t i = begin + rank; i < head_end; i += thread_count) {
+    skipped += op.template apply<1>(i);
+  }
+  const int64_t vectors = (end - head_end) / V;
+  for (int64_t v = rank; v < vectors; v += thread_count) {
+    skipped += op.template apply<V>(head_end + v * V);
+  }
+  for (int64_t i = head_end + vectors * V + rank; i < end; i += thread_count) {
+    skipped += op.template apply<1>(i);
+  }
+  return skipped;
+}
+
+// One flat tensor (or tuple of same-length tensors) over the whole grid.
+template <typename Op>
+BK_HD int64_t flat_body(const Op& op, int64_t numel, int64_t block, int64_t thread,
+                        int64_t grid_blocks, int64_t block_threads) {
+  return span_body(op.resolved(), 0, numel, block * block_threads + thread,
+                   grid_blocks * block_threads);
+}
+
+// --- tensor lists: one launch covers many tensors (the idea of apex's multi_tensor_apply).
+// Every tensor is cut into chunks of ``chunk`` elements; block b of a launch works on
+// chunk block_chunk[b] of tensor block_tensor[b]. The launch description is a kernel
+// argument, so it is kept under the 4 KiB parameter limit.
+constexpr int kListMaxTensors = 24;
+constexpr int kListMaxBlocks = 320;
+
+template <typename Op>
+struct ListLaunch {
+  Op ops[kListMaxTensors];
+  int64_t numels[kListMaxTensors];
+  int64_t chunk;
+  int32_t blocks;
+  uint8_t block_tensor[kListMaxBlocks];
+  int32_t block_chunk[kListMaxBlocks];
+};
+
+template <typename Op>
+BK_HD int64_t list_body(const ListLaunch<Op>& launch, int64_t block, int64_t thread,
+                        int64_t block_threads) {
+  const int tensor = launch.block_tensor[block];
+  const int64_t begin = launch.block_chunk[block] * launch.chunk;
+  const int64_t end = std::min(begin + launch.chunk, launch.numels[tensor]);
+  return span_body(launch.ops[tensor].resolved(), begin, end, thread, block_threads);
+}
+
+// Host side: cut a list into launches. ``chunk`` must be a multiple of 16 elements so a
+// chunk starts as aligned as its tensor.
+template <typename Op>
+std::vector<ListLaunch<Op>> plan_list_launches(const std::vector<Op>& ops,
+                                               const std::vector<int64_t>& numels,
+                                               int64_t chunk) {
+  std::vector<ListLaunch<Op>> launches;
+  ListLaunch<Op> current{};
+  int tensors_in_current = 0;
+  current.chunk = chunk;
+  auto flush = [&]() {
+    if (current.blocks > 0) launches.push_back(current);
+    current = ListLaunch<Op>{};
+    current.chunk = chunk;
+    tensors_in_current = 0;
+  };
+  for (size_t t = 0; t < ops.size(); ++t) {
+    if (numels[t] == 0) continue;
+    if (tensors_in_current == kListMaxTensors) flush();
+    const int slot = tensors_in_current++;
+    current.ops[slot] = ops[t];
+    current.numels[slot] = numels[t];
+    const int64_t chunks = (numels[t] + chunk - 1) / chunk;
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (current.blocks == kListMaxBlocks) {
+        flush();  // the rest of this tensor goes on in a new launch
+        current.ops[0] = ops[t];
+        current.numels[0] = numels[t];
+        tensors_in_current = 1;
+      }
+      const int b = current.blocks++;
+      current.block_tensor[b] = static_cast<uint8_t>(tensors_in_current - 1);
+      current.block_chunk[b] = static_cast<int32_t>(c);
+    }
+  }
+  flush();
+  return launches;
+}
+
+}  // namespace belay

@@ -1,0 +1,394 @@
+// The ops' entry points, shared by the CPU and CUDA registrations: check every argument
+// (before any memory is touched), pick the storage dtypes, build the element functor and
+// hand it to an executor. An executor runs a functor over n elements:
+//   exec.run(op, numel, skipped)            one flat call
+//   exec.run_list(ops, numels, skipped)     a list of tensors, one launch where it can
+// where ``skipped`` is the int64 counter's address or nullptr.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "element_ops.h"
+
+namespace belay {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+
+// --- checks ------------------------------------------------------------------------------
+
+inline void check_row(const char* op, const std::vector<std::string>& names,
+                      const std::vector<Tensor>& tensors) {
+  const Tensor& first = tensors[0];
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Tensor& t = tensors[i];
+    const std::string& name = names[i];
+    TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is an undefined tensor.");
+    TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": ", name, " has layout ", t.layout(),
+                      "; the compiled kernels take dense tensors.");
+    TORCH_CHECK_VALUE(t.device() == first.device(), op, ": ", name, " is on ", t.device(),
+                      " but ", names[0], " is on ", first.device(),
+                      "; move them to one device.");
+    TORCH_CHECK_VALUE(t.numel() == first.numel(), op, ": ", name, " has ", t.numel(),
+                      " elements but ", names[0], " has ", first.numel(),
+                      "; they must match element for element.");
+    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name,
+                      " is not contiguous; the compiled kernels need contiguous storage "
+                      "(pass .contiguous(), or use backend='torch').");
+  }
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    for (size_t j = i + 1; j < tensors.size(); ++j) {
+      const auto* a = static_cast<const char*>(tensors[i].data_ptr());
+      const auto* b = static_cast<const char*>(tensors[j].data_ptr());
+      const bool overlap = tensors[i].numel() > 0 && tensors[j].numel() > 0 &&
+                           a < b + tensors[j].nbytes() && b < a + tensors[i].nbytes();
+      TORCH_CHECK_VALUE(!overlap, op, ": ", names[i], " and ", names[j],
+                        " share memory; the update would read what it already wrote. "
+                        "Give each its own storage (e.g. .clone()).");
+    }
+  }
+}
+
+inline std::vector<std::string> indexed(const std::vector<std::string>& names, size_t i) {
+  std::vector<std::string> out;
+  for (const auto& n : names) out.push_back(n + "[" + std::to_string(i) + "]");
+  return out;
+}
+
+// Columns of equal-length tensor lists -> rows, each checked; one device and one dtype
+// combination for the whole list (the Python ops group rows that way).
+inline std::vector<std::vector<Tensor>> check_lists(
+    const char* op, const std::vector<std::string>& names,
+    const std::vector<std::vector<Tensor>>& columns) {
+  for (size_t c = 1; c < columns.size(); ++c) {
+    TORCH_CHECK_VALUE(columns[c].size() == columns[0].size(), op, ": ", names[c], " has ",
+                      columns[c].size(), " tensors but ", names[0], " has ",
+                      columns[0].size(), ".");
+  }
+  std::vector<std::vector<Tensor>> rows;
+  for (size_t i = 0; i < columns[0].size(); ++i) {
+    std::vector<Tensor> row;
+    for (const auto& column : columns) row.push_back(column[i]);
+    check_row(op, indexed(names, i), row);
+    if (!rows.empty()) {
+      for (size_t c = 0; c < row.size(); ++c) {
+        TORCH_CHECK_VALUE(row[c].device() == rows[0][c].device() &&
+                              row[c].scalar_type() == rows[0][c].scalar_type(),
+                          op, ": ", names[c], "[", i, "] is ", row[c].scalar_type(), " on ",
+                          row[c].device(), " but ", names[c], "[0] is ",
+                          rows[0][c].scalar_type(), " on ", rows[0][c].device(),
+                          "; one call takes one device and one dtype per list.");
+      }
+    }
+    rows.push_back(std::move(row));
+  }
+  return rows;
+}
+
+inline int64_t* skipped_address(const char* op, const OptionalTensor& skipped,
+                                 const at::Device& device) {
+  if (!skipped.has_value()) return nullptr;
+  const Tensor& t = *skipped;
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.numel() == 1 && t.device() == device,
+                    op, ": skipped must be a one-element int64 tensor on ", device, ", got a ",
+                    t.scalar_type(), " tensor of ", t.numel(), " elements on ", t.device(),
+                    ".");
+  return t.mutable_data_ptr<int64_t>();
+}
+
+// A rate in [0, 1], as a number or as a one-element float64 tensor.
+inline ScalarArg<double> rate_arg(const char* op, const char* name, double value,
+                                  const OptionalTensor& tensor, const at::Device& device) {
+  if (!tensor.has_value()) {
+    TORCH_CHECK_VALUE(value >= 0.0 && value <= 1.0, op, ": ", name,
+                      " must be in [0, 1], got ", value, ".");
+    return {value, nullptr};
+  }
+  const Tensor& t = *tensor;
+  TORCH_CHECK_VALUE(t.numel() == 1 && t.scalar_type() == at::kDouble, op, ": ", name,
+                    "_tensor must be a one-element float64 tensor, got ", t.scalar_type(),
+                    " with ", t.numel(), " elements.");
+  if (t.device() == device) return {0.0, t.const_data_ptr<double>()};
+  TORCH_CHECK_VALUE(t.is_cpu(), op, ": ", name, "_tensor is on ", t.device(),
+                    " but the tensors are on ", device, ".");
+  return {t.item<double>(), nullptr};
+}
+
+inline ScalarArg<int64_t> count_arg(const char* op, int64_t value, const OptionalTensor& tensor,
+                                    const at::Device& device) {
+  if (!tensor.has_value()) {
+    TORCH_CHECK_VALUE(value >= 0, op, ": count must be >= 0, got ", value, ".");
+    return {value, nullptr};
+  }
+  const Tensor& t = *tensor;
+  TORCH_CHECK_VALUE(t.numel() == 1 && t.scalar_type() == at::kLong, op,
+                    ": count_tensor must be a one-element int64 tensor, got ",
+                    t.scalar_type(), " with ", t.numel(), " elements.");
+  if (t.device() == device) return {0, t.const_data_ptr<int64_t>()};
+  TORCH_CHECK_VALUE(t.is_cpu(), op, ": count_tensor is on ", t.device(),
+                    " but the tensors are on ", device, ".");
+  return {t.item<int64_t>(), nullptr};
+}
+
+// --- dtype dispatch ----------------------------------------------------------------------
+// Calls f(W{}, S{}) with the storage types of (weights, shadow): one dtype, or bf16/fp16
+// weights with an fp32 shadow.
+template <typename F>
+void dispatch_pair(const char* op, at::ScalarType weights, at::ScalarType shadow, F&& f) {
+  using at::ScalarType;
+  if (weights == shadow) {
+    switch (weights) {
+      case ScalarType::Float: return f(float{}, float{});
+      case ScalarType::Double: return f(double{}, double{});
+      case ScalarType::BFloat16: return f(c10::BFloat16{}, c10::BFloat16{});
+      case ScalarType::Half: return f(c10::Half{}, c10::Half{});
+      default: break;
+    }
+  } else if (shadow == ScalarType::Float) {
+    if (weights == ScalarType::BFloat16) return f(c10::BFloat16{}, float{});
+    if (weights == ScalarType::Half) return f(c10::Half{}, float{});
+  }
+  TORCH_CHECK_VALUE(false, op, ": no compiled kernel for ", weights, " weights with a ",
+                    shadow, " shadow; supported: float32, float64, bfloat16 or float16 with "
+                    "the same dtype, or bfloat16/float16 weights with a float32 shadow. "
+                    "Use backend='torch' for other combinations.");
+}
+
+template <typename T>
+T* address(const Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+// Runs make_op(row) for one tensor row or a whole list.
+template <typename Exec, typename MakeOp>
+void run_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& rows,
+              int64_t* skipped, MakeOp&& make_op) {
+  typename Exec::DeviceGuard guard(rows[0][0].device());
+  if (rows.size() == 1) {
+    exec.run(make_op(rows[0]), rows[0][0].numel(), skipped);
+    return;
+  }
+  using Op = decltype(make_op(rows[0]));
+  std::vector<Op> ops;
+  std::vector<int64_t> numels;
+  for (const auto& row : rows) {
+    ops.push_back(make_op(row));
+    numels.push_back(row[0].numel());
+  }
+  exec.run_list(ops, numels, skipped);
+}
+
+// --- the ops -----------------------------------------------------------------------------
+// Each takes rows (one row for the flat op, several for the foreach op) of
+// (shadow, weights), (weights, shadow) or (out, weights, snapshot).
+
+template <typename Exec>
+void ema_update_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& rows,
+                     double decay, const OptionalTensor& decay_tensor, bool skip_nonfinite,
+                     const OptionalTensor& skipped) {
+  constexpr const char* op = "belay_kernels::ema_update_";
+  if (rows.empty()) return;
+  const at::Device device = rows[0][0].device();
+  const auto decay_arg = rate_arg(op, "decay", decay, decay_tensor, device);
+  int64_t* skipped_at = skipped_address(op, skipped, device);
+  dispatch_pair(op, rows[0][1].scalar_type(), rows[0][0].scalar_type(), [&](auto w, auto s) {
+    using W = decltype(w);
+    using S = decltype(s);
+    run_rows(exec, rows, skipped_at, [&](const std::vector<Tensor>& row) {
+      return EmaOp<W, S>{address<S>(row[0]), address<const W>(row[1]), skip_nonfinite,
+                         {decay_arg, 0}};
+    });
+  });
+}
+
+template <typename Exec>
+void swa_update_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& rows,
+                     int64_t count, const OptionalTensor& count_tensor, bool skip_nonfinite,
+                     const OptionalTensor& skipped) {
+  constexpr const char* op = "belay_kernels::swa_update_";
+  if (rows.empty()) return;
+  const at::Device device = rows[0][0].device();
+  const auto models = count_arg(op, count, count_tensor, device);
+  int64_t* skipped_at = skipped_address(op, skipped, device);
+  dispatch_pair(op, rows[0][1].scalar_type(), rows[0][0].scalar_type(), [&](auto w, auto s) {
+    using W = decltype(w);
+    using S = decltype(s);
+    run_rows(exec, rows, skipped_at, [&](const std::vector<Tensor>& row) {
+      return SwaOp<W, S>{address<S>(row[0]), address<const W>(row[1]), skip_nonfinite,
+                         {models, 0}};
+    });
+  });
+}
+
+template <typename Exec>
+void belay_step_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& rows,
+                     double alpha, double beta, const OptionalTensor& alpha_tensor,
+                     const OptionalTensor& beta_tensor, bool skip_nonfinite,
+                     const OptionalTensor& skipped) {
+  constexpr const char* op = "belay_kernels::belay_step_";
+  if (rows.empty()) return;
+  const at::Device device = rows[0][0].device();
+  const auto alpha_arg = rate_arg(op, "alpha", alpha, alpha_tensor, device);
+  const auto beta_arg = rate_arg(op, "beta", beta, beta_tensor, device);
+  int64_t* skipped_at = skipped_address(op, skipped, device);
+  dispatch_pair(op, rows[0][0].scalar_type(), rows[0][1].scalar_type(), [&](auto w, auto s) {
+    using W = decltype(w);
+    using S = decltype(s);
+    run_rows(exec, rows, skipped_at, [&](const std::vector<Tensor>& row) {
+      return BelayOp<W, S>{address<W>(row[0]), address<S>(row[1]), alpha_arg, beta_arg,
+                           skip_nonfinite, 0, 0};
+    });
+  });
+}
+
+template <typename Exec>
+void two_point_average_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& rows) {
+  constexpr const char* op = "belay_kernels::two_point_average_";
+  if (rows.empty()) return;
+  TORCH_CHECK_VALUE(rows[0][0].scalar_type() == rows[0][1].scalar_type(), op, ": out is ",
+                    rows[0][0].scalar_type(), " but weights are ", rows[0][1].scalar_type(),
+                    "; the compiled kernel writes the weights' dtype. Use backend='torch' "
+                    "for other combinations.");
+  dispatch_pair(op, rows[0][1].scalar_type(), rows[0][2].scalar_type(), [&](auto w, auto s) {
+    using W = decltype(w);
+    using S = decltype(s);
+    run_rows(exec, rows, nullptr, [&](const std::vector<Tensor>& row) {
+      return TwoPointOp<W, S>{address<W>(row[0]), address<const W>(row[1]),
+                              address<const S>(row[2])};
+    });
+  });
+}
+
+template <typename Exec>
+void swap_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& rows, bool inverse) {
+  constexpr const char* op = "belay_kernels::swap_";
+  if (rows.empty()) return;
+  const auto weights = rows[0][0].scalar_type();
+  const auto shadow = rows[0][1].scalar_type();
+  if (weights == at::kBFloat16 && shadow == at::kFloat) {
+    run_rows(exec, rows, nullptr, [&](const std::vector<Tensor>& row) {
+      return PackedSwapOp{address<uint16_t>(row[0]), address<uint32_t>(row[1]), inverse};
+    });
+    return;
+  }
+  TORCH_CHECK_VALUE(weights == shadow && at::isFloatingType(weights), op,
+                    ": no exact in-place swap for ", weights, " weights with a ", shadow,
+                    " shadow; supported: one floating dtype, or bfloat16 weights with a "
+                    "float32 shadow.");
+  auto exchange = [&](auto bits) {
+    using Bits = decltype(bits);
+    run_rows(exec, rows, nullptr, [&](const std::vector<Tensor>& row) {
+      return ExchangeOp<Bits>{address<Bits>(row[0]), address<Bits>(row[1])};
+    });
+  };
+  switch (rows[0][0].element_size()) {
+    case 2: return exchange(uint16_t{});
+    case 4: return exchange(uint32_t{});
+    default: return exchange(uint64_t{});
+  }
+}
+
+// --- the registered signatures ----------------------------------------------------------
+// Flat ops take one row; foreach ops take columns. Both forward to the *_rows functions.
+
+inline std::vector<std::vector<Tensor>> one_row(const char* op,
+                                                std::vector<std::string> names,
+                                                std::vector<Tensor> tensors) {
+  check_row(op, names, tensors);
+  return {std::move(tensors)};
+}
+
+template <typename Exec>
+struct Entries {
+  static void ema_update_(const Tensor& shadow, const Tensor& weights, double decay,
+                          const OptionalTensor& decay_tensor, bool skip_nonfinite,
+                          const OptionalTensor& skipped) {
+    ema_update_rows(Exec{}, one_row("belay_kernels::ema_update_", {"shadow", "weights"},
+                                    {shadow, weights}),
+                    decay, decay_tensor, skip_nonfinite, skipped);
+  }
+  static void ema_update_foreach_(at::TensorList shadows, at::TensorList weights, double decay,
+                                  const OptionalTensor& decay_tensor, bool skip_nonfinite,
+                                  const OptionalTensor& skipped) {
+    ema_update_rows(Exec{}, check_lists("belay_kernels::ema_update_foreach_",
+                                        {"shadows", "weights"},
+                                        {shadows.vec(), weights.vec()}),
+                    decay, decay_tensor, skip_nonfinite, skipped);
+  }
+  static void swa_update_(const Tensor& shadow, const Tensor& weights, int64_t count,
+                          const OptionalTensor& count_tensor, bool skip_nonfinite,
+                          const OptionalTensor& skipped) {
+    swa_update_rows(Exec{}, one_row("belay_kernels::swa_update_", {"shadow", "weights"},
+                                    {shadow, weights}),
+                    count, count_tensor, skip_nonfinite, skipped);
+  }
+  static void swa_update_foreach_(at::TensorList shadows, at::TensorList weights,
+                                  int64_t count, const OptionalTensor& count_tensor,
+                                  bool skip_nonfinite, const OptionalTensor& skipped) {
+    swa_update_rows(Exec{}, check_lists("belay_kernels::swa_update_foreach_",
+                                        {"shadows", "weights"},
+                                        {shadows.vec(), weights.vec()}),
+                    count, count_tensor, skip_nonfinite, skipped);
+  }
+  static void belay_step_(const Tensor& weights, const Tensor& shadow, double alpha,
+                          double beta, const OptionalTensor& alpha_tensor,
+                          const OptionalTensor& beta_tensor, bool skip_nonfinite,
+                          const OptionalTensor& skipped) {
+    belay_step_rows(Exec{}, one_row("belay_kernels::belay_step_", {"weights", "shadow"},
+                                    {weights, shadow}),
+                    alpha, beta, alpha_tensor, beta_tensor, skip_nonfinite, skipped);
+  }
+  static void belay_step_foreach_(at::TensorList weights, at::TensorList shadows,
+                                  double alpha, double beta,
+                                  const OptionalTensor& alpha_tensor,
+                                  const OptionalTensor& beta_tensor, bool skip_nonfinite,
+                                  const OptionalTensor& skipped) {
+    belay_step_rows(Exec{}, check_lists("belay_kernels::belay_step_foreach_",
+                                        {"weights", "shadows"},
+                                        {weights.vec(), shadows.vec()}),
+                    alpha, beta, alpha_tensor, beta_tensor, skip_nonfinite, skipped);
+  }
+  static void two_point_average_(const Tensor& out, const Tensor& weights,
+                                 const Tensor& snapshot) {
+    two_point_average_rows(Exec{}, one_row("belay_kernels::two_point_average_",
+                                           {"out", "weights", "snapshot"},
+                                           {out, weights, snapshot}));
+  }
+  static void two_point_average_foreach_(at::TensorList outs, at::TensorList weights,
+                                         at::TensorList snapshots) {
+    two_point_average_rows(Exec{}, check_lists("belay_kernels::two_point_average_foreach_",
+                                               {"outs", "weights", "snapshots"},
+                                               {outs.vec(), weights.vec(), snapshots.vec()}));
+  }
+  static void swap_(const Tensor& weights, const Tensor& shadow, bool inverse) {
+    swap_rows(Exec{}, one_row("belay_kernels::swap_", {"weights", "shadow"}, {weights, shadow}),
+              inverse);
+  }
+  static void swap_foreach_(at::TensorList weights, at::TensorList shadows, bool inverse) {
+    swap_rows(Exec{}, check_lists("belay_kernels::swap_foreach_", {"weights", "shadows"},
+                                  {weights.vec(), shadows.vec()}),
+              inverse);
+  }
+};
+
+}  // namespace belay
+
+// Registers every entry of Entries<Exec> for one dispatch key.
+#define BELAY_REGISTER_IMPLS(m, Exec)                                                \
+  m.impl("ema_update_", &::belay::Entries<Exec>::ema_update_);                      \
+  m.impl("ema_update_foreach_", &::belay::Entries<Exec>::ema_update_foreach_);      \
+  m.impl("swa_update_", &::belay::Entries<Exec>::swa_update_);                      \
+  m.impl("swa_update_foreach_", &::belay::Entries<Exec>::swa_update_foreach_);      \
+  m.impl("belay_step_", &::belay::Entries<Exec>::belay_step_);                      \
+  m.impl("belay_step_foreach_", &::belay::Entries<Exec>::belay_step_foreach_);      \
+  m.impl("two_point_average_", &::belay::Entries<Exec>::two_point_average_);        \
+  m.impl("two_point_average_foreach_",                                               \
+         &::belay::Entries<Exec>::two_point_average_foreach_);                       \
+  m.impl("swap_", &::belay::Entries<Exec>::swap_);                                  \
+  m.impl("swap_foreach_", &::belay::Entries<Exec>::swap_foreach_)

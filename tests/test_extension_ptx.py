@@ -1,0 +1,100 @@
+"""Static GPU check, no GPU needed: compile csrc/cuda_kernels.cu for sm_90 with nvcc and
+read the compiler's own output. ptxas must report 0 bytes of spill stores and loads for
+every kernel, and the PTX of the fp32 and bf16 fast paths must move memory with 128-bit
+(.v4) global loads and stores. Skipped, with the reason, where nvcc is absent."""
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "csrc" / "cuda_kernels.cu"
+
+
+def _cuda_home():
+    """The toolkit root: $CUDA_HOME, torch's guess, or the real location of nvcc."""
+    candidates = [os.environ.get("CUDA_HOME")]
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        candidates.append(CUDA_HOME)
+    except ImportError:
+        pass
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    for home in filter(None, candidates):
+        if (Path(home) / "bin" / "nvcc").exists() and (
+            Path(home) / "include" / "cuda_runtime.h"
+        ).exists():
+            return Path(home)
+    return None
+
+
+@functools.cache
+def _compile(tmp_dir: str):
+    """(ptxas report, {demangled kernel name: PTX body}) for sm_90."""
+    home = _cuda_home()
+    if home is None:
+        pytest.skip("nvcc not found (set CUDA_HOME to a CUDA toolkit root)")
+    from torch.utils.cpp_extension import include_paths
+
+    command = [
+        str(home / "bin" / "nvcc"), "-cubin", "-arch=sm_90", "-std=c++20", "-O3",
+        "--expt-relaxed-constexpr", "-Xptxas", "-v", "--keep", "--keep-dir", tmp_dir,
+        "-o", str(Path(tmp_dir) / "kernels.cubin"), str(SOURCE),
+        *(f"-I{p}" for p in include_paths("cuda")), f"-I{home / 'include'}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"nvcc failed:\n{result.stderr[-4000:]}"
+    (ptx_file,) = Path(tmp_dir).glob("*.ptx")
+    return result.stderr, _kernels(ptx_file.read_text())
+
+
+def _kernels(ptx: str) -> dict[str, str]:
+    bodies = {}
+    for match in re.finditer(r"\.entry\s+(\w+)\((.*?)\n\}", ptx, re.S):
+        name = subprocess.run(["c++filt", match.group(1)], capture_output=True, text=True)
+        bodies[name.stdout.strip() or match.group(1)] = match.group(2)
+    return bodies
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return _compile(str(tmp_path_factory.mktemp("ptx")))
+
+
+def test_no_register_spills(compiled):
+    report, kernels = compiled
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert len(spills) >= len(kernels) > 0, report[-2000:]
+    assert all(stores == "0" and loads == "0" for stores, loads in spills), report
+
+
+# Element functors of the fp32 and bf16 fast paths, as their demangled names read.
+FAST_PATHS = [
+    "ShadowUpdateOp<float, float, belay::EmaRule>",
+    "ShadowUpdateOp<c10::BFloat16, c10::BFloat16, belay::EmaRule>",
+    "ShadowUpdateOp<c10::BFloat16, float, belay::EmaRule>",
+    "ShadowUpdateOp<float, float, belay::SwaRule>",
+    "ShadowUpdateOp<c10::BFloat16, float, belay::SwaRule>",
+    "BelayOp<float, float>",
+    "BelayOp<c10::BFloat16, c10::BFloat16>",
+    "BelayOp<c10::BFloat16, float>",
+    "TwoPointOp<float, float>",
+    "TwoPointOp<c10::BFloat16, float>",
+]
+
+
+@pytest.mark.parametrize("kernel", ["flat_kernel", "list_kernel"])
+@pytest.mark.parametrize("op", FAST_PATHS, ids=lambda v: v.replace("c10::", "").replace("belay::", ""))
+def test_fast_paths_use_128_bit_accesses(compiled, kernel, op):
+    _, kernels = compiled
+    (body,) = [b for name, b in kernels.items() if kernel in name and op in name]
+    assert re.search(r"ld\.global(\.\w+)*\.v4\.", body), "no 128-bit global load"
+    assert re.search(r"st\.global(\.\w+)*\.v4\.", body), "no 128-bit global store"
