@@ -94,6 +94,13 @@ def _usable(status: BackendStatus, op: str, device_type: str, dtypes, contiguous
     return supports is None or supports(op, dtypes)
 
 
+def check_name(backend: object) -> None:
+    if backend != "auto" and backend not in _MODULES:
+        raise BelayInputError(
+            f"backend must be 'auto' or one of {sorted(_MODULES)}, got {backend!r}."
+        )
+
+
 def resolve(backend: str, op: str, device_type: str, dtypes, contiguous: bool) -> ModuleType:
     """The backend module that runs ``op`` on tensors of ``device_type`` and ``dtypes``."""
     if backend == "auto":
@@ -102,10 +109,7 @@ def resolve(backend: str, op: str, device_type: str, dtypes, contiguous: bool) -
             if _usable(status, op, device_type, dtypes, contiguous):
                 return status.module
         return _load("torch").module
-    if backend not in _MODULES:
-        raise BelayInputError(
-            f"backend must be 'auto' or one of {sorted(_MODULES)}, got {backend!r}."
-        )
+    check_name(backend)
     status = _load(backend)
     if not status.available:
         raise BelayInputError(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import flat, ops
+from . import _backends, flat, ops
 from ._checks import BelayInputError, check_nonfinite, check_unit_interval
 from .reference import SWAP_PAIRS, swap_supported
 from .schedules import Constant, Warmup, as_schedule, every_k, from_state, to_state
@@ -159,6 +159,7 @@ class Averager:
         if buffers not in BUFFER_POLICIES:
             raise BelayInputError(f"buffers must be one of {BUFFER_POLICIES}, got {buffers!r}.")
         check_nonfinite(nonfinite)
+        _backends.check_name(backend)
         if shadow_dtype is not None and shadow_dtype not in (
             torch.float16, torch.bfloat16, torch.float32, torch.float64
         ):
@@ -167,10 +168,8 @@ class Averager:
         self.nonfinite = nonfinite
         self.backend = backend
         shadow_dtype_for = self._shadow_dtype_rule(shadow_dtype)
-        if self._buffers_join_params:
+        if self._buffers_join_params:  # one track kind: every tensor gets the same update
             self._tracks = _tracks(params + named_buffers, True, shadow_dtype_for, flatten)
-            for track in self._tracks:  # a track holding only buffers is still "params" here
-                track.is_param = True
         else:
             self._tracks = _tracks(params, True, shadow_dtype_for, flatten) + _tracks(
                 named_buffers, False, shadow_dtype_for, flatten

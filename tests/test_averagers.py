@@ -397,6 +397,7 @@ def test_nonfinite_weights_are_skipped_and_counted_by_the_averager():
     (lambda m: bk.TwoPoint(m, gap=0), "gap must be an int >= 1"),
     (lambda m: bk.EMA(m, buffers="sometimes"), "buffers must be one of"),
     (lambda m: bk.EMA(m, nonfinite="ignore"), "nonfinite must be one of"),
+    (lambda m: bk.EMA(m, backend="cuda-graph"), "backend must be 'auto' or one of"),
     (lambda m: bk.EMA(m[0].weight), "not a single tensor"),
     (lambda m: bk.EMA([{"params": []}]), "param-group dicts are not supported"),
 ])
