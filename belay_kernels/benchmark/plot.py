@@ -49,7 +49,7 @@ def plot_sweep(rows, stream_gbps: float, path: Path, title: str) -> None:
                 ax.set_ylabel("GB/s (counted bytes)")
             if i == len(pairs) - 1:
                 ax.set_xlabel("elements")
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes.flat:
         for h, lbl in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lbl, h)

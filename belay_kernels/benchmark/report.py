@@ -135,7 +135,7 @@ def markdown_targets(rows) -> str:
 def markdown_sweep_summary(rows, numel: int) -> str:
     """The sweep at one size: every method, dtype pair and implementation."""
     lines = [
-        f"| method | dtypes | implementation | ms median (p20–p80) | GB/s | % streaming | vs fastest peer |",
+        "| method | dtypes | implementation | ms median (p20–p80) | GB/s | % streaming | vs fastest peer |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
