@@ -137,6 +137,12 @@ def cases(numel, device):
         "fused": lambda: ops.two_point_average_(out, w, s),
         "torch reference": lambda: reference.two_point_average_(out, w, s),
     }
+    snapshot = buf(F32)
+    out_b = torch.empty_like(wb)
+    yield "two-point average bf16 weights, fp32 snapshot", 8 * numel, {
+        "fused": lambda: ops.two_point_average_(out_b, wb, snapshot),
+        "torch reference": lambda: reference.two_point_average_(out_b, wb, snapshot),
+    }
     yield "swap fp32", 16 * numel, {
         "fused": lambda: ops.swap_(w, s, False),
         "torch reference": lambda: reference.swap_(w, s, False),

@@ -1,11 +1,17 @@
 // One functor per method: the tensors' addresses and scalars of one call, and ``apply<N>``,
 // which loads N elements of every tensor, runs belay_math.h on each, and stores the result.
-// N is 1 (scalar path, and the CPU loops) or kVec (the aligned 128-bit path on CUDA).
+// N is 1 (scalar path, and the CPU loops) or kVec (the aligned 128-bit path).
+// ``tensors()`` lists the addresses, const where the op only reads; the loops derive
+// alignment and prefetching from it. An op with ``kStreamsOutput`` lists first an output
+// that it only writes, and has ``into(target, first)``: the same op on elements first...,
+// writing to target[0...] (the CPU loop computes a block into a small buffer, then streams
+// it to the output past the cache).
 // The functors are plain structs, so a kernel launch can take them by value.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 
 #include <c10/util/BFloat16.h>
@@ -77,6 +83,16 @@ BK_HD void store(T* target, const T (&values)[N]) {
   }
 }
 
+// Whether element i of every tensor of ``op`` starts a 16-byte word.
+template <typename Op>
+BK_HD bool aligned_at(const Op& op, int64_t i) {
+  return std::apply([i](auto*... address) { return (is_aligned16(address + i) && ...); },
+                    op.tensors());
+}
+
+template <typename Op>
+constexpr bool streams_output = requires { requires Op::kStreamsOutput; };
+
 // A hyperparameter given as a number, or as the address of a one-element tensor that the
 // kernel reads (so a CUDA graph can replay with a new value).
 template <typename V>
@@ -120,9 +136,7 @@ struct ShadowUpdateOp {
     op.rule = rule.resolved();
     return op;
   }
-  BK_HD bool aligned_at(int64_t i) const {
-    return is_aligned16(shadow + i) && is_aligned16(weights + i);
-  }
+  BK_HD auto tensors() const { return std::tuple{shadow, weights}; }
   // Returns how many of the N elements kept their shadow under the non-finite policy.
   template <int N>
   BK_HD int apply(int64_t i) const {
@@ -167,9 +181,7 @@ struct BelayOp {
     op.beta = static_cast<T>(beta_arg.get());
     return op;
   }
-  BK_HD bool aligned_at(int64_t i) const {
-    return is_aligned16(shadow + i) && is_aligned16(weights + i);
-  }
+  BK_HD auto tensors() const { return std::tuple{weights, shadow}; }
   template <int N>
   BK_HD int apply(int64_t i) const {
     W w_io[N];
@@ -194,17 +206,20 @@ struct BelayOp {
 };
 
 // out has the weights' dtype; the snapshot may be wider (an fp32 copy of a bf16 model).
+// out is only written, so the CPU loop streams it (kStreamsOutput).
 template <typename W, typename S>
 struct TwoPointOp {
   using T = opmath_t<W, S>;
   static constexpr int kVec = vector_width<W, S>();
+  static constexpr bool kStreamsOutput = true;
   W* out;
   const W* weights;
   const S* snapshot;
 
   BK_HD TwoPointOp resolved() const { return *this; }
-  BK_HD bool aligned_at(int64_t i) const {
-    return is_aligned16(out + i) && is_aligned16(weights + i) && is_aligned16(snapshot + i);
+  BK_HD auto tensors() const { return std::tuple{out, weights, snapshot}; }
+  BK_HD TwoPointOp into(W* target, int64_t first) const {
+    return {target, weights + first, snapshot + first};
   }
   template <int N>
   BK_HD int apply(int64_t i) const {
@@ -231,9 +246,7 @@ struct ExchangeOp {
   Bits* shadow;
 
   BK_HD ExchangeOp resolved() const { return *this; }
-  BK_HD bool aligned_at(int64_t i) const {
-    return is_aligned16(weights + i) && is_aligned16(shadow + i);
-  }
+  BK_HD auto tensors() const { return std::tuple{weights, shadow}; }
   template <int N>
   BK_HD int apply(int64_t i) const {
     Bits w[N];
@@ -254,9 +267,7 @@ struct PackedSwapOp {
   bool inverse;
 
   BK_HD PackedSwapOp resolved() const { return *this; }
-  BK_HD bool aligned_at(int64_t i) const {
-    return is_aligned16(weights + i) && is_aligned16(shadow + i);
-  }
+  BK_HD auto tensors() const { return std::tuple{weights, shadow}; }
   template <int N>
   BK_HD int apply(int64_t i) const {
     uint16_t w[N];

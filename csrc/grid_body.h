@@ -22,7 +22,7 @@ BK_HD int64_t span_body(const Op& op, int64_t begin, int64_t end, int64_t rank,
                         int64_t thread_count) {
   constexpr int V = Op::kVec;
   int64_t head_end = begin;
-  while (head_end < end && head_end - begin < V && !op.aligned_at(head_end)) ++head_end;
+  while (head_end < end && head_end - begin < V && !aligned_at(op, head_end)) ++head_end;
   if (head_end - begin == V) head_end = end;  // no index aligns every tensor
   int64_t skipped = 0;
   for (int64_t i = begin + rank; i < head_end; i += thread_count) {

@@ -77,6 +77,15 @@ class Trajectory:
             for n in self.sizes
         ]
 
+    def placed_like(self, role, tensors):
+        """Copies of ``tensors`` that start where the role's tensors start (same offset)."""
+        skip = self.offsets[role]
+        copies = []
+        for t in tensors:
+            storage = torch.empty(t.numel() + skip, dtype=t.dtype, device=t.device)
+            copies.append(storage[skip:].copy_(t))
+        return copies
+
     def incoming(self, step, generator):
         """The step's new weights (for EMA and SWA) or the optimizer's change (BELAY)."""
         fresh = self.tensors("weights", generator)
@@ -112,8 +121,8 @@ def run_method(method, backend, trajectory, *, policy="skip", hyper=None):
             ops.belay_step_(_arg(weights), _arg(shadow), **hyper, nonfinite=policy,
                             skipped=skipped, backend=backend)
         elif method == "two_point":
-            snapshot = [s.clone() for s in shadow]
-            out = [torch.empty_like(w) for w in incoming]
+            snapshot = trajectory.placed_like("shadow", shadow)
+            out = trajectory.placed_like("weights", incoming)
             ops.two_point_average(_arg(incoming), _arg(snapshot), out=_arg(out), backend=backend)
             outs += out
         else:
