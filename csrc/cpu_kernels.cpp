@@ -38,8 +38,8 @@ struct NoDeviceGuard {
 // prefetches the next block's cache lines: a vectorized loop alone keeps too few loads in
 // flight to stream from memory at full speed, the more so the more instructions it spends
 // per element (bench/bench_extension.py on the 2-core dev VM: EMA fp32 with the non-finite
-// check went from 76% to 94% of the streaming bandwidth). Skipped elements are counted in
-// 32 bits per block, which vectorizes far better than a 64-bit count per element.
+// check went from 75-83% to 87-94% of the streaming bandwidth). Skipped elements are
+// counted in 32 bits per block, which vectorizes far better than a 64-bit count per element.
 constexpr int64_t kBlock = 256;
 
 // Prefetch the cache lines of elements [begin, end) of the tensors the op reads; a
@@ -89,36 +89,54 @@ BK_HD void stream_out(void* target, const void* source, std::size_t bytes) {
 #endif
 }
 
+// A streamed output skips the cache, so whoever reads it next reads it from memory. That is
+// worth it only when the output would not have stayed in cache anyway: at least this many
+// bytes per chunk (two L2 caches of the dev VM's cores).
+constexpr int64_t kStreamMinBytes = int64_t{1} << 20;
+
+template <typename Op>
+using output_t = std::remove_pointer_t<std::tuple_element_t<0, decltype(std::declval<const Op&>().tensors())>>;
+
 // One block of an op that only writes its output (streams_output): computed into a buffer
-// that stays in L1, then streamed out (the fp32 two-point average went from 67% to 87% of
-// the streaming bandwidth in the same benchmark).
+// that stays in L1, then streamed out (the fp32 two-point average went from 54-75% to
+// 80-94% of the streaming bandwidth; bench/README.md).
 template <typename Op>
 BK_HD int64_t streamed_block(const Op& op, int64_t begin, int64_t end) {
-  using Out = std::remove_pointer_t<std::tuple_element_t<0, decltype(op.tensors())>>;
-  alignas(64) Out buffer[kBlock];
+  alignas(64) output_t<Op> buffer[kBlock];
   const Op into_buffer = op.into(buffer, begin);
   int32_t skipped = 0;
   for (int64_t i = 0; i < end - begin; ++i) skipped += into_buffer.template apply<1>(i);
-  stream_out(std::get<0>(op.tensors()) + begin, buffer, (end - begin) * sizeof(Out));
+  stream_out(std::get<0>(op.tensors()) + begin, buffer, (end - begin) * sizeof(output_t<Op>));
+  return skipped;
+}
+
+template <typename Op>
+BK_HD int64_t cached_block(const Op& op, int64_t begin, int64_t end) {
+  int32_t skipped = 0;
+  for (int64_t i = begin; i < end; ++i) skipped += op.template apply<1>(i);
   return skipped;
 }
 
 template <typename Op>
 BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
+  bool stream = false;
+  if constexpr (streams_output<Op>) {
+    stream = (end - begin) * static_cast<int64_t>(sizeof(output_t<Op>)) >= kStreamMinBytes;
+  }
   int64_t skipped = 0;
   for (int64_t block = begin; block < end; block += kBlock) {
     const int64_t block_end = std::min(end, block + kBlock);
     prefetch(op, block_end, std::min(end, block_end + kBlock));
     if constexpr (streams_output<Op>) {
-      skipped += streamed_block(op, block, block_end);
-    } else {
-      int32_t block_skipped = 0;
-      for (int64_t i = block; i < block_end; ++i) block_skipped += op.template apply<1>(i);
-      skipped += block_skipped;
+      if (stream) {
+        skipped += streamed_block(op, block, block_end);
+        continue;
+      }
     }
+    skipped += cached_block(op, block, block_end);
   }
 #if defined(BK_STREAMING_STORES)
-  if constexpr (streams_output<Op>) _mm_sfence();  // order the streamed stores
+  if (stream) _mm_sfence();  // order the streamed stores
 #endif
   return skipped;
 }

@@ -39,9 +39,8 @@ def test_matches_reference(method, hyper, pair, n):
                            hyper=hyper)
 
 
-# (weights, shadow) start offsets in elements: misaligned alike, so the loops reach 16-byte
-# words after a few elements (the two-point average's streamed stores start there); and
-# misaligned differently, so they never do.
+# (weights, shadow) start offsets in elements: misaligned alike, so 16-byte words line up
+# after a few elements; and misaligned differently, so they never do.
 @pytest.mark.parametrize("offsets", [(1, 1), (3, 3), (1, 2)], ids=str)
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
 @pytest.mark.parametrize("method,hyper", [("ema", 0.9), ("swa", None), ("belay", BELAY_RATES[0]),
@@ -49,6 +48,21 @@ def test_matches_reference(method, hyper, pair, n):
 def test_unaligned_starts_match_reference(method, hyper, pair, offsets):
     trajectory = Trajectory(pair, [1009, 70_001], seed=13, nonfinite=True, offsets=offsets)
     compare_with_reference(method, "cpp", trajectory, hyper=hyper)
+
+
+@pytest.mark.parametrize("offsets", [(0, 0), (1, 1), (1, 2)], ids=str)
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_streamed_two_point_output_matches_reference(pair, offsets):
+    """Outputs of more than kStreamMinBytes (1 MiB) per thread's chunk are computed into a
+    buffer and stored past the cache (cpu_kernels.cpp); smaller ones, as in the tests
+    above, are stored in place."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trajectory = Trajectory(pair, [(3 << 20) + 5], seed=17, nonfinite=True, offsets=offsets)
+        compare_with_reference("two_point", "cpp", trajectory)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("n", ODD_SIZES)
