@@ -3,6 +3,7 @@ through the reference on identical fresh random data, and compare everything."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -18,15 +19,24 @@ EMA_DECAYS = (0.9, 0.3)
 BELAY_RATES = ({"alpha": 0.05, "beta": 0.6}, {"alpha": 0.7, "beta": 0.2})
 
 
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """torch's intra-op thread count set to ``count`` inside the block, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", autouse=False)
 def one_cpu_thread():
     """Run a test module on one intra-op thread. On this shared 2-core machine, OpenMP's
     spinning threads made every op ~40x slower under load (torch's own ops included);
     test_extension_cpu.py checks the parallel split separately."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with cpu_threads(1):
+        yield
 
 
 def require_backend(name: str) -> None:
