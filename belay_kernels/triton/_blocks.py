@@ -58,6 +58,34 @@ def _keep_where_nonfinite(new, old, incoming, skipped_ptr, HAS_SKIPPED: tl.const
 
 
 @triton.jit
+def _lerp_shadow_block(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr,
+                       MASKED: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+                       HAS_SKIPPED: tl.constexpr, COMPUTE: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    offs = _offsets(start, BLOCK)
+    shadow = _load(shadow_ptr, offs, n, MASKED).to(COMPUTE)
+    weights = _load(weights_ptr, offs, n, MASKED).to(COMPUTE)
+    new_shadow = _lerp(shadow, weights, weight)
+    if SKIP_NONFINITE:
+        new_shadow = _keep_where_nonfinite(new_shadow, shadow, weights, skipped_ptr, HAS_SKIPPED)
+    _store(shadow_ptr, offs, new_shadow, n, MASKED)
+
+
+@triton.jit
+def _lerp_shadow(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr,
+                 SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+                 COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    """``shadow <- lerp(shadow, weights, weight)`` on the block at ``start``, under the
+    non-finite policy: the update of EMA and of SWA, which differ only in ``weight``."""
+    if start + BLOCK <= n:
+        _lerp_shadow_block(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr, False,
+                           SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+    else:
+        _lerp_shadow_block(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr, True,
+                           SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+
+
+@triton.jit
 def _host_float(bits, COMPUTE: tl.constexpr):
     """A Python float passed as the int64 bit pattern of its float64 value (see
     _launch.float_bits), so fp64 kernels get the exact value and fp32 kernels get it

@@ -7,31 +7,8 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._blocks import (
-    _host_float,
-    _keep_where_nonfinite,
-    _lerp,
-    _load,
-    _offsets,
-    _rate,
-    _store,
-    _table_block,
-    _table_pointer,
-)
+from ._blocks import _host_float, _lerp_shadow, _rate, _table_block, _table_pointer
 from .device_step import EmaWarmup, StepGate, _gate, _warmup_weight, gate_args
-
-
-@triton.jit
-def _ema_block(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr, MASKED: tl.constexpr,
-               SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-               COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = _offsets(start, BLOCK)
-    shadow = _load(shadow_ptr, offs, n, MASKED).to(COMPUTE)
-    weights = _load(weights_ptr, offs, n, MASKED).to(COMPUTE)
-    new_shadow = _lerp(shadow, weights, weight)
-    if SKIP_NONFINITE:
-        new_shadow = _keep_where_nonfinite(new_shadow, shadow, weights, skipped_ptr, HAS_SKIPPED)
-    _store(shadow_ptr, offs, new_shadow, n, MASKED)
 
 
 @triton.jit
@@ -47,12 +24,8 @@ def _ema_program(shadow_ptr, weights_ptr, start, n, weight_bits, decay_ptr, skip
             warm = _warmup_weight(k, _host_float(inv_gamma_bits, COMPUTE),
                                   _host_float(power_bits, COMPUTE), COMPUTE)
             weight = tl.maximum(weight, warm)
-        if start + BLOCK <= n:
-            _ema_block(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr, False,
-                       SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
-        else:
-            _ema_block(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr, True,
-                       SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+        _lerp_shadow(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr, SKIP_NONFINITE,
+                     HAS_SKIPPED, COMPUTE, BLOCK)
 
 
 @triton.jit(do_not_specialize=["weight_bits", "inv_gamma_bits", "power_bits"])

@@ -8,30 +8,8 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._blocks import (
-    _lerp,
-    _keep_where_nonfinite,
-    _load,
-    _offsets,
-    _store,
-    _table_block,
-    _table_pointer,
-)
+from ._blocks import _lerp_shadow, _table_block, _table_pointer
 from .device_step import StepGate, _gate, gate_args
-
-
-@triton.jit
-def _swa_block(shadow_ptr, weights_ptr, start, n, count, skipped_ptr, MASKED: tl.constexpr,
-               SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-               COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = _offsets(start, BLOCK)
-    shadow = _load(shadow_ptr, offs, n, MASKED).to(COMPUTE)
-    weights = _load(weights_ptr, offs, n, MASKED).to(COMPUTE)
-    weight_of_new = (1.0 / (count + 1).to(tl.float64)).to(COMPUTE)
-    new_shadow = _lerp(shadow, weights, weight_of_new)
-    if SKIP_NONFINITE:
-        new_shadow = _keep_where_nonfinite(new_shadow, shadow, weights, skipped_ptr, HAS_SKIPPED)
-    _store(shadow_ptr, offs, new_shadow, n, MASKED)
 
 
 @triton.jit
@@ -45,12 +23,9 @@ def _swa_program(shadow_ptr, weights_ptr, start, n, count, count_ptr, skipped_pt
         if COUNT_FROM_PTR:
             count = tl.load(count_ptr)
         count = count.to(tl.int64) + k
-        if start + BLOCK <= n:
-            _swa_block(shadow_ptr, weights_ptr, start, n, count, skipped_ptr, False,
-                       SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
-        else:
-            _swa_block(shadow_ptr, weights_ptr, start, n, count, skipped_ptr, True,
-                       SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+        weight_of_new = (1.0 / (count + 1).to(tl.float64)).to(COMPUTE)
+        _lerp_shadow(shadow_ptr, weights_ptr, start, n, weight_of_new, skipped_ptr,
+                     SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
 
 
 @triton.jit(do_not_specialize=["count"])
