@@ -1,10 +1,14 @@
-"""Shared test vocabulary: the dtype pairs every backend must cover, the odd sizes, and the
-one tolerance table used to compare any backend with the reference or a float64 oracle.
+"""Shared test vocabulary: the dtype pairs every backend must cover, the odd sizes, the
+one tolerance table used to compare any backend with the reference or a float64 oracle,
+and a scoped intra-op thread count.
 
-Importable by the test suite and the benchmarks alike, so both speak of the same cases.
+Importable by the test suite, the benchmarks and the experiments alike, so all speak of
+the same cases.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -55,3 +59,15 @@ def random_like_model(n: int, dtype: torch.dtype, *, generator: torch.Generator)
     values = torch.randn(n, generator=generator, dtype=torch.float64)
     values = values * torch.exp(torch.randn(n, generator=generator, dtype=torch.float64))
     return values.to(dtype)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """torch's intra-op thread count set to ``n`` inside the block, restored after. Tiny
+    tensors run fastest on one thread, and the development machine is shared."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

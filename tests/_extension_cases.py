@@ -3,14 +3,18 @@ through the reference on identical fresh random data, and compare everything."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
 import torch
 
 from belay_kernels import backends, ops
-from belay_kernels.testing import assert_close, random_like_model, tolerance
+from belay_kernels.testing import (
+    assert_close,
+    random_like_model,
+    tolerance,
+    torch_threads,
+)
 
 STEPS = 6
 NONFINITE_STEP = 2  # the step at which some incoming weights are NaN / +inf / -inf
@@ -19,23 +23,12 @@ EMA_DECAYS = (0.9, 0.3)
 BELAY_RATES = ({"alpha": 0.05, "beta": 0.6}, {"alpha": 0.7, "beta": 0.2})
 
 
-@contextlib.contextmanager
-def cpu_threads(count: int):
-    """torch's intra-op thread count set to ``count`` inside the block, restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", autouse=False)
 def one_cpu_thread():
     """Run a test module on one intra-op thread. On this shared 2-core machine, OpenMP's
     spinning threads made every op ~40x slower under load (torch's own ops included);
     test_extension_cpu.py checks the parallel split separately."""
-    with cpu_threads(1):
+    with torch_threads(1):
         yield
 
 

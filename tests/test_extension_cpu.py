@@ -10,13 +10,12 @@ from _extension_cases import (  # noqa: F401 (cpp_backend, one_cpu_thread: fixtu
     check_swap,
     compare_with_reference,
     cpp_backend,
-    cpu_threads,
     one_cpu_thread,
     pair_id,
 )
 
 from belay_kernels import ops
-from belay_kernels.testing import DTYPE_PAIRS, ODD_SIZES
+from belay_kernels.testing import DTYPE_PAIRS, ODD_SIZES, torch_threads
 
 pytestmark = pytest.mark.usefixtures("cpp_backend", "one_cpu_thread")
 
@@ -57,7 +56,7 @@ def test_streamed_two_point_output_matches_reference(pair, offsets):
     """Outputs of more than kStreamMinBytes (1 MiB) per thread's chunk are computed into a
     buffer and stored past the cache (cpu_kernels.cpp); smaller ones, as in the tests
     above, are stored in place."""
-    with cpu_threads(2):
+    with torch_threads(2):
         trajectory = Trajectory(pair, [(3 << 20) + 5], seed=17, nonfinite=True, offsets=offsets)
         compare_with_reference("two_point", "cpp", trajectory)
 
@@ -121,7 +120,7 @@ def test_auto_prefers_cpp_on_cpu():
 
 def test_parallel_split_matches_reference():
     """More than one task per thread on two threads (the other tests run on one)."""
-    with cpu_threads(2):
+    with torch_threads(2):
         for method, hyper in (("ema", 0.9), ("belay", BELAY_RATES[0]), ("two_point", None)):
             compare_with_reference(
                 method, "cpp", Trajectory((torch.bfloat16, torch.float32), [200_003], seed=2,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,17 +54,6 @@ def write_outputs(name: str, out_dir: Path, fig, table: str, intro: str = "") ->
 
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int = 1):
-    """Tiny tensors run fastest on one thread, and the machine is shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def averaged_values(averager, params) -> list[torch.Tensor]:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..averagers import EMA, Belay
-from ._common import SEEDS, Result, markdown_table, mean_std, torch_threads, write_outputs
+from ..testing import torch_threads
+from ._common import SEEDS, Result, markdown_table, mean_std, write_outputs
 
 NAME = "belay-digits"
 K, M1 = 0.2, 5.0  # beta = k / (2 m1) = 0.02, eta = 1 / (2 m1) = 0.1

@@ -14,7 +14,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ._common import SEEDS, Result, generator, markdown_table, torch_threads, write_outputs
+from ..testing import torch_threads
+from ._common import SEEDS, Result, generator, markdown_table, write_outputs
 from ._toy import FUNCTIONS, Arm, run_arms
 
 NAME = "belay-functions"

@@ -14,10 +14,22 @@ import torch
 from matplotlib.patches import Ellipse
 
 from ..averagers import EMA, SWA
-from ..theory import ou_stationary_covariance, sgd_ema_stationary_covariance
-from ..theory import sgd_stationary_covariance, sgd_window_mean_covariance
-from ._common import SEEDS, Result, generator, markdown_table, mean_std, parameter, torch_threads
-from ._common import write_outputs
+from ..testing import torch_threads
+from ..theory import (
+    ou_stationary_covariance,
+    sgd_ema_stationary_covariance,
+    sgd_stationary_covariance,
+    sgd_window_mean_covariance,
+)
+from ._common import (
+    SEEDS,
+    Result,
+    generator,
+    markdown_table,
+    mean_std,
+    parameter,
+    write_outputs,
+)
 
 NAME = "ou-swa"
 ANGLE = np.pi / 6

@@ -14,9 +14,17 @@ import numpy as np
 import torch
 
 from ..averagers import EMA
+from ..testing import torch_threads
 from ..theory import ema_variance_factor, sgd_stationary_variance
-from ._common import SEEDS, Result, generator, markdown_table, mean_std, parameter, torch_threads
-from ._common import write_outputs
+from ._common import (
+    SEEDS,
+    Result,
+    generator,
+    markdown_table,
+    mean_std,
+    parameter,
+    write_outputs,
+)
 
 NAME = "sandler-fig9"
 LR0, LR1, FAST, SLOW, TAU = 0.05, 0.02, 1.0, 0.015, 450

@@ -18,10 +18,23 @@ import numpy as np
 import torch
 
 from ..averagers import EMA, TwoPoint
-from ..theory import ema_variance_factor, sgd_stationary_variance, stationary_radius
-from ..theory import two_point_effective_lr
-from ._common import SEEDS, Result, averaged_values, generator, markdown_table, mean_std, parameter
-from ._common import torch_threads, write_outputs
+from ..testing import torch_threads
+from ..theory import (
+    ema_variance_factor,
+    sgd_stationary_variance,
+    stationary_radius,
+    two_point_effective_lr,
+)
+from ._common import (
+    SEEDS,
+    Result,
+    averaged_values,
+    generator,
+    markdown_table,
+    mean_std,
+    parameter,
+    write_outputs,
+)
 from ._models import LinearRegressionBatches, sgd_step_
 
 NAME = "sandler-stationary"

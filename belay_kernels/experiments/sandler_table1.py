@@ -18,9 +18,18 @@ import numpy as np
 import torch
 
 from ..averagers import EMA, SWA, TwoPoint
+from ..testing import torch_threads
 from ..theory import equivalent_lr_schedule
-from ._common import SEEDS, Result, averaged_values, generator, markdown_table, mean_std, parameter
-from ._common import torch_threads, write_outputs
+from ._common import (
+    SEEDS,
+    Result,
+    averaged_values,
+    generator,
+    markdown_table,
+    mean_std,
+    parameter,
+    write_outputs,
+)
 from ._models import LinearRegressionBatches, sgd_step_
 
 NAME = "sandler-table1"
