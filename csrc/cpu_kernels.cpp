@@ -2,7 +2,8 @@
 // element_ops.h's functors that the compiler vectorizes, in blocks that prefetch the next
 // one. An op whose output is only written (the two-point average) computes each block into
 // a small buffer and stores it past the cache. On x86 the loop is compiled a second time for
-// AVX2+FMA+F16C and picked at run time, since the extension is built for the baseline ISA.
+// AVX2+FMA+F16C and picked at run time, since the extension is built for the baseline ISA;
+// there, fp16 storage is converted in bulk with F16C (cpu_fp16_staging.h).
 //
 // This file also holds the simulated CUDA grid: with _simulate_cuda_grid(blocks, threads,
 // chunk) set, the CPU ops run grid_body.h (the CUDA kernels' bodies) for every (block,
@@ -22,6 +23,7 @@
 #define BK_STREAMING_STORES 1
 #endif
 
+#include "cpu_fp16_staging.h"
 #include "grid_body.h"
 #include "op_entries.h"
 
@@ -97,13 +99,21 @@ constexpr int64_t kStreamMinBytes = int64_t{1} << 20;
 template <typename Op>
 using output_t = std::remove_pointer_t<std::tuple_element_t<0, decltype(std::declval<const Op&>().tensors())>>;
 
+// The op on elements begin... that writes its output to buffer[0...].
+template <typename Op, std::size_t... I>
+BK_HD Op into(const Op& op, output_t<Op>* buffer, int64_t begin, std::index_sequence<0, I...>) {
+  const auto tensors = op.tensors();
+  return op.with_tensors(buffer, std::get<I>(tensors) + begin...);
+}
+
 // One block of an op that only writes its output (streams_output): computed into a buffer
 // that stays in L1, then streamed out (the fp32 two-point average went from 54-75% to
 // 80-94% of the streaming bandwidth; bench/README.md).
 template <typename Op>
 BK_HD int64_t streamed_block(const Op& op, int64_t begin, int64_t end) {
   alignas(64) output_t<Op> buffer[kBlock];
-  const Op into_buffer = op.into(buffer, begin);
+  constexpr std::size_t kTensors = std::tuple_size_v<decltype(op.tensors())>;
+  const Op into_buffer = into(op, buffer, begin, std::make_index_sequence<kTensors>());
   int32_t skipped = 0;
   for (int64_t i = 0; i < end - begin; ++i) skipped += into_buffer.template apply<1>(i);
   stream_out(std::get<0>(op.tensors()) + begin, buffer, (end - begin) * sizeof(output_t<Op>));
@@ -117,7 +127,9 @@ BK_HD int64_t cached_block(const Op& op, int64_t begin, int64_t end) {
   return skipped;
 }
 
-template <typename Op>
+// kAvx2: this loop runs in the AVX2+F16C clone, where fp16 storage goes through float
+// buffers (cpu_fp16_staging.h).
+template <bool kAvx2, typename Op>
 BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
   bool stream = false;
   if constexpr (streams_output<Op>) {
@@ -127,6 +139,12 @@ BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
   for (int64_t block = begin; block < end; block += kBlock) {
     const int64_t block_end = std::min(end, block + kBlock);
     prefetch(op, block_end, std::min(end, block_end + kBlock));
+#if defined(BK_FP16_STAGING)
+    if constexpr (kAvx2 && has_fp16_storage<Op>) {
+      skipped += staged_block<kBlock>(op, block, block_end, stream);
+      continue;
+    }
+#endif
     if constexpr (streams_output<Op>) {
       if (stream) {
         skipped += streamed_block(op, block, block_end);
@@ -141,7 +159,7 @@ BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
   return skipped;
 }
 
-template <typename Op>
+template <bool kAvx2, typename Op>
 BK_HD int64_t cpu_loop(const Op& op_in, int64_t begin, int64_t end) {
   // A local copy, so stores cannot alias its fields; and when the op has a non-finite
   // policy, a loop per policy with the flag a known constant, so the propagate loop
@@ -150,19 +168,19 @@ BK_HD int64_t cpu_loop(const Op& op_in, int64_t begin, int64_t end) {
   if constexpr (requires { op.skip_nonfinite; }) {
     if (op.skip_nonfinite) {
       op.skip_nonfinite = true;
-      return plain_loop(op, begin, end);
+      return plain_loop<kAvx2>(op, begin, end);
     }
     op.skip_nonfinite = false;
-    return plain_loop(op, begin, end);
+    return plain_loop<kAvx2>(op, begin, end);
   }
-  return plain_loop(op, begin, end);
+  return plain_loop<kAvx2>(op, begin, end);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename Op>
 __attribute__((target("avx2,fma,f16c"))) int64_t cpu_loop_avx2(const Op& op, int64_t begin,
                                                                 int64_t end) {
-  return cpu_loop(op, begin, end);
+  return cpu_loop<true>(op, begin, end);
 }
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -176,7 +194,7 @@ int64_t cpu_chunk(const Op& op, int64_t begin, int64_t end) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (cpu_has_avx2()) return cpu_loop_avx2(op, begin, end);
 #endif
-  return cpu_loop(op, begin, end);
+  return cpu_loop<false>(op, begin, end);
 }
 
 // Elements per task: large enough to amortize a task, small enough for both cores.

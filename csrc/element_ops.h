@@ -3,9 +3,11 @@
 // N is 1 (scalar path, and the CPU loops) or kVec (the aligned 128-bit path).
 // ``tensors()`` lists the addresses, const where the op only reads; the loops derive
 // alignment and prefetching from it. An op with ``kStreamsOutput`` lists first an output
-// that it only writes, and has ``into(target, first)``: the same op on elements first...,
-// writing to target[0...] (the CPU loop computes a block into a small buffer, then streams
-// it to the output past the cache).
+// that it only writes (the CPU loop computes a block of it into a small buffer, then
+// streams it to the output past the cache).
+// ``with_tensors(...)`` is the same op (same scalars) on other addresses, given in the
+// order of tensors(), possibly of other storage types: the CPU loop runs it on a block's
+// buffers (in float for fp16 storage, which it widens and rounds back in bulk).
 // The functors are plain structs, so a kernel launch can take them by value.
 #pragma once
 
@@ -137,6 +139,10 @@ struct ShadowUpdateOp {
     return op;
   }
   BK_HD auto tensors() const { return std::tuple{shadow, weights}; }
+  template <typename S2, typename W2>
+  BK_HD ShadowUpdateOp<W2, S2, Rule> with_tensors(S2* shadow2, const W2* weights2) const {
+    return {shadow2, weights2, skip_nonfinite, rule};
+  }
   // Returns how many of the N elements kept their shadow under the non-finite policy.
   template <int N>
   BK_HD int apply(int64_t i) const {
@@ -182,6 +188,10 @@ struct BelayOp {
     return op;
   }
   BK_HD auto tensors() const { return std::tuple{weights, shadow}; }
+  template <typename W2, typename S2>
+  BK_HD BelayOp<W2, S2> with_tensors(W2* weights2, S2* shadow2) const {
+    return {weights2, shadow2, alpha_arg, beta_arg, skip_nonfinite, alpha, beta};
+  }
   template <int N>
   BK_HD int apply(int64_t i) const {
     W w_io[N];
@@ -218,8 +228,9 @@ struct TwoPointOp {
 
   BK_HD TwoPointOp resolved() const { return *this; }
   BK_HD auto tensors() const { return std::tuple{out, weights, snapshot}; }
-  BK_HD TwoPointOp into(W* target, int64_t first) const {
-    return {target, weights + first, snapshot + first};
+  template <typename W2, typename S2>
+  BK_HD TwoPointOp<W2, S2> with_tensors(W2* out2, const W2* weights2, const S2* snapshot2) const {
+    return {out2, weights2, snapshot2};
   }
   template <int N>
   BK_HD int apply(int64_t i) const {
