@@ -27,7 +27,7 @@ import torch
 from belay_kernels import backends, reference
 from belay_kernels.extension._library import ops as compiled_ops
 
-F32, BF16 = torch.float32, torch.bfloat16
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 
 def _sync(device):
@@ -150,6 +150,29 @@ def cases(numel, device):
     yield "swap bf16 weights, fp32 shadow", 12 * numel, {
         "fused": lambda: ops.swap_(wb, s, False),
         "torch reference": lambda: reference.swap_(wb, s, False),
+    }
+    # More dtype pairs: BELAY with bf16 weights, 16-bit shadows, fp16 throughout.
+    sb, wh, sh = buf(BF16), buf(F16), buf(F16)
+    yield "BELAY bf16 weights, fp32 shadow", 12 * numel, {
+        "fused": lambda: ops.belay_step_(wb, s, 0.01, 0.001, None, None, False, None),
+        "torch reference": lambda: reference.belay_step_(wb, s, 0.01, 0.001, False, None),
+    }
+    yield "EMA bf16 weights, bf16 shadow", 6 * numel, {
+        "fused": lambda: ops.ema_update_(sb, wb, 0.999, None, False, None),
+        "torch lerp_": lambda: sb.lerp_(wb, 1 - 0.999),
+    }
+    yield "EMA fp16 weights, fp32 shadow", 10 * numel, {
+        "fused": lambda: ops.ema_update_(s, wh, 0.999, None, False, None),
+        "torch cast + lerp_": lambda: s.lerp_(wh.float(), 1 - 0.999),
+    }
+    yield "EMA fp16 weights, fp16 shadow", 6 * numel, {
+        "fused": lambda: ops.ema_update_(sh, wh, 0.999, None, False, None),
+        "torch lerp_": lambda: sh.lerp_(wh, 1 - 0.999),
+    }
+    out_h = torch.empty_like(wh)
+    yield "two-point average fp16", 6 * numel, {
+        "fused": lambda: ops.two_point_average_(out_h, wh, sh),
+        "torch reference": lambda: reference.two_point_average_(out_h, wh, sh),
     }
 
 
