@@ -91,6 +91,22 @@ BK_HD void stream_out(void* target, const void* source, std::size_t bytes) {
 #endif
 }
 
+#if defined(BK_STREAMING_STORES)
+// apply()'s output policy for a streamed output: non-temporal stores of whole 16-byte
+// words, which must be aligned.
+struct StreamingStore {
+  template <int N, typename T>
+  BK_HD static void put(T* target, const T (&values)[N]) {
+    static_assert(N * sizeof(T) % 16 == 0, "streaming stores write whole 16-byte words");
+    for (std::size_t word = 0; word < N * sizeof(T) / 16; ++word) {
+      __m128i bits;
+      std::memcpy(&bits, reinterpret_cast<const char*>(values) + 16 * word, 16);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(target) + word, bits);
+    }
+  }
+};
+#endif
+
 // A streamed output skips the cache, so whoever reads it next reads it from memory. That is
 // worth it only when the output would not have stayed in cache anyway: at least this many
 // bytes per chunk (two L2 caches of the dev VM's cores).
@@ -120,6 +136,34 @@ BK_HD int64_t streamed_block(const Op& op, int64_t begin, int64_t end) {
   return skipped;
 }
 
+// A streamed output whose elements are as wide as the op's math (fp32, fp64) is stored
+// straight from the vector registers instead, with no buffer between: the fp32 two-point
+// average ran 8-13% faster so (a C++ model of both loops on the dev VM, three runs).
+// Narrower outputs keep the buffer, whose rounding loop the compiler vectorizes (in the
+// vector form it did not: bf16 at 3-4 GB/s), and so do tensors that are not aligned alike.
+template <typename Op>
+constexpr bool streams_from_registers =
+    streams_output<Op> && std::is_same_v<output_t<Op>, typename Op::T>;
+
+template <typename Op>
+BK_HD int64_t register_streamed_block(const Op& op, int64_t begin, int64_t end) {
+#if defined(BK_STREAMING_STORES)
+  int64_t head = 0;  // elements before every tensor starts a 16-byte word
+  while (head < Op::kVec && !aligned_at(op, begin + head)) ++head;
+  if (head < Op::kVec) {
+    int64_t i = begin;
+    int32_t skipped = 0;
+    for (; i < std::min(end, begin + head); ++i) skipped += op.template apply<1>(i);
+    for (; i + Op::kVec <= end; i += Op::kVec) {
+      skipped += op.template apply<Op::kVec, StreamingStore>(i);
+    }
+    for (; i < end; ++i) skipped += op.template apply<1>(i);
+    return skipped;
+  }
+#endif
+  return streamed_block(op, begin, end);
+}
+
 template <typename Op>
 BK_HD int64_t cached_block(const Op& op, int64_t begin, int64_t end) {
   int32_t skipped = 0;
@@ -147,7 +191,11 @@ BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
 #endif
     if constexpr (streams_output<Op>) {
       if (stream) {
-        skipped += streamed_block(op, block, block_end);
+        if constexpr (streams_from_registers<Op>) {
+          skipped += register_streamed_block(op, block, block_end);
+        } else {
+          skipped += streamed_block(op, block, block_end);
+        }
         continue;
       }
     }

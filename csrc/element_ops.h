@@ -85,6 +85,15 @@ BK_HD void store(T* target, const T (&values)[N]) {
   }
 }
 
+// How an op's apply() stores its output: plainly, unless the caller passes another policy
+// (the CPU loop passes non-temporal stores for an output it streams past the cache).
+struct PlainStore {
+  template <int N, typename T>
+  BK_HD static void put(T* target, const T (&values)[N]) {
+    store<N>(target, values);
+  }
+};
+
 // Whether element i of every tensor of ``op`` starts a 16-byte word.
 template <typename Op>
 BK_HD bool aligned_at(const Op& op, int64_t i) {
@@ -232,7 +241,7 @@ struct TwoPointOp {
   BK_HD TwoPointOp<W2, S2> with_tensors(W2* out2, const W2* weights2, const S2* snapshot2) const {
     return {out2, weights2, snapshot2};
   }
-  template <int N>
+  template <int N, typename OutStore = PlainStore>
   BK_HD int apply(int64_t i) const {
     W w_in[N];
     S snap_in[N];
@@ -244,7 +253,7 @@ struct TwoPointOp {
       result[k] =
           static_cast<W>(two_point(static_cast<T>(w_in[k]), static_cast<T>(snap_in[k])));
     }
-    store<N>(out + i, result);
+    OutStore::template put<N>(out + i, result);
     return 0;
   }
 };
