@@ -102,6 +102,19 @@ def cases(numel, device):
     def buf(dtype):
         return torch.randn(numel, generator=g, device=device).to(dtype)
 
+    def ema(shadow, weights, skip_nonfinite=False):
+        """The fused EMA and the best pure-torch way: lerp_, after a cast where the
+        weights' dtype differs from the shadow's."""
+        rate = 1 - 0.999
+        if weights.dtype == shadow.dtype:
+            peer = "torch lerp_", lambda: shadow.lerp_(weights, rate)
+        else:
+            peer = "torch cast + lerp_", lambda: shadow.lerp_(weights.to(shadow.dtype), rate)
+        return {
+            "fused": lambda: ops.ema_update_(shadow, weights, 0.999, None, skip_nonfinite, None),
+            peer[0]: peer[1],
+        }
+
     w, s = buf(F32), buf(F32)
     yield "BELAY fp32 (skip non-finite)", 16 * numel, {
         "fused": lambda: ops.belay_step_(w, s, 0.01, 0.001, None, None, True, None),
@@ -112,22 +125,10 @@ def cases(numel, device):
         "torch reference": lambda: reference.belay_step_(w, s, 0.01, 0.001, False, None),
     }
     wb = buf(BF16)
-    yield "EMA bf16 weights, fp32 shadow (propagate)", 10 * numel, {
-        "fused": lambda: ops.ema_update_(s, wb, 0.999, None, False, None),
-        "torch cast + lerp_": lambda: s.lerp_(wb.float(), 1 - 0.999),
-    }
-    yield "EMA bf16 weights, fp32 shadow (skip non-finite)", 10 * numel, {
-        "fused": lambda: ops.ema_update_(s, wb, 0.999, None, True, None),
-        "torch cast + lerp_": lambda: s.lerp_(wb.float(), 1 - 0.999),
-    }
-    yield "EMA fp32 (propagate)", 12 * numel, {
-        "fused": lambda: ops.ema_update_(s, w, 0.999, None, False, None),
-        "torch lerp_": lambda: s.lerp_(w, 1 - 0.999),
-    }
-    yield "EMA fp32 (skip non-finite)", 12 * numel, {
-        "fused": lambda: ops.ema_update_(s, w, 0.999, None, True, None),
-        "torch lerp_": lambda: s.lerp_(w, 1 - 0.999),
-    }
+    yield "EMA bf16 weights, fp32 shadow (propagate)", 10 * numel, ema(s, wb)
+    yield "EMA bf16 weights, fp32 shadow (skip non-finite)", 10 * numel, ema(s, wb, True)
+    yield "EMA fp32 (propagate)", 12 * numel, ema(s, w)
+    yield "EMA fp32 (skip non-finite)", 12 * numel, ema(s, w, True)
     yield "SWA fp32", 12 * numel, {
         "fused": lambda: ops.swa_update_(s, w, 7, None, True, None),
         "torch reference": lambda: reference.swa_update_(s, w, 7, True, None),
@@ -157,18 +158,9 @@ def cases(numel, device):
         "fused": lambda: ops.belay_step_(wb, s, 0.01, 0.001, None, None, False, None),
         "torch reference": lambda: reference.belay_step_(wb, s, 0.01, 0.001, False, None),
     }
-    yield "EMA bf16 weights, bf16 shadow", 6 * numel, {
-        "fused": lambda: ops.ema_update_(sb, wb, 0.999, None, False, None),
-        "torch lerp_": lambda: sb.lerp_(wb, 1 - 0.999),
-    }
-    yield "EMA fp16 weights, fp32 shadow", 10 * numel, {
-        "fused": lambda: ops.ema_update_(s, wh, 0.999, None, False, None),
-        "torch cast + lerp_": lambda: s.lerp_(wh.float(), 1 - 0.999),
-    }
-    yield "EMA fp16 weights, fp16 shadow", 6 * numel, {
-        "fused": lambda: ops.ema_update_(sh, wh, 0.999, None, False, None),
-        "torch lerp_": lambda: sh.lerp_(wh, 1 - 0.999),
-    }
+    yield "EMA bf16 weights, bf16 shadow", 6 * numel, ema(sb, wb)
+    yield "EMA fp16 weights, fp32 shadow", 10 * numel, ema(s, wh)
+    yield "EMA fp16 weights, fp16 shadow", 6 * numel, ema(sh, wh)
     out_h = torch.empty_like(wh)
     yield "two-point average fp16", 6 * numel, {
         "fused": lambda: ops.two_point_average_(out_h, wh, sh),
