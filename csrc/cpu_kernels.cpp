@@ -138,7 +138,8 @@ BK_HD int64_t streamed_block(const Op& op, int64_t begin, int64_t end) {
 
 // A streamed output whose elements are as wide as the op's math (fp32, fp64) is stored
 // straight from the vector registers instead, with no buffer between: the fp32 two-point
-// average ran 8-13% faster so (a C++ model of both loops on the dev VM, three runs).
+// average went from a median of 73% to 85% of the streaming bandwidth (bench/README.md,
+// run 7: two builds alternated in five pairs of processes).
 // Narrower outputs keep the buffer, whose rounding loop the compiler vectorizes (in the
 // vector form it did not: bf16 at 3-4 GB/s), and so do tensors that are not aligned alike.
 template <typename Op>

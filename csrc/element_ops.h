@@ -1,6 +1,7 @@
 // One functor per method: the tensors' addresses and scalars of one call, and ``apply<N>``,
 // which loads N elements of every tensor, runs belay_math.h on each, and stores the result.
-// N is 1 (scalar path, and the CPU loops) or kVec (the aligned 128-bit path).
+// N is 1 (scalar path, and the CPU loops) or kVec (the aligned 128-bit path, and the CPU
+// loop's streamed fp32/fp64 two-point output).
 // ``tensors()`` lists the addresses, const where the op only reads; the loops derive
 // alignment and prefetching from it. An op with ``kStreamsOutput`` lists first an output
 // that it only writes (the CPU loop computes a block of it into a small buffer, then

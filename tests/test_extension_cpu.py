@@ -61,6 +61,24 @@ def test_streamed_two_point_output_matches_reference(pair, offsets):
         compare_with_reference("two_point", "cpp", trajectory)
 
 
+@pytest.mark.parametrize("n", [1001, (3 << 20) + 5], ids=["stored", "streamed"])
+def test_fp16_rounds_as_torch_bit_for_bit(n):
+    """fp16 results round to nearest, ties to even, exactly as torch's own conversion: the
+    two-point average of random finite fp16 bit patterns (subnormals, the largest values,
+    and a tie whenever the sum is odd in its last bit), whose fp32 sum is exact. On x86
+    with F16C this goes through cpu_fp16_staging.h; the streamed size through its
+    non-temporal stores."""
+    generator = torch.Generator().manual_seed(n)
+    bits = torch.randint(-(2**15), 2**15, (2, n), generator=generator, dtype=torch.int32)
+    halves = bits.to(torch.int16).view(torch.float16)
+    weights, snapshot = torch.where(halves.isfinite(), halves, 0.0)
+    out = torch.empty_like(weights)
+    with torch_threads(2):
+        torch.ops.belay_kernels.two_point_average_(out, weights, snapshot)
+    expected = ((weights.float() + snapshot.float()) * 0.5).half()
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
 @pytest.mark.parametrize("n", ODD_SIZES)
 @pytest.mark.parametrize("pair", SWAP_PAIRS, ids=pair_id)
 def test_swap_is_bit_exact(pair, n):
