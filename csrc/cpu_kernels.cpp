@@ -149,12 +149,11 @@ constexpr bool streams_from_registers =
 template <typename Op>
 BK_HD int64_t register_streamed_block(const Op& op, int64_t begin, int64_t end) {
 #if defined(BK_STREAMING_STORES)
-  int64_t head = 0;  // elements before every tensor starts a 16-byte word
-  while (head < Op::kVec && !aligned_at(op, begin + head)) ++head;
-  if (head < Op::kVec) {
+  const int64_t aligned = first_aligned(op, begin, end);
+  if (aligned >= 0) {
     int64_t i = begin;
     int32_t skipped = 0;
-    for (; i < std::min(end, begin + head); ++i) skipped += op.template apply<1>(i);
+    for (; i < aligned; ++i) skipped += op.template apply<1>(i);
     for (; i + Op::kVec <= end; i += Op::kVec) {
       skipped += op.template apply<Op::kVec, StreamingStore>(i);
     }

@@ -102,6 +102,17 @@ BK_HD bool aligned_at(const Op& op, int64_t i) {
                     op.tensors());
 }
 
+// The first element in [begin, min(end, begin + kVec)) at which every tensor of ``op``
+// starts a 16-byte word, or -1 where there is none (for tensors misaligned differently,
+// there never is).
+template <typename Op>
+BK_HD int64_t first_aligned(const Op& op, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end && i < begin + Op::kVec; ++i) {
+    if (aligned_at(op, i)) return i;
+  }
+  return -1;
+}
+
 template <typename Op>
 constexpr bool streams_output = requires { requires Op::kStreamsOutput; };
 

@@ -21,9 +21,8 @@ template <typename Op>
 BK_HD int64_t span_body(const Op& op, int64_t begin, int64_t end, int64_t rank,
                         int64_t thread_count) {
   constexpr int V = Op::kVec;
-  int64_t head_end = begin;
-  while (head_end < end && head_end - begin < V && !aligned_at(op, head_end)) ++head_end;
-  if (head_end - begin == V) head_end = end;  // no index aligns every tensor
+  const int64_t aligned = first_aligned(op, begin, end);
+  const int64_t head_end = aligned < 0 ? end : aligned;  // all scalar where none aligns
   int64_t skipped = 0;
   for (int64_t i = begin + rank; i < head_end; i += thread_count) {
     skipped += op.template apply<1>(i);
