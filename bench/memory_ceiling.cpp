@@ -46,20 +46,13 @@ struct Buffers {
 // the other two fp32 buffers: the same kernel on memory of its own shows how much the
 // physical placement of a buffer alone moves the rate.
 volatile float g_factor = 1.0f;
-void scale(float* a, std::int64_t begin, std::int64_t end) {
+template <float* Buffers::*kBuffer>
+void scale_in_place(const Buffers& m, std::int64_t begin, std::int64_t end) {
+  float* a = m.*kBuffer;
   const __m256 one = _mm256_set1_ps(g_factor);
   for (std::int64_t i = begin; i < end; i += 8) {
     _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_loadu_ps(a + i), one));
   }
-}
-void scale_in_place(const Buffers& m, std::int64_t begin, std::int64_t end) {
-  scale(m.a, begin, end);
-}
-void scale_second_buffer(const Buffers& m, std::int64_t begin, std::int64_t end) {
-  scale(m.b, begin, end);
-}
-void scale_third_buffer(const Buffers& m, std::int64_t begin, std::int64_t end) {
-  scale(m.c, begin, end);
 }
 
 // EMA / SWA, fp32: read weights, read and write the shadow in place. 12 B.
@@ -136,9 +129,9 @@ int main(int argc, char** argv) {
   const Buffers m{buffer<float>(n), buffer<float>(n), buffer<float>(n),
                   buffer<std::uint16_t>(n), buffer<std::uint16_t>(n)};
   const std::vector<Kernel> kernels = {
-      {"in-place scale fp32 (the stream reference)", 8, scale_in_place},
-      {"the same on a second buffer", 8, scale_second_buffer},
-      {"the same on a third buffer", 8, scale_third_buffer},
+      {"in-place scale fp32 (the stream reference)", 8, scale_in_place<&Buffers::a>},
+      {"the same on a second buffer", 8, scale_in_place<&Buffers::b>},
+      {"the same on a third buffer", 8, scale_in_place<&Buffers::c>},
       {"EMA/SWA fp32 pattern", 12, ema_fp32},
       {"two-point fp32 pattern, ordinary stores", 12, two_point_fp32_stored},
       {"two-point fp32 pattern, non-temporal", 12, two_point_fp32_streamed},
