@@ -546,8 +546,9 @@ class SWA(Averager):
 
 
 class Belay(Averager):
-    """BELAY: the model and the shadow are two masses on a spring (see the poster in
-    ``shared/seeds``). After the optimizer's step, both sides read before either write::
+    """BELAY: the model and the shadow are two masses on a spring (``docs/methods.md``
+    gives the physics and its source). After the optimizer's step, both sides read before
+    either write::
 
         weights <- weights + beta  * (shadow - weights)       # the spring pulls the model
         shadow  <- shadow  + alpha * (weights_before - shadow)  # the shadow is an EMA
