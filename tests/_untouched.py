@@ -18,7 +18,8 @@ def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
 
 class Snapshot:
     def __init__(self, *tensors: torch.Tensor):
-        self.tensors = [t for t in _flatten(tensors)]
+        # meta tensors hold no data to compare
+        self.tensors = [t for t in _flatten(tensors) if t.device.type != "meta"]
         self.before = [_storage_bytes(t) for t in self.tensors]
 
     def changed(self) -> list[int]:
