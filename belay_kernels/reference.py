@@ -91,7 +91,7 @@ def _store(target: torch.Tensor, value: torch.Tensor) -> None:
     target.copy_(value)
     canonical = _CANONICAL_NAN.get(target.dtype)
     if canonical is not None and value.dtype != target.dtype:
-        target.view(torch.int16).masked_fill_(torch.isnan(target), canonical)
+        target.view(torch.int16).masked_fill_(torch.isnan(value), canonical)
 
 
 def _kept(
