@@ -55,6 +55,57 @@ def tensors_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a_lo < b_hi and b_lo < a_hi
 
 
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """True when two elements of ``t`` may share memory (stride 0 from ``expand()``, or an
+    ``as_strided`` layout that folds onto itself). Exact for every layout that slicing,
+    transposing and permuting produce; conservative for the rest."""
+    reach = 0  # the largest offset the dims with smaller strides reach
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def check_written(name: str, t: torch.Tensor) -> None:
+    """A tensor the op writes must give every element its own memory."""
+    if has_internal_overlap(t):
+        raise BelayInputError(
+            f"{name} (shape {tuple(t.shape)}, strides {tuple(t.stride())}) has elements that "
+            "share memory, e.g. from expand(); the op writes it, so each element needs its "
+            f"own memory. Pass a tensor with its own storage ({name}.contiguous() is one)."
+        )
+
+
+def check_rows_disjoint(
+    names: Sequence[str], rows: Sequence[Sequence[torch.Tensor]], written: Sequence[int]
+) -> None:
+    """No tensor that any row writes (columns ``written``) shares memory with any other
+    tensor of the call, in any row: a later row would read what an earlier one wrote.
+    Reading one tensor twice is fine. One sort by address, so long lists stay cheap."""
+    spans = []
+    for i, row in enumerate(rows):
+        for j, t in enumerate(row):
+            if t.numel() > 0:
+                lo, hi = _byte_span(t)
+                spans.append((str(t.device), lo, hi, j in written, f"{names[j]}[{i}]"))
+    spans.sort(key=lambda span: span[:2])
+    furthest = {}  # device -> (hi, name) of the span reaching furthest so far, any / written
+    for device, lo, hi, is_written, name in spans:
+        any_hi, any_name = furthest.get((device, False), (0, ""))
+        w_hi, w_name = furthest.get((device, True), (0, ""))
+        other = any_name if is_written and any_hi > lo else w_name if w_hi > lo else None
+        if other is not None:
+            raise BelayInputError(
+                f"{other} and {name} share memory; the call would read or write values it "
+                f"has already written. Give each tensor its own storage (e.g. {name}.clone())."
+            )
+        if hi > any_hi:
+            furthest[(device, False)] = (hi, name)
+        if is_written and hi > w_hi:
+            furthest[(device, True)] = (hi, name)
+
+
 def check_pair(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
     """Same shape, same device, floating dtypes, and no two tensors sharing memory."""
     for name, t in zip(names, tensors):
@@ -80,34 +131,43 @@ def check_pair(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
                 )
 
 
-def check_unit_interval(name: str, value: object, device: torch.device) -> None:
-    """A rate in [0, 1]: a Python number, or a 0-d floating tensor on ``device``."""
+# The largest count: count + 1 must still fit the kernels' int64.
+MAX_COUNT = 2**63 - 2
+INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_scalar_tensor(name, value, dtypes, kind, device) -> None:
+    """One value (shape () or (1,), so it broadcasts against any tensor) of ``dtypes``, on
+    ``device`` or the CPU. Its value is not read here (no host sync): the kernels guard it."""
+    if value.numel() != 1 or value.dim() > 1 or value.dtype not in dtypes:
+        raise BelayInputError(
+            f"{name} as a tensor must hold one {kind} value, shape () or (1,), got shape "
+            f"{tuple(value.shape)} dtype {value.dtype} (e.g. torch.tensor(..., "
+            f"dtype={dtypes[-1]}))."
+        )
+    if device is not None and value.device != device and value.device.type != "cpu":
+        raise BelayInputError(f"{name} is on {value.device} but the tensors are on {device}.")
+
+
+def check_unit_interval(name: str, value: object, device: torch.device | None) -> None:
+    """A rate in [0, 1]: a Python number, or a one-value floating tensor on ``device``."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
-            raise BelayInputError(
-                f"{name} as a tensor must be a single floating-point value, got "
-                f"shape {tuple(value.shape)} dtype {value.dtype}."
-            )
-        if value.device != device and value.device.type != "cpu":
-            raise BelayInputError(f"{name} is on {value.device} but the tensors are on {device}.")
+        _check_scalar_tensor(name, value, FLOAT_DTYPES, "floating-point", device)
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BelayInputError(f"{name} must be a number in [0, 1], got {value!r}.")
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
+    if (isinstance(value, float) and math.isnan(value)) or not 0 <= value <= 1:
         raise BelayInputError(f"{name} must be in [0, 1], got {value!r}.")
 
 
-def check_count(value: object, device: torch.device) -> None:
+def check_count(value: object, device: torch.device | None) -> None:
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_floating_point() or value.dtype == torch.bool:
-            raise BelayInputError(
-                f"count as a tensor must be a single integer value, got shape "
-                f"{tuple(value.shape)} dtype {value.dtype}."
-            )
+        _check_scalar_tensor("count", value, INT_DTYPES, "integer", device)
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
         raise BelayInputError(
-            f"count is how many models the shadow already averages: an int >= 0, got {value!r}."
+            "count is how many models the shadow already averages: an int in "
+            f"[0, 2**63 - 2], got {value!r}."
         )
 
 

@@ -168,6 +168,7 @@ class Averager:
         self.nonfinite = nonfinite
         self.backend = backend
         shadow_dtype_for = self._shadow_dtype_rule(shadow_dtype)
+        self._check_backend(params + named_buffers, named_buffers, shadow_dtype_for)
         if self._buffers_join_params:  # one track kind: every tensor gets the same update
             self._tracks = _tracks(params + named_buffers, True, shadow_dtype_for, flatten)
         else:
@@ -183,11 +184,39 @@ class Averager:
     def _shadow_dtype_rule(self, shadow_dtype):
         return (lambda _: shadow_dtype) if shadow_dtype is not None else default_shadow_dtype
 
+    def _track_ops(self, weights_dtype, shadow_dtype, is_param) -> list[tuple[str, tuple]]:
+        """(op, its tensors' dtypes in argument order) that step() runs on such a track."""
+        raise NotImplementedError
+
+    def _check_backend(self, named, named_buffers, shadow_dtype_for) -> None:
+        """Refuse, before anything is built or moved, a backend that step() could not run
+        on some track (a named backend without a kernel for a dtype pair or layout)."""
+        buffer_ids = {id(b) for _, b in named_buffers}
+        kinds: dict[tuple, list[str]] = {}
+        for name, t in named:
+            # A track is a flat buffer (contiguous) or a list of tensors as they are.
+            is_param = self._buffers_join_params or id(t) not in buffer_ids
+            key = (t.device.type, t.dtype, t.is_contiguous(), is_param)
+            kinds.setdefault(key, []).append(name)
+        for (device_type, dtype, contiguous, is_param), names in kinds.items():
+            shadow_dtype = shadow_dtype_for(dtype)
+            for op, dtypes in self._track_ops(dtype, shadow_dtype, is_param):
+                try:
+                    _backends.resolve(self.backend, op, device_type, dtypes, contiguous)
+                except BelayInputError as exc:
+                    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                    raise BelayInputError(
+                        f"step() could not run on the track of {shown} ({dtype} weights, "
+                        f"{shadow_dtype} shadow, on {device_type}): {exc}"
+                    ) from None
+
     # ---- the update -------------------------------------------------------------------
     def step(self) -> None:
-        """Update the shadow (and for BELAY the weights). Call after ``optimizer.step()``."""
+        """Update the shadow (and for BELAY the weights). Call after ``optimizer.step()``.
+        Every track's call is checked before any runs: a refused step changes nothing."""
         self._check_ready("step()")
-        self._update(self._steps)
+        with ops.all_checked_first():
+            self._update(self._steps)
         self._steps += 1
 
     def _update(self, t: int) -> None:
@@ -496,6 +525,9 @@ class EMA(Averager):
             decay = 0.999
         return as_schedule(decay), _check_every("every", every)
 
+    def _track_ops(self, weights_dtype, shadow_dtype, is_param):
+        return [("ema_update_", (shadow_dtype, weights_dtype))]
+
     def decay_at(self, t: int) -> float:
         """The decay applied at step ``t`` (0 for steps that do not update)."""
         return every_k(self.schedule.decay_at(t), self.every)
@@ -530,6 +562,9 @@ class SWA(Averager):
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise BelayInputError(f"start must be an int >= 0, got {start!r}.")
         return start, _check_every("every", every)
+
+    def _track_ops(self, weights_dtype, shadow_dtype, is_param):
+        return [("swa_update_", (shadow_dtype, weights_dtype))]
 
     def _update(self, t: int) -> None:
         if t < self.start or (t - self.start) % self.every:
@@ -591,6 +626,11 @@ class Belay(Averager):
             raise BelayInputError(f"eta must be a positive number or None, got {eta!r}.")
         return float(alpha), float(beta), eta
 
+    def _track_ops(self, weights_dtype, shadow_dtype, is_param):
+        if is_param:
+            return [("belay_step_", (weights_dtype, shadow_dtype))]
+        return [("ema_update_", (shadow_dtype, weights_dtype))]
+
     def _update(self, t: int) -> None:
         for track in self._tracks:
             kwargs = self._op_kwargs(track)
@@ -640,13 +680,22 @@ class TwoPoint(Averager):
     def snapshot_age(self) -> int:
         return self._steps - self._snapshot_step
 
+    def _track_ops(self, weights_dtype, shadow_dtype, is_param):
+        # what averaged() and copy_to() run; the average is laid out like the snapshot
+        return [("two_point_average_", (shadow_dtype, weights_dtype, shadow_dtype))]
+
     def _update(self, t: int) -> None:
         if (t + 1) % self.gap:
             return
+        # every track checked before any snapshot is written
+        rows = [
+            row
+            for track in self._tracks
+            for row in ops._rows(("snapshot", "weights"), (track.shadow, track.weights), (0,))
+        ]
         with torch.no_grad():
-            for track in self._tracks:
-                for snap, live in _rows(track.shadow, track.weights):
-                    snap.copy_(live)
+            for snap, live in rows:
+                snap.copy_(live)
         self._snapshot_step = t + 1
         self._updates += 1
 

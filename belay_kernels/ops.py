@@ -10,7 +10,9 @@ The math of each op is in :mod:`belay_kernels.reference`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -20,19 +22,26 @@ from ._checks import (
     check_count,
     check_nonfinite,
     check_pair,
+    check_rows_disjoint,
     check_skipped,
     check_unit_interval,
+    check_written,
 )
 from .reference import SWAP_PAIRS, swap_supported
 
 TensorOrList = torch.Tensor | Sequence[torch.Tensor]
 
 
-def _rows(names: Sequence[str], args: Sequence[TensorOrList]) -> list[tuple[torch.Tensor, ...]]:
-    """Turn (tensor, tensor, ...) or (list, list, ...) into checked rows of tensors."""
+def _rows(
+    names: Sequence[str], args: Sequence[TensorOrList], written: Sequence[int]
+) -> list[tuple[torch.Tensor, ...]]:
+    """Turn (tensor, tensor, ...) or (list, list, ...) into checked rows of tensors; the
+    columns ``written`` are the ones the op writes."""
     if all(isinstance(a, torch.Tensor) for a in args):
         rows = [tuple(args)]
         check_pair(names, rows[0])
+        for j in written:
+            check_written(names[j], rows[0][j])
         return rows
     lists = []
     for name, a in zip(names, args):
@@ -49,6 +58,9 @@ def _rows(names: Sequence[str], args: Sequence[TensorOrList]) -> list[tuple[torc
     rows = list(zip(*lists))
     for i, row in enumerate(rows):
         check_pair([f"{n}[{i}]" for n in names], row)
+        for j in written:
+            check_written(f"{names[j]}[{i}]", row[j])
+    check_rows_disjoint(names, rows, written)
     devices = {row[0].device for row in rows}
     if len(devices) > 1:
         raise BelayInputError(
@@ -58,17 +70,41 @@ def _rows(names: Sequence[str], args: Sequence[TensorOrList]) -> list[tuple[torc
     return rows
 
 
-def _checked(names, tensors, nonfinite, skipped):
+def _checked(names, tensors, written, nonfinite, skipped):
     """Rows, their device, and the non-finite flag, for the ops that update a shadow."""
-    rows = _rows(names, tensors)
+    rows = _rows(names, tensors, written)
     device = rows[0][0].device if rows else torch.device("cpu")
     skip = check_nonfinite(nonfinite)
     check_skipped(skipped, device)
     return rows, device, skip
 
 
-def _dispatch(op: str, rows, args: tuple, backend: str) -> None:
-    """Run ``op`` on every row, grouping rows that go to the same backend module."""
+# Inside all_checked_first(), the ops of this thread queue their checked plans here.
+_deferred = threading.local()
+
+
+@contextlib.contextmanager
+def all_checked_first() -> Iterator[None]:
+    """Ops called inside the block check their arguments and choose their backends, but
+    run nothing; when the block ends without an exception, every planned kernel runs, in
+    call order. So a bad argument to any of the calls leaves all their tensors untouched
+    (what an averager's step() needs). The calls must not read what an earlier one writes."""
+    outer = getattr(_deferred, "plans", None)
+    _deferred.plans = plans = []
+    try:
+        yield
+    finally:
+        _deferred.plans = outer
+    if outer is not None:  # nested: the outermost block runs them
+        outer.extend(plans)
+        return
+    for plan in plans:
+        plan()
+
+
+def _plan(op: str, rows, backend: str) -> list[tuple]:
+    """(backend module, rows) for every group of rows that go to the same module."""
+    _backends.check_name(backend)  # also when there is nothing to run
     groups: dict[tuple, list] = {}
     for row in rows:
         key = (
@@ -78,19 +114,32 @@ def _dispatch(op: str, rows, args: tuple, backend: str) -> None:
         )
         groups.setdefault(key, []).append(row)
     # Resolve every group before running any, so a refusal leaves all tensors untouched.
-    plan = [
+    return [
         (_backends.resolve(backend, op, device_type, dtypes, contiguous), group)
         for (device_type, dtypes, contiguous), group in groups.items()
     ]
-    with torch.no_grad():
-        for module, group in plan:
-            foreach = getattr(module, op + "foreach", None)
-            if foreach is not None and len(group) > 1:
-                foreach(*(list(column) for column in zip(*group)), *args)
-            else:
-                fn = getattr(module, op)
-                for row in group:
-                    fn(*row, *args)
+
+
+def _dispatch(op: str, rows, args: tuple, backend: str) -> None:
+    """Run ``op`` on every row (or queue it, inside all_checked_first())."""
+    plan = _plan(op, rows, backend)
+
+    def run() -> None:
+        with torch.no_grad():
+            for module, group in plan:
+                foreach = getattr(module, op + "foreach", None)
+                if foreach is not None and len(group) > 1:
+                    foreach(*(list(column) for column in zip(*group)), *args)
+                else:
+                    fn = getattr(module, op)
+                    for row in group:
+                        fn(*row, *args)
+
+    plans = getattr(_deferred, "plans", None)
+    if plans is None:
+        run()
+    else:
+        plans.append(run)
 
 
 def ema_update_(
@@ -103,7 +152,7 @@ def ema_update_(
     backend: str = "auto",
 ) -> TensorOrList:
     """``shadow <- shadow + (1 - decay) (weights - shadow)``, in place."""
-    rows, device, skip = _checked(("shadow", "weights"), (shadow, weights), nonfinite, skipped)
+    rows, device, skip = _checked(("shadow", "weights"), (shadow, weights), (0,), nonfinite, skipped)
     check_unit_interval("decay", decay, device)
     _dispatch("ema_update_", rows, (decay, skip, skipped), backend)
     return shadow
@@ -121,7 +170,7 @@ def swa_update_(
     """Equal running mean: ``shadow <- shadow + (weights - shadow) / (count + 1)``, where
     ``count`` is how many models the shadow already holds (0 copies). The caller
     increments its count afterwards."""
-    rows, device, skip = _checked(("shadow", "weights"), (shadow, weights), nonfinite, skipped)
+    rows, device, skip = _checked(("shadow", "weights"), (shadow, weights), (0,), nonfinite, skipped)
     check_count(count, device)
     _dispatch("swa_update_", rows, (count, skip, skipped), backend)
     return shadow
@@ -140,7 +189,7 @@ def belay_step_(
     """BELAY after the optimizer's step, both sides read before either write:
     ``weights <- weights + beta (shadow - weights)`` and
     ``shadow <- shadow + alpha (weights_before - shadow)``."""
-    rows, device, skip = _checked(("weights", "shadow"), (weights, shadow), nonfinite, skipped)
+    rows, device, skip = _checked(("weights", "shadow"), (weights, shadow), (0, 1), nonfinite, skipped)
     check_unit_interval("alpha", alpha, device)
     check_unit_interval("beta", beta, device)
     _dispatch("belay_step_", rows, (alpha, beta, skip, skipped), backend)
@@ -160,7 +209,7 @@ def two_point_average(
             out = torch.empty_like(weights, memory_format=torch.contiguous_format)
         else:
             out = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
-    rows = _rows(("out", "weights", "snapshot"), (out, weights, snapshot))
+    rows = _rows(("out", "weights", "snapshot"), (out, weights, snapshot), (0,))
     _dispatch("two_point_average_", rows, (), backend)
     return out
 
@@ -177,7 +226,7 @@ def swap_(
     For one dtype the swap is its own inverse. For bf16 weights with an fp32 shadow the
     model receives the shadow rounded to bf16 and both are restored bit for bit by the
     inverse (see :func:`belay_kernels.reference.swap_`)."""
-    rows = _rows(("weights", "shadow"), (weights, shadow))
+    rows = _rows(("weights", "shadow"), (weights, shadow), (0, 1))
     for row in rows:
         if not swap_supported(row[0].dtype, row[1].dtype):
             raise BelayInputError(

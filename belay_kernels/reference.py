@@ -20,12 +20,22 @@ two-point average     ``out <- (w + snapshot) / 2``
 
 Scalars are rounded to opmath before use; ``1 - decay`` is computed in float64 first.
 ``lerp`` is ``torch.lerp``: ``a + t (b - a)`` for ``t < 0.5`` and ``b - (b - a)(1 - t)``
-otherwise, so a weight of exactly 1 copies and a weight of 0 keeps. The EMA therefore
-rounds exactly as ``torch._foreach_lerp_`` does (timm's ModelEmaV3, ``AveragedModel``).
+otherwise, so a weight of 0 keeps; a weight of exactly 1 (after rounding to opmath)
+copies ``b``, even over a non-finite ``a`` (where ``torch.lerp`` gives NaN). The EMA
+therefore rounds exactly as ``torch._foreach_lerp_`` does (timm's ModelEmaV3,
+``AveragedModel``).
 
 Non-finite policy: with ``skip_nonfinite`` an element whose incoming weight is NaN or
 inf keeps its previous shadow value, and the number of such elements is added to
 ``skipped`` (an int64 tensor) when one is given.
+
+A hyperparameter held in a tensor is not read on the host; when it is out of range (a
+NaN or negative decay, a negative count) the call leaves every tensor as it was and
+counts every element in ``skipped``, whatever the non-finite policy.
+
+A NaN stored into bf16 or fp16 is the canonical quiet NaN (0x7fc0, 0x7e00), as the
+compiled kernels store it, so its bits do not depend on where torch's conversion
+happened to run vectorized (the flat and the list path agree bit for bit).
 """
 
 from __future__ import annotations
@@ -56,16 +66,54 @@ def _up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _keep_shadow_where_nonfinite(
-    new_shadow: torch.Tensor,
-    old_shadow: torch.Tensor,
-    weights: torch.Tensor,
-    skipped: torch.Tensor | None,
+def _lerp(start: torch.Tensor, end: torch.Tensor, weight: Scalar) -> torch.Tensor:
+    """``torch.lerp``, except that a weight of exactly 1 copies ``end``. ``weight`` is a
+    number or a tensor already in the math's dtype; a number counts as 1 when it rounds
+    to 1 there, as it does in the kernels."""
+    if isinstance(weight, torch.Tensor):
+        return torch.where(weight == 1, end, torch.lerp(start, end, weight))
+    if torch.tensor(weight, dtype=start.dtype).item() == 1:
+        return end.clone()
+    return torch.lerp(start, end, weight)
+
+
+def _is_rate(x: torch.Tensor) -> torch.Tensor:
+    """Whether a tensor rate is in [0, 1] (False for NaN), on the device: no host sync."""
+    return (x >= 0) & (x <= 1)
+
+
+# The quiet NaN the compiled kernels store (c10's conversions), per 16-bit dtype.
+_CANONICAL_NAN = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
+
+
+def _store(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)``; a NaN narrowed into bf16/fp16 gets the canonical bits."""
+    target.copy_(value)
+    canonical = _CANONICAL_NAN.get(target.dtype)
+    if canonical is not None and value.dtype != target.dtype:
+        target.view(torch.int16).masked_fill_(torch.isnan(value), canonical)
+
+
+def _kept(
+    weights: torch.Tensor, skip_nonfinite: bool, valid: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Where the shadow keeps its old value: non-finite incoming weights (under skip) and,
+    for an out-of-range tensor hyperparameter (``valid`` False), everywhere. None: nowhere."""
+    keep = ~torch.isfinite(weights) if skip_nonfinite else None
+    if valid is not None:
+        everywhere = (~valid).expand(weights.shape)
+        keep = everywhere if keep is None else keep | everywhere
+    return keep
+
+
+def _keep_where(
+    keep: torch.Tensor | None, old: torch.Tensor, new: torch.Tensor, skipped: torch.Tensor | None
 ) -> torch.Tensor:
-    bad = ~torch.isfinite(weights)
+    if keep is None:
+        return new
     if skipped is not None:
-        skipped.add_(bad.sum())
-    return torch.where(bad, old_shadow, new_shadow)
+        skipped.add_(keep.sum())
+    return torch.where(keep, old, new)
 
 
 def _shadow_update_(
@@ -74,13 +122,13 @@ def _shadow_update_(
     new_shadow_fn,
     skip_nonfinite: bool,
     skipped: torch.Tensor | None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     op = opmath_dtype(shadow, weights)
     s, w = _up(shadow, op), _up(weights, op)
     new = new_shadow_fn(s, w)
-    if skip_nonfinite:
-        new = _keep_shadow_where_nonfinite(new, s, w, skipped)
-    shadow.copy_(new)
+    new = _keep_where(_kept(w, skip_nonfinite, valid), s, new, skipped)
+    _store(shadow, new)
     return shadow
 
 
@@ -93,10 +141,12 @@ def ema_update_(
 ) -> torch.Tensor:
     """``shadow <- lerp(shadow, weights, 1 - decay)``, ``1 - decay`` taken in float64."""
     rate = one_minus(decay)
+    valid = None
     if isinstance(rate, torch.Tensor):
-        rate = rate.to(opmath_dtype(shadow, weights))
+        valid = _is_rate(decay.reshape(()))
+        rate = rate.reshape(()).to(opmath_dtype(shadow, weights))
     return _shadow_update_(
-        shadow, weights, lambda s, w: torch.lerp(s, w, rate), skip_nonfinite, skipped
+        shadow, weights, lambda s, w: _lerp(s, w, rate), skip_nonfinite, skipped, valid
     )
 
 
@@ -112,16 +162,19 @@ def swa_update_(
     to opmath. Weight 1 (count 0) copies exactly. This is the mean
     ``shadow + (weights - shadow) / (count + 1)`` rounded as ``AveragedModel`` rounds it."""
 
+    valid = None
     if isinstance(count, torch.Tensor):
+        count = count.reshape(())
+        valid = count >= 0
         weight_of_new = 1 / (count.to(torch.float64) + 1)
         weight_of_new = weight_of_new.to(opmath_dtype(shadow, weights))
     else:
         weight_of_new = 1 / (count + 1)
 
     def new_shadow(s, w):
-        return torch.lerp(s, w, weight_of_new)
+        return _lerp(s, w, weight_of_new)
 
-    return _shadow_update_(shadow, weights, new_shadow, skip_nonfinite, skipped)
+    return _shadow_update_(shadow, weights, new_shadow, skip_nonfinite, skipped, valid)
 
 
 def belay_step_(
@@ -137,12 +190,22 @@ def belay_step_(
     from before this call: ``w <- lerp(w, s, beta)``, ``s <- lerp(s, w, alpha)``."""
     op = opmath_dtype(weights, shadow)
     w, s = _up(weights, op), _up(shadow, op)
-    new_w = torch.lerp(w, s, beta)
-    new_s = torch.lerp(s, w, alpha)
-    if skip_nonfinite:
-        new_s = _keep_shadow_where_nonfinite(new_s, s, w, skipped)
-    weights.copy_(new_w)
-    shadow.copy_(new_s)
+    valid = None
+    rates = []
+    for rate in (alpha, beta):
+        if isinstance(rate, torch.Tensor):
+            rate = rate.reshape(())
+            valid = _is_rate(rate) if valid is None else valid & _is_rate(rate)
+            rate = rate.to(op)
+        rates.append(rate)
+    alpha, beta = rates
+    new_w = _lerp(w, s, beta)
+    new_s = _lerp(s, w, alpha)
+    if valid is not None:  # an out-of-range rate: the weights stay too
+        new_w = torch.where(valid, new_w, w)
+    new_s = _keep_where(_kept(w, skip_nonfinite, valid), s, new_s, skipped)
+    _store(weights, new_w)
+    _store(shadow, new_s)
     return weights, shadow
 
 
@@ -151,7 +214,7 @@ def two_point_average_(
 ) -> torch.Tensor:
     """``out <- (weights + snapshot) / 2``, computed in opmath."""
     op = opmath_dtype(out, weights, snapshot)
-    out.copy_((_up(weights, op) + _up(snapshot, op)) * 0.5)
+    _store(out, (_up(weights, op) + _up(snapshot, op)) * 0.5)
     return out
 
 

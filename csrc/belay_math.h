@@ -16,11 +16,20 @@
 
 namespace belay {
 
-// torch.lerp: exact at both ends (weight 1 copies ``end``, weight 0 keeps ``start``).
+// torch.lerp's two-sided form, except that a weight of exactly 1 copies ``end`` even over
+// a non-finite ``start`` (where torch.lerp gives NaN): the first SWA update and a zero
+// decay are copies.
 template <typename T>
 BK_HD T lerp(T start, T end, T weight) {
-  return weight < T(0.5) ? start + weight * (end - start)
-                         : end - (end - start) * (T(1) - weight);
+  return weight == T(1)    ? end
+         : weight < T(0.5) ? start + weight * (end - start)
+                           : end - (end - start) * (T(1) - weight);
+}
+
+// Whether a rate (decay, alpha, beta) is in [0, 1]; false for NaN. A rate held in a tensor
+// is only known on the device, where an invalid one leaves every element as it was.
+BK_HD bool is_rate(double x) {
+  return x >= 0.0 && x <= 1.0;
 }
 
 // x - x is 0 for every finite x and NaN for NaN and +-inf; no library call, so it is the

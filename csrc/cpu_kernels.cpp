@@ -213,6 +213,8 @@ BK_HD int64_t cpu_loop(const Op& op_in, int64_t begin, int64_t end) {
   // policy, a loop per policy with the flag a known constant, so the propagate loop
   // carries no test and no count.
   Op op = op_in.resolved();
+  // An out-of-range tensor hyperparameter: nothing written, every element counted skipped.
+  if (!hparams_valid(op)) return end - begin;
   if constexpr (requires { op.skip_nonfinite; }) {
     if (op.skip_nonfinite) {
       op.skip_nonfinite = true;

@@ -21,6 +21,8 @@ template <typename Op>
 BK_HD int64_t span_body(const Op& op, int64_t begin, int64_t end, int64_t rank,
                         int64_t thread_count) {
   constexpr int V = Op::kVec;
+  // An out-of-range tensor hyperparameter: nothing written, the span counted as skipped.
+  if (!hparams_valid(op)) return rank == 0 ? end - begin : 0;
   const int64_t aligned = first_aligned(op, begin, end);
   const int64_t head_end = aligned < 0 ? end : aligned;  // all scalar where none aligns
   int64_t skipped = 0;

@@ -28,6 +28,42 @@ def oracle_belay(w, s, alpha, beta):
     return w + beta * (s - w), s + alpha * (w - s)
 
 
+# Per storage dtype: significand bits, and the frexp exponent of the smallest normal.
+_FORMAT = {
+    torch.float64: (53, -1021),
+    torch.float32: (24, -125),
+    torch.bfloat16: (8, -125),
+    torch.float16: (11, -13),
+}
+
+
+def half_ulp(exact, dtype):
+    """Half an ulp of ``dtype`` at each element of ``exact`` (subnormals included)."""
+    bits, min_exp = _FORMAT[dtype]
+    _, exp = torch.frexp(exact)
+    exp = torch.where(exact == 0, min_exp, exp.clamp(min=min_exp))
+    return torch.ldexp(torch.full_like(exact, 0.5), (exp - bits).to(exact.dtype))
+
+
+def check_one_rounding(actual, exact, weight, diff, opmath, where=""):
+    """``actual`` is ``exact`` rounded once to its dtype: within half an ulp of it, plus
+    what the math's own rounding in ``opmath`` adds to a ``lerp`` of weight ``weight``
+    over ``diff``: the rate rounded, the difference, the product and the sum, a unit of
+    opmath each (doubled for fp64, where the float64 oracle rounds as much). A second
+    rounding through any narrower dtype, or a rate off by more than a unit, fails."""
+    unit = 2.0**-53 if opmath == torch.float64 else 2.0**-24
+    units = 6 if opmath == torch.float64 else 3
+    slack = units * unit * (exact.abs() + 3 * weight * diff.abs())
+    error = (actual.double() - exact).abs()
+    allowed = half_ulp(exact, actual.dtype) + slack
+    both_nan = actual.isnan() & exact.isnan()
+    bad = ~((error <= allowed) | both_nan | (actual.double() == exact))
+    assert not bad.any(), (
+        f"{where}: {int(bad.sum())} elements more than one rounding from exact, e.g. "
+        f"actual {actual[bad][:3].tolist()} exact {exact[bad][:3].tolist()}"
+    )
+
+
 def drift_tolerance(dtype, steps):
     """One storage rounding per step, and the oracle stays exact: rounding errors add up
     at most linearly over steps (each step contracts old errors), relative to the data."""
@@ -59,10 +95,14 @@ def test_ema_matches_oracle_over_many_steps(n, pair):
     path = _trajectory(n, seed=n)
     shadow = path[0].to(s_dtype, copy=True)
     exact = shadow.double().clone()
+    op = torch.float64 if torch.float64 in pair else torch.float32
     for t in range(1, STEPS):
         weights = path[t].to(w_dtype)
-        decay = 0.9 if t % 2 else 0.75  # a weight on either side of lerp's 0.5 switch
+        decay = (0.9, 0.75, 0.999, 0.25)[t % 4]  # weights on either side of lerp's 0.5 switch
+        before = shadow.to(torch.float64, copy=True)
         ops.ema_update_(shadow, weights, decay=decay, backend="torch")
+        check_one_rounding(shadow, oracle_ema(before, weights.double(), decay), 1 - decay,
+                           weights.double() - before, op, f"step {t}")
         exact = oracle_ema(exact, weights.double(), decay)
     _check(shadow, exact, s_dtype)
 
@@ -74,9 +114,13 @@ def test_swa_matches_oracle_over_many_steps(n, pair):
     path = _trajectory(n, seed=n + 1)
     shadow = _fresh(n, s_dtype, seed=7)  # overwritten by the first update, which copies
     exact = shadow.double().clone()
+    op = torch.float64 if torch.float64 in pair else torch.float32
     for t in range(STEPS):
         weights = path[t].to(w_dtype)
+        before = shadow.to(torch.float64, copy=True)
         ops.swa_update_(shadow, weights, count=t, backend="torch")
+        check_one_rounding(shadow, oracle_swa(before, weights.double(), t), 1 / (t + 1),
+                           weights.double() - before, op, f"step {t}")
         exact = oracle_swa(exact, weights.double(), t)
         if t == 0:
             assert torch.equal(shadow, weights.to(s_dtype)), "the first SWA update must copy"
@@ -93,13 +137,15 @@ def test_belay_matches_oracle_over_many_steps(n, pair):
     steps = path.diff(dim=0)
     weights = path[0].to(w_dtype, copy=True)
     shadow = path[0].to(s_dtype, copy=True)
+    op = torch.float64 if torch.float64 in pair else torch.float32
     for t in range(STEPS - 1):
         weights += steps[t].to(w_dtype)  # the optimizer's step, in storage precision
         w_before, s_before = weights.double().clone(), shadow.double().clone()
-        ops.belay_step_(weights, shadow, alpha=0.05, beta=0.3, backend="torch")
-        exp_w, exp_s = oracle_belay(w_before, s_before, 0.05, 0.3)
-        _check(weights, exp_w, w_dtype, steps=1)
-        _check(shadow, exp_s, s_dtype, steps=1)
+        alpha, beta = (0.05, 0.3) if t % 2 else (0.75, 0.6)  # both sides of lerp's switch
+        ops.belay_step_(weights, shadow, alpha=alpha, beta=beta, backend="torch")
+        exp_w, exp_s = oracle_belay(w_before, s_before, alpha, beta)
+        check_one_rounding(weights, exp_w, beta, s_before - w_before, op, f"weights, step {t}")
+        check_one_rounding(shadow, exp_s, alpha, w_before - s_before, op, f"shadow, step {t}")
 
 
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=PAIR_IDS)
@@ -121,7 +167,9 @@ def test_two_point_average_matches_oracle(n, pair):
     w, snap = _fresh(n, w_dtype, 3), _fresh(n, s_dtype, 4)
     out = ops.two_point_average(w, snap, backend="torch")
     assert out.dtype == w_dtype and out.shape == w.shape
-    _check(out, (w.double() + snap.double()) / 2, w_dtype, steps=1)
+    op = torch.float64 if torch.float64 in pair else torch.float32
+    exact = (w.double() + snap.double()) / 2
+    check_one_rounding(out, exact, 0.0, exact, op)
 
 
 @pytest.mark.parametrize("n", ODD_SIZES)

@@ -331,3 +331,53 @@ def test_measure_counts_bytes_explicitly(monkeypatch):
                      and (r["weights_dtype"], r["shadow_dtype"]) == ("bfloat16", "float32"))
     assert ema_mixed["bytes_per_element"] == 2 + 4 + 4  # read weights and shadow, write shadow
     assert ema_mixed["gbps"] == 10 * 4099 / 2.0 / 1e6
+
+
+BAD_TENSOR_HPARAMS = [
+    ("ema", dict(decay=torch.tensor(float("nan"), dtype=torch.float64))),
+    ("ema", dict(decay=torch.tensor([1.5]))),
+    ("swa", dict(count=torch.tensor(-1))),
+    ("belay", dict(alpha=torch.tensor(float("nan")), beta=0.5)),
+    ("belay", dict(alpha=0.5, beta=torch.tensor(-0.5, dtype=torch.float64))),
+]
+
+
+@pytest.mark.parametrize("method, hparams", BAD_TENSOR_HPARAMS)
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+def test_an_out_of_range_tensor_hyperparameter_writes_nothing_and_counts_skipped(
+    method, hparams, nonfinite
+):
+    gen = torch.Generator().manual_seed(11)
+    for sizes in ((1009,), (1, 1009, 3)):
+        shadows = [fresh(n, torch.float32, gen) for n in sizes]
+        weights = [fresh(n, torch.bfloat16, gen) for n in sizes]
+        before = [t.clone() for t in shadows + weights]
+        skipped = torch.zeros((), dtype=torch.int64)
+        s, w = (shadows[0], weights[0]) if len(sizes) == 1 else (shadows, weights)
+        if method == "belay":
+            ops.belay_step_(w, s, **hparams, nonfinite=nonfinite, skipped=skipped, backend="triton")
+        else:
+            OPS[method](s, w, **hparams, nonfinite=nonfinite, skipped=skipped, backend="triton")
+        for t, b in zip(shadows + weights, before):
+            assert torch.equal(t.view(torch.int16), b.view(torch.int16)), sizes
+        assert int(skipped) == sum(sizes)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["number", "tensor"])
+def test_a_weight_of_one_copies_over_a_nonfinite_shadow(as_tensor):
+    def value(x, dtype=torch.float64):
+        return torch.tensor(x, dtype=dtype) if as_tensor else x
+
+    w = torch.tensor([2.0, 3.0, 4.0, -5.0, 0.5]).to(torch.bfloat16)
+    bad = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, float("nan")])
+    for nonfinite in ("skip", "propagate"):
+        s = bad.clone()
+        ops.ema_update_(s, w, decay=value(0.0), nonfinite=nonfinite, backend="triton")
+        assert torch.equal(s, w.float())
+        s = bad.clone()
+        ops.swa_update_(s, w, count=value(0, torch.int64), nonfinite=nonfinite, backend="triton")
+        assert torch.equal(s, w.float())
+        s, w2 = bad.clone(), w.clone()
+        ops.belay_step_(w2, s, alpha=value(1.0), beta=value(0.0), nonfinite=nonfinite,
+                        backend="triton")
+        assert torch.equal(s, w.float())

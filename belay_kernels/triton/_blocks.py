@@ -39,10 +39,12 @@ def _store(ptr, offs, value, n, MASKED: tl.constexpr):
 
 @triton.jit
 def _lerp(a, b, t):
-    """torch.lerp: ``a + t (b - a)`` for |t| < 0.5, else ``b - (b - a)(1 - t)``. The
-    explicit fma pins the rounding to ATen's vectorized lerp (one rounding per branch)."""
+    """torch.lerp: ``a + t (b - a)`` for |t| < 0.5, else ``b - (b - a)(1 - t)``; a weight
+    of exactly 1 copies ``b`` even over a non-finite ``a``. The explicit fma pins the
+    rounding to ATen's vectorized lerp (one rounding per branch)."""
     diff = b - a
-    return tl.where(tl.abs(t) < 0.5, tl.fma(t, diff, a), tl.fma(t - 1, diff, b))
+    return tl.where(t == 1, b,
+                    tl.where(tl.abs(t) < 0.5, tl.fma(t, diff, a), tl.fma(t - 1, diff, b)))
 
 
 @triton.jit
@@ -86,6 +88,14 @@ def _lerp_shadow(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr,
 
 
 @triton.jit
+def _skip_block(start, n, skipped_ptr, HAS_SKIPPED: tl.constexpr, BLOCK: tl.constexpr):
+    """The block of a call whose tensor hyperparameter is out of range: nothing is written,
+    and every element of the block counts as skipped."""
+    if HAS_SKIPPED:
+        tl.atomic_add(skipped_ptr, tl.minimum(n - start, BLOCK).to(tl.int64), sem="relaxed")
+
+
+@triton.jit
 def _host_float(bits, COMPUTE: tl.constexpr):
     """A Python float passed as the int64 bit pattern of its float64 value (see
     _launch.float_bits), so fp64 kernels get the exact value and fp32 kernels get it
@@ -97,15 +107,18 @@ def _host_float(bits, COMPUTE: tl.constexpr):
 def _rate(bits, ptr, FROM_PTR: tl.constexpr, ONE_MINUS: tl.constexpr, COMPUTE: tl.constexpr):
     """A rate given on the host (already ``1 - x`` there when ONE_MINUS) or as a
     1-element device tensor read here, with ``1 - x`` taken in float64 as the reference
-    does (reference.one_minus)."""
+    does (reference.one_minus); and whether ``x`` is in [0, 1] (false for NaN; a host
+    number was checked on the host)."""
     if FROM_PTR:
-        value = tl.load(ptr)
+        raw = tl.load(ptr).to(tl.float64)
+        valid = (raw >= 0) & (raw <= 1)
         if ONE_MINUS:
-            value = 1 - value.to(tl.float64)
-        value = value.to(COMPUTE)
+            raw = 1 - raw
+        value = raw.to(COMPUTE)
     else:
         value = _host_float(bits, COMPUTE)
-    return value
+        valid = bits == bits
+    return value, valid
 
 
 # --- tensor lists --------------------------------------------------------------------

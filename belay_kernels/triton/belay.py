@@ -15,6 +15,7 @@ from ._blocks import (
     _load,
     _offsets,
     _rate,
+    _skip_block,
     _store,
     _table_block,
     _table_pointer,
@@ -46,14 +47,17 @@ def _belay_program(weights_ptr, shadow_ptr, start, n, alpha_bits, alpha_ptr, bet
                    COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     active, k = _gate(step_ptr, skip_ptr, first_step, every, HAS_STEP, HAS_SKIP)
     if active:
-        alpha = _rate(alpha_bits, alpha_ptr, ALPHA_FROM_PTR, False, COMPUTE)
-        beta = _rate(beta_bits, beta_ptr, BETA_FROM_PTR, False, COMPUTE)
-        if start + BLOCK <= n:
-            _belay_block(weights_ptr, shadow_ptr, start, n, alpha, beta, skipped_ptr, False,
-                         SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+        alpha, alpha_valid = _rate(alpha_bits, alpha_ptr, ALPHA_FROM_PTR, False, COMPUTE)
+        beta, beta_valid = _rate(beta_bits, beta_ptr, BETA_FROM_PTR, False, COMPUTE)
+        if alpha_valid & beta_valid:
+            if start + BLOCK <= n:
+                _belay_block(weights_ptr, shadow_ptr, start, n, alpha, beta, skipped_ptr,
+                             False, SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+            else:
+                _belay_block(weights_ptr, shadow_ptr, start, n, alpha, beta, skipped_ptr,
+                             True, SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
         else:
-            _belay_block(weights_ptr, shadow_ptr, start, n, alpha, beta, skipped_ptr, True,
-                         SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+            _skip_block(start, n, skipped_ptr, HAS_SKIPPED, BLOCK)
 
 
 @triton.jit(do_not_specialize=["alpha_bits", "beta_bits"])

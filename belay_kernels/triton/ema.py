@@ -7,7 +7,14 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._blocks import _host_float, _lerp_shadow, _rate, _table_block, _table_pointer
+from ._blocks import (
+    _host_float,
+    _lerp_shadow,
+    _rate,
+    _skip_block,
+    _table_block,
+    _table_pointer,
+)
 from .device_step import EmaWarmup, StepGate, _gate, _warmup_weight, gate_args
 
 
@@ -19,13 +26,16 @@ def _ema_program(shadow_ptr, weights_ptr, start, n, weight_bits, decay_ptr, skip
                  HAS_SKIPPED: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     active, k = _gate(step_ptr, skip_ptr, first_step, every, HAS_STEP, HAS_SKIP)
     if active:
-        weight = _rate(weight_bits, decay_ptr, DECAY_FROM_PTR, True, COMPUTE)
+        weight, valid = _rate(weight_bits, decay_ptr, DECAY_FROM_PTR, True, COMPUTE)
         if WARMUP:
             warm = _warmup_weight(k, _host_float(inv_gamma_bits, COMPUTE),
                                   _host_float(power_bits, COMPUTE), COMPUTE)
             weight = tl.maximum(weight, warm)
-        _lerp_shadow(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr, SKIP_NONFINITE,
-                     HAS_SKIPPED, COMPUTE, BLOCK)
+        if valid:
+            _lerp_shadow(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr,
+                         SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+        else:
+            _skip_block(start, n, skipped_ptr, HAS_SKIPPED, BLOCK)
 
 
 @triton.jit(do_not_specialize=["weight_bits", "inv_gamma_bits", "power_bits"])

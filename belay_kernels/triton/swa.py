@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._blocks import _lerp_shadow, _table_block, _table_pointer
+from ._blocks import _lerp_shadow, _skip_block, _table_block, _table_pointer
 from .device_step import StepGate, _gate, gate_args
 
 
@@ -22,10 +22,15 @@ def _swa_program(shadow_ptr, weights_ptr, start, n, count, count_ptr, skipped_pt
     if active:
         if COUNT_FROM_PTR:
             count = tl.load(count_ptr)
-        count = count.to(tl.int64) + k
+        count = count.to(tl.int64)
+        valid = count >= 0  # a negative count held in a tensor: nothing written
+        count = count + k
         weight_of_new = (1.0 / (count + 1).to(tl.float64)).to(COMPUTE)
-        _lerp_shadow(shadow_ptr, weights_ptr, start, n, weight_of_new, skipped_ptr,
-                     SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+        if valid:
+            _lerp_shadow(shadow_ptr, weights_ptr, start, n, weight_of_new, skipped_ptr,
+                         SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+        else:
+            _skip_block(start, n, skipped_ptr, HAS_SKIPPED, BLOCK)
 
 
 @triton.jit(do_not_specialize=["count"])
