@@ -89,7 +89,10 @@ def check_unit_interval(name: str, value: object, device: torch.device) -> None:
                 f"shape {tuple(value.shape)} dtype {value.dtype}."
             )
         if value.device != device and value.device.type != "cpu":
-            raise BelayInputError(f"{name} is on {value.device} but the tensors are on {device}.")
+            raise BelayInputError(
+                f"{name} is on {value.device} but the tensors are on {device}; move it "
+                f"({name}.to({str(device)!r})) or pass a CPU tensor or a number."
+            )
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BelayInputError(f"{name} must be a number in [0, 1], got {value!r}.")
@@ -103,6 +106,11 @@ def check_count(value: object, device: torch.device) -> None:
             raise BelayInputError(
                 f"count as a tensor must be a single integer value, got shape "
                 f"{tuple(value.shape)} dtype {value.dtype}."
+            )
+        if value.device != device and value.device.type != "cpu":
+            raise BelayInputError(
+                f"count is on {value.device} but the tensors are on {device}; move it "
+                f"(count.to({str(device)!r})) or pass a CPU tensor or an int."
             )
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
