@@ -331,3 +331,119 @@ def test_measure_counts_bytes_explicitly(monkeypatch):
                      and (r["weights_dtype"], r["shadow_dtype"]) == ("bfloat16", "float32"))
     assert ema_mixed["bytes_per_element"] == 2 + 4 + 4  # read weights and shadow, write shadow
     assert ema_mixed["gbps"] == 10 * 4099 / 2.0 / 1e6
+
+
+# --- the GPU-path review (issue 16): swap specials, pointer tables, alignment, scalars -----
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["flat", "list"])
+def test_packed_swap_keeps_nan_and_restores_bits(foreach):
+    from belay_kernels.testing import check_packed_swap, packed_swap_case
+
+    def swap(w, s, inverse):
+        if foreach:  # unaligned pieces of the same words
+            cuts = [0, 5, 6, 3000, w.numel()]
+            pieces = [(w[a:b], s[a:b]) for a, b in zip(cuts, cuts[1:])]
+            ops.swap_([p[0] for p in pieces], [p[1] for p in pieces], inverse=inverse,
+                      backend="triton")
+        else:
+            ops.swap_(w, s, inverse=inverse, backend="triton")
+
+    check_packed_swap(*packed_swap_case(), swap)
+
+
+def _tables():
+    from belay_kernels.triton._launch import PointerTable
+
+    return PointerTable._tables
+
+
+def test_pointer_tables_live_as_long_as_their_tensors():
+    """More list signatures than the old 32-entry cache held: none is evicted while its
+    tensors live, a reused list keeps its very table, and a freed list frees its table."""
+    import gc
+
+    gen = torch.Generator().manual_seed(23)
+    lists = [([fresh(3 + i, torch.float32, gen) for _ in range(2)],
+              [fresh(3 + i, torch.float32, gen) for _ in range(2)]) for i in range(40)]
+    before = len(_tables())
+    for pair in lists:
+        ops.ema_update_(*pair, decay=0.9, backend="triton")
+    del pair
+    assert len(_tables()) == before + 40
+    first_key = next(k for k, v in _tables().items()
+                     if k[0][0] == lists[0][0][0].data_ptr())
+    first = _tables()[first_key]
+    address = first[0].table.data_ptr()
+    expected = [s.clone() for s in lists[0][0]]
+    ops.ema_update_(lists[0][0], lists[0][1], decay=0.9, backend="triton")
+    reference.ema_update_(expected[0], lists[0][1][0], 0.9)
+    reference.ema_update_(expected[1], lists[0][1][1], 0.9)
+    assert _tables()[first_key] is first and first[0].table.data_ptr() == address
+    assert_close(lists[0][0][0], expected[0], "after 40 other signatures")
+    del lists, expected
+    gc.collect()
+    assert first_key not in _tables() and len(_tables()) == before
+
+
+def test_two_point_lists_without_out_do_not_accumulate_tables():
+    import gc
+
+    gen = torch.Generator().manual_seed(29)
+    weights = [fresh(n, torch.float32, gen) for n in (5, 17)]
+    snapshots = [fresh(n, torch.float32, gen) for n in (5, 17)]
+    before = len(_tables())
+    for _ in range(40):
+        ops.two_point_average(weights, snapshots, backend="triton")  # a new `out` each time
+    gc.collect()
+    assert len(_tables()) == before
+
+
+def test_misaligned_tensors_take_their_own_launch():
+    """One misaligned tensor no longer turns the whole list scalar: the aligned ones are
+    launched with ALIGNED=True, the rest in a second launch; results match the reference."""
+    from belay_kernels.triton._launch import PointerTable
+
+    gen = torch.Generator().manual_seed(31)
+    storage = [fresh(n + 1, torch.float32, gen) for n in LIST_SIZES]
+    shadows = [s[1:] if i == 3 else s[:-1] for i, s in enumerate(storage)]  # one misaligned
+    weights = [fresh(n, torch.float32, gen) for n in LIST_SIZES]
+    tables = PointerTable.of([shadows, weights], [shadows, weights])
+    assert [t.aligned for t in tables] == [True, False]
+    assert [t.num_tensors for t in tables] == [3, 1]  # the empty tensor is in neither
+    expected = [s.clone() for s in shadows]
+    ops.ema_update_(shadows, weights, decay=0.7, backend="triton")
+    ops.ema_update_(expected, weights, decay=0.7, backend="torch")
+    for i, (got, want) in enumerate(zip(shadows, expected)):
+        assert_close(got, want, f"tensor {i}")
+
+
+def test_building_a_table_during_capture_is_refused_before_anything_is_written(monkeypatch):
+    from belay_kernels import BelayInputError
+    from belay_kernels.triton import _launch
+
+    gen = torch.Generator().manual_seed(37)
+    built = ([fresh(9, torch.float32, gen) for _ in range(2)],
+             [fresh(9, torch.float32, gen) for _ in range(2)])
+    ops.ema_update_(*built, decay=0.5, backend="triton")  # the warm-up step builds it
+    fresh_lists = ([fresh(9, torch.float32, gen) for _ in range(2)],
+                   [fresh(9, torch.float32, gen) for _ in range(2)])
+    monkeypatch.setattr(_launch, "_capturing", lambda device: True)
+    ops.ema_update_(*built, decay=0.5, backend="triton")  # its table exists: fine
+    saved = [t.clone() for t in fresh_lists[0]]
+    with pytest.raises(BelayInputError, match="CUDA graph is being captured"):
+        ops.ema_update_(*fresh_lists, decay=0.5, backend="triton")
+    for t, s in zip(fresh_lists[0], saved):
+        assert torch.equal(t, s)
+
+
+def test_a_cpu_scalar_next_to_cuda_tensors_is_passed_by_value():
+    """Triton cannot read a CPU pointer from a CUDA kernel: such a scalar is read on the
+    host (checked without a GPU: only the argument encoding is involved)."""
+    from belay_kernels.triton import _launch
+
+    cuda = torch.device("cuda", 0)
+    bits, pointer, from_ptr = _launch.scalar_args(torch.tensor(0.25), cuda, one_minus=True)
+    assert (bits, pointer, from_ptr) == (_launch.float_bits(0.75), None, False)
+    same = torch.tensor(0.25)
+    assert _launch.scalar_args(same, same.device) == (0, same, True)
