@@ -13,9 +13,9 @@ import triton.language as tl
 from . import _launch
 from ._blocks import _load, _offsets, _store, _table_block, _table_pointer
 
-_SIGN: tl.constexpr = 0x8000
-_INF: tl.constexpr = 0x7F80  # bf16 +inf; a magnitude above it is a NaN
-_SPARE_NAN: tl.constexpr = 0x7F81  # the NaN high half that lends its code
+_SIGN = tl.constexpr(0x8000)
+_INF = tl.constexpr(0x7F80)  # bf16 +inf; a magnitude above it is a NaN
+_SPARE_NAN = tl.constexpr(0x7F81)  # the NaN high half that lends its code
 
 
 @triton.jit
