@@ -450,3 +450,18 @@ def test_a_cpu_scalar_next_to_cuda_tensors_is_passed_by_value():
     assert (bits, pointer, from_ptr) == (_launch.float_bits(0.75), None, False)
     same = torch.tensor(0.25)
     assert _launch.scalar_args(same, same.device) == (0, same, True)
+
+
+def test_nan_stays_nan_inside_averaged():
+    import belay_kernels as bk
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3).to(torch.bfloat16)
+    ema = bk.EMA(model, decay=0.9, backend="triton")
+    shadow = ema.shadow_params()[0].view(-1).view(torch.int32)
+    shadow[:3] = torch.tensor([0x7FFFFFFF, -1, 0x7F800001], dtype=torch.int32)  # -1: 0xFFFFFFFF
+    live, saved = model.weight.detach().clone(), shadow.clone()
+    with ema.averaged():
+        assert torch.isnan(model.weight.detach().view(-1)[:3].float()).all()
+    assert torch.equal(model.weight.detach().view(torch.int16), live.view(torch.int16))
+    assert torch.equal(shadow, saved)
