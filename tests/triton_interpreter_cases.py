@@ -402,18 +402,25 @@ def test_two_point_lists_without_out_do_not_accumulate_tables():
     assert not set(_tables()) - before
 
 
-def test_misaligned_tensors_take_their_own_launch():
-    """One misaligned tensor no longer turns the whole list scalar: the aligned ones are
-    launched with ALIGNED=True, the rest in a second launch; results match the reference."""
+def test_each_tensor_is_aligned_on_its_own():
+    """One misaligned tensor no longer turns the whole list scalar: aligned tensors, and
+    a tensor misaligned alike in every column after its scalar head, go in the table
+    launched with ALIGNED=True; the heads and a tensor whose columns never align (here
+    misaligned by 4 bytes in the shadow only) in a second. Results match the reference."""
     from belay_kernels.triton._launch import PointerTable
 
     gen = torch.Generator().manual_seed(31)
-    storage = [fresh(n + 1, torch.float32, gen) for n in LIST_SIZES]
-    shadows = [s[1:] if i == 3 else s[:-1] for i, s in enumerate(storage)]  # one misaligned
-    weights = [fresh(n, torch.float32, gen) for n in LIST_SIZES]
+    shadow_storage = [fresh(n + 1, torch.float32, gen) for n in LIST_SIZES]
+    weight_storage = [fresh(n + 1, torch.float32, gen) for n in LIST_SIZES]
+    # sizes (1, 3, 0, 1009, 8197): tensor 3 misaligned in the shadow only, tensor 4 in both
+    shadows = [t[1:] if i in (3, 4) else t[:-1] for i, t in enumerate(shadow_storage)]
+    weights = [t[1:] if i == 4 else t[:-1] for i, t in enumerate(weight_storage)]
     tables = PointerTable.of([shadows, weights], [shadows, weights])
     assert [t.aligned for t in tables] == [True, False]
-    assert [t.num_tensors for t in tables] == [3, 1]  # the empty tensor is in neither
+    # aligned: tensors 0 and 1 and the body of 4; misaligned: tensor 3 and the head of 4
+    assert [t.num_tensors for t in tables] == [3, 2]
+    # the sizes follow the two columns of offsets: tensor 3, then the 3-element head of 4
+    assert tables[1].table[4:6].tolist() == [1009, 3]
     expected = [s.clone() for s in shadows]
     ops.ema_update_(shadows, weights, decay=0.7, backend="triton")
     ops.ema_update_(expected, weights, decay=0.7, backend="torch")

@@ -82,9 +82,9 @@ def launch_flat(kernel, tensors, args, flags) -> None:
 
 def launch_foreach(kernel, columns, args, flags, owners=None) -> None:
     """One launch over every block of every tensor in ``columns`` (lists, same lengths),
-    two where some tensors are 16-byte aligned and some are not. ``owners``: the tensors
-    whose lifetime the pointer tables follow, when ``columns`` holds temporary views of
-    them (default: ``columns`` itself)."""
+    two where some tensors (or their first few elements) are not 16-byte aligned.
+    ``owners``: the tensors whose lifetime the pointer tables follow, when ``columns``
+    holds temporary views of them (default: ``columns`` itself)."""
     tables = PointerTable.of(columns, owners if owners is not None else columns)
     with on_device(columns[0][0].device):
         for table in tables:
@@ -106,36 +106,55 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _address(t: torch.Tensor, element: int) -> int:
+    return t.data_ptr() + element * t.element_size()
+
+
+def _aligned_pieces(row: list[torch.Tensor]) -> tuple[list, list]:
+    """One tensor row (its tensor in every column) as (aligned, misaligned) ranges of
+    (first element, elements): a scalar head up to the first element where every column
+    is 16-byte aligned, then the rest as one aligned range, as the CUDA kernel does; all
+    misaligned where no element aligns every column (tensors misaligned differently)."""
+    n = row[0].numel()
+    head = next((h for h in range(min(n, 16)) if all(_address(t, h) % 16 == 0 for t in row)), None)
+    if head is None:
+        return [], [(0, n)]
+    return [(head, n - head)], ([(0, head)] if head else [])
+
+
 class PointerTable:
     """The device table one tensor-list launch reads (layout in _blocks): per column the
-    element offsets of the tensors from the table's own address (the table doubles as
-    every column's base pointer, so it holds no reference to the tensors), the sizes, the
-    first blocks, and every block's owner.
+    element offsets of the pieces from the table's own address (the table doubles as every
+    column's base pointer, so it holds no reference to the tensors), the sizes, the first
+    blocks, and every block's owner. A piece is a tensor or a range of one.
 
     A table lives exactly as long as the tensors it points into: it is built once per
     list of tensors (same addresses, sizes, dtypes) and dropped when the first of those
     tensor objects is freed, never before, so a CUDA graph that captured a launch can
-    replay it for as long as its tensors exist. The tensors of a list are split by
-    alignment: the rows that are 16-byte aligned in every column go in one table launched
-    with 128-bit accesses, the others in a second. Building allocates and copies from the
-    host, which a CUDA graph capture forbids: run one step before capturing."""
+    replay it for as long as its tensors exist. Each tensor is aligned on its own: the
+    pieces that are 16-byte aligned in every column (whole tensors, or what follows a
+    tensor's scalar head) go in one table launched with 128-bit accesses, the heads and
+    tensors that never align in a second. Building allocates and copies from the host,
+    which a CUDA graph capture forbids: run one step before capturing."""
 
     _tables: dict = {}
 
-    def __init__(self, columns: list[list[torch.Tensor]], rows: list[int]):
+    def __init__(self, columns: list[list[torch.Tensor]], pieces: list[tuple[int, int, int]],
+                 aligned: bool):
         self.block = block_size(*(column[0].dtype for column in columns))
-        sizes = [columns[0][i].numel() for i in rows]
+        sizes = [length for _, _, length in pieces]
         blocks = [triton.cdiv(n, self.block) for n in sizes]
         first = [0]
         for b in blocks[:-1]:
             first.append(first[-1] + b)
         device = columns[0][0].device
-        self.table = torch.empty((len(columns) + 2) * len(rows), dtype=torch.int64, device=device)
+        self.table = torch.empty((len(columns) + 2) * len(pieces), dtype=torch.int64,
+                                 device=device)
         offsets = []
         for column in columns:
             size = column[0].element_size()
-            for i in rows:
-                distance = column[i].data_ptr() - self.table.data_ptr()
+            for i, start, _ in pieces:
+                distance = _address(column[i], start) - self.table.data_ptr()
                 if distance % size:  # never for a tensor of this dtype's own storage
                     raise ValueError(f"a tensor's address is not a multiple of {size} bytes")
                 offsets.append(distance // size)
@@ -147,7 +166,7 @@ class PointerTable:
         self.owner = owners.to(device)
         self.num_tensors = len(sizes)
         self.num_blocks = sum(blocks)
-        self.aligned = all(column[i].data_ptr() % 16 == 0 for column in columns for i in rows)
+        self.aligned = aligned
 
     @classmethod
     def of(cls, columns: list[list[torch.Tensor]], owners) -> list[PointerTable]:
@@ -178,11 +197,14 @@ class PointerTable:
 
     @classmethod
     def _build(cls, columns) -> list[PointerTable]:
-        rows = [i for i in range(len(columns[0])) if columns[0][i].numel()]
-        aligned = [i for i in rows if all(c[i].data_ptr() % 16 == 0 for c in columns)]
-        chosen = set(aligned)
-        rest = [i for i in rows if i not in chosen]
-        return [cls(columns, part) for part in (aligned, rest) if part]
+        aligned, misaligned = [], []
+        for i in range(len(columns[0])):
+            if columns[0][i].numel():
+                good, bad = _aligned_pieces([c[i] for c in columns])
+                aligned += [(i, start, n) for start, n in good]
+                misaligned += [(i, start, n) for start, n in bad]
+        return [cls(columns, pieces, flag)
+                for pieces, flag in ((aligned, True), (misaligned, False)) if pieces]
 
     def launch_args(self) -> tuple:
         """table, owner, number of tensors, then each column's base (the table itself)."""
