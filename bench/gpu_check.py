@@ -58,7 +58,7 @@ def nan_swap() -> dict:
     ema = bk.EMA(model)
     shadow = ema.shadow_params()[0]
     with torch.no_grad():
-        shadow[0] = torch.zeros(4, device="cuda") / 0  # 0/0 on the device
+        shadow[0] = torch.zeros_like(shadow[0]) / 0  # 0/0 on the device
     made = shadow[0].view(torch.int32).cpu().unique()
     with ema.averaged():
         assert bool(model.weight[0].isnan().all()), "the device's NaN became a number"
