@@ -4,7 +4,8 @@
   and torch are present.
 - ``belay_kernels._C_cuda``: the CUDA kernels. Built whenever nvcc (CUDA_HOME) and a CUDA
   build of torch are present; no GPU is needed. Arch list: $TORCH_CUDA_ARCH_LIST, default
-  ``8.0;9.0+PTX`` (sm_80, sm_90, and PTX for newer GPUs).
+  ``7.5;8.0;9.0+PTX``: sm_75 (T4, the oldest CUDA 13 targets: no sm_70 for V100), sm_80
+  (whose code also runs on sm_86/sm_89), sm_90, and PTX for newer GPUs.
 
 Environment:
   BELAY_KERNELS_CPP=0|1    skip the C++ extension / require it (a failure fails the build)
@@ -21,7 +22,7 @@ import sys
 
 from setuptools import setup
 
-DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
 CPU_SOURCES = ["csrc/registration.cpp", "csrc/cpu_kernels.cpp", "csrc/cpu_module.cpp"]
 CUDA_SOURCES = ["csrc/cuda_kernels.cu", "csrc/cuda_module.cpp"]
 # -fno-trapping-math lets GCC turn the per-element choices (lerp's two sides, the

@@ -146,7 +146,10 @@ def _check_scalar_tensor(name, value, dtypes, kind, device) -> None:
             f"dtype={dtypes[-1]}))."
         )
     if device is not None and value.device != device and value.device.type != "cpu":
-        raise BelayInputError(f"{name} is on {value.device} but the tensors are on {device}.")
+        raise BelayInputError(
+            f"{name} is on {value.device} but the tensors are on {device}; move it "
+            f"({name}.to({str(device)!r})) or pass a CPU tensor or a number."
+        )
 
 
 def check_unit_interval(name: str, value: object, device: torch.device | None) -> None:

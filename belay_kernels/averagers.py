@@ -288,8 +288,9 @@ class Averager:
         return "\n".join(lines)
 
     def _state_per_track(self) -> list[list[torch.Tensor]]:
-        """The tensors this averager allocated, per track."""
-        return [_as_list(t.shadow) for t in self._tracks]
+        """The tensors this averager allocated, per track (per-name views: a flat buffer's
+        alignment padding is not state)."""
+        return [t.shadows for t in self._tracks]
 
     @property
     def state_bytes(self) -> int:
@@ -466,6 +467,13 @@ class Averager:
 
 def _as_list(t: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
     return [t] if isinstance(t, torch.Tensor) else list(t)
+
+
+def _average_views(track: Track, average) -> list[torch.Tensor]:
+    """Per-name views of a TwoPoint average laid out like ``track.shadow``."""
+    if track.group is None:
+        return list(average)
+    return [track.group.view(average, s) for s in track.group.slots]
 
 
 def _rows(live, avg):
@@ -709,16 +717,11 @@ class TwoPoint(Averager):
     def _averaged_values(self) -> list[torch.Tensor]:
         self._prepare_eval()
         return self._in_caller_order(
-            [
-                [t.group.view(avg, s) for s in t.group.slots] if t.group is not None else avg
-                for t, avg in zip(self._tracks, self._average)
-            ]
+            [_average_views(t, avg) for t, avg in zip(self._tracks, self._average)]
         )
 
     def _state_per_track(self) -> list[list[torch.Tensor]]:
-        return [
-            _as_list(t.shadow) + _as_list(avg) for t, avg in zip(self._tracks, self._average)
-        ]
+        return [t.shadows + _average_views(t, avg) for t, avg in zip(self._tracks, self._average)]
 
     def _saved_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"snapshot": self.shadow_params()}

@@ -227,6 +227,16 @@ def two_point_average_(
 #   shadow slot <- (live bf16 bits << 16) | (the shadow's low 16 bits)
 # and the inverse recovers both words exactly: the low half says whether the high half
 # was rounded up. Ties toward zero (not to even) keep that test unambiguous.
+#
+# NaN stays NaN. Rounding a NaN's high half up would carry into the sign or exponent
+# (the GPU's canonical NaN 0x7FFFFFFF would become -0.0), so high halves with an all-ones
+# exponent are never rounded; a NaN whose mantissa sits only in the low half (0x7F800001)
+# would then truncate to inf, so it takes the bf16 code of high half 0x7F81 instead. The
+# mapping stays one-to-one for each low half, and for that some NaN must give up its NaN
+# code: counting codes, 2 * 0xFFFF fp32 NaNs have no bf16 NaN left. Those are the words
+# 0x7F81xxxx and 0xFF81xxxx with xxxx != 0, signaling NaNs that arithmetic (which makes
+# quiet NaNs) and bf16->fp32 conversion (xxxx = 0) never produce; they show as +-inf
+# (xxxx <= 0x8000) or +-0 (xxxx > 0x8000) in the model, and are restored exactly.
 
 SWAP_PAIRS = (
     "same dtype",
@@ -242,11 +252,41 @@ def swap_supported(weights_dtype: torch.dtype, shadow_dtype: torch.dtype) -> boo
 
 _LOW_HALF = 0xFFFF
 _HALF_WAY = 0x8000
+_SIGN = 0x8000
+_INF = 0x7F80  # bf16 +inf; a magnitude above it is a NaN
+_SPARE_NAN = 0x7F81  # the NaN high half that lends its code (see above)
 
 
 def _wrap_to_signed(bits: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
     """Reinterpret unsigned ``width``-bit values (held in int64) as signed ``dtype``."""
     return torch.where(bits >= 2 ** (width - 1), bits - 2**width, bits).to(dtype)
+
+
+def packed_model_bits(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The bf16 word the model receives for the fp32 shadow word ``(high << 16) | low``
+    (int64 tensors of 16-bit values): rounded, NaN kept NaN (see above)."""
+    rounds_up = (low > _HALF_WAY).to(torch.int64)
+    sign = high & _SIGN
+    traded = torch.where(
+        (high & 0x7FFF) == _INF,
+        sign | _SPARE_NAN,
+        torch.where((high & 0x7FFF) == _SPARE_NAN, sign | _INF * (1 - rounds_up), high),
+    )
+    exchanged = ((high & 0x7FFF) >= _INF) & (low != 0)
+    return torch.where(exchanged, traded, high + rounds_up)
+
+
+def packed_shadow_high(model: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`packed_model_bits` for each low half: the shadow's high half
+    from the model's bf16 word."""
+    rounds_up = (low > _HALF_WAY).to(torch.int64)
+    sign, magnitude = model & _SIGN, model & 0x7FFF
+    restored = torch.where(
+        magnitude > _INF,
+        torch.where(magnitude == _SPARE_NAN, sign | _INF, model),
+        torch.where(magnitude == _INF * (1 - rounds_up), sign | _SPARE_NAN, model - rounds_up),
+    )
+    return torch.where(low != 0, restored, model) & _LOW_HALF
 
 
 def swap_(weights: torch.Tensor, shadow: torch.Tensor, inverse: bool = False) -> None:
@@ -260,13 +300,12 @@ def swap_(weights: torch.Tensor, shadow: torch.Tensor, inverse: bool = False) ->
     slot_bits = shadow.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     low = slot_bits & _LOW_HALF
     high = slot_bits >> 16
-    rounds_up = (low > _HALF_WAY).to(torch.int64)
     if not inverse:
         # model <- rounded shadow; slot <- live weights in the high half, shadow's low half
-        new_model = (high + rounds_up) & _LOW_HALF
+        new_model = packed_model_bits(high, low)
         new_slot = (model_bits << 16) | low
     else:
         new_model = high
-        new_slot = (((model_bits - rounds_up) & _LOW_HALF) << 16) | low
+        new_slot = (packed_shadow_high(model_bits, low) << 16) | low
     weights.view(torch.int16).copy_(_wrap_to_signed(new_model, 16, torch.int16))
     shadow.view(torch.int32).copy_(_wrap_to_signed(new_slot, 32, torch.int32))

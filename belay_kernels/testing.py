@@ -71,3 +71,78 @@ def torch_threads(n: int = 1):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# --- the packed bf16/fp32 swap on every special fp32 word --------------------------------
+# Hand-made shadow words: the GPU's canonical NaN, its negative, a NaN whose mantissa is
+# only in the low half, x86's default NaN, +-0, +-inf, denormals, and then every high half
+# under the low halves around the rounding tie (every NaN payload class, every sign).
+NAMED_SHADOW_WORDS = {
+    "gpu canonical NaN": 0x7FFFFFFF,
+    "negative canonical NaN": 0xFFFFFFFF,
+    "NaN in the low half": 0x7F800001,
+    "x86 default NaN": 0xFFC00000,
+    "quiet NaN": 0x7FC00000,
+    "NaN payload 0x7FA5A5A5": 0x7FA5A5A5,
+    "+0": 0x00000000,
+    "-0": 0x80000000,
+    "+inf": 0x7F800000,
+    "-inf": 0xFF800000,
+    "smallest denormal": 0x00000001,
+    "largest denormal": 0x007FFFFF,
+    "negative denormal": 0x807FFFFF,
+    "largest finite": 0x7F7FFFFF,
+}
+_TIE_LOWS = (0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF)
+
+
+def packed_swap_words() -> torch.Tensor:
+    """The shadow words (int64, 32-bit values) the packed swap is tested on."""
+    high = torch.arange(1 << 16, dtype=torch.int64)
+    grid = torch.cat([(high << 16) | low for low in _TIE_LOWS])
+    return torch.cat([torch.tensor(list(NAMED_SHADOW_WORDS.values()), dtype=torch.int64), grid])
+
+
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def packed_swap_case(device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(bf16 weights, fp32 shadow) holding packed_swap_words(); the live weights take the
+    shadow's high halves in another order, so they hold every special class too."""
+    words = packed_swap_words()
+    shadow = _as_int32(words).view(torch.float32).to(device)
+    weights = _as_int32(words.flip(0) >> 16).to(torch.int16).view(torch.bfloat16).to(device)
+    return weights, shadow
+
+
+def check_packed_swap(weights: torch.Tensor, shadow: torch.Tensor, swap) -> None:
+    """Runs ``swap(weights, shadow, inverse)`` forward on a packed_swap_case and checks what
+    the model sees: a NaN shadow word is NaN (except the reference's documented spare
+    words 0x7F81xxxx / 0xFF81xxxx, xxxx != 0), +-inf and +-0 stay themselves, a finite word
+    is rounded to nearest with ties toward zero; the slot holds the live weights. Then
+    the inverse must restore both tensors bit for bit."""
+    before_w, before_s = weights.clone(), shadow.clone()
+    swap(weights, shadow, False)
+    words = before_s.cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    high, low = words >> 16, words & 0xFFFF
+    seen = weights.cpu().float()
+    was = before_s.cpu()
+    spare = ((high & 0x7FFF) == 0x7F81) & (low != 0)
+    nan = torch.isnan(was)
+    assert torch.isnan(seen[nan & ~spare]).all(), "a NaN shadow word became a number"
+    assert not torch.isnan(seen[~nan]).any(), "a number became NaN"
+    infinite = torch.isinf(was)
+    assert torch.equal(seen[infinite], was[infinite]), "inf changed"
+    finite = torch.isfinite(was)
+    expected = (high + (low > 0x8000).to(torch.int64))[finite]
+    got = weights.cpu().view(torch.int16).to(torch.int64)[finite] & 0xFFFF
+    assert torch.equal(got, expected), "a finite word was not rounded to nearest, ties to zero"
+    for index, name in enumerate(NAMED_SHADOW_WORDS):  # they come first
+        assert torch.isnan(seen[index]) == torch.isnan(was[index]), name
+    slot_high = (shadow.cpu().view(torch.int32).to(torch.int64) >> 16) & 0xFFFF
+    live = before_w.cpu().view(torch.int16).to(torch.int64) & 0xFFFF
+    assert torch.equal(slot_high, live), "the slot does not hold the live weights"
+    swap(weights, shadow, True)
+    assert torch.equal(weights.view(torch.int16), before_w.view(torch.int16)), "weights"
+    assert torch.equal(shadow.view(torch.int32), before_s.view(torch.int32)), "shadow"

@@ -84,19 +84,44 @@ BK_HD T two_point(T weights, T snapshot) {
 
 // Exact swap of bf16 weights with an fp32 shadow, on the raw bits (see the comment in
 // reference.py): the model slot gets the shadow rounded to bf16 (to nearest, ties toward
-// zero); the shadow slot keeps the shadow's low 16 bits under the live weights' bits.
-// ``inverse`` restores both words.
+// zero), NaN kept NaN; the shadow slot keeps the shadow's low 16 bits under the live
+// weights' bits. ``inverse`` restores both words.
+constexpr uint32_t kBf16Sign = 0x8000u;
+constexpr uint32_t kBf16Inf = 0x7F80u;       // a magnitude above it is a NaN
+constexpr uint32_t kBf16SpareNan = 0x7F81u;  // the NaN high half that lends its code
+
+BK_HD uint32_t packed_model_bits(uint32_t high, uint32_t low) {
+  const uint32_t rounds_up = low > 0x8000u ? 1u : 0u;
+  const uint32_t sign = high & kBf16Sign;
+  const uint32_t magnitude = high & 0x7FFFu;
+  const uint32_t traded = magnitude == kBf16Inf        ? (sign | kBf16SpareNan)
+                          : magnitude == kBf16SpareNan ? (sign | (rounds_up ? 0u : kBf16Inf))
+                                                       : high;
+  const bool exchanged = magnitude >= kBf16Inf && low != 0u;
+  return exchanged ? traded : high + rounds_up;
+}
+
+BK_HD uint32_t packed_shadow_high(uint32_t model, uint32_t low) {
+  const uint32_t rounds_up = low > 0x8000u ? 1u : 0u;
+  const uint32_t sign = model & kBf16Sign;
+  const uint32_t magnitude = model & 0x7FFFu;
+  const uint32_t restored =
+      magnitude > kBf16Inf ? (magnitude == kBf16SpareNan ? (sign | kBf16Inf) : model)
+      : magnitude == (rounds_up ? 0u : kBf16Inf) ? (sign | kBf16SpareNan)
+                                                 : model - rounds_up;
+  return (low != 0u ? restored : model) & 0xFFFFu;
+}
+
 BK_HD void swap_packed(uint16_t& model_bits, uint32_t& slot_bits, bool inverse) {
   const uint32_t low = slot_bits & 0xFFFFu;
   const uint32_t high = slot_bits >> 16;
-  const uint32_t rounds_up = low > 0x8000u ? 1u : 0u;
   const uint32_t model = model_bits;
   if (!inverse) {
-    model_bits = static_cast<uint16_t>((high + rounds_up) & 0xFFFFu);
+    model_bits = static_cast<uint16_t>(packed_model_bits(high, low));
     slot_bits = (model << 16) | low;
   } else {
     model_bits = static_cast<uint16_t>(high);
-    slot_bits = (((model - rounds_up) & 0xFFFFu) << 16) | low;
+    slot_bits = (packed_shadow_high(model, low) << 16) | low;
   }
 }
 

@@ -155,7 +155,7 @@ BK_HD int64_t register_streamed_block(const Op& op, int64_t begin, int64_t end) 
     int32_t skipped = 0;
     for (; i < aligned; ++i) skipped += op.template apply<1>(i);
     for (; i + Op::kVec <= end; i += Op::kVec) {
-      skipped += op.template apply<Op::kVec, StreamingStore>(i);
+      skipped += op.template apply<Op::kVec, 1, StreamingStore>(i);
     }
     for (; i < end; ++i) skipped += op.template apply<1>(i);
     return skipped;
@@ -296,8 +296,9 @@ struct SimulatedGridExec {
                 int64_t* skipped) const {
     const SimulatedGrid& grid = simulated_grid();
     int64_t total = 0;
-    for (const auto& launch : plan_list_launches(ops, numels, grid.chunk)) {
-      for (int64_t block = 0; block < launch.blocks; ++block) {
+    for (const auto& launch :
+         plan_list_launches(ops, numels, grid.chunk, grid.blocks, grid.threads)) {
+      for (int64_t block = 0; block < int64_t{launch.blocks} * launch.split; ++block) {
         for (int64_t thread = 0; thread < grid.threads; ++thread) {
           total += list_body(launch, block, thread, grid.threads);
         }

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "grid_body.h"
@@ -19,8 +20,13 @@ namespace belay {
 namespace {
 
 constexpr int kBlockThreads = 256;
-constexpr int kBlocksPerSm = 8;       // enough resident warps to hide DRAM latency
-constexpr int64_t kListChunk = 1 << 16;  // elements per block in a tensor-list launch
+// At least this many blocks per SM, which caps registers at 80 per thread: left to itself
+// ptxas aimed at 64 and spilled BelayOp<float, float> with 4 vectors in flight. 768
+// threads with 64 bytes of each tensor in flight hold more than DRAM latency times
+// bandwidth asks of an SM (about 20 KB on an H100: 3.35 TB/s x ~0.8 us / 132 SMs).
+constexpr int kMinBlocksPerSm = 3;
+constexpr int64_t kListChunk = 1 << 16;  // elements per chunk in a tensor-list launch
+constexpr int kMaxDevices = 64;          // per-device caches; more devices are not cached
 
 // Adds the threads' skipped counts to *skipped: a warp sum, then one atomic per warp.
 __device__ __forceinline__ void add_skipped(int64_t count, int64_t* skipped) {
@@ -35,23 +41,56 @@ __device__ __forceinline__ void add_skipped(int64_t count, int64_t* skipped) {
 }
 
 template <typename Op>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     flat_kernel(const Op op, const int64_t numel, int64_t* skipped) {
   add_skipped(flat_body(op, numel, blockIdx.x, threadIdx.x, gridDim.x, blockDim.x), skipped);
 }
 
 template <typename Op>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     list_kernel(const ListLaunch<Op> launch, int64_t* skipped) {
   add_skipped(list_body(launch, blockIdx.x, threadIdx.x, blockDim.x), skipped);
 }
 
-int multiprocessor_count() {
+// A per-device value computed once (a race only computes it twice).
+template <typename Compute>
+int cached_per_device(std::atomic<int> (&cache)[kMaxDevices], int device, Compute compute) {
+  if (device < 0 || device >= kMaxDevices) return compute();
+  int value = cache[device].load(std::memory_order_relaxed);
+  if (value == 0) {
+    value = compute();
+    cache[device].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
+int current_device() {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
+  return device;
+}
+
+int multiprocessor_count(int device) {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_per_device(cache, device, [device] {
+    int count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  });
+}
+
+// Blocks of ``kernel`` the GPU holds at once, from its register and shared memory use on
+// this device (the launch sizing the occupancy calculator gives), at least one per SM.
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, int device) {
+  static std::atomic<int> cache[kMaxDevices];
+  const int per_sm = cached_per_device(cache, device, [kernel] {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel,
+                                                                  kBlockThreads, 0));
+    return std::max(blocks, 1);
+  });
+  return static_cast<int64_t>(per_sm) * multiprocessor_count(device);
 }
 
 struct CudaExec {
@@ -60,9 +99,11 @@ struct CudaExec {
   template <typename Op>
   void run(const Op& op, int64_t numel, int64_t* skipped) const {
     if (numel == 0) return;
-    const int64_t vectors = (numel + Op::kVec - 1) / Op::kVec;
-    const int64_t wanted = (vectors + kBlockThreads - 1) / kBlockThreads;
-    const int64_t resident = static_cast<int64_t>(multiprocessor_count()) * kBlocksPerSm;
+    // One wave of as many blocks as fit at once, each thread striding over the span with
+    // vectors_in_flight vectors at a time; fewer blocks where there is less work.
+    const int64_t per_block = int64_t{kBlockThreads} * Op::kVec * vectors_in_flight<Op>();
+    const int64_t wanted = (numel + per_block - 1) / per_block;
+    const int64_t resident = resident_blocks(flat_kernel<Op>, current_device());
     const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(wanted, resident)));
     flat_kernel<Op><<<blocks, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         op, numel, skipped);
@@ -73,8 +114,10 @@ struct CudaExec {
   void run_list(const std::vector<Op>& ops, const std::vector<int64_t>& numels,
                 int64_t* skipped) const {
     static_assert(sizeof(ListLaunch<Op>) <= 4096, "a kernel argument must fit in 4 KiB");
-    for (const auto& launch : plan_list_launches(ops, numels, kListChunk)) {
-      list_kernel<Op><<<launch.blocks, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    const int64_t resident = resident_blocks(list_kernel<Op>, current_device());
+    for (const auto& launch : plan_list_launches(ops, numels, kListChunk, resident, kBlockThreads)) {
+      const unsigned blocks = static_cast<unsigned>(launch.blocks) * launch.split;
+      list_kernel<Op><<<blocks, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           launch, skipped);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -82,6 +125,28 @@ struct CudaExec {
 };
 
 }  // namespace
+
+// For belay_kernels.backends() (cuda_module.cpp): the virtual archs of this build, and
+// whether ``device`` can load its kernels (the runtime's answer: "" or its error).
+const char* built_arches() {
+#if defined(__CUDA_ARCH_LIST__)
+#define BK_STRINGIFY(...) #__VA_ARGS__
+#define BK_AS_STRING(...) BK_STRINGIFY(__VA_ARGS__)
+  return BK_AS_STRING(__CUDA_ARCH_LIST__);
+#else
+  return "";
+#endif
+}
+
+const char* kernel_image_error(int device) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attributes;
+  const cudaError_t error = cudaFuncGetAttributes(&attributes, flat_kernel<ExchangeOp<uint32_t>>);
+  if (error == cudaSuccess) return "";
+  (void)cudaGetLastError();  // clear it, so the next launch does not report it
+  return cudaGetErrorString(error);
+}
+
 }  // namespace belay
 
 TORCH_LIBRARY_IMPL(belay_kernels, CUDA, m) {

@@ -1,7 +1,9 @@
 // One functor per method: the tensors' addresses and scalars of one call, and ``apply<N>``,
 // which loads N elements of every tensor, runs belay_math.h on each, and stores the result.
 // N is 1 (scalar path, and the CPU loops) or kVec (the aligned 128-bit path, and the CPU
-// loop's streamed fp32/fp64 two-point output).
+// loop's streamed fp32/fp64 two-point output). ``apply<N, U>(i, stride)`` does U groups of
+// N at i, i + stride, ...: a GPU thread's strided vectors, every load issued before any
+// store, so U vectors per tensor are in flight at once.
 // ``tensors()`` lists the addresses, const where the op only reads; the loops derive
 // alignment and prefetching from it. An op with ``kStreamsOutput`` lists first an output
 // that it only writes (the CPU loop computes a block of it into a small buffer, then
@@ -14,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 
@@ -84,6 +87,55 @@ BK_HD void store(T* target, const T (&values)[N]) {
       reinterpret_cast<Word16<T>*>(target)[word] = packed;
     }
   }
+}
+
+// The u-th group of N elements of an array of U groups.
+template <int N, typename T, int M>
+BK_HD T (&group(T (&values)[M], int u))[N] {
+  static_assert(M % N == 0, "whole groups");
+  return *reinterpret_cast<T(*)[N]>(values + u * N);
+}
+
+// U groups of N elements, group u at source + u * stride.
+template <int N, int U, typename T>
+BK_HD void load_groups(const T* source, T (&values)[N * U], int64_t stride) {
+  BK_UNROLL
+  for (int u = 0; u < U; ++u) load<N>(source + u * stride, group<N>(values, u));
+}
+
+template <int N, int U, typename T>
+BK_HD void store_groups(T* target, const T (&values)[N * U], int64_t stride) {
+  BK_UNROLL
+  for (int u = 0; u < U; ++u) store<N>(target + u * stride, group<N>(values, u));
+}
+
+// load_groups for a tensor the op only reads. On the GPU its 16-byte words go through the
+// read-only (non-coherent) path, what ``const T* __restrict__`` would let the compiler
+// choose: valid because no tensor of a call overlaps another (check_row refuses it), so
+// nothing the kernel stores can change what it reads here.
+template <int N, int U, typename T>
+BK_HD void load_input_groups(const T* source, T (&values)[N * U], int64_t stride) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (N > 1) {
+    constexpr int kPerWord = kVectorBytes / sizeof(T);
+    static_assert(N % kPerWord == 0, "vector width must cover whole 16-byte words");
+    BK_UNROLL
+    for (int u = 0; u < U; ++u) {
+      BK_UNROLL
+      for (int word = 0; word < N / kPerWord; ++word) {
+        const uint4 bits = __ldg(reinterpret_cast<const uint4*>(source + u * stride) + word);
+        Word16<T> loaded;
+        memcpy(&loaded, &bits, kVectorBytes);
+        BK_UNROLL
+        for (int k = 0; k < kPerWord; ++k) {
+          values[u * N + word * kPerWord + k] = loaded.value[k];
+        }
+      }
+    }
+    return;
+  }
+#endif
+  load_groups<N, U>(source, values, stride);
 }
 
 // How an op's apply() stores its output: plainly, unless the caller passes another policy
@@ -184,23 +236,23 @@ struct ShadowUpdateOp {
   BK_HD ShadowUpdateOp<W2, S2, Rule> with_tensors(S2* shadow2, const W2* weights2) const {
     return {shadow2, weights2, skip_nonfinite, rule};
   }
-  // Returns how many of the N elements kept their shadow under the non-finite policy.
-  template <int N>
-  BK_HD int apply(int64_t i) const {
-    W w_in[N];
-    S s_io[N];
-    load<N>(weights + i, w_in);
-    load<N>(shadow + i, s_io);
+  // Returns how many of the N * U elements kept their shadow under the non-finite policy.
+  template <int N, int U = 1>
+  BK_HD int apply(int64_t i, int64_t stride = 0) const {
+    W w_in[N * U];
+    S s_io[N * U];
+    load_input_groups<N, U>(weights + i, w_in, stride);
+    load_groups<N, U>(shadow + i, s_io, stride);
     int skipped = 0;
     BK_UNROLL
-    for (int k = 0; k < N; ++k) {
+    for (int k = 0; k < N * U; ++k) {
       const T w = static_cast<T>(w_in[k]);
       const bool keep = keeps_old_shadow(w, skip_nonfinite);
       skipped += keep;
       const S updated = static_cast<S>(rule(static_cast<T>(s_io[k]), w));
       s_io[k] = keep ? s_io[k] : updated;
     }
-    store<N>(shadow + i, s_io);
+    store_groups<N, U>(shadow + i, s_io, stride);
     return skipped;
   }
 };
@@ -238,15 +290,15 @@ struct BelayOp {
   BK_HD BelayOp<W2, S2> with_tensors(W2* weights2, S2* shadow2) const {
     return {weights2, shadow2, alpha_arg, beta_arg, skip_nonfinite, alpha, beta, valid};
   }
-  template <int N>
-  BK_HD int apply(int64_t i) const {
-    W w_io[N];
-    S s_io[N];
-    load<N>(weights + i, w_io);
-    load<N>(shadow + i, s_io);
+  template <int N, int U = 1>
+  BK_HD int apply(int64_t i, int64_t stride = 0) const {
+    W w_io[N * U];
+    S s_io[N * U];
+    load_groups<N, U>(weights + i, w_io, stride);
+    load_groups<N, U>(shadow + i, s_io, stride);
     int skipped = 0;
     BK_UNROLL
-    for (int k = 0; k < N; ++k) {
+    for (int k = 0; k < N * U; ++k) {
       const T w = static_cast<T>(w_io[k]);
       const T s = static_cast<T>(s_io[k]);
       const bool keep = keeps_old_shadow(w, skip_nonfinite);
@@ -255,8 +307,8 @@ struct BelayOp {
       const S updated = static_cast<S>(belay_shadow(s, w, alpha));
       s_io[k] = keep ? s_io[k] : updated;
     }
-    store<N>(weights + i, w_io);
-    store<N>(shadow + i, s_io);
+    store_groups<N, U>(weights + i, w_io, stride);
+    store_groups<N, U>(shadow + i, s_io, stride);
     return skipped;
   }
 };
@@ -278,19 +330,20 @@ struct TwoPointOp {
   BK_HD TwoPointOp<W2, S2> with_tensors(W2* out2, const W2* weights2, const S2* snapshot2) const {
     return {out2, weights2, snapshot2};
   }
-  template <int N, typename OutStore = PlainStore>
-  BK_HD int apply(int64_t i) const {
-    W w_in[N];
-    S snap_in[N];
-    W result[N];
-    load<N>(weights + i, w_in);
-    load<N>(snapshot + i, snap_in);
+  template <int N, int U = 1, typename OutStore = PlainStore>
+  BK_HD int apply(int64_t i, int64_t stride = 0) const {
+    W w_in[N * U];
+    S snap_in[N * U];
+    W result[N * U];
+    load_input_groups<N, U>(weights + i, w_in, stride);
+    load_input_groups<N, U>(snapshot + i, snap_in, stride);
     BK_UNROLL
-    for (int k = 0; k < N; ++k) {
+    for (int k = 0; k < N * U; ++k) {
       result[k] =
           static_cast<W>(two_point(static_cast<T>(w_in[k]), static_cast<T>(snap_in[k])));
     }
-    OutStore::template put<N>(out + i, result);
+    BK_UNROLL
+    for (int u = 0; u < U; ++u) OutStore::template put<N>(out + i + u * stride, group<N>(result, u));
     return 0;
   }
 };
@@ -304,14 +357,14 @@ struct ExchangeOp {
 
   BK_HD ExchangeOp resolved() const { return *this; }
   BK_HD auto tensors() const { return std::tuple{weights, shadow}; }
-  template <int N>
-  BK_HD int apply(int64_t i) const {
-    Bits w[N];
-    Bits s[N];
-    load<N>(weights + i, w);
-    load<N>(shadow + i, s);
-    store<N>(weights + i, s);
-    store<N>(shadow + i, w);
+  template <int N, int U = 1>
+  BK_HD int apply(int64_t i, int64_t stride = 0) const {
+    Bits w[N * U];
+    Bits s[N * U];
+    load_groups<N, U>(weights + i, w, stride);
+    load_groups<N, U>(shadow + i, s, stride);
+    store_groups<N, U>(weights + i, s, stride);
+    store_groups<N, U>(shadow + i, w, stride);
     return 0;
   }
 };
@@ -325,16 +378,16 @@ struct PackedSwapOp {
 
   BK_HD PackedSwapOp resolved() const { return *this; }
   BK_HD auto tensors() const { return std::tuple{weights, shadow}; }
-  template <int N>
-  BK_HD int apply(int64_t i) const {
-    uint16_t w[N];
-    uint32_t s[N];
-    load<N>(weights + i, w);
-    load<N>(shadow + i, s);
+  template <int N, int U = 1>
+  BK_HD int apply(int64_t i, int64_t stride = 0) const {
+    uint16_t w[N * U];
+    uint32_t s[N * U];
+    load_groups<N, U>(weights + i, w, stride);
+    load_groups<N, U>(shadow + i, s, stride);
     BK_UNROLL
-    for (int k = 0; k < N; ++k) swap_packed(w[k], s[k], inverse);
-    store<N>(weights + i, w);
-    store<N>(shadow + i, s);
+    for (int k = 0; k < N * U; ++k) swap_packed(w[k], s[k], inverse);
+    store_groups<N, U>(weights + i, w, stride);
+    store_groups<N, U>(shadow + i, s, stride);
     return 0;
   }
 };

@@ -277,10 +277,14 @@ void swap_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& rows, b
     });
     return;
   }
-  TORCH_CHECK_VALUE(weights == shadow && at::isFloatingType(weights), op,
-                    ": no exact in-place swap for ", weights, " weights with a ", shadow,
-                    " shadow; supported: one floating dtype, or bfloat16 weights with a "
-                    "float32 shadow.");
+  // The dtypes of dispatch_pair: 1-byte floats (Float8) would fall into no word size.
+  const bool exchangeable = weights == shadow &&
+                            (weights == at::kFloat || weights == at::kDouble ||
+                             weights == at::kBFloat16 || weights == at::kHalf);
+  TORCH_CHECK_VALUE(exchangeable, op, ": no exact in-place swap for ", weights,
+                    " weights with a ", shadow, " shadow; supported: float32, float64, "
+                    "bfloat16 or float16 with the same dtype, or bfloat16 weights with a "
+                    "float32 shadow. Use backend='torch' for other dtypes.");
   auto exchange = [&](auto bits) {
     using Bits = decltype(bits);
     run_rows(exec, rows, nullptr, [&](const std::vector<Tensor>& row) {
@@ -290,7 +294,8 @@ void swap_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& rows, b
   switch (rows[0][0].element_size()) {
     case 2: return exchange(uint16_t{});
     case 4: return exchange(uint32_t{});
-    default: return exchange(uint64_t{});
+    case 8: return exchange(uint64_t{});
+    default: TORCH_CHECK_VALUE(false, op, ": no word size for ", weights, ".");
   }
 }
 

@@ -65,6 +65,17 @@ def test_list_bodies_match_reference(method, pair):
         compare_with_reference(method, "cpp", trajectory, hyper=HYPER[method])
 
 
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_list_chunks_split_across_blocks_match_reference(pair):
+    # 16 blocks and 7 chunks (20_011 elements in chunks of 4096, then 2 small tensors): the
+    # launch gives each chunk ceil(16 / 7) = 3 blocks, as it fills a GPU with big tensors.
+    with simulated_grid(16, 4, chunk=4096):
+        for method in ("ema", "belay"):
+            trajectory = Trajectory(pair, [20_011, 3, 1009], seed=12, nonfinite=True,
+                                    offsets=(1, 1))
+            compare_with_reference(method, "cpp", trajectory, hyper=HYPER[method])
+
+
 @pytest.mark.parametrize(
     "pair", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)],
     ids=pair_id,

@@ -43,3 +43,15 @@ def test_fast_path_moves_each_element_once_with_128_bit_accesses(case, arch):
     assert report.load_bytes_per_element == case.bytes_per_element(case.method.inputs)
     assert report.store_bytes_per_element == case.bytes_per_element(case.method.outputs)
     assert report.scalar_loads <= allowed_scalar_loads(case), report.fast_loads
+
+
+@pytest.mark.parametrize("case", [c for c in aot.graph_cases() if c.method.name == "ema_update_"],
+                         ids=lambda c: c.label.replace(" ", "-"))
+def test_warmup_weight_is_fp64_math(case):
+    """The EMA warmup's weight: an IEEE fp64 division and fp64 exp2/log2, none of the
+    approximate fp32 instructions (so inv_gamma = power = 1 is the SWA's 1 / (k + 1))."""
+    ptx = aot.compile_case(case, 90).asm["ptx"]
+    assert "div.rn.f64" in ptx
+    for approximate in ("ex2.approx.f32", "lg2.approx.f32", "div.full.f32", "rcp.approx.f32",
+                        "ex2.approx.ftz.f32", "lg2.approx.ftz.f32"):
+        assert approximate not in ptx, approximate

@@ -381,3 +381,144 @@ def test_a_weight_of_one_copies_over_a_nonfinite_shadow(as_tensor):
         ops.belay_step_(w2, s, alpha=value(1.0), beta=value(0.0), nonfinite=nonfinite,
                         backend="triton")
         assert torch.equal(s, w.float())
+
+
+# --- the GPU-path review (issue 16): swap specials, pointer tables, alignment, scalars -----
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["flat", "list"])
+def test_packed_swap_keeps_nan_and_restores_bits(foreach):
+    from belay_kernels.testing import check_packed_swap, packed_swap_case
+
+    def swap(w, s, inverse):
+        if foreach:  # unaligned pieces of the same words
+            cuts = [0, 5, 6, 3000, w.numel()]
+            pieces = [(w[a:b], s[a:b]) for a, b in zip(cuts, cuts[1:])]
+            ops.swap_([p[0] for p in pieces], [p[1] for p in pieces], inverse=inverse,
+                      backend="triton")
+        else:
+            ops.swap_(w, s, inverse=inverse, backend="triton")
+
+    check_packed_swap(*packed_swap_case(), swap)
+
+
+def _tables():
+    from belay_kernels.triton._launch import PointerTable
+
+    return PointerTable._tables
+
+
+def _key(*columns):
+    return tuple((t.data_ptr(), t.numel(), t.dtype, t.device) for c in columns for t in c)
+
+
+def test_pointer_tables_live_as_long_as_their_tensors():
+    """More list signatures than the old 32-entry cache held: none is evicted while its
+    tensors live, a reused list keeps its very table, and a freed list frees its table."""
+    import gc
+
+    gen = torch.Generator().manual_seed(23)
+    lists = [([fresh(3 + i, torch.float32, gen) for _ in range(2)],
+              [fresh(3 + i, torch.float32, gen) for _ in range(2)]) for i in range(40)]
+    for pair in lists:
+        ops.ema_update_(*pair, decay=0.9, backend="triton")
+    del pair
+    keys = [_key(*pair) for pair in lists]
+    assert all(key in _tables() for key in keys)
+    first = _tables()[keys[0]]
+    address = first[0].table.data_ptr()
+    expected = [s.clone() for s in lists[0][0]]
+    ops.ema_update_(lists[0][0], lists[0][1], decay=0.9, backend="triton")
+    reference.ema_update_(expected[0], lists[0][1][0], 0.9)
+    reference.ema_update_(expected[1], lists[0][1][1], 0.9)
+    assert _tables()[keys[0]] is first and first[0].table.data_ptr() == address
+    assert_close(lists[0][0][0], expected[0], "after 40 other signatures")
+    del lists, expected, first
+    gc.collect()
+    assert not any(key in _tables() for key in keys)
+
+
+def test_two_point_lists_without_out_do_not_accumulate_tables():
+    import gc
+
+    gen = torch.Generator().manual_seed(29)
+    weights = [fresh(n, torch.float32, gen) for n in (5, 17)]
+    snapshots = [fresh(n, torch.float32, gen) for n in (5, 17)]
+    gc.collect()
+    before = set(_tables())
+    for _ in range(40):
+        ops.two_point_average(weights, snapshots, backend="triton")  # a new `out` each time
+    gc.collect()
+    assert not set(_tables()) - before
+
+
+def test_each_tensor_is_aligned_on_its_own():
+    """One misaligned tensor no longer turns the whole list scalar: aligned tensors, and
+    a tensor misaligned alike in every column after its scalar head, go in the table
+    launched with ALIGNED=True; the heads and a tensor whose columns never align (here
+    misaligned by 4 bytes in the shadow only) in a second. Results match the reference."""
+    from belay_kernels.triton._launch import PointerTable
+
+    gen = torch.Generator().manual_seed(31)
+    shadow_storage = [fresh(n + 1, torch.float32, gen) for n in LIST_SIZES]
+    weight_storage = [fresh(n + 1, torch.float32, gen) for n in LIST_SIZES]
+    # sizes (1, 3, 0, 1009, 8197): tensor 3 misaligned in the shadow only, tensor 4 in both
+    shadows = [t[1:] if i in (3, 4) else t[:-1] for i, t in enumerate(shadow_storage)]
+    weights = [t[1:] if i == 4 else t[:-1] for i, t in enumerate(weight_storage)]
+    tables = PointerTable.of([shadows, weights], [shadows, weights])
+    assert [t.aligned for t in tables] == [True, False]
+    # aligned: tensors 0 and 1 and the body of 4; misaligned: tensor 3 and the head of 4
+    assert [t.num_tensors for t in tables] == [3, 2]
+    # the sizes follow the two columns of offsets: tensor 3, then the 3-element head of 4
+    assert tables[1].table[4:6].tolist() == [1009, 3]
+    expected = [s.clone() for s in shadows]
+    ops.ema_update_(shadows, weights, decay=0.7, backend="triton")
+    ops.ema_update_(expected, weights, decay=0.7, backend="torch")
+    for i, (got, want) in enumerate(zip(shadows, expected)):
+        assert_close(got, want, f"tensor {i}")
+
+
+def test_building_a_table_during_capture_is_refused_before_anything_is_written(monkeypatch):
+    from belay_kernels import BelayInputError
+    from belay_kernels.triton import _launch
+
+    gen = torch.Generator().manual_seed(37)
+    built = ([fresh(9, torch.float32, gen) for _ in range(2)],
+             [fresh(9, torch.float32, gen) for _ in range(2)])
+    ops.ema_update_(*built, decay=0.5, backend="triton")  # the warm-up step builds it
+    fresh_lists = ([fresh(9, torch.float32, gen) for _ in range(2)],
+                   [fresh(9, torch.float32, gen) for _ in range(2)])
+    monkeypatch.setattr(_launch, "_capturing", lambda device: True)
+    ops.ema_update_(*built, decay=0.5, backend="triton")  # its table exists: fine
+    saved = [t.clone() for t in fresh_lists[0]]
+    with pytest.raises(BelayInputError, match="CUDA graph is being captured"):
+        ops.ema_update_(*fresh_lists, decay=0.5, backend="triton")
+    for t, s in zip(fresh_lists[0], saved):
+        assert torch.equal(t, s)
+
+
+def test_a_cpu_scalar_next_to_cuda_tensors_is_passed_by_value():
+    """Triton cannot read a CPU pointer from a CUDA kernel: such a scalar is read on the
+    host (checked without a GPU: only the argument encoding is involved)."""
+    from belay_kernels.triton import _launch
+
+    cuda = torch.device("cuda", 0)
+    bits, pointer, from_ptr = _launch.scalar_args(torch.tensor(0.25), cuda, one_minus=True)
+    assert (bits, pointer, from_ptr) == (_launch.float_bits(0.75), None, False)
+    same = torch.tensor(0.25)
+    assert _launch.scalar_args(same, same.device) == (0, same, True)
+
+
+def test_nan_stays_nan_inside_averaged():
+    import belay_kernels as bk
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3).to(torch.bfloat16)
+    ema = bk.EMA(model, decay=0.9, backend="triton")
+    shadow = ema.shadow_params()[0].view(-1).view(torch.int32)
+    shadow[:3] = torch.tensor([0x7FFFFFFF, -1, 0x7F800001], dtype=torch.int32)  # -1: 0xFFFFFFFF
+    live, saved = model.weight.detach().clone(), shadow.clone()
+    with ema.averaged():
+        assert torch.isnan(model.weight.detach().view(-1)[:3].float()).all()
+    assert torch.equal(model.weight.detach().view(torch.int16), live.view(torch.int16))
+    assert torch.equal(shadow, saved)

@@ -71,6 +71,34 @@ def cuda_unavailable_reason() -> str:
         )
     if not torch.cuda.is_available():
         return "the CUDA kernels are built, but torch sees no CUDA device"
+    return _arch_mismatch(module)
+
+
+def _arch_mismatch(module) -> str:
+    """Why a visible GPU cannot run the built kernels, or "". Every device's compute
+    capability is compared with the build's archs (no CUDA context is created for that);
+    the current device is also asked whether it can load them, which catches a build
+    without PTX on a newer GPU."""
+    built = [int(a) for a in module.built_arches().split(",") if a.strip()]  # 750 = 7.5
+    listed = ", ".join(f"sm_{a // 10}" for a in built) or "unknown archs"
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        if built and 100 * major + 10 * minor < min(built):
+            return (
+                f"cuda:{index} has compute capability {major}.{minor}, older than every "
+                f"arch the CUDA kernels were built for ({listed}); rebuild with "
+                f"TORCH_CUDA_ARCH_LIST={major}.{minor} (a CUDA toolkit that still targets it "
+                "is needed: CUDA 13 starts at sm_75)"
+            )
+    current = torch.cuda.current_device()
+    error = module.kernel_image_error(current)
+    if error:
+        major, minor = torch.cuda.get_device_capability(current)
+        return (
+            f"cuda:{current} (compute capability {major}.{minor}) cannot load the CUDA "
+            f"kernels built for {listed}: {error}; rebuild with "
+            f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}+PTX\""
+        )
     return ""
 
 

@@ -123,9 +123,10 @@ def _rate(bits, ptr, FROM_PTR: tl.constexpr, ONE_MINUS: tl.constexpr, COMPUTE: t
 
 # --- tensor lists --------------------------------------------------------------------
 # The table built by _launch.PointerTable (int64): for each of C columns (shadow,
-# weights, ...) the T tensors' element offsets from that column's base tensor (a kernel
-# argument, so the pointers keep their dtype and the JIT's alignment facts), then the T
-# sizes, then each tensor's first block; plus, separately, every block's owner (int32).
+# weights, ...) the T tensors' element offsets from the column's base pointer (the table's
+# own address, passed as one kernel argument per column so the pointers keep their dtype
+# and the JIT's alignment facts), then the T sizes, then each tensor's first block; plus,
+# separately, every block's owner (int32).
 
 
 @triton.jit
@@ -144,9 +145,10 @@ def _table_pointer(table_ptr, base_ptr, column: tl.constexpr, tensor, num_tensor
                    ALIGNED: tl.constexpr):
     offset = tl.load(table_ptr + column * num_tensors + tensor)
     if ALIGNED:
-        # The launcher checked that every tensor is 16-byte aligned, so the offset is a
-        # multiple of 16 bytes; writing it as one tells the compiler, which then emits
-        # 128-bit accesses as it does for aligned flat tensors.
+        # The launcher put only 16-byte-aligned tensors in this table, and the base (the
+        # table) is 16-byte aligned, so the offset is a multiple of 16 bytes; writing it
+        # as one tells the compiler, which then emits 128-bit accesses as it does for
+        # aligned flat tensors.
         VECTOR: tl.constexpr = 128 // base_ptr.dtype.element_ty.primitive_bitwidth
         offset = offset // VECTOR * VECTOR
     return base_ptr + offset

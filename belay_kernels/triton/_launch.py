@@ -3,8 +3,9 @@ the pointer table of the tensor-list variants."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
-from collections import OrderedDict
+import weakref
 
 import torch
 import triton
@@ -62,72 +63,149 @@ def update_flags(skip_nonfinite: bool, skipped, dtypes) -> dict:
     }
 
 
+def on_device(device: torch.device):
+    """Make ``device`` current for a launch: Triton launches on the current device and its
+    current stream, which need not be the tensors' (tensors on cuda:1 while cuda:0 is
+    current, as with device_map="auto"). A no-op when it already is current."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def launch_flat(kernel, tensors, args, flags) -> None:
     """One program per block of the flat tensors (nothing for empty ones)."""
     n = tensors[0].numel()
     if n:
-        kernel[grid(n, flags["BLOCK"])](*tensors, n, *args, **flags)
+        with on_device(tensors[0].device):
+            kernel[grid(n, flags["BLOCK"])](*tensors, n, *args, **flags)
 
 
-def launch_foreach(kernel, columns, args, flags) -> None:
-    """One launch over every block of every tensor in ``columns`` (lists, same lengths)."""
-    table = PointerTable.of(columns)
-    if table.num_blocks:
-        kernel[(table.num_blocks,)](*table.launch_args(), *args, ALIGNED=table.aligned, **flags)
+def launch_foreach(kernel, columns, args, flags, owners=None) -> None:
+    """One launch over every block of every tensor in ``columns`` (lists, same lengths),
+    two where some tensors (or their first few elements) are not 16-byte aligned.
+    ``owners``: the tensors whose lifetime the pointer tables follow, when ``columns``
+    holds temporary views of them (default: ``columns`` itself)."""
+    tables = PointerTable.of(columns, owners if owners is not None else columns)
+    with on_device(columns[0][0].device):
+        for table in tables:
+            kernel[(table.num_blocks,)](*table.launch_args(), *args, ALIGNED=table.aligned,
+                                        **flags)
 
 
-def scalar_args(value, one_minus: bool = False) -> tuple[int, object, bool]:
-    """(host bits, device tensor or None, FROM_PTR) for a rate given either way."""
-    if isinstance(value, torch.Tensor):
+def scalar_args(value, device: torch.device, one_minus: bool = False) -> tuple[int, object, bool]:
+    """(host bits, device tensor or None, FROM_PTR) for a rate given either way. A tensor
+    the kernel cannot read (a CPU scalar next to CUDA tensors; ops refuses other devices)
+    is read here, as the number it holds."""
+    if isinstance(value, torch.Tensor) and value.device == device:
         return 0, value, True
     value = float(value)
     return float_bits(1.0 - value if one_minus else value), None, False
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _address(t: torch.Tensor, element: int) -> int:
+    return t.data_ptr() + element * t.element_size()
+
+
+def _aligned_pieces(row: list[torch.Tensor]) -> tuple[list, list]:
+    """One tensor row (its tensor in every column) as (aligned, misaligned) ranges of
+    (first element, elements): a scalar head up to the first element where every column
+    is 16-byte aligned, then the rest as one aligned range, as the CUDA kernel does; all
+    misaligned where no element aligns every column (tensors misaligned differently)."""
+    n = row[0].numel()
+    head = next((h for h in range(min(n, 16)) if all(_address(t, h) % 16 == 0 for t in row)), None)
+    if head is None:
+        return [], [(0, n)]
+    return [(head, n - head)], ([(0, head)] if head else [])
+
+
 class PointerTable:
     """The device table one tensor-list launch reads (layout in _blocks): per column the
-    element offsets from the column's base tensor, the sizes, the first blocks, and every
-    block's owner. Tables are cached by (addresses, sizes), so a training loop builds each
-    once; build it (run one step) before a CUDA-graph capture."""
+    element offsets of the pieces from the table's own address (the table doubles as every
+    column's base pointer, so it holds no reference to the tensors), the sizes, the first
+    blocks, and every block's owner. A piece is a tensor or a range of one.
 
-    _cache: OrderedDict = OrderedDict()
-    _CACHE_SIZE = 32
+    A table lives exactly as long as the tensors it points into: it is built once per
+    list of tensors (same addresses, sizes, dtypes) and dropped when the first of those
+    tensor objects is freed, never before, so a CUDA graph that captured a launch can
+    replay it for as long as its tensors exist. Each tensor is aligned on its own: the
+    pieces that are 16-byte aligned in every column (whole tensors, or what follows a
+    tensor's scalar head) go in one table launched with 128-bit accesses, the heads and
+    tensors that never align in a second. Building allocates and copies from the host,
+    which a CUDA graph capture forbids: run one step before capturing."""
 
-    def __init__(self, columns: list[list[torch.Tensor]]):
+    _tables: dict = {}
+
+    def __init__(self, columns: list[list[torch.Tensor]], pieces: list[tuple[int, int, int]],
+                 aligned: bool):
         self.block = block_size(*(column[0].dtype for column in columns))
-        sizes = [t.numel() for t in columns[0]]
+        sizes = [length for _, _, length in pieces]
         blocks = [triton.cdiv(n, self.block) for n in sizes]
         first = [0]
         for b in blocks[:-1]:
             first.append(first[-1] + b)
-        base_index = next((i for i, n in enumerate(sizes) if n), 0)
-        self.bases = [column[base_index] for column in columns]
-        rows = []
-        for column, base in zip(columns, self.bases):
-            rows += [(t.data_ptr() - base.data_ptr()) // t.element_size() for t in column]
-        device = self.bases[0].device
-        self.table = torch.tensor(rows + sizes + first, dtype=torch.int64).to(device)
+        device = columns[0][0].device
+        self.table = torch.empty((len(columns) + 2) * len(pieces), dtype=torch.int64,
+                                 device=device)
+        offsets = []
+        for column in columns:
+            size = column[0].element_size()
+            for i, start, _ in pieces:
+                distance = _address(column[i], start) - self.table.data_ptr()
+                if distance % size:  # never for a tensor of this dtype's own storage
+                    raise ValueError(f"a tensor's address is not a multiple of {size} bytes")
+                offsets.append(distance // size)
+        self.table.copy_(torch.tensor(offsets + sizes + first, dtype=torch.int64))
+        self.bases = [self.table.view(column[0].dtype) for column in columns]
         owners = torch.repeat_interleave(
             torch.arange(len(sizes), dtype=torch.int32), torch.tensor(blocks, dtype=torch.int64)
         )
         self.owner = owners.to(device)
         self.num_tensors = len(sizes)
         self.num_blocks = sum(blocks)
-        self.aligned = all(t.data_ptr() % 16 == 0 for column in columns for t in column)
+        self.aligned = aligned
 
     @classmethod
-    def of(cls, columns: list[list[torch.Tensor]]) -> PointerTable:
+    def of(cls, columns: list[list[torch.Tensor]], owners) -> list[PointerTable]:
+        """The tables for ``columns``, built on first use (refused during a capture);
+        ``owners`` are the tensor objects whose lifetime the tables follow."""
         key = tuple((t.data_ptr(), t.numel(), t.dtype, t.device) for c in columns for t in c)
-        table = cls._cache.get(key)
-        if table is None:
-            table = cls(columns)
-            cls._cache[key] = table
-            if len(cls._cache) > cls._CACHE_SIZE:
-                cls._cache.popitem(last=False)
-        else:
-            cls._cache.move_to_end(key)
-        return table
+        tables = cls._tables.get(key)
+        if tables is None:
+            if _capturing(columns[0][0].device):
+                from .._checks import BelayInputError
+
+                raise BelayInputError(
+                    "a tensor-list launch needs a pointer table for these tensors, and "
+                    "building one (an allocation and a host-to-device copy) is not allowed "
+                    "while a CUDA graph is being captured. Run the same call once before "
+                    "the capture, with the same tensors, so the table exists."
+                )
+            tables = cls._build(columns)
+            cls._tables[key] = tables
+            for t in {id(t): t for c in owners for t in c}.values():
+                weakref.finalize(t, cls._forget, key, tables)
+        return tables
+
+    @classmethod
+    def _forget(cls, key, tables) -> None:
+        if cls._tables.get(key) is tables:
+            del cls._tables[key]
+
+    @classmethod
+    def _build(cls, columns) -> list[PointerTable]:
+        aligned, misaligned = [], []
+        for i in range(len(columns[0])):
+            if columns[0][i].numel():
+                good, bad = _aligned_pieces([c[i] for c in columns])
+                aligned += [(i, start, n) for start, n in good]
+                misaligned += [(i, start, n) for start, n in bad]
+        return [cls(columns, pieces, flag)
+                for pieces, flag in ((aligned, True), (misaligned, False)) if pieces]
 
     def launch_args(self) -> tuple:
-        """table, owner, number of tensors, then each column's base tensor."""
+        """table, owner, number of tensors, then each column's base (the table itself)."""
         return (self.table, self.owner, self.num_tensors, *self.bases)

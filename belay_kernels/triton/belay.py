@@ -92,8 +92,8 @@ def _belay_step_foreach_kernel(table_ptr, owner_ptr, num_tensors, weights_ptr, s
 
 
 def _common_args(alpha, beta, skip_nonfinite, skipped, gate, placeholder, dtypes):
-    alpha_bits, alpha_ptr, alpha_from_ptr = _launch.scalar_args(alpha)
-    beta_bits, beta_ptr, beta_from_ptr = _launch.scalar_args(beta)
+    alpha_bits, alpha_ptr, alpha_from_ptr = _launch.scalar_args(alpha, placeholder.device)
+    beta_bits, beta_ptr, beta_from_ptr = _launch.scalar_args(beta, placeholder.device)
     gate_positional, gate_flags = gate_args(gate, placeholder)
     args = (
         alpha_bits,

@@ -5,8 +5,12 @@ A :class:`StepGate` holds two device tensors:
 
 - ``step``: int64, one element, the number of optimizer steps taken so far (counting
   from 0, skipped steps excluded). The kernels read it; :func:`advance_step_` adds one.
-- ``skip`` (optional): any one-element tensor, e.g. ``GradScaler``'s ``found_inf``.
-  Nonzero makes every gated kernel, and ``advance_step_``, a no-op on the device.
+- ``skip`` (optional): any one-element tensor that the training step writes in place
+  every step, e.g. a flag your loop sets from the optimizer's overflow check. Nonzero
+  makes every gated kernel, and ``advance_step_``, a no-op on the device. A captured
+  graph reads the tensor it was captured with, so the flag must be that same tensor on
+  every step: ``torch.amp.GradScaler``'s ``found_inf`` is not, since ``unscale_`` makes
+  a new one each step (copy it into your flag with ``flag.copy_(...)`` instead).
 
 and two host constants, ``start`` and ``every``. At step ``t`` a gated kernel runs when
 ``skip == 0``, ``t >= start`` and ``(t - start) % every == 0``; it is then the update
@@ -26,7 +30,7 @@ outside the capture::
 
     from belay_kernels.triton import EmaWarmup, StepGate, advance_step_, ema_update_foreach
 
-    found_inf = torch.zeros(1, device="cuda")      # or GradScaler's found_inf tensor
+    found_inf = torch.zeros(1, device="cuda")      # one tensor, written in place each step
     gate = StepGate.on("cuda", skip=found_inf, start=0, every=1)
 
     def average():
@@ -50,6 +54,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import on_device
 
 
 @dataclass(frozen=True)
@@ -93,9 +99,13 @@ def _gate(step_ptr, skip_ptr, start, every, HAS_STEP: tl.constexpr, HAS_SKIP: tl
 
 @triton.jit
 def _warmup_weight(k, inv_gamma, power, COMPUTE: tl.constexpr):
-    """``(1 + k / inv_gamma) ** -power`` in COMPUTE; exactly 1 at k = 0."""
-    base = 1 + k.to(COMPUTE) / inv_gamma
-    return tl.exp2(-power * tl.log2(base))
+    """``(1 + k / inv_gamma) ** -power``, computed in float64 and rounded once to COMPUTE;
+    exactly 1 at k = 0. fp32 division, exp2 and log2 are approximate on a GPU, so the
+    math runs in float64, and ``power == 1`` is an IEEE division: with
+    ``inv_gamma = power = 1`` the weight is then the SWA's ``1 / (k + 1)`` bit for bit."""
+    base = 1 + k.to(tl.float64) / inv_gamma
+    powered = tl.where(power == 1, 1 / base, tl.exp2(-power * tl.log2(base)))
+    return powered.to(COMPUTE)
 
 
 @triton.jit
@@ -111,7 +121,8 @@ def _advance_step_kernel(step_ptr, skip_ptr, HAS_SKIP: tl.constexpr):
 def advance_step_(gate: StepGate) -> None:
     """``gate.step += 1`` on the device, unless ``gate.skip`` is nonzero."""
     skip = gate.skip if gate.skip is not None else gate.step
-    _advance_step_kernel[(1,)](gate.step, skip, HAS_SKIP=gate.skip is not None, num_warps=1)
+    with on_device(gate.step.device):
+        _advance_step_kernel[(1,)](gate.step, skip, HAS_SKIP=gate.skip is not None, num_warps=1)
 
 
 def gate_args(gate: StepGate | None, placeholder: torch.Tensor) -> tuple:

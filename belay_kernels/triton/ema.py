@@ -28,8 +28,8 @@ def _ema_program(shadow_ptr, weights_ptr, start, n, weight_bits, decay_ptr, skip
     if active:
         weight, valid = _rate(weight_bits, decay_ptr, DECAY_FROM_PTR, True, COMPUTE)
         if WARMUP:
-            warm = _warmup_weight(k, _host_float(inv_gamma_bits, COMPUTE),
-                                  _host_float(power_bits, COMPUTE), COMPUTE)
+            warm = _warmup_weight(k, _host_float(inv_gamma_bits, tl.float64),
+                                  _host_float(power_bits, tl.float64), COMPUTE)
             weight = tl.maximum(weight, warm)
         if valid:
             _lerp_shadow(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr,
@@ -71,7 +71,8 @@ def _ema_update_foreach_kernel(table_ptr, owner_ptr, num_tensors, shadow_ptr, we
 
 
 def _common_args(decay, skip_nonfinite, skipped, gate, warmup, placeholder, dtypes):
-    weight_bits, decay_ptr, from_ptr = _launch.scalar_args(decay, one_minus=True)
+    weight_bits, decay_ptr, from_ptr = _launch.scalar_args(decay, placeholder.device,
+                                                               one_minus=True)
     gate_positional, gate_flags = gate_args(gate, placeholder)
     if warmup is not None and gate is None:
         raise ValueError("an EMA warmup needs a StepGate: the decay follows gate.step.")

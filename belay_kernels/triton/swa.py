@@ -61,7 +61,8 @@ def _swa_update_foreach_kernel(table_ptr, owner_ptr, num_tensors, shadow_ptr, we
 
 
 def _common_args(count, skip_nonfinite, skipped, gate, placeholder, dtypes):
-    from_ptr = isinstance(count, torch.Tensor)
+    # a CPU count next to CUDA tensors is read here (ops refuses other devices)
+    from_ptr = isinstance(count, torch.Tensor) and count.device == placeholder.device
     gate_positional, gate_flags = gate_args(gate, placeholder)
     args = (
         0 if from_ptr else int(count),

@@ -16,16 +16,37 @@ from ._blocks import _load, _offsets, _store, _table_block, _table_pointer
 @triton.jit
 def _swap_bits(model_bits, slot_bits, INVERSE: tl.constexpr):
     """bf16 model word (uint32, low 16 bits used) and fp32 slot word (uint32) -> new
-    words; the reference's packing: round to nearest with ties toward zero, so the low
-    half of the slot tells exactly whether the model's half was rounded up."""
+    words; the reference's packing (reference.packed_model_bits and its inverse): round
+    to nearest with ties toward zero, so the low half of the slot tells exactly whether
+    the model's half was rounded up, and NaN kept NaN."""
+    SIGN: tl.constexpr = 0x8000
+    INF: tl.constexpr = 0x7F80  # bf16 +inf; a magnitude above it is a NaN
+    SPARE_NAN: tl.constexpr = 0x7F81  # the NaN high half that lends its code
     low = slot_bits & 0xFFFF
     high = slot_bits >> 16
     rounds_up = (low > 0x8000).to(tl.uint32)
     if INVERSE:
+        sign = model_bits & SIGN
+        magnitude = model_bits & 0x7FFF
+        restored = tl.where(
+            magnitude > INF,
+            tl.where(magnitude == SPARE_NAN, sign | INF, model_bits),
+            tl.where(magnitude == INF * (1 - rounds_up), sign | SPARE_NAN,
+                     model_bits - rounds_up),
+        )
+        shadow_high = tl.where(low != 0, restored, model_bits) & 0xFFFF
         new_model = high
-        new_slot = (((model_bits - rounds_up) & 0xFFFF) << 16) | low
+        new_slot = (shadow_high << 16) | low
     else:
-        new_model = (high + rounds_up) & 0xFFFF
+        sign = high & SIGN
+        magnitude = high & 0x7FFF
+        traded = tl.where(
+            magnitude == INF,
+            sign | SPARE_NAN,
+            tl.where(magnitude == SPARE_NAN, sign | (INF * (1 - rounds_up)), high),
+        )
+        exchanged = (magnitude >= INF) & (low != 0)
+        new_model = tl.where(exchanged, traded, high + rounds_up) & 0xFFFF
         new_slot = (model_bits << 16) | low
     return new_model, new_slot
 
@@ -93,4 +114,5 @@ def swap_(weights: torch.Tensor, shadow: torch.Tensor, inverse: bool = False) ->
 def swap_foreach(weights, shadows, inverse: bool = False) -> None:
     flags = _flags(weights[0], shadows[0], inverse)
     columns = [[_bits(t) for t in weights], [_bits(t) for t in shadows]]
-    _launch.launch_foreach(_swap_foreach_kernel, columns, (), flags)
+    _launch.launch_foreach(_swap_foreach_kernel, columns, (), flags,
+                           owners=[weights, shadows])
