@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _backends
+from . import _backends, distributed
 from ._checks import (
     BelayInputError,
     check_count,
@@ -30,6 +30,7 @@ TensorOrList = torch.Tensor | Sequence[torch.Tensor]
 
 def _rows(names: Sequence[str], args: Sequence[TensorOrList]) -> list[tuple[torch.Tensor, ...]]:
     """Turn (tensor, tensor, ...) or (list, list, ...) into checked rows of tensors."""
+    args = distributed.local_args(names, args)  # DTensors: their local shards
     if all(isinstance(a, torch.Tensor) for a in args):
         rows = [tuple(args)]
         check_pair(names, rows[0])
