@@ -74,17 +74,19 @@ def _tracks(named, is_param, shadow_dtype_for, flatten, shard_mesh=None) -> list
     tracks = []
     dtensors, named = distributed.split_dtensors(named)
     groups, leftovers = flat.flatten(named) if flatten else ([], list(named))
+    # this averager's names: a group shared with another averager keeps that one's
+    name_of = {id(t): n for n, t in named}
     for group in groups:
         if shard_mesh is not None:
             full = [group.view(group.buffer, s) for s in group.slots]
-            names, live = [s.name for s in group.slots], [s.tensor for s in group.slots]
+            names, live = [name_of[id(s.tensor)] for s in group.slots], [s.tensor for s in group.slots]
             dtype = shadow_dtype_for(group.buffer.dtype)
             tracks.append(_chunk_track(names, live, full, group.buffer, is_param, dtype, shard_mesh, group))
             continue
         shadow = _make_shadow(group.buffer, shadow_dtype_for(group.buffer.dtype))
         tracks.append(
             Track(
-                names=[s.name for s in group.slots],
+                names=[name_of[id(s.tensor)] for s in group.slots],
                 live=[s.tensor for s in group.slots],
                 weights=group.buffer,
                 shadow=shadow,
@@ -220,11 +222,17 @@ class Averager:
         self.nonfinite = nonfinite
         self.backend = backend
         shadow_dtype_for = self._shadow_dtype_rule(shadow_dtype)
-        if self._buffers_join_params:  # one track kind: every tensor gets the same update
-            self._tracks = _tracks(params + named_buffers, True, shadow_dtype_for, flatten, shard_mesh)
-        else:
+        if shard_mesh is not None:
+            # Buffers stay whole on every rank: DDP keeps only the parameters identical
+            # across ranks, and a buffer updated in forward differs between them.
             self._tracks = _tracks(params, True, shadow_dtype_for, flatten, shard_mesh) + _tracks(
-                named_buffers, False, shadow_dtype_for, flatten, shard_mesh
+                named_buffers, False, shadow_dtype_for, flatten
+            )
+        elif self._buffers_join_params:  # one track kind: every tensor gets the same update
+            self._tracks = _tracks(params + named_buffers, True, shadow_dtype_for, flatten)
+        else:
+            self._tracks = _tracks(params, True, shadow_dtype_for, flatten) + _tracks(
+                named_buffers, False, shadow_dtype_for, flatten
             )
         self._names = [n for n, _ in params + named_buffers]  # the caller's order
         self._binding = (
