@@ -332,7 +332,9 @@ class Averager:
         """What the averager's own tensors cost, next to the weights they average."""
         lines = []
         for track, state in zip(self._tracks, self._state_per_track()):
-            w_bytes = _nbytes(track.live)
+            # what this rank holds: its local shards, or under shard_shadow the whole weights
+            held = track.weights if track.dtensor else track.full_weights
+            w_bytes = _nbytes(track.live if held is None else _as_list(held))
             s_bytes = _nbytes(state)
             path = "flat buffer" if track.group is not None else "tensor list"
             if track.dtensor:
