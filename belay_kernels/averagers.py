@@ -428,8 +428,9 @@ class Averager:
                     f"copy_to: got {len(ordered)} tensors, the averager holds {len(names)}."
                 )
         plan, bad = [], []
+        local_shapes = {n: s.shape for n, s in zip(names, self.shadow_params())}
         for n, d, spec in zip(names, ordered, self._specs_in_order()):
-            shape = spec.shape if spec is not None else self._local_shape(n)
+            shape = spec.shape if spec is not None else local_shapes[n]
             if spec is not None and spec.same_layout(d):  # sharded alike: local to local
                 plan.append((d._local_tensor, False))
             elif distributed.is_dtensor(d):
@@ -450,9 +451,6 @@ class Averager:
                 )
             for (dest, gather), value, spec in zip(plan, averaged, specs):
                 dest.copy_(spec.full(value) if gather else value)
-
-    def _local_shape(self, name: str) -> torch.Size:
-        return dict(zip(self._names, self.shadow_params()))[name].shape
 
     def _specs_in_order(self) -> list[distributed.Spec | None]:
         """Each averaged tensor's distributed layout (None for a whole local tensor)."""

@@ -226,17 +226,16 @@ class Binding:
 
     def check(self) -> None:
         self.reshard()
-        replaced = [name for name, table, attr, t in self._entries if table.get(attr) is not t]
+        replaced = [(name, table.get(attr)) for name, table, attr, t in self._entries if table.get(attr) is not t]
         if not replaced:
             return
-        now = self._entries[[e[0] for e in self._entries].index(replaced[0])]
-        current = now[1].get(now[2])
-        shown = ", ".join(replaced[:5]) + (f" and {len(replaced) - 5} more" if len(replaced) > 5 else "")
-        if is_dtensor(current) or _fsdp_modules(self._module):
+        shown = ", ".join(n for n, _ in replaced[:5]) + (f" and {len(replaced) - 5} more" if len(replaced) > 5 else "")
+        sharded_since = not self._fsdp_modules and (is_dtensor(replaced[0][1]) or _fsdp_modules(self._module))
+        if sharded_since:
             why = (
-                "they are DTensor shards now: the averager was built before fully_shard. "
-                "Build it after fully_shard (as you would the optimizer), so that it "
-                "averages each rank's own shards."
+                "fully_shard replaced them with DTensor shards: the averager was built before "
+                "fully_shard. Build it after fully_shard (as you would the optimizer), so that "
+                "it averages each rank's own shards."
             )
         else:
             why = (
