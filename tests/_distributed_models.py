@@ -1,7 +1,7 @@
 """The small model, data and float64 oracles the distributed tests share.
 
 ``Tiny`` has what FSDP2 makes interesting: dimensions that do not divide by 2 or 4 (so
-shards are uneven, and at 4 ranks one is empty), an embedding tied to the output head, a
+shards are uneven, and at 4 ranks one of ``gain``'s is empty), an embedding tied to the output head, a
 frozen layer, a floating buffer that changes every forward and an integer buffer.
 """
 
@@ -33,6 +33,7 @@ class Tiny(nn.Module):
         self.frozen.requires_grad_(False)
         self.head = nn.Linear(8, 11, bias=False)
         self.head.weight = self.embed.weight  # tied
+        self.gain = nn.Parameter(torch.ones(5))  # 5 rows: 3+2 on 2 ranks, 2+2+1+0 on 4
         self.register_buffer("scale", torch.ones(8))
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
 
@@ -43,7 +44,7 @@ class Tiny(nn.Module):
             with torch.no_grad():
                 self.scale.mul_(0.9).add_(0.1 * x.detach().float().pow(2).mean((0, 1)))
                 self.calls += 1
-        return self.head(x * self.scale.to(x.dtype))
+        return self.head(x * self.scale.to(x.dtype) * self.gain.mean())
 
 
 def tiny(seed=0, shard=False, mp_policy=None) -> nn.Module:
