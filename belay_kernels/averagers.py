@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import _backends, flat, ops
+from . import _backends, distributed, flat, ops
 from ._checks import BelayInputError, check_nonfinite, check_unit_interval
 from .reference import SWAP_PAIRS, swap_supported
 from .schedules import Constant, Warmup, as_schedule, every_k, from_state, to_state
@@ -52,6 +52,14 @@ class Track:
     shadows: list[torch.Tensor]  # per-name views of ``shadow``
     is_param: bool
     group: flat.FlatGroup | None = None
+    # Distributed tracks (see :mod:`belay_kernels.distributed`): where each local piece
+    # sits in its full tensor, the one allocation behind ``shadows``, whether ``weights``
+    # are FSDP2 local shards (re-read before each use), and for a sharded DDP shadow the
+    # whole weights that evaluation swaps with the gathered average.
+    specs: list[distributed.Spec] | None = None
+    shadow_storage: torch.Tensor | None = None
+    dtensor: bool = False
+    full_weights: torch.Tensor | list[torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -62,14 +70,23 @@ def _make_shadow(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weights.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def _tracks(named, is_param, shadow_dtype_for, flatten) -> list[Track]:
+def _tracks(named, is_param, shadow_dtype_for, flatten, shard_mesh=None) -> list[Track]:
     tracks = []
+    dtensors, named = distributed.split_dtensors(named)
     groups, leftovers = flat.flatten(named) if flatten else ([], list(named))
+    # this averager's names: a group shared with another averager keeps that one's
+    name_of = {id(t): n for n, t in named}
     for group in groups:
+        if shard_mesh is not None:
+            full = [group.view(group.buffer, s) for s in group.slots]
+            names, live = [name_of[id(s.tensor)] for s in group.slots], [s.tensor for s in group.slots]
+            dtype = shadow_dtype_for(group.buffer.dtype)
+            tracks.append(_chunk_track(names, live, full, group.buffer, is_param, dtype, shard_mesh, group))
+            continue
         shadow = _make_shadow(group.buffer, shadow_dtype_for(group.buffer.dtype))
         tracks.append(
             Track(
-                names=[s.name for s in group.slots],
+                names=[name_of[id(s.tensor)] for s in group.slots],
                 live=[s.tensor for s in group.slots],
                 weights=group.buffer,
                 shadow=shadow,
@@ -83,9 +100,33 @@ def _tracks(named, is_param, shadow_dtype_for, flatten) -> list[Track]:
         by_device.setdefault(t.device, []).append((name, t))
     for members in by_device.values():
         live = [t for _, t in members]
+        if shard_mesh is not None:
+            names, dtype = [n for n, _ in members], shadow_dtype_for(live[0].dtype)
+            if len({t.dtype for t in live}) > 1:
+                raise BelayInputError(
+                    "shard_shadow=True keeps one shadow buffer per dtype; give the "
+                    "non-flattenable tensors one dtype, or flatten=True."
+                )
+            tracks.append(_chunk_track(names, live, live, live, is_param, dtype, shard_mesh))
+            continue
         shadows = [_make_shadow(t, shadow_dtype_for(t.dtype)) for t in live]
         tracks.append(Track([n for n, _ in members], live, live, shadows, shadows, is_param))
+    for names, params, local_shards, specs in distributed.local_groups(dtensors):
+        dtype = shadow_dtype_for(local_shards[0].dtype)
+        storage, views = distributed.flat_copy(local_shards, dtype)
+        tracks.append(
+            Track(names, params, local_shards, views, views, is_param, specs=specs,
+                  shadow_storage=storage, dtensor=True)
+        )
     return tracks
+
+
+def _chunk_track(names, live, full, full_weights, is_param, dtype, mesh, group=None) -> Track:
+    """A track whose shadow holds only this rank's dim-0 chunk of each tensor."""
+    chunks, specs = distributed.chunk_rows(names, full, mesh)
+    storage, views = distributed.flat_copy(chunks, dtype)
+    return Track(names, live, chunks, views, views, is_param, group=group, specs=specs,
+                 shadow_storage=storage, full_weights=full_weights)
 
 
 def _collect(module_or_params, include_frozen: bool, buffers: str):
@@ -141,6 +182,9 @@ class Averager:
     """
 
     method = "Averager"
+    # Whether shard_shadow=True is sound: the update must change the shadow only, since a
+    # rank holding a slice of the shadow can update only that slice.
+    _can_shard_shadow = True
     # Whether parameters and buffers may share a flat buffer (one launch). Belay keeps
     # them apart: its spring acts on the optimizer's parameters, not on running stats.
     _buffers_join_params = True
@@ -155,6 +199,8 @@ class Averager:
         nonfinite: str = "skip",
         backend: str = "auto",
         flatten: bool = True,
+        shard_shadow: bool = False,
+        process_group=None,
     ):
         if buffers not in BUFFER_POLICIES:
             raise BelayInputError(f"buffers must be one of {BUFFER_POLICIES}, got {buffers!r}.")
@@ -164,18 +210,37 @@ class Averager:
             torch.float16, torch.bfloat16, torch.float32, torch.float64
         ):
             raise BelayInputError(f"shadow_dtype must be a floating dtype, got {shadow_dtype!r}.")
+        shard_mesh = self._shard_mesh(shard_shadow, process_group)
         self._module, params, named_buffers = _collect(module_or_params, include_frozen, buffers)
+        if shard_mesh is not None:
+            sharded = [n for n, t in params + named_buffers if distributed.is_dtensor(t)]
+            if sharded:
+                raise BelayInputError(
+                    f"shard_shadow=True, but {sharded[:3]} are DTensors (FSDP2 shards): the "
+                    "shadow of a sharded model is already sharded like it. Drop shard_shadow."
+                )
         self.nonfinite = nonfinite
         self.backend = backend
         shadow_dtype_for = self._shadow_dtype_rule(shadow_dtype)
         self._check_backend(params + named_buffers, named_buffers, shadow_dtype_for)
-        if self._buffers_join_params:  # one track kind: every tensor gets the same update
+        if shard_mesh is not None:
+            # Buffers stay whole on every rank: DDP keeps only the parameters identical
+            # across ranks, and a buffer updated in forward differs between them.
+            self._tracks = _tracks(params, True, shadow_dtype_for, flatten, shard_mesh) + _tracks(
+                named_buffers, False, shadow_dtype_for, flatten
+            )
+        elif self._buffers_join_params:  # one track kind: every tensor gets the same update
             self._tracks = _tracks(params + named_buffers, True, shadow_dtype_for, flatten)
         else:
             self._tracks = _tracks(params, True, shadow_dtype_for, flatten) + _tracks(
                 named_buffers, False, shadow_dtype_for, flatten
             )
         self._names = [n for n, _ in params + named_buffers]  # the caller's order
+        self._binding = (
+            distributed.Binding(self._module, self._names, [t for _, t in params + named_buffers])
+            if self._module is not None
+            else None
+        )
         self._steps = 0  # step() calls so far
         self._updates = 0  # shadow updates so far (SWA: models in the mean)
         self._skipped = {t.device: torch.zeros((), dtype=torch.int64, device=t.device) for t in self._tracks}
@@ -210,6 +275,20 @@ class Averager:
                         f"{shadow_dtype} shadow, on {device_type}): {exc}"
                     ) from None
 
+    def _shard_mesh(self, shard_shadow, process_group):
+        if not isinstance(shard_shadow, bool):
+            raise BelayInputError(f"shard_shadow must be True or False, got {shard_shadow!r}.")
+        if not shard_shadow:
+            return None
+        if not self._can_shard_shadow:
+            raise BelayInputError(
+                f"{self.method} cannot keep a sharded shadow: its step also moves the weights, "
+                "and a rank holding 1/world of the shadow could move only 1/world of them "
+                "(the ranks' models would drift apart without an all-gather every step). "
+                "Use an unsharded shadow, or FSDP2 (fully_shard), where every rank owns its shards."
+            )
+        return distributed.default_group_mesh(process_group)
+
     # ---- the update -------------------------------------------------------------------
     def step(self) -> None:
         """Update the shadow (and for BELAY the weights). Call after ``optimizer.step()``.
@@ -236,6 +315,11 @@ class Averager:
                 "Leave the with-block first."
             )
         flat.check_not_stale([t.group for t in self._tracks if t.group is not None])
+        if self._binding is not None:
+            self._binding.check()
+        for track in self._tracks:
+            if track.dtensor:
+                track.weights = distributed.refresh_local_shards(track.names, track.live, track.shadows)
 
     # ---- introspection ----------------------------------------------------------------
     @property
@@ -277,9 +361,15 @@ class Averager:
         """What the averager's own tensors cost, next to the weights they average."""
         lines = []
         for track, state in zip(self._tracks, self._state_per_track()):
-            w_bytes = _nbytes(track.live)
+            # what this rank holds: its local shards, or under shard_shadow the whole weights
+            held = track.weights if track.dtensor else track.full_weights
+            w_bytes = _nbytes(track.live if held is None else _as_list(held))
             s_bytes = _nbytes(state)
             path = "flat buffer" if track.group is not None else "tensor list"
+            if track.dtensor:
+                path = "local shards"
+            elif track.full_weights is not None:
+                path += ", this rank's 1/world of the shadow"
             lines.append(
                 f"{track.device} {track.live[0].dtype} ({path}, {len(track.live)} tensors): "
                 f"weights {_mib(w_bytes)}, averager state {_mib(s_bytes)}"
@@ -288,9 +378,9 @@ class Averager:
         return "\n".join(lines)
 
     def _state_per_track(self) -> list[list[torch.Tensor]]:
-        """The tensors this averager allocated, per track (per-name views: a flat buffer's
-        alignment padding is not state)."""
-        return [t.shadows for t in self._tracks]
+        """The tensors this averager allocated, per track (a flat buffer's alignment padding
+        is not state)."""
+        return [_allocated(t) for t in self._tracks]
 
     @property
     def state_bytes(self) -> int:
@@ -322,15 +412,33 @@ class Averager:
                         f"shadow_dtype={w.dtype}."
                     )
         self._prepare_eval()
+        pairs = [self._whole(track, live, avg) for track, (live, avg) in zip(self._tracks, pairs)]
         for live, avg in pairs:
             ops.swap_(live, avg, backend=self.backend)
         self._swapped = True
         try:
             yield self._module
         finally:
+            if self._binding is not None:
+                self._binding.reshard()  # drop what a forward inside all-gathered
             for live, avg in reversed(pairs):
                 ops.swap_(live, avg, inverse=True, backend=self.backend)
             self._swapped = False
+
+    @staticmethod
+    def _whole(track: Track, live, avg):
+        """(live, avg) as averaged() swaps them: for a sharded DDP shadow, the whole
+        weights and the average all-gathered into a temporary laid out like them."""
+        if track.full_weights is None:
+            return live, avg
+        pieces = [spec.full(a) for spec, a in zip(track.specs, _as_list(avg))]
+        if track.group is None:
+            return track.full_weights, pieces
+        gathered = torch.empty(track.group.buffer.numel(), dtype=pieces[0].dtype,
+                               device=track.group.buffer.device)
+        for slot, piece in zip(track.group.slots, pieces):
+            track.group.view(gathered, slot).copy_(piece)
+        return track.full_weights, gathered
 
     def copy_to(self, target: nn.Module | Iterable[torch.Tensor]) -> None:
         """Write the averaged weights into ``target``: a module with the same names (its
@@ -349,19 +457,41 @@ class Averager:
                 raise BelayInputError(
                     f"copy_to: got {len(ordered)} tensors, the averager holds {len(names)}."
                 )
-        averaged = self._averaged_values()
-        bad = [
-            f"{n}: target {tuple(d.shape)} vs averaged {tuple(a.shape)}"
-            for n, d, a in zip(names, ordered, averaged)
-            if d.shape != a.shape
-        ]
+        plan, bad = [], []
+        local_shapes = {n: s.shape for n, s in zip(names, self.shadow_params())}
+        for n, d, spec in zip(names, ordered, self._specs_in_order()):
+            shape = spec.shape if spec is not None else local_shapes[n]
+            if spec is not None and spec.same_layout(d):  # sharded alike: local to local
+                plan.append((d._local_tensor, False))
+            elif distributed.is_dtensor(d):
+                bad.append(f"{n}: target is sharded as {distributed.Spec.of(d).describe()}, "
+                           f"the average as {spec.describe() if spec else tuple(shape)}")
+            elif d.shape != shape:
+                bad.append(f"{n}: target {tuple(d.shape)} vs averaged {tuple(shape)}")
+            else:
+                plan.append((d, spec is not None))  # a whole target: gather the pieces
         if bad:
             raise BelayInputError("copy_to: shapes differ: " + "; ".join(bad[:5]))
+        averaged = self._averaged_values()
+        specs = self._specs_in_order()
         with torch.no_grad():
             if isinstance(target, nn.Module) and self._module is not None and target is not self._module:
-                target.load_state_dict(self._module.state_dict())
-            for dest, value in zip(ordered, averaged):
-                dest.copy_(value)
+                target.load_state_dict(
+                    distributed.state_like(target.state_dict(), self._module.state_dict())
+                )
+            for (dest, gather), value, spec in zip(plan, averaged, specs):
+                dest.copy_(spec.full(value) if gather else value)
+
+    def _specs_in_order(self) -> list[distributed.Spec | None]:
+        """Each averaged tensor's distributed layout (None for a whole local tensor)."""
+        return self._in_caller_order([t.specs or [None] * len(t.names) for t in self._tracks])
+
+    def _full_averaged_values(self) -> list[torch.Tensor]:
+        """The whole averaged tensors, gathered where sharded (a collective then)."""
+        return [
+            spec.full(v) if spec is not None else v
+            for v, spec in zip(self._averaged_values(), self._specs_in_order())
+        ]
 
     def _averaged_values(self) -> list[torch.Tensor]:
         return self.shadow_params()
@@ -381,6 +511,8 @@ class Averager:
         """The shadow (views, no copy), the counters and the hyperparameters."""
         self._check_ready("state_dict()")
         names = self.names()
+        specs = self._specs_in_order()
+        distributed_state = any(spec is not None for spec in specs)
         return {
             "method": self.method,
             "format": STATE_FORMAT,
@@ -388,9 +520,14 @@ class Averager:
             "nonfinite": self.nonfinite,
             "num_steps": self._steps,
             "num_updates": self._updates,
-            "num_skipped": self.num_skipped,
-            **{
-                kind: dict(zip(names, tensors))
+            # summed over the ranks when sharded (state_dict() is then a collective)
+            "num_skipped": distributed.global_count(self.num_skipped) if distributed_state
+            else self.num_skipped,
+            **{  # sharded tensors as DTensors over the local views, so DCP reshards them
+                kind: {
+                    n: spec.wrap(t) if spec is not None else t
+                    for n, t, spec in zip(names, tensors, specs)
+                }
                 for kind, tensors in self._saved_tensors().items()
             },
         }
@@ -410,6 +547,7 @@ class Averager:
             raise BelayInputError(f"the state lacks {absent}; pass what state_dict() returned.")
         names = self.names()
         mine = self._saved_tensors()
+        specs = self._specs_in_order()
         problems = []
         for kind, tensors in mine.items():
             theirs = state.get(kind)
@@ -422,11 +560,12 @@ class Averager:
                 problems.append(f"{kind} missing: {missing[:5]}")
             if unexpected:
                 problems.append(f"{kind} unexpected: {unexpected[:5]}")
-            for name, t in zip(names, tensors):
+            for name, t, spec in zip(names, tensors, specs):
                 other = theirs.get(name)
-                if other is not None and tuple(other.shape) != tuple(t.shape):
+                shape = spec.shape if spec is not None else t.shape
+                if other is not None and tuple(other.shape) != tuple(shape):
                     problems.append(
-                        f"{kind} {name}: saved shape {tuple(other.shape)}, model shape {tuple(t.shape)}"
+                        f"{kind} {name}: saved shape {tuple(other.shape)}, model shape {tuple(shape)}"
                     )
         if problems:
             raise BelayInputError(
@@ -437,15 +576,17 @@ class Averager:
         check_nonfinite(state["nonfinite"])
         with torch.no_grad():
             for kind, tensors in mine.items():
-                for name, t in zip(names, tensors):
-                    t.copy_(state[kind][name])
+                for name, t, spec in zip(names, tensors, specs):
+                    value = state[kind][name]
+                    t.copy_(spec.local_of(value) if spec is not None else value)
         self._set_hparams(state["hparams"])
         self.nonfinite = state["nonfinite"]
         self._steps = int(state["num_steps"])
         self._updates = int(state["num_updates"])
         counters = list(self._skipped.values())
+        first = distributed.is_first_rank() if any(s is not None for s in specs) else True
         for i, c in enumerate(counters):
-            c.fill_(int(state["num_skipped"]) if i == 0 else 0)
+            c.fill_(int(state["num_skipped"]) if i == 0 and first else 0)
 
     _STATE_KEYS = ("hparams", "nonfinite", "num_steps", "num_updates", "num_skipped")
 
@@ -471,9 +612,15 @@ def _as_list(t: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _average_views(track: Track, average) -> list[torch.Tensor]:
     """Per-name views of a TwoPoint average laid out like ``track.shadow``."""
-    if track.group is None:
+    if track.group is None or not isinstance(average, torch.Tensor):
         return list(average)
     return [track.group.view(average, s) for s in track.group.slots]
+
+
+def _allocated(track: Track) -> list[torch.Tensor]:
+    """The shadow memory a track allocated (per-name views of a flat shadow, so its
+    alignment padding is not counted)."""
+    return [track.shadow_storage] if track.shadow_storage is not None else track.shadows
 
 
 def _rows(live, avg):
@@ -602,6 +749,7 @@ class Belay(Averager):
 
     method = "Belay"
     _buffers_join_params = False
+    _can_shard_shadow = False
 
     def __init__(self, module_or_params, *, alpha: float, beta: float, **options):
         self.alpha, self.beta, self.eta = self._hparam_check(alpha=alpha, beta=beta)
@@ -721,7 +869,7 @@ class TwoPoint(Averager):
         )
 
     def _state_per_track(self) -> list[list[torch.Tensor]]:
-        return [t.shadows + _average_views(t, avg) for t, avg in zip(self._tracks, self._average)]
+        return [_allocated(t) + _average_views(t, avg) for t, avg in zip(self._tracks, self._average)]
 
     def _saved_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"snapshot": self.shadow_params()}

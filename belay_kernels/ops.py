@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import _backends
+from . import _backends, distributed
 from ._checks import (
     BelayInputError,
     check_count,
@@ -37,6 +37,7 @@ def _rows(
 ) -> list[tuple[torch.Tensor, ...]]:
     """Turn (tensor, tensor, ...) or (list, list, ...) into checked rows of tensors; the
     columns ``written`` are the ones the op writes."""
+    args = distributed.local_args(names, args)  # DTensors: their local shards
     if all(isinstance(a, torch.Tensor) for a in args):
         rows = [tuple(args)]
         check_pair(names, rows[0])

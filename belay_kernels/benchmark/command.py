@@ -69,8 +69,10 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true",
                    help=f"sizes {QUICK_SIZES}, short timing, no model-level mode")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--mode", choices=("sweep", "models", "all"), default=None,
-                   help="default: all (sweep with --quick)")
+    p.add_argument("--mode", choices=("sweep", "models", "all", "distributed"), default=None,
+                   help="default: all (sweep with --quick); distributed: FSDP2 on gloo ranks")
+    p.add_argument("--ranks", type=int, default=2,
+                   help="processes for --mode distributed (threads per rank: --threads, default 1)")
     p.add_argument("--sizes", type=_sizes, default=None, help="e.g. 1e5,1e6,1e7")
     p.add_argument("--methods", type=_csv("method", METHODS), default=list(METHODS))
     p.add_argument("--dtypes", type=_csv("dtype pair", DTYPE_PAIRS), default=list(DTYPE_PAIRS))
@@ -100,9 +102,13 @@ def main(argv=None) -> int:
 
     raw_argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(raw_argv)
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    if args.mode == "distributed":
+        from .distributed import main_distributed
+
+        return main_distributed(args, log)
     if args.threads:
         torch.set_num_threads(args.threads)
-    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     machine = machine_info(args.device)
     log(f"belay-kernels bench on {machine['cpu']} ({machine['cores']} cores)"
         f"{', ' + machine['gpu'] if machine['gpu'] else ''}; backends: {machine['backends']}")
