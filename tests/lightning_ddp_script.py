@@ -1,7 +1,8 @@
 """The Lightning checks under strategy="ddp" on two CPU processes (gloo).
 
 Run by tests/test_integration_lightning.py as ``python tests/lightning_ddp_script.py
-RESULT_JSON CKPT_DIR``; Lightning starts the second process by running this script again.
+RESULT_JSON CKPT_DIR`` in two processes with torchrun's environment (LOCAL_RANK, RANK,
+WORLD_SIZE, MASTER_ADDR/PORT); run once without it, Lightning starts the second itself.
 Every rank runs every check, and the ranks' weights and averages must agree (the data
 differ per rank, so they agree only if DDP still reduces the gradients of the flattened
 parameters). Rank 0 writes what it measured to RESULT_JSON."""

@@ -5,6 +5,7 @@ processes, both package spellings."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,19 @@ def test_a_fresh_trainer_tests_a_checkpoint_on_its_saved_average(tmp_path):
     with torch.no_grad():  # and afterwards the module holds the checkpoint's live weights
         assert not torch.allclose(nn.functional.mse_loss(fresh(x), y), expected)
         cases.assert_equal(cases.state(fresh), cases.state(module))
+
+
+def test_an_error_during_validation_gives_the_live_weights_back():
+    class Failing(cases.Net):
+        def validation_step(self, batch, batch_idx):
+            raise RuntimeError("validation failed")
+
+    module, callback = Failing(), WeightAveraging(bk.EMA, decay=cases.DECAY)
+    before = cases.LiveWeights("on_validation_start")
+    with pytest.raises(RuntimeError, match="validation failed"):
+        cases.trainer(callbacks=[before, callback]).fit(module, *cases.loaders())
+    cases.assert_equal(cases.state(module), before.seen[0])
+    assert not callback._swap.active
 
 
 def test_copy_at_end_leaves_the_average_in_the_model():
@@ -115,23 +129,40 @@ def test_the_lightning_spelling_works_too():
     assert t.callback_metrics["val_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ddp_on_two_cpu_processes(tmp_path):
-    """The same checks under strategy="ddp", devices=2 (gloo), in their own processes."""
+    """The same checks under strategy="ddp", devices=2 (gloo), in two processes started
+    together, as torchrun would (Lightning sees LOCAL_RANK and launches nothing itself), so
+    their imports overlap."""
     root = Path(__file__).parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "result.json"
-    proc = subprocess.Popen(
-        [sys.executable, str(root / "tests" / "lightning_ddp_script.py"), str(out), str(tmp_path / "ckpt")],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,  # the launcher's second rank joins this group: kill both on timeout
+    base = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", NODE_RANK="0",
     )
+    script = [sys.executable, str(root / "tests" / "lightning_ddp_script.py"), str(out), str(tmp_path / "ckpt")]
+    procs = [
+        subprocess.Popen(
+            script, cwd=tmp_path, env=dict(base, LOCAL_RANK=str(rank), RANK=str(rank)),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        for rank in range(2)
+    ]
+    logs = []
     try:
-        log, _ = proc.communicate(timeout=300)
+        for proc in procs:
+            logs.append(proc.communicate(timeout=300)[0])
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail("the DDP run did not finish in 300 s:\n" + log[-3000:])
-    assert proc.returncode == 0, log[-3000:]
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the DDP run did not finish in 300 s")
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log[-3000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == 2
     assert result["matches_lightning"]["steps"] == 8  # 4 batches per rank per epoch

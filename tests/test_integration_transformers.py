@@ -167,8 +167,8 @@ def test_evaluate_after_training_and_save_pretrained_the_average(tmp_path):
 
 
 def test_resuming_without_a_saved_average_says_where_it_looked(tmp_path):
-    model, trainer = make_trainer(tmp_path, [], eval_strategy="no")
-    trainer.train()  # checkpoints without the callback
+    model, trainer = make_trainer(tmp_path, [], eval_strategy="no", max_steps=4)
+    trainer.train()  # a checkpoint at step 4, without the callback
     model, trainer = make_trainer(tmp_path, [AveragingCallback(bk.EMA)], eval_strategy="no")
     with pytest.raises(bk.BelayInputError, match="no averager state was found"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))

@@ -146,7 +146,7 @@ class WeightAveraging(*_callback_bases()):
 
     # ---- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict:
-        if self.averager is None:
+        if self._pending_state is not None or self.averager is None:  # loaded, not yet built
             return dict(self._pending_state or {})
         return self.averager.state_dict()
 

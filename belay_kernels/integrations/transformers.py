@@ -3,10 +3,10 @@
     import belay_kernels as bk
     from belay_kernels.integrations.transformers import AveragingCallback
 
-    trainer = Trainer(model, args, train_dataset=..., eval_dataset=...,
-                      callbacks=[AveragingCallback(bk.EMA, decay=0.999)])
+    averaging = AveragingCallback(bk.EMA, decay=0.999)
+    trainer = Trainer(model, args, train_dataset=..., eval_dataset=..., callbacks=[averaging])
     trainer.train()                      # evaluations during training see the average
-    with trainer_callback.averaged():    # and so does one after it
+    with averaging.averaged():           # and so does one after it
         trainer.evaluate()
 
 When each thing happens, and why:
@@ -103,6 +103,8 @@ class AveragingCallback(TrainerCallback):
         self._swap.leave()
 
     def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:  # every rank holds the same average; one writes
+            return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not os.path.isdir(folder):
             raise BelayInputError(
@@ -110,8 +112,7 @@ class AveragingCallback(TrainerCallback):
                 "and it is not there (a hyperparameter-search run directory?). The averager "
                 "state could not be saved with it."
             )
-        if state.is_world_process_zero:
-            torch.save(self.averager.state_dict(), os.path.join(folder, STATE_FILE))
+        torch.save(self.averager.state_dict(), os.path.join(folder, STATE_FILE))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._swap.leave()
