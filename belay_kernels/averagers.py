@@ -19,6 +19,7 @@ results.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -129,10 +130,19 @@ def _chunk_track(names, live, full, full_weights, is_param, dtype, mesh, group=N
                  shadow_storage=storage, full_weights=full_weights)
 
 
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper, whose tensors carry their own names
+    rather than ``_orig_mod.``-prefixed ones; any other module as it is."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not loaded: nothing compiled
+    if eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
+        return module._orig_mod
+    return module
+
+
 def _collect(module_or_params, include_frozen: bool, buffers: str):
     """(named params, named floating buffers) to average, tied tensors counted once."""
     if isinstance(module_or_params, nn.Module):
-        module = module_or_params
+        module = _uncompiled(module_or_params)
         params = list(module.named_parameters())  # removes duplicates (tied weights)
         named_buffers = list(module.named_buffers()) if buffers == "average" else []
     else:
@@ -446,6 +456,7 @@ class Averager:
         self._check_ready("copy_to()")
         names = self.names()
         if isinstance(target, nn.Module):
+            target = _uncompiled(target)
             dests = dict(target.named_parameters()) | dict(target.named_buffers())
             missing = [n for n in names if n not in dests]
             if missing:

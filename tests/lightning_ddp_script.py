@@ -1,0 +1,44 @@
+"""The Lightning checks under strategy="ddp" on two CPU processes (gloo).
+
+Run by tests/test_integration_lightning.py as ``python tests/lightning_ddp_script.py
+RESULT_JSON CKPT_DIR`` in two processes with torchrun's environment (LOCAL_RANK, RANK,
+WORLD_SIZE, MASTER_ADDR/PORT); run once without it, Lightning starts the second itself.
+Every rank runs every check, and the ranks' weights and averages must agree (the data
+differ per rank, so they agree only if DDP still reduces the gradients of the flattened
+parameters). Rank 0 writes what it measured to RESULT_JSON."""
+
+import json
+import os
+import sys
+
+os.environ["BELAY_TEST_DEVICES"] = "2"
+import lightning_cases as cases  # noqa: E402  (after the environment it reads)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+def same_on_every_rank(tensors: dict) -> bool:
+    mine = torch.cat([t.flatten() for t in tensors.values()])
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def main(result_path, ckpt_dir):
+    results = {
+        "matches_lightning": cases.check_matches_lightning_ema(accumulate=1),
+        "matches_lightning_accumulate_4": cases.check_matches_lightning_ema(accumulate=4),
+        "validation_and_resume": cases.check_validation_and_resume(ckpt_dir),
+    }
+    for result in results.values():
+        for kind in ("shadow", "live"):
+            if kind in result:
+                assert same_on_every_rank(result.pop(kind)), f"the ranks' {kind} differ"
+    results["world_size"] = dist.get_world_size()
+    if dist.get_rank() == 0:
+        with open(result_path, "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
