@@ -66,8 +66,16 @@ def _choice(name):
 
 
 def _say(text):
-    # stderr, so that pip shows it with -v and in the log of a failed build
-    print(f"belay_kernels: {text}", file=sys.stderr, flush=True)
+    """stderr, which pip shows with -v and for a failed build; pip hides it otherwise, so
+    the line also goes to the terminal when there is one."""
+    line = f"belay_kernels: {text}"
+    print(line, file=sys.stderr, flush=True)
+    if not sys.stderr.isatty():
+        try:
+            with open("/dev/tty", "w") as tty:
+                tty.write(line + "\n")
+        except OSError:  # no terminal (CI, a log): stderr is all there is
+            pass
 
 
 def _fingerprint(sources, flags, extra):
