@@ -28,6 +28,20 @@
 #include "op_entries.h"
 
 namespace belay {
+
+// The simulated CUDA grid (tests only); 0 blocks = off. Outside the anonymous namespace and
+// inline, so that every file that registers CPU ops reads the one grid that
+// set_simulated_grid() sets.
+struct SimulatedGrid {
+  int64_t blocks = 0;
+  int64_t threads = 0;
+  int64_t chunk = 0;
+};
+inline SimulatedGrid& simulated_grid() {
+  static thread_local SimulatedGrid grid;
+  return grid;
+}
+
 namespace {
 
 struct NoDeviceGuard {
@@ -265,16 +279,6 @@ struct CpuExec {
   }
 };
 
-// The simulated CUDA grid (tests only); 0 blocks = off.
-struct SimulatedGrid {
-  int64_t blocks = 0;
-  int64_t threads = 0;
-  int64_t chunk = 0;
-};
-SimulatedGrid& simulated_grid() {
-  static thread_local SimulatedGrid grid;
-  return grid;
-}
 
 struct SimulatedGridExec {
   using DeviceGuard = NoDeviceGuard;
