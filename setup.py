@@ -42,7 +42,8 @@ CUDA_SOURCES = ["csrc/cuda_kernels.cu", "csrc/cuda_module.cpp"]
 # -g0: Python's own CFLAGS ask for debug info, which for these templates cost compile time
 # and made _C.so 24 MB.
 CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math"]
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+# --threads 0: nvcc compiles the arch list's targets in parallel, one thread per core.
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "--threads", "0"]
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO = os.path.join("belay_kernels", "_build_info.json")
 # Wall time of each part on the 2-core dev machine, for the line printed before the build.
