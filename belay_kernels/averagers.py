@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -34,6 +35,10 @@ from .schedules import half_life as half_life_decay
 
 STATE_FORMAT = 1
 BUFFER_POLICIES = ("average", "copy")
+
+
+class StaleViewsWarning(UserWarning):
+    """state_dict() of an averager whose model's tensors were replaced (model.to(...))."""
 
 
 def default_shadow_dtype(weights_dtype: torch.dtype) -> torch.dtype:
@@ -154,6 +159,13 @@ def _collect(module_or_params, include_frozen: bool, buffers: str):
             )
         try:
             items = list(module_or_params)
+            if not items and iter(module_or_params) is module_or_params:
+                raise BelayInputError(
+                    f"the iterable was empty; was model.parameters() already consumed? A "
+                    f"{type(module_or_params).__name__} can be read only once (an earlier "
+                    "averager or optimizer may have read it): pass the model itself, or "
+                    "a fresh model.parameters()."
+                )
         except TypeError:
             raise BelayInputError(
                 f"expected an nn.Module or an iterable of tensors, got "
@@ -324,12 +336,15 @@ class Averager:
                 f"{what} inside averaged(): the model holds the shadow right now. "
                 "Leave the with-block first."
             )
-        flat.check_not_stale([t.group for t in self._tracks if t.group is not None])
+        flat.check_not_stale(self._groups(), self.method)
         if self._binding is not None:
             self._binding.check()
         for track in self._tracks:
             if track.dtensor:
                 track.weights = distributed.refresh_local_shards(track.names, track.live, track.shadows)
+
+    def _groups(self) -> list:
+        return [t.group for t in self._tracks if t.group is not None]
 
     # ---- introspection ----------------------------------------------------------------
     @property
@@ -509,6 +524,8 @@ class Averager:
 
     # ---- checkpoints ------------------------------------------------------------------
     def hparams(self) -> dict:
+        """The hyperparameters, as state_dict() saves them (a new dict on each call, so a
+        method rather than a property)."""
         raise NotImplementedError
 
     def _set_hparams(self, hparams: dict) -> None:
@@ -519,8 +536,24 @@ class Averager:
         return {"shadow": self.shadow_params()}
 
     def state_dict(self) -> dict:
-        """The shadow (views, no copy), the counters and the hyperparameters."""
-        self._check_ready("state_dict()")
+        """The shadow (views, no copy), the counters and the hyperparameters.
+
+        It works after the model's tensors were replaced (``model.to(...)``), with a
+        warning that the views are stale: the shadow is the averager's own memory, and this
+        is how it is carried over to an averager built on the moved model.
+        """
+        if self._swapped:
+            self._check_ready("state_dict()")
+        stale = flat.stale_names(self._groups())
+        if stale:
+            warnings.warn(
+                f"state_dict(): the model's tensors ({', '.join(stale[:3])}"
+                f"{', ...' if len(stale) > 3 else ''}) were replaced since this averager was "
+                "built, so its views of them are stale; the shadow saved here is intact. "
+                f"Load it into belay_kernels.{self.method}(model, ...) built on the moved "
+                "model with load_state_dict().",
+                StaleViewsWarning, stacklevel=2,
+            )
         names = self.names()
         specs = self._specs_in_order()
         distributed_state = any(spec is not None for spec in specs)
@@ -548,7 +581,10 @@ class Averager:
         self._check_ready("load_state_dict()")
         if not isinstance(state, dict) or state.get("method") != self.method:
             got = state.get("method") if isinstance(state, dict) else type(state).__name__
-            raise BelayInputError(f"this is a {self.method} averager; the state is from {got!r}.")
+            raise BelayInputError(
+                f"this averager is {self.method}, but the state is from {got!r}; load a "
+                f"state saved by {self.method}.state_dict()."
+            )
         if state.get("format") != STATE_FORMAT:
             raise BelayInputError(
                 f"state format {state.get('format')!r} is not supported (expected {STATE_FORMAT})."

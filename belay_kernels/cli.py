@@ -1,9 +1,12 @@
-"""The ``belay-kernels`` command: ``demo``, ``bench`` and ``reproduce``."""
+"""The ``belay-kernels`` command: ``demo``, ``bench``, ``reproduce`` and ``backends``."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+
+from ._toolkit import quiet_torch_cuda_home_warning
 
 # subcommand -> (module with a main(argv) function, one-line help)
 COMMANDS = {
@@ -14,7 +17,21 @@ COMMANDS = {
 }
 
 
+def _usage() -> str:
+    lines = ["usage: belay-kernels {" + ",".join(COMMANDS) + "} [options]", ""]
+    lines += [f"  {name:10s} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`belay-kernels COMMAND --help` describes each command's options."]
+    return "\n".join(lines)
+
+
 def _print_backends(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="belay-kernels backends",
+        description="Print each backend (torch, cpp, cuda, triton) and whether it runs on "
+        "this machine; for one that does not, the reason. Where the compiled kernels were "
+        "not built, the reason recorded at install time and the command that rebuilds them.",
+    )
+    parser.parse_args(argv)
     from . import backends
 
     for name, status in backends().items():
@@ -24,11 +41,15 @@ def _print_backends(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: belay-kernels {" + ",".join(COMMANDS) + "} [options]\n")
-        for name, (_, text) in COMMANDS.items():
-            print(f"  {name:10s} {text}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    quiet_torch_cuda_home_warning()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"belay-kernels: unknown command {argv[0]!r}; the commands are "
+              f"{', '.join(COMMANDS)}.\n", file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
     if argv[0] == "backends":
         return _print_backends(argv[1:])
     module = importlib.import_module(COMMANDS[argv[0]][0])

@@ -78,10 +78,19 @@ def run(method: str, epochs: int, lr: float, seed: int, data) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="belay-kernels demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=0.2, help="deliberately high, so the live weights are noisy")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = argparse.ArgumentParser(
+        prog="belay-kernels demo",
+        description="Train a small classifier (an MLP on scikit-learn's bundled digits) once "
+        "with no averaging and once each with EMA, SWA and BELAY, and print the test accuracy "
+        "of the live and the averaged weights, with the averaging's time per update. Runs on "
+        "the CPU in under a minute, downloads nothing and writes no files.",
+    )
+    parser.add_argument("--epochs", type=int, default=20, help="passes over the training set "
+                        "(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=0.2, help="SGD learning rate, deliberately "
+                        "high so that the live weights are noisy (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=3, help="runs per method, each with its own "
+                        "seed and data split; the table shows mean ± std (default: %(default)s)")
     args = parser.parse_args(argv)
     # The model is tiny: extra threads only add synchronisation, and make timings noisier.
     torch.set_num_threads(1)

@@ -80,6 +80,18 @@ def can_flatten(t: torch.Tensor) -> bool:
     )
 
 
+def _forget_stale_group(t: torch.Tensor) -> None:
+    """A tensor whose .data was moved out of its group (model.to(...)) is free to join a
+    new one: that is how an averager is rebuilt on a moved model."""
+    group = getattr(t, "_belay_flat_group", None)
+    if group is None:
+        return
+    start, buffer = t.data_ptr(), group.buffer
+    inside = buffer.data_ptr() <= start < buffer.data_ptr() + buffer.nbytes
+    if not inside or t.dtype != buffer.dtype:
+        del t._belay_flat_group
+
+
 def _existing_group(tensors: list[torch.Tensor]) -> FlatGroup | None:
     """The group these exact tensors already live in (a second averager on one model)."""
     groups = {id(getattr(t, "_belay_flat_group", None)) for t in tensors}
@@ -99,6 +111,7 @@ def flatten(named: list[tuple[str, torch.Tensor]]) -> tuple[list[FlatGroup], lis
     by_key: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
     leftovers = []
     for name, t in named:
+        _forget_stale_group(t)
         in_a_group = getattr(t, "_belay_flat_group", None) is not None
         if in_a_group or can_flatten(t):
             by_key.setdefault((t.device, t.dtype), []).append((name, t))
@@ -150,16 +163,22 @@ def _build_group(members: list[tuple[str, torch.Tensor]]) -> FlatGroup:
     return group
 
 
-def check_not_stale(groups: list[FlatGroup]) -> None:
-    for group in groups:
-        stale = group.stale_slots()
-        if stale:
-            shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
-            raise BelayInputError(
-                f"the model's tensors {shown} no longer live in the averager's flat buffer: "
-                "their .data was replaced (model.to(), .cuda(), .half(), "
-                "load_state_dict(assign=True), or assigning .data). The averager would "
-                "update memory the model no longer uses. Create the averager after moving "
-                "or reloading the model, and move it with the model's state via "
-                "state_dict()/load_state_dict()."
-            )
+def stale_names(groups: list[FlatGroup]) -> list[str]:
+    """Tensors whose .data no longer lives in their flat buffer, in every group."""
+    return [name for group in groups for name in group.stale_slots()]
+
+
+def check_not_stale(groups: list[FlatGroup], method: str = "EMA") -> None:
+    stale = stale_names(groups)
+    if stale:
+        shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+        raise BelayInputError(
+            f"the model's tensors {shown} no longer live in the averager's flat buffer: "
+            "their .data was replaced (model.to(), .cuda(), .half(), "
+            "load_state_dict(assign=True), or assigning .data). The averager would "
+            "update memory the model no longer uses. To keep the average accumulated so "
+            "far: (1) state = averager.state_dict(), which still works and warns that the "
+            f"views are stale; (2) averager = belay_kernels.{method}(model, ...) with the "
+            "same options, on the moved model; (3) averager.load_state_dict(state), which "
+            "copies the shadow to the model's new device and dtype."
+        )

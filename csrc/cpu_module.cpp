@@ -1,6 +1,10 @@
 // The Python module belay_kernels._C: importing it registers the ops (registration.cpp,
 // cpu_kernels.cpp). Its one Python function is the tests' simulated-grid switch.
-#include <torch/extension.h>
+// Only pybind11: torch/extension.h would pull in the whole of torch's headers, which made
+// this small file as slow to compile as the kernels.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
 
 namespace belay {
 void set_simulated_grid(int64_t blocks, int64_t threads, int64_t chunk);

@@ -146,7 +146,7 @@ def test_load_state_dict_from_another_model_names_the_mismatch_and_changes_nothi
     reshaped = {**reshaped, "shadow": {**reshaped["shadow"], "4.bias": torch.zeros(11)}}
     with pytest.raises(bk.BelayInputError, match=r"4.bias: saved shape \(11,\), model shape \(10,\)"):
         ema.load_state_dict(reshaped)
-    with pytest.raises(bk.BelayInputError, match="this is a EMA averager; the state is from 'SWA'"):
+    with pytest.raises(bk.BelayInputError, match="this averager is EMA, but the state is from 'SWA'"):
         ema.load_state_dict(bk.SWA(small_model()).state_dict())
     for a, b in zip(ema.shadow_params(), before):
         assert torch.equal(a, b)

@@ -23,9 +23,14 @@ def test_bench_command_writes_table_json_csv_and_plot(tmp_path, capsys):
         "--min-run-time", "0.005", "--stream-size", "2e5", "--out", str(tmp_path),
     ]
     assert main(argv) == 0
-    table = capsys.readouterr().out
+    printed = capsys.readouterr()
+    table = printed.out
     assert "belay_kernels[torch]" in table and "torch._foreach_lerp_" in table
-    result = json.loads((tmp_path / "results.json").read_text())
+    assert "\n  backends  timed: torch, cpp" in table or "timed: torch;" in table
+    assert "*" in table and "fit in the last-level cache, so" in table  # 3000 elements do
+    out = tmp_path / "quick"  # a quick run never writes where a full run's files are
+    assert f"to {out}/" in printed.err and not (tmp_path / "results.json").exists()
+    result = json.loads((out / "results.json").read_text())
     assert result["machine"]["cores"] >= 1 and result["machine"]["versions"]["torch"]
     timed = {(r["method"], r["impl"]) for r in result["rows"] if "median_ms" in r}
     assert {("ema", "belay_kernels[torch]"), ("ema", "torch._foreach_lerp_"),
@@ -35,11 +40,11 @@ def test_bench_command_writes_table_json_csv_and_plot(tmp_path, capsys):
         if "median_ms" in row:
             assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
             assert row["gbps"] > 0 and row["pct_stream"] > 0
-    csv_text = (tmp_path / "results.csv").read_text()
+    csv_text = (out / "results.csv").read_text()
     assert csv_text.startswith("# date:") and "\nmode,model,method," in csv_text
-    assert "### Sweep at 3e+03 elements" in (tmp_path / "results.md").read_text()
+    assert "### Sweep at 3e+03 elements" in (out / "results.md").read_text()
     if importlib.util.find_spec("matplotlib"):
-        assert (tmp_path / "sweep.png").stat().st_size > 10_000
+        assert (out / "sweep.png").stat().st_size > 10_000
 
 
 def test_op_counter_sees_one_call_per_tensor_or_one_foreach():

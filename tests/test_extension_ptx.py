@@ -4,36 +4,22 @@ every kernel, and the PTX of the fp32 and bf16 fast paths must move memory with 
 (.v4) global loads and stores. Skipped, with the reason, where nvcc is absent."""
 
 import functools
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from belay_kernels._toolkit import find_toolkit
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cuda_kernels.cu"
 
 
 def _cuda_home():
-    """The toolkit root: $CUDA_HOME, torch's guess, or the real location of nvcc."""
-    candidates = [os.environ.get("CUDA_HOME")]
-    try:
-        from torch.utils.cpp_extension import CUDA_HOME
-
-        candidates.append(CUDA_HOME)
-    except ImportError:
-        pass
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(nvcc).resolve().parents[1]))
-    for home in filter(None, candidates):
-        if (Path(home) / "bin" / "nvcc").exists() and (
-            Path(home) / "include" / "cuda_runtime.h"
-        ).exists():
-            return Path(home)
-    return None
+    """The toolkit root, found as setup.py finds it (a wrapper nvcc on PATH is followed)."""
+    root = find_toolkit().root
+    return Path(root) if root else None
 
 
 @functools.cache
@@ -41,7 +27,7 @@ def _compile(tmp_dir: str):
     """(ptxas report, {demangled kernel name: PTX body}) for sm_90."""
     home = _cuda_home()
     if home is None:
-        pytest.skip("nvcc not found (set CUDA_HOME to a CUDA toolkit root)")
+        pytest.skip(find_toolkit().describe())
     from torch.utils.cpp_extension import include_paths
 
     command = [

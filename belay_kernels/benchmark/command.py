@@ -9,9 +9,12 @@ from pathlib import Path
 
 import torch
 
+from .._outputs import output_dir
+from .._progress import progress
 from .architectures import ARCHITECTURES
 from .peers import PEERS
-from .report import add_stream_fraction, format_table, write_csv, write_json, write_markdown
+from .report import (add_stream_fraction, format_table, header, write_csv, write_json,
+                     write_markdown)
 from .sweep import DTYPE_PAIRS
 from .traffic import METHODS
 
@@ -63,33 +66,57 @@ def _sizes(text):
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="belay-kernels bench",
-        description="Time EMA, SWA, BELAY, two-point and swap on every available backend "
-        "against the peer libraries, over a size sweep and on real model shapes.",
+        description="Time EMA, SWA, BELAY, the two-point average and the swap on every "
+        "backend that runs here, against the libraries people use today (timm, ema-pytorch, "
+        "torch_ema, AveragedModel, plain lerp_ loops): first a sweep over flat buffers of "
+        "growing size, then one step on real model shapes (ResNet-50, ViT-B/16, a GPT-2-like "
+        "stack). Prints one table per mode and writes results.json, results.csv, results.md "
+        "and sweep.png. A full run times every size and then the models, with a progress bar "
+        "and an ETA; --quick is a short smoke run.",
+        epilog="where the files go: ./belay-results/bench/ by default, DIR with --out DIR; a "
+        "--quick run writes to a quick/ folder below it, so that it never replaces a full "
+        "run's files. The committed bench/results/ is regenerated only by naming it: "
+        "--out bench/results.",
     )
     p.add_argument("--quick", action="store_true",
-                   help=f"sizes {QUICK_SIZES}, short timing, no model-level mode")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                   help=f"a short run: sizes {', '.join(f'{n:.0e}' for n in QUICK_SIZES)}, "
+                   "short timing, the sweep only")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when a GPU is present, else cpu)")
     p.add_argument("--mode", choices=("sweep", "models", "all", "distributed"), default=None,
-                   help="default: all (sweep with --quick); distributed: FSDP2 on gloo ranks")
+                   help="sweep (flat buffers), models (real model shapes), all, or distributed "
+                   "(an FSDP2-sharded GPT-2-like model on gloo ranks) (default: all; sweep "
+                   "with --quick)")
     p.add_argument("--ranks", type=int, default=2,
                    help="processes for --mode distributed (threads per rank: --threads, default 1)")
-    p.add_argument("--sizes", type=_sizes, default=None, help="e.g. 1e5,1e6,1e7")
-    p.add_argument("--methods", type=_csv("method", METHODS), default=list(METHODS))
-    p.add_argument("--dtypes", type=_csv("dtype pair", DTYPE_PAIRS), default=list(DTYPE_PAIRS))
+    p.add_argument("--sizes", type=_sizes, default=None,
+                   help="the sweep's buffer sizes in elements, e.g. 1e5,1e6,1e7 (default: "
+                   "1e5 upward, as far as an eighth of the free memory allows)")
+    p.add_argument("--methods", type=_csv("method", METHODS), default=list(METHODS),
+                   help=f"comma list of methods (default: all of {','.join(METHODS)})")
+    p.add_argument("--dtypes", type=_csv("dtype pair", DTYPE_PAIRS), default=list(DTYPE_PAIRS),
+                   help="comma list of weights/shadow dtype pairs (default: all of "
+                   f"{','.join(DTYPE_PAIRS)})")
     p.add_argument("--peers", type=_csv("peer", PEERS), default=list(PEERS),
-                   help="comma list; empty string for none")
-    p.add_argument("--models", type=_csv("model", ARCHITECTURES), default=list(ARCHITECTURES))
+                   help="comma list of peer libraries to compare with, '' for none "
+                   f"(default: all of {','.join(PEERS)})")
+    p.add_argument("--models", type=_csv("model", ARCHITECTURES), default=list(ARCHITECTURES),
+                   help="comma list of model shapes for the model-level mode (default: all of "
+                   f"{','.join(ARCHITECTURES)})")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds of timing per point (default 0.3, 0.05 with --quick)")
     p.add_argument("--stream-size", type=float, default=None,
-                   help="elements of the streaming copy (default: 64M, 16M with --quick)")
+                   help="elements of the streaming copy that %%stream is relative to "
+                   "(default: 64M, 16M with --quick)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own choice)")
-    p.add_argument("--out", type=Path, default=Path("belay-bench-results"))
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="folder for the result files (default: ./belay-results/bench)")
+    p.add_argument("--no-plot", action="store_true", help="do not write sweep.png")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
     args.mode = args.mode or ("sweep" if args.quick else "all")
+    args.out = output_dir("bench", args.out, args.quick)
     args.sizes = args.sizes or (list(QUICK_SIZES) if args.quick else default_sizes(args.device))
     args.min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
     args.stream_size = int(args.stream_size or (1 << 24 if args.quick else 1 << 26))
@@ -110,8 +137,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = machine_info(args.device)
-    log(f"belay-kernels bench on {machine['cpu']} ({machine['cores']} cores)"
-        f"{', ' + machine['gpu'] if machine['gpu'] else ''}; backends: {machine['backends']}")
+    log(header(machine))
 
     def stream():
         gbps, timing = streaming_bandwidth(args.device, numel=args.stream_size,
@@ -134,24 +160,36 @@ def main(argv=None) -> int:
                        "belay-kernels bench " + " ".join(raw_argv))
         return best
 
-    if args.mode in ("sweep", "all"):
-        from .sweep import run_sweep
+    from .sweep import points_per_case
 
-        rows += run_sweep(device=args.device, sizes=args.sizes, methods=args.methods,
-                          pairs=args.dtypes, peers=args.peers, min_run_time=args.min_run_time,
-                          log=log)
-        save()
-    if args.mode in ("models", "all"):
-        from .model_level import run_models
+    per_case = points_per_case(device=args.device, methods=args.methods, peers=args.peers)
+    points = {"sweep": len(args.dtypes) * len(args.sizes) * per_case,
+              "models": len(args.dtypes) * len(args.models) * per_case}
+    total = sum(n for mode, n in points.items() if args.mode in (mode, "all"))
+    with progress(total, "bench", enabled=not args.quick) as bar:
+        def point(text):
+            bar.write(text)
+            bar.set_postfix_str(text.strip()[:60])
+            bar.update(1)
 
-        rows += run_models(device=args.device, models=args.models, methods=args.methods,
-                           pairs=args.dtypes, peers=args.peers,
-                           min_run_time=max(args.min_run_time, 0.5), log=log)
+        if args.mode in ("sweep", "all"):
+            from .sweep import run_sweep
+
+            rows += run_sweep(device=args.device, sizes=args.sizes, methods=args.methods,
+                              pairs=args.dtypes, peers=args.peers,
+                              min_run_time=args.min_run_time, log=point)
+            save()
+        if args.mode in ("models", "all"):
+            from .model_level import run_models
+
+            rows += run_models(device=args.device, models=args.models, methods=args.methods,
+                               pairs=args.dtypes, peers=args.peers,
+                               min_run_time=max(args.min_run_time, 0.5), log=point)
     stream_runs.append(stream())  # the machine may be busier now than at the start
     best = save()
-    print(f"# {machine['date']}  {machine['cpu']} x{machine['cores']}"
-          f"{'  ' + machine['gpu'] if machine['gpu'] else ''}  torch {machine['versions']['torch']}")
-    print(f"# streaming copy: {best:.1f} GB/s (best of {len(stream_runs)} runs)")
+    print(header(machine))
+    print(f"streaming copy: {best:.1f} GB/s (best of {len(stream_runs)} runs); %stream is "
+          "each point's GB/s as a share of it")
     for mode in ("sweep", "model"):
         part = [r for r in rows if r["mode"] == mode]
         if part:
@@ -170,6 +208,6 @@ def main(argv=None) -> int:
                 f"{', ' + machine['gpu'] if machine['gpu'] else ''}, "
                 f"torch {machine['versions']['torch']}, {machine['date']}",
             )
-    log(f"wrote {args.out}/results.json, results.csv, results.md"
-        f"{', sweep.png' if plotted else ''}")
+    log(f"wrote results.json, results.csv, results.md{', sweep.png' if plotted else ''} "
+        f"to {args.out}/")
     return 0

@@ -36,6 +36,7 @@ def _version(package: str) -> str:
 
 def machine_info(device: torch.device) -> dict:
     from .. import backends
+    from .timing import last_level_cache_bytes
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -46,6 +47,8 @@ def machine_info(device: torch.device) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "device": str(device),
+        "device_type": device.type,
+        "cache_bytes": last_level_cache_bytes(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "versions": {name: _version(name) for name in VERSIONED},
         "backends": backends(),

@@ -11,7 +11,7 @@ import torch
 from . import architectures
 from .flat_cases import BELAY_ALPHA, BELAY_BETA, DECAY, available_backends
 from .opcount import count_kernel_launches, count_op_calls
-from .peers import PEER_METHODS, Unsupported, peer_step
+from .peers import PEER_METHODS, Unsupported, one_phrase, peer_step
 from .sweep import DTYPE_PAIRS, add_speedups
 from .timing import time_step
 from .traffic import bytes_per_step
@@ -67,7 +67,7 @@ def _checked(build):
     except Unsupported:
         raise
     except Exception as exc:
-        raise Unsupported(f"{type(exc).__name__}: {exc}") from exc
+        raise Unsupported(f"failed: {one_phrase(exc)}") from exc
     return step
 
 

@@ -21,12 +21,29 @@ class Unsupported(Exception):
     """This peer cannot run this method or dtype pair through its API."""
 
 
+SHORT_DTYPE = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
+               torch.float16: "fp16"}
+
+
+def _short(dtype: torch.dtype) -> str:
+    return SHORT_DTYPE.get(dtype, str(dtype).removeprefix("torch."))
+
+
 def _require_dtype(name: str, tensors, shadow_dtype: torch.dtype) -> None:
     found = {t.dtype for t in tensors if t.is_floating_point()}
     if found != {shadow_dtype}:
-        raise Unsupported(
-            f"{name} keeps its shadow in {sorted(map(str, found))}, not {shadow_dtype}"
-        )
+        kept = "/".join(sorted(map(_short, found)))
+        # these peers copy the model, so what they keep is the weights' dtype
+        raise Unsupported(f"no {_short(shadow_dtype)} shadow for {kept} weights ({name} "
+                          "keeps the shadow in the weights' dtype)")
+
+
+def one_phrase(exc: Exception) -> str:
+    """An exception's first line, shortened at a word: a table cell, not a traceback."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if len(text) > 80:
+        text = text[:80].rsplit(" ", 1)[0] + " ..."
+    return text
 
 
 def _float_params(model: nn.Module):
@@ -42,6 +59,11 @@ def _lerp_operands(name: str, method: str, model: nn.Module, shadow_dtype: torch
     if weight is None:
         raise Unsupported(f"{name} has no {method}")
     weights = _float_params(model)
+    kinds = {p.dtype for p in weights}
+    if kinds != {shadow_dtype}:  # torch's lerp_ takes its operands in one dtype
+        kept = "/".join(sorted(map(_short, kinds)))
+        raise Unsupported(f"no {_short(shadow_dtype)} shadow for {kept} weights "
+                          "(lerp_ needs one dtype)")
     return weight, weights, [p.detach().to(shadow_dtype, copy=True) for p in weights]
 
 
@@ -178,7 +200,7 @@ def peer_step(peer: str, method: str, model: nn.Module, shadow_dtype: torch.dtyp
     except Unsupported:
         raise
     except ImportError as exc:
-        raise Unsupported(f"{peer} is not installed ({exc})") from exc
+        raise Unsupported(f"not installed ({one_phrase(exc)})") from exc
     except Exception as exc:  # the peer itself refused this dtype pair
-        raise Unsupported(f"{peer} failed: {type(exc).__name__}: {exc}") from exc
+        raise Unsupported(f"failed: {one_phrase(exc)}") from exc
     return step

@@ -8,7 +8,7 @@ import torch
 
 from .flat_cases import available_backends, backend_supports, make_operands, our_step
 from .peers import PEER_METHODS, FlatModel, Unsupported, peer_step
-from .timing import time_step
+from .timing import last_level_cache_bytes, time_step
 from .traffic import bytes_per_step, working_set_bytes
 
 DTYPE_PAIRS = {
@@ -34,6 +34,7 @@ def _record(method, pair, numel, impl, kind, nbytes, timing=None, note=""):
 def run_sweep(*, device, sizes, methods, pairs, peers, min_run_time, log=print):
     rows = []
     backends = available_backends(device)
+    cache = last_level_cache_bytes(device)
     for pair in pairs:
         weights_dtype, shadow_dtype = DTYPE_PAIRS[pair]
         for method in methods:
@@ -44,11 +45,13 @@ def run_sweep(*, device, sizes, methods, pairs, peers, min_run_time, log=print):
             for numel in sizes:
                 nbytes = bytes_per_step(method, numel, weights_dtype, shadow_dtype)
                 state = working_set_bytes(method, numel, weights_dtype, shadow_dtype)
+                first = len(rows)
                 for backend in backends:
                     impl = f"belay_kernels[{backend}]"
                     if reasons[backend]:
                         rows.append(_record(method, pair, numel, impl, "ours", nbytes,
                                             note=reasons[backend]))
+                        log(_progress(rows[-1]))
                         continue
                     make = lambda b=backend: our_step(  # noqa: E731
                         method, b,
@@ -65,10 +68,21 @@ def run_sweep(*, device, sizes, methods, pairs, peers, min_run_time, log=print):
                                      weights_dtype, shadow_dtype, min_run_time)
                     rows.append(row)
                     log(_progress(row))
+                for row in rows[first:]:
+                    row["working_set_bytes"] = state
+                    row["fits_in_cache"] = state <= cache
                 if numel >= 10_000_000:  # give large buffers back before the next size
                     gc.collect()
     add_speedups(rows)
     return rows
+
+
+def points_per_case(*, device, methods, peers) -> int:
+    """How many rows (and log lines) run_sweep makes per (dtype pair, size), and
+    run_models per (model, dtype pair)."""
+    backends = available_backends(device)
+    return sum(len(backends) + sum(method in PEER_METHODS[p] for p in peers)
+               for method in methods)
 
 
 def _time_peer(peer, method, pair, numel, nbytes, state, device, weights_dtype,

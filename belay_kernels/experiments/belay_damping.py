@@ -69,7 +69,7 @@ def exactness(steps):
     return out
 
 
-def run(quick: bool = False, out_dir="docs/results") -> Result:
+def run(quick: bool, out_dir) -> Result:
     steps = 300 if quick else 3000
     zetas = (0.5, 1.0, 1.5) if quick else ZETAS
     with torch_threads():

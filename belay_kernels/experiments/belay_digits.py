@@ -75,7 +75,7 @@ def train(seed, epochs, data, averagers_for):
     return acc
 
 
-def run(quick: bool = False, out_dir="docs/results") -> Result:
+def run(quick: bool, out_dir) -> Result:
     epochs = 2 if quick else 30
     seeds = SEEDS[:2] if quick else SEEDS
     data = load_data()

@@ -52,7 +52,7 @@ def best_arms(results, threshold):
     return {k: v[:2] for k, v in best.items()}, mean_gap
 
 
-def run(quick: bool = False, out_dir="docs/results") -> Result:
+def run(quick: bool, out_dir) -> Result:
     steps = 300 if quick else 2000
     functions = FUNCTIONS[:3] if quick else FUNCTIONS
     rows, floor_rows, checks, curves = [], [], {}, []

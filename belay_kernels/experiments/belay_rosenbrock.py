@@ -40,7 +40,7 @@ def cell(final, diverged, converged):
     return f"{text} ({converged.sum()}/{len(final)} conv.{extra})"
 
 
-def run(quick: bool = False, out_dir="docs/results") -> Result:
+def run(quick: bool, out_dir) -> Result:
     steps = 400 if quick else 3000
     lrs = (1e-4, 1e-2, 0.15) if quick else LRS
     arms = [Arm(opt, lr, m, a, b) for opt in ("sgd", "adam") for lr in lrs

@@ -40,7 +40,7 @@ LRS = (0.05, 0.5)
 DECAY = 0.99
 
 
-def run(quick: bool = False, out_dir="docs/results") -> Result:
+def run(quick: bool, out_dir) -> Result:
     chains = 100 if quick else 400  # independent chains per (lr, seed)
     burn_in, window = (600, 600) if quick else (1500, 3000)
     seeds = len(SEEDS)

@@ -51,7 +51,7 @@ def steps_to_reach(curve, level, window=200):
     return int(hits[0] + window) if hits.size else -1
 
 
-def run(quick: bool = False, out_dir="docs/results") -> Result:
+def run(quick: bool, out_dir) -> Result:
     steps = 12000 if quick else 25000
     tail = steps // 4  # stationary values are averaged over the last quarter
     seeds = len(SEEDS)

@@ -81,7 +81,7 @@ def averages_on_linear_model(lr, kappas, gaps, decays, steps, width, gen):
     return two_point_var, iterate_var, ema_var, per_kappa_variance(u.data)
 
 
-def run(quick: bool = False, out_dir="docs/results") -> Result:
+def run(quick: bool, out_dir) -> Result:
     lrs = [0.01, 0.02, 0.05] if quick else [0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
     lr, kappas = 0.05, [1.0, 0.1, 0.015]
     gaps = [1, 3, 10, 30, 100, 300] if quick else [1, 3, 10, 30, 100, 300, 1000]

@@ -105,7 +105,7 @@ def _experiment(gradient_fn, sample_batch, theta_init, windows, burn_in, gen):
     return out
 
 
-def run(quick: bool = False, out_dir="docs/results") -> Result:
+def run(quick: bool, out_dir) -> Result:
     windows = (10, 30, 100, 300) if quick else (10, 30, 100, 300, 1000)
     burn_in = 300 if quick else 1000
     dim, runs = 20, len(SEEDS)

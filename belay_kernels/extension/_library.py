@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -36,11 +38,35 @@ def _mutates_only(*args, **kwargs) -> None:
 
 
 @functools.cache
+def build_record() -> dict:
+    """What setup.py recorded about each compiled part (built or not, why, and the command
+    that rebuilds it), from belay_kernels/_build_info.json; {} when there is no record."""
+    try:
+        return json.loads((Path(__file__).parents[1] / "_build_info.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _not_built_reason(module_name: str) -> str:
+    """Why setup.py did not build a part, with the rebuild command; "" if it has no say."""
+    part = build_record().get("parts", {}).get(module_name, {})
+    if part.get("built", True):
+        return ""
+    tried = "; ".join(part.get("cuda_home_tried") or [])
+    return (
+        f"{module_name} was not built at install time: {part.get('reason', 'no reason recorded')}"
+        + (f" (tried: {tried})" if tried and tried not in part.get("reason", "") else "")
+        + (f". Rebuild with: {part['rebuild']}" if part.get("rebuild") else "")
+    )
+
+
+@functools.cache
 def _load(module_name: str) -> tuple[ModuleType | None, str]:
     try:
         return importlib.import_module(module_name), ""
     except Exception as exc:  # ImportError, or an undefined symbol from a stale build
-        return None, f"{module_name} is not importable ({type(exc).__name__}: {exc})"
+        return None, _not_built_reason(module_name) or (
+            f"{module_name} is not importable ({type(exc).__name__}: {exc})")
 
 
 @functools.cache
@@ -53,7 +79,7 @@ def cpu_module() -> tuple[ModuleType | None, str]:
     """(belay_kernels._C, "") or (None, why not)."""
     module, reason = _load("belay_kernels._C")
     if module is None:
-        return None, f"{reason}; {_BUILD_HINT}"
+        return None, reason if build_record() else f"{reason}; {_BUILD_HINT}"
     _register_fakes()
     return module, ""
 
@@ -65,12 +91,14 @@ def cuda_unavailable_reason() -> str:
         return reason
     module, reason = _load("belay_kernels._C_cuda")
     if module is None:
+        if build_record():
+            return reason
         return (
-            f"{reason}; the CUDA kernels are built when nvcc (CUDA_HOME) and a CUDA build "
+            f"{reason}; the CUDA kernels are built when a CUDA toolkit and a CUDA build "
             "of torch are present (BELAY_KERNELS_CUDA=1 makes that required)"
         )
     if not torch.cuda.is_available():
-        return "the CUDA kernels are built, but torch sees no CUDA device"
+        return NO_DEVICE
     return _arch_mismatch(module)
 
 
@@ -100,6 +128,12 @@ def _arch_mismatch(module) -> str:
             f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}+PTX\""
         )
     return ""
+
+
+NO_DEVICE = (
+    "the CUDA kernels are built, but no CUDA device is present here "
+    "(torch.cuda.is_available() is False); they run on a machine with an NVIDIA GPU"
+)
 
 
 def ops():

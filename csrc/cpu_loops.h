@@ -1,0 +1,333 @@
+#pragma once
+// CPU implementations: at::parallel_for over the flat buffer, each chunk a loop over
+// element_ops.h's functors that the compiler vectorizes, in blocks that prefetch the next
+// one. An op whose output is only written (the two-point average) computes each block into
+// a small buffer and stores it past the cache. On x86 the loop is compiled a second time for
+// AVX2+FMA+F16C and picked at run time, since the extension is built for the baseline ISA;
+// there, fp16 storage is converted in bulk with F16C (cpu_fp16_staging.h).
+//
+// This file also holds the simulated CUDA grid: with _simulate_cuda_grid(blocks, threads,
+// chunk) set, the CPU ops run grid_body.h (the CUDA kernels' bodies) for every (block,
+// thread) of that grid instead, so the tests check the GPU code paths on a CPU.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define BK_STREAMING_STORES 1
+#endif
+
+#include "cpu_fp16_staging.h"
+#include "grid_body.h"
+#include "op_entries.h"
+
+namespace belay {
+
+// The simulated CUDA grid (tests only); 0 blocks = off. Outside the anonymous namespace and
+// inline, so that every file that registers CPU ops reads the one grid that
+// set_simulated_grid() sets.
+struct SimulatedGrid {
+  int64_t blocks = 0;
+  int64_t threads = 0;
+  int64_t chunk = 0;
+};
+inline SimulatedGrid& simulated_grid() {
+  static thread_local SimulatedGrid grid;
+  return grid;
+}
+
+namespace {
+
+struct NoDeviceGuard {
+  explicit NoDeviceGuard(const at::Device&) {}
+};
+
+// The loops below are always inlined (BK_HD), so that cpu_loop_avx2 compiles them for AVX2.
+//
+// The CPU loop walks its range in blocks of this many elements. Before a block it
+// prefetches the next block's cache lines: a vectorized loop alone keeps too few loads in
+// flight to stream from memory at full speed, the more so the more instructions it spends
+// per element (bench/bench_extension.py on the 2-core dev VM: EMA fp32 with the non-finite
+// check went from 75-83% to 87-94% of the streaming bandwidth). Skipped elements are
+// counted in 32 bits per block, which vectorizes far better than a 64-bit count per element.
+constexpr int64_t kBlock = 256;
+
+// Prefetch the cache lines of elements [begin, end) of the tensors the op reads; a
+// streamed output (streams_output) is left out, so its lines are never read in. Every
+// function on this path is always inlined: GCC 12 drops the calls of a function whose only
+// effect is a prefetch (it counts as pure), lambdas included.
+template <typename T>
+BK_HD void prefetch_lines(T* address, int64_t begin, int64_t end) {
+  constexpr int kLineBytes = 64;
+  constexpr int kWrite = std::is_const_v<T> ? 0 : 1;
+  const char* last = reinterpret_cast<const char*>(address + end);
+  for (const char* line = reinterpret_cast<const char*>(address + begin); line < last;
+       line += kLineBytes) {
+    __builtin_prefetch(line, kWrite);
+  }
+}
+
+template <typename Op, std::size_t... I>
+BK_HD void prefetch(const Op& op, int64_t begin, int64_t end, std::index_sequence<I...>) {
+  const auto tensors = op.tensors();
+  ((I == 0 && streams_output<Op> ? void() : prefetch_lines(std::get<I>(tensors), begin, end)),
+   ...);
+}
+
+template <typename Op>
+BK_HD void prefetch(const Op& op, int64_t begin, int64_t end) {
+  using Tensors = decltype(op.tensors());
+  prefetch(op, begin, end, std::make_index_sequence<std::tuple_size_v<Tensors>>());
+}
+
+// Copy ``bytes`` from ``source`` to ``target`` with non-temporal stores where the target
+// is 16-byte aligned (x86): the target's cache lines are written without first being read.
+BK_HD void stream_out(void* target, const void* source, std::size_t bytes) {
+  char* to = static_cast<char*>(target);
+  const char* from = static_cast<const char*>(source);
+#if defined(BK_STREAMING_STORES)
+  const std::size_t head = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(to) % 16) % 16);
+  std::memcpy(to, from, head);
+  std::size_t done = head;
+  for (; done + 16 <= bytes; done += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(to + done),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(from + done)));
+  }
+  std::memcpy(to + done, from + done, bytes - done);
+#else
+  std::memcpy(to, from, bytes);
+#endif
+}
+
+#if defined(BK_STREAMING_STORES)
+// apply()'s output policy for a streamed output: non-temporal stores of whole 16-byte
+// words, which must be aligned.
+struct StreamingStore {
+  template <int N, typename T>
+  BK_HD static void put(T* target, const T (&values)[N]) {
+    static_assert(N * sizeof(T) % 16 == 0, "streaming stores write whole 16-byte words");
+    for (std::size_t word = 0; word < N * sizeof(T) / 16; ++word) {
+      __m128i bits;
+      std::memcpy(&bits, reinterpret_cast<const char*>(values) + 16 * word, 16);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(target) + word, bits);
+    }
+  }
+};
+#endif
+
+// A streamed output skips the cache, so whoever reads it next reads it from memory. That is
+// worth it only when the output would not have stayed in cache anyway: at least this many
+// bytes per chunk (two L2 caches of the dev VM's cores).
+constexpr int64_t kStreamMinBytes = int64_t{1} << 20;
+
+template <typename Op>
+using output_t = std::remove_pointer_t<std::tuple_element_t<0, decltype(std::declval<const Op&>().tensors())>>;
+
+// The op on elements begin... that writes its output to buffer[0...].
+template <typename Op, std::size_t... I>
+BK_HD Op into(const Op& op, output_t<Op>* buffer, int64_t begin, std::index_sequence<0, I...>) {
+  const auto tensors = op.tensors();
+  return op.with_tensors(buffer, std::get<I>(tensors) + begin...);
+}
+
+// One block of an op that only writes its output (streams_output): computed into a buffer
+// that stays in L1, then streamed out (the fp32 two-point average went from 54-75% to
+// 80-94% of the streaming bandwidth; bench/README.md).
+template <typename Op>
+BK_HD int64_t streamed_block(const Op& op, int64_t begin, int64_t end) {
+  alignas(64) output_t<Op> buffer[kBlock];
+  constexpr std::size_t kTensors = std::tuple_size_v<decltype(op.tensors())>;
+  const Op into_buffer = into(op, buffer, begin, std::make_index_sequence<kTensors>());
+  int32_t skipped = 0;
+  for (int64_t i = 0; i < end - begin; ++i) skipped += into_buffer.template apply<1>(i);
+  stream_out(std::get<0>(op.tensors()) + begin, buffer, (end - begin) * sizeof(output_t<Op>));
+  return skipped;
+}
+
+// A streamed output whose elements are as wide as the op's math (fp32, fp64) is stored
+// straight from the vector registers instead, with no buffer between: the fp32 two-point
+// average went from a median of 73% to 85% of the streaming bandwidth (bench/README.md,
+// run 7: two builds alternated in five pairs of processes).
+// Narrower outputs keep the buffer, whose rounding loop the compiler vectorizes (in the
+// vector form it did not: bf16 at 3-4 GB/s), and so do tensors that are not aligned alike.
+template <typename Op>
+constexpr bool streams_from_registers =
+    streams_output<Op> && std::is_same_v<output_t<Op>, typename Op::T>;
+
+template <typename Op>
+BK_HD int64_t register_streamed_block(const Op& op, int64_t begin, int64_t end) {
+#if defined(BK_STREAMING_STORES)
+  const int64_t aligned = first_aligned(op, begin, end);
+  if (aligned >= 0) {
+    int64_t i = begin;
+    int32_t skipped = 0;
+    for (; i < aligned; ++i) skipped += op.template apply<1>(i);
+    for (; i + Op::kVec <= end; i += Op::kVec) {
+      skipped += op.template apply<Op::kVec, 1, StreamingStore>(i);
+    }
+    for (; i < end; ++i) skipped += op.template apply<1>(i);
+    return skipped;
+  }
+#endif
+  return streamed_block(op, begin, end);
+}
+
+template <typename Op>
+BK_HD int64_t cached_block(const Op& op, int64_t begin, int64_t end) {
+  int32_t skipped = 0;
+  for (int64_t i = begin; i < end; ++i) skipped += op.template apply<1>(i);
+  return skipped;
+}
+
+// kAvx2: this loop runs in the AVX2+F16C clone, where fp16 storage goes through float
+// buffers (cpu_fp16_staging.h).
+template <bool kAvx2, typename Op>
+BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
+  bool stream = false;
+  if constexpr (streams_output<Op>) {
+    stream = (end - begin) * static_cast<int64_t>(sizeof(output_t<Op>)) >= kStreamMinBytes;
+  }
+  int64_t skipped = 0;
+  for (int64_t block = begin; block < end; block += kBlock) {
+    const int64_t block_end = std::min(end, block + kBlock);
+    prefetch(op, block_end, std::min(end, block_end + kBlock));
+#if defined(BK_FP16_STAGING)
+    if constexpr (kAvx2 && has_fp16_storage<Op>) {
+      skipped += staged_block<kBlock>(op, block, block_end, stream);
+      continue;
+    }
+#endif
+    if constexpr (streams_output<Op>) {
+      if (stream) {
+        if constexpr (streams_from_registers<Op>) {
+          skipped += register_streamed_block(op, block, block_end);
+        } else {
+          skipped += streamed_block(op, block, block_end);
+        }
+        continue;
+      }
+    }
+    skipped += cached_block(op, block, block_end);
+  }
+#if defined(BK_STREAMING_STORES)
+  if (stream) _mm_sfence();  // order the streamed stores
+#endif
+  return skipped;
+}
+
+template <bool kAvx2, typename Op>
+BK_HD int64_t cpu_loop(const Op& op_in, int64_t begin, int64_t end) {
+  // A local copy, so stores cannot alias its fields; and when the op has a non-finite
+  // policy, a loop per policy with the flag a known constant, so the propagate loop
+  // carries no test and no count.
+  Op op = op_in.resolved();
+  // An out-of-range tensor hyperparameter: nothing written, every element counted skipped.
+  if (!hparams_valid(op)) return end - begin;
+  if constexpr (requires { op.skip_nonfinite; }) {
+    if (op.skip_nonfinite) {
+      op.skip_nonfinite = true;
+      return plain_loop<kAvx2>(op, begin, end);
+    }
+    op.skip_nonfinite = false;
+    return plain_loop<kAvx2>(op, begin, end);
+  }
+  return plain_loop<kAvx2>(op, begin, end);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename Op>
+__attribute__((target("avx2,fma,f16c"))) int64_t cpu_loop_avx2(const Op& op, int64_t begin,
+                                                                int64_t end) {
+  return cpu_loop<true>(op, begin, end);
+}
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
+
+template <typename Op>
+int64_t cpu_chunk(const Op& op, int64_t begin, int64_t end) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_avx2()) return cpu_loop_avx2(op, begin, end);
+#endif
+  return cpu_loop<false>(op, begin, end);
+}
+
+// Elements per task: large enough to amortize a task, small enough for both cores.
+constexpr int64_t kGrain = 1 << 15;
+
+struct CpuExec {
+  using DeviceGuard = NoDeviceGuard;
+  template <typename Op>
+  void run(const Op& op, int64_t numel, int64_t* skipped) const {
+    std::atomic<int64_t> total{0};
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+      total += cpu_chunk(op, begin, end);
+    });
+    if (skipped != nullptr) *skipped += total.load();
+  }
+  template <typename Op>
+  void run_list(const std::vector<Op>& ops, const std::vector<int64_t>& numels,
+                int64_t* skipped) const {
+    for (size_t t = 0; t < ops.size(); ++t) run(ops[t], numels[t], skipped);
+  }
+};
+
+
+struct SimulatedGridExec {
+  using DeviceGuard = NoDeviceGuard;
+  template <typename Op>
+  void run(const Op& op, int64_t numel, int64_t* skipped) const {
+    const SimulatedGrid& grid = simulated_grid();
+    int64_t total = 0;
+    for (int64_t block = 0; block < grid.blocks; ++block) {
+      for (int64_t thread = 0; thread < grid.threads; ++thread) {
+        total += flat_body(op, numel, block, thread, grid.blocks, grid.threads);
+      }
+    }
+    if (skipped != nullptr) *skipped += total;
+  }
+  template <typename Op>
+  void run_list(const std::vector<Op>& ops, const std::vector<int64_t>& numels,
+                int64_t* skipped) const {
+    const SimulatedGrid& grid = simulated_grid();
+    int64_t total = 0;
+    for (const auto& launch :
+         plan_list_launches(ops, numels, grid.chunk, grid.blocks, grid.threads)) {
+      for (int64_t block = 0; block < int64_t{launch.blocks} * launch.split; ++block) {
+        for (int64_t thread = 0; thread < grid.threads; ++thread) {
+          total += list_body(launch, block, thread, grid.threads);
+        }
+      }
+    }
+    if (skipped != nullptr) *skipped += total;
+  }
+};
+
+// Each CPU entry runs on the simulated grid when one is set.
+template <auto CpuEntry, auto SimulatedEntry>
+struct CpuOrSimulated;
+template <typename... Args, void (*CpuEntry)(Args...), void (*SimulatedEntry)(Args...)>
+struct CpuOrSimulated<CpuEntry, SimulatedEntry> {
+  static void call(Args... args) {
+    if (simulated_grid().blocks > 0) return SimulatedEntry(args...);
+    return CpuEntry(args...);
+  }
+};
+
+}  // namespace
+
+}  // namespace belay
+
+#define BELAY_CPU_ENTRY(name)                                                     \
+  &::belay::CpuOrSimulated<&::belay::Entries<::belay::CpuExec>::name,             \
+                           &::belay::Entries<::belay::SimulatedGridExec>::name>::call
