@@ -187,17 +187,15 @@ struct ScalarArg {
 };
 
 // The rules of the methods that update only the shadow, each with its hyperparameter.
-// ``valid`` (set by resolved()) is false for a hyperparameter out of range, possible only
-// for one held in a tensor; such a call writes nothing and counts every element skipped.
+// ``valid()`` is false for a hyperparameter out of range, possible only for one held in a
+// tensor; such a call writes nothing and counts every element skipped. It rereads the
+// value rather than storing a flag, so the functors (kernel arguments) keep their size.
 template <typename T>
 struct EmaRule {
   ScalarArg<double> decay;
   T rate;  // 1 - decay, set by resolved()
-  bool valid;
-  BK_HD EmaRule resolved() const {
-    const double d = decay.get();
-    return {decay, static_cast<T>(1.0 - d), is_rate(d)};
-  }
+  BK_HD EmaRule resolved() const { return {decay, static_cast<T>(1.0 - decay.get())}; }
+  BK_HD bool valid() const { return is_rate(decay.get()); }
   BK_HD T operator()(T shadow, T weights) const { return ema_shadow(shadow, weights, rate); }
 };
 
@@ -205,11 +203,8 @@ template <typename T>
 struct SwaRule {
   ScalarArg<int64_t> count;
   T weight_of_new;  // 1 / (count + 1), set by resolved()
-  bool valid;
-  BK_HD SwaRule resolved() const {
-    const int64_t n = count.get();
-    return {count, swa_weight<T>(n), n >= 0};
-  }
+  BK_HD SwaRule resolved() const { return {count, swa_weight<T>(count.get())}; }
+  BK_HD bool valid() const { return count.get() >= 0; }
   BK_HD T operator()(T shadow, T weights) const {
     return swa_shadow(shadow, weights, weight_of_new);
   }
@@ -230,7 +225,7 @@ struct ShadowUpdateOp {
     op.rule = rule.resolved();
     return op;
   }
-  BK_HD bool hparams_valid() const { return rule.valid; }
+  BK_HD bool hparams_valid() const { return rule.valid(); }
   BK_HD auto tensors() const { return std::tuple{shadow, weights}; }
   template <typename S2, typename W2>
   BK_HD ShadowUpdateOp<W2, S2, Rule> with_tensors(S2* shadow2, const W2* weights2) const {
@@ -273,22 +268,18 @@ struct BelayOp {
   bool skip_nonfinite;
   T alpha;  // set by resolved()
   T beta;
-  bool valid;
 
   BK_HD BelayOp resolved() const {
     BelayOp op = *this;
-    const double a = alpha_arg.get();
-    const double b = beta_arg.get();
-    op.alpha = static_cast<T>(a);
-    op.beta = static_cast<T>(b);
-    op.valid = is_rate(a) && is_rate(b);
+    op.alpha = static_cast<T>(alpha_arg.get());
+    op.beta = static_cast<T>(beta_arg.get());
     return op;
   }
-  BK_HD bool hparams_valid() const { return valid; }
+  BK_HD bool hparams_valid() const { return is_rate(alpha_arg.get()) && is_rate(beta_arg.get()); }
   BK_HD auto tensors() const { return std::tuple{weights, shadow}; }
   template <typename W2, typename S2>
   BK_HD BelayOp<W2, S2> with_tensors(W2* weights2, S2* shadow2) const {
-    return {weights2, shadow2, alpha_arg, beta_arg, skip_nonfinite, alpha, beta, valid};
+    return {weights2, shadow2, alpha_arg, beta_arg, skip_nonfinite, alpha, beta};
   }
   template <int N, int U = 1>
   BK_HD int apply(int64_t i, int64_t stride = 0) const {

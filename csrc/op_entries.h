@@ -202,7 +202,7 @@ void ema_update_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& r
     using S = decltype(s);
     run_rows(exec, rows, skipped_at, [&](const std::vector<Tensor>& row) {
       return EmaOp<W, S>{address<S>(row[0]), address<const W>(row[1]), skip_nonfinite,
-                         {decay_arg, 0, false}};
+                         {decay_arg, 0}};
     });
   });
 }
@@ -221,7 +221,7 @@ void swa_update_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& r
     using S = decltype(s);
     run_rows(exec, rows, skipped_at, [&](const std::vector<Tensor>& row) {
       return SwaOp<W, S>{address<S>(row[0]), address<const W>(row[1]), skip_nonfinite,
-                         {models, 0, false}};
+                         {models, 0}};
     });
   });
 }
@@ -242,7 +242,7 @@ void belay_step_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& r
     using S = decltype(s);
     run_rows(exec, rows, skipped_at, [&](const std::vector<Tensor>& row) {
       return BelayOp<W, S>{address<W>(row[0]), address<S>(row[1]), alpha_arg, beta_arg,
-                           skip_nonfinite, 0, 0, false};
+                           skip_nonfinite, 0, 0};
     });
   });
 }
