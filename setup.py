@@ -48,7 +48,7 @@ NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "--threads", "0"]
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO = os.path.join("belay_kernels", "_build_info.json")
 # Wall time of each part on the 2-core dev machine, for the line printed before the build.
-ROUGH_MINUTES = {"belay_kernels._C": "2-4", "belay_kernels._C_cuda": "3-5"}
+ROUGH_MINUTES = {"belay_kernels._C": "1.5-5", "belay_kernels._C_cuda": "1-3"}
 
 
 def _load_toolkit_finder():
