@@ -3,6 +3,8 @@
 Run by tests/test_integration_lightning.py as ``python tests/lightning_ddp_script.py
 RESULT_JSON CKPT_DIR`` in two processes with torchrun's environment (LOCAL_RANK, RANK,
 WORLD_SIZE, MASTER_ADDR/PORT); run once without it, Lightning starts the second itself.
+The test waits with a timeout of 300 s and kills the process group when it expires, so a
+hung collective fails the test rather than hanging CI.
 Every rank runs every check, and the ranks' weights and averages must agree (the data
 differ per rank, so they agree only if DDP still reduces the gradients of the flattened
 parameters). Rank 0 writes what it measured to RESULT_JSON."""
