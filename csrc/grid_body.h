@@ -21,13 +21,11 @@ namespace belay {
 
 // Vectors a thread loads before it stores any: 16 elements (4 where the math is fp64), so
 // a thread has 64 bytes of each fp32 tensor in flight, at a register cost that stays
-// under kernels' cap without spilling (ptxas -v, bench/README.md). BELAY with 16-bit
-// weights holds two widened inputs and two outputs per element, and spilled at 16.
+// under kernels' cap without spilling (ptxas -v, bench/README.md).
 template <typename Op>
 constexpr int vectors_in_flight() {
   constexpr bool fp64_math = requires { requires sizeof(typename Op::T) == 8; };
-  constexpr bool two_outputs_of_16_bits = requires(Op op) { op.beta; } && Op::kVec == 8;
-  return std::clamp((fp64_math ? 4 : two_outputs_of_16_bits ? 8 : 16) / Op::kVec, 1, 4);
+  return std::clamp((fp64_math ? 4 : 16) / Op::kVec, 1, 4);
 }
 
 template <typename Op>
