@@ -12,9 +12,9 @@ positional signatures (see :mod:`belay_kernels.reference`)::
 and declares ``DEVICE_TYPES`` (the tensor device types it runs on). Optionally it has
 ``unavailable_reason()`` (a string when it cannot run on this machine), ``supports(op,
 dtypes)`` (False sends ``auto`` to the next backend), ``REQUIRES_CONTIGUOUS`` and
-foreach variants that take lists of tensors in one launch, named after the op with
-``foreach`` appended (``ema_update_foreach(shadows, weights, decay, skip_nonfinite,
-skipped)``, ``swap_foreach(weights, shadows, inverse)``, ...).
+foreach variants that take lists of tensors in one launch, named as
+:mod:`belay_kernels.methods` names them (``ema_update_foreach_(shadows, weights, decay, skip_nonfinite,
+skipped)``, ``swap_foreach_(weights, shadows, inverse)``, ...).
 
 Compiled backends are optional: an import error is kept and reported by
 :func:`backends`, and surfaces only when that backend is asked for by name.

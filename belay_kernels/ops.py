@@ -27,6 +27,7 @@ from ._checks import (
     check_unit_interval,
     check_written,
 )
+from .methods import BY_OP
 from .reference import SWAP_PAIRS, swap_supported
 
 TensorOrList = torch.Tensor | Sequence[torch.Tensor]
@@ -128,7 +129,7 @@ def _dispatch(op: str, rows, args: tuple, backend: str) -> None:
     def run() -> None:
         with torch.no_grad():
             for module, group in plan:
-                foreach = getattr(module, op + "foreach", None)
+                foreach = getattr(module, BY_OP[op].foreach, None)
                 if foreach is not None and len(group) > 1:
                     foreach(*(list(column) for column in zip(*group)), *args)
                 else:

@@ -287,13 +287,13 @@ def test_step_gate_counts_and_skips_on_the_device(method, pair, foreach):
             e.copy_(w)
         s_arg, w_arg = (shadows, weights) if foreach else (shadows[0], weights[0])
         if method.startswith("ema"):
-            fn = triton_ema.ema_update_foreach if foreach else triton_ema.ema_update_
+            fn = triton_ema.ema_update_foreach_ if foreach else triton_ema.ema_update_
             fn(s_arg, w_arg, decay, True, None, gate=gate, warmup=warmup)
         elif method == "swa":
-            fn = triton_swa.swa_update_foreach if foreach else triton_swa.swa_update_
+            fn = triton_swa.swa_update_foreach_ if foreach else triton_swa.swa_update_
             fn(s_arg, w_arg, 0, True, None, gate=gate)
         else:
-            fn = triton_belay.belay_step_foreach if foreach else triton_belay.belay_step_
+            fn = triton_belay.belay_step_foreach_ if foreach else triton_belay.belay_step_
             fn(w_arg, s_arg, ALPHA, BETA, True, None, gate=gate)
         advance_step_(gate)
         if active:

@@ -16,15 +16,15 @@ from ..testing import DTYPE_PAIRS
 
 __all__ = [
     "ema_update_",
-    "ema_update_foreach",
+    "ema_update_foreach_",
     "swa_update_",
-    "swa_update_foreach",
+    "swa_update_foreach_",
     "belay_step_",
-    "belay_step_foreach",
+    "belay_step_foreach_",
     "two_point_average_",
-    "two_point_average_foreach",
+    "two_point_average_foreach_",
     "swap_",
-    "swap_foreach",
+    "swap_foreach_",
 ]
 
 _PAIRS = frozenset(DTYPE_PAIRS)
@@ -77,7 +77,7 @@ def ema_update_(shadow, weights, decay, skip_nonfinite=True, skipped=None):
     return shadow
 
 
-def ema_update_foreach(shadows, weights, decay, skip_nonfinite=True, skipped=None):
+def ema_update_foreach_(shadows, weights, decay, skip_nonfinite=True, skipped=None):
     _ops.ema_update_foreach_(shadows, weights, *_rate(decay, shadows[0]), skip_nonfinite, skipped)
 
 
@@ -86,7 +86,7 @@ def swa_update_(shadow, weights, count, skip_nonfinite=True, skipped=None):
     return shadow
 
 
-def swa_update_foreach(shadows, weights, count, skip_nonfinite=True, skipped=None):
+def swa_update_foreach_(shadows, weights, count, skip_nonfinite=True, skipped=None):
     _ops.swa_update_foreach_(shadows, weights, *_count(count, shadows[0]), skip_nonfinite, skipped)
 
 
@@ -101,7 +101,7 @@ def belay_step_(weights, shadow, alpha, beta, skip_nonfinite=True, skipped=None)
     return weights, shadow
 
 
-def belay_step_foreach(weights, shadows, alpha, beta, skip_nonfinite=True, skipped=None):
+def belay_step_foreach_(weights, shadows, alpha, beta, skip_nonfinite=True, skipped=None):
     _ops.belay_step_foreach_(
         weights, shadows, *_belay_args(alpha, beta, weights[0]), skip_nonfinite, skipped
     )
@@ -112,7 +112,7 @@ def two_point_average_(out, weights, snapshot):
     return out
 
 
-def two_point_average_foreach(outs, weights, snapshots):
+def two_point_average_foreach_(outs, weights, snapshots):
     _ops.two_point_average_foreach_(outs, weights, snapshots)
 
 
@@ -120,5 +120,5 @@ def swap_(weights, shadow, inverse=False):
     _ops.swap_(weights, shadow, bool(inverse))
 
 
-def swap_foreach(weights, shadows, inverse=False):
+def swap_foreach_(weights, shadows, inverse=False):
     _ops.swap_foreach_(weights, shadows, bool(inverse))

@@ -29,12 +29,12 @@ DEVICE_TYPES = frozenset({"cuda", "cpu"} if INTERPRETED else {"cuda"})
 REQUIRES_CONTIGUOUS = True
 
 if _IMPORT_ERROR is None:
-    from .belay import belay_step_, belay_step_foreach
+    from .belay import belay_step_, belay_step_foreach_
     from .device_step import EmaWarmup, StepGate, advance_step_
-    from .ema import ema_update_, ema_update_foreach
-    from .swa import swa_update_, swa_update_foreach
-    from .swap import swap_, swap_foreach
-    from .two_point import two_point_average_, two_point_average_foreach
+    from .ema import ema_update_, ema_update_foreach_
+    from .swa import swa_update_, swa_update_foreach_
+    from .swap import swap_, swap_foreach_
+    from .two_point import two_point_average_, two_point_average_foreach_
 
 
 def unavailable_reason() -> str | None:
@@ -56,15 +56,15 @@ __all__ = [
     "StepGate",
     "advance_step_",
     "belay_step_",
-    "belay_step_foreach",
+    "belay_step_foreach_",
     "ema_update_",
-    "ema_update_foreach",
+    "ema_update_foreach_",
     "supports",
     "swa_update_",
-    "swa_update_foreach",
+    "swa_update_foreach_",
     "swap_",
-    "swap_foreach",
+    "swap_foreach_",
     "two_point_average_",
-    "two_point_average_foreach",
+    "two_point_average_foreach_",
     "unavailable_reason",
 ]

@@ -116,7 +116,7 @@ def belay_step_(weights: torch.Tensor, shadow: torch.Tensor, alpha, beta, skip_n
     return weights, shadow
 
 
-def belay_step_foreach(weights, shadows, alpha, beta, skip_nonfinite=True, skipped=None, *,
+def belay_step_foreach_(weights, shadows, alpha, beta, skip_nonfinite=True, skipped=None, *,
                        gate: StepGate | None = None):
     args, flags = _common_args(alpha, beta, skip_nonfinite, skipped, gate, weights[0],
                                (weights[0].dtype, shadows[0].dtype))

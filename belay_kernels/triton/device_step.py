@@ -28,13 +28,13 @@ list), then ``advance_step_(gate)`` (one tiny launch). Create the gate and run o
 step before capturing, so that kernels are compiled and any pointer table is built
 outside the capture::
 
-    from belay_kernels.triton import EmaWarmup, StepGate, advance_step_, ema_update_foreach
+    from belay_kernels.triton import EmaWarmup, StepGate, advance_step_, ema_update_foreach_
 
     found_inf = torch.zeros(1, device="cuda")      # one tensor, written in place each step
     gate = StepGate.on("cuda", skip=found_inf, start=0, every=1)
 
     def average():
-        ema_update_foreach(shadows, params, 0.999, gate=gate, warmup=EmaWarmup())
+        ema_update_foreach_(shadows, params, 0.999, gate=gate, warmup=EmaWarmup())
         advance_step_(gate)
 
     average()                                      # warm up outside the capture

@@ -99,7 +99,7 @@ def ema_update_(shadow: torch.Tensor, weights: torch.Tensor, decay, skip_nonfini
     return shadow
 
 
-def ema_update_foreach(shadows, weights, decay, skip_nonfinite=True, skipped=None, *,
+def ema_update_foreach_(shadows, weights, decay, skip_nonfinite=True, skipped=None, *,
                        gate: StepGate | None = None, warmup: EmaWarmup | None = None):
     args, flags = _common_args(decay, skip_nonfinite, skipped, gate, warmup, shadows[0],
                                (shadows[0].dtype, weights[0].dtype))

@@ -29,7 +29,7 @@ from ..testing import DTYPE_PAIRS, random_like_model
 from . import aot
 from .device_step import StepGate, advance_step_
 from .belay import belay_step_
-from .ema import ema_update_, ema_update_foreach
+from .ema import ema_update_, ema_update_foreach_
 from .swa import swa_update_
 from .swap import swap_
 from .two_point import two_point_average_
@@ -132,14 +132,14 @@ def launches_per_step(device, num_tensors: int = 64) -> list[dict]:
     gate = StepGate.on(device, skip=torch.zeros(1, device=device))
 
     def gated_step():
-        ema_update_foreach(shadows, weight_list, 0.999, gate=gate)
+        ema_update_foreach_(shadows, weight_list, 0.999, gate=gate)
         advance_step_(gate)
 
     return [
         {"step": "EMA, one flat buffer",
          "launches": count_launches(lambda: ema_update_(shadow, weights, 0.999))},
         {"step": f"EMA, a list of {num_tensors} tensors",
-         "launches": count_launches(lambda: ema_update_foreach(shadows, weight_list, 0.999))},
+         "launches": count_launches(lambda: ema_update_foreach_(shadows, weight_list, 0.999))},
         {"step": f"EMA gated on a step tensor and found_inf, a list of {num_tensors} "
                  "tensors, + advance_step_", "launches": count_launches(gated_step)},
         {"step": "the gated step, captured in a CUDA graph",

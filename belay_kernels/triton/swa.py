@@ -84,7 +84,7 @@ def swa_update_(shadow: torch.Tensor, weights: torch.Tensor, count, skip_nonfini
     return shadow
 
 
-def swa_update_foreach(shadows, weights, count, skip_nonfinite=True, skipped=None, *,
+def swa_update_foreach_(shadows, weights, count, skip_nonfinite=True, skipped=None, *,
                        gate: StepGate | None = None):
     args, flags = _common_args(count, skip_nonfinite, skipped, gate, shadows[0],
                                (shadows[0].dtype, weights[0].dtype))

@@ -111,7 +111,7 @@ def swap_(weights: torch.Tensor, shadow: torch.Tensor, inverse: bool = False) ->
     _launch.launch_flat(_swap_kernel, (_bits(weights), _bits(shadow)), (), flags)
 
 
-def swap_foreach(weights, shadows, inverse: bool = False) -> None:
+def swap_foreach_(weights, shadows, inverse: bool = False) -> None:
     flags = _flags(weights[0], shadows[0], inverse)
     columns = [[_bits(t) for t in weights], [_bits(t) for t in shadows]]
     _launch.launch_foreach(_swap_foreach_kernel, columns, (), flags,

@@ -57,7 +57,7 @@ def two_point_average_(out: torch.Tensor, weights: torch.Tensor, snapshot: torch
     return out
 
 
-def two_point_average_foreach(outs, weights, snapshots):
+def two_point_average_foreach_(outs, weights, snapshots):
     columns = [outs, weights, snapshots]
     flags = _flags(*(column[0].dtype for column in columns))
     _launch.launch_foreach(_two_point_average_foreach_kernel, columns, (), flags)
