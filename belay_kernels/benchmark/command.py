@@ -12,6 +12,7 @@ import torch
 from .._outputs import output_dir
 from .._progress import progress
 from .architectures import ARCHITECTURES
+from .compiled import COMPILED_PEERS
 from .peers import PEERS
 from .report import (add_stream_fraction, format_table, header, write_csv, write_json,
                      write_markdown)
@@ -22,6 +23,7 @@ from .traffic import METHODS
 # our operands, fp32 (about 6 tensors of 4 bytes), with headroom for the allocator.
 BYTES_PER_ELEMENT_BUDGET = 32
 QUICK_SIZES = (100_000, 1_000_000)
+ALL_PEERS = (*PEERS, *COMPILED_PEERS)
 
 
 def _available_memory(device: torch.device) -> int:
@@ -68,7 +70,8 @@ def parse_args(argv):
         prog="belay-kernels bench",
         description="Time EMA, SWA, BELAY, the two-point average and the swap on every "
         "backend that runs here, against the libraries people use today (timm, ema-pytorch, "
-        "torch_ema, AveragedModel, plain lerp_ loops): first a sweep over flat buffers of "
+        "torch_ema, AveragedModel, plain lerp_ loops) and each op's formula compiled by "
+        "torch.compile (its compile time reported apart): first a sweep over flat buffers of "
         "growing size, then one step on real model shapes (ResNet-50, ViT-B/16, a GPT-2-like "
         "stack). Prints one table per mode and writes results.json, results.csv, results.md "
         "and sweep.png. A full run times every size and then the models, with a progress bar "
@@ -97,9 +100,13 @@ def parse_args(argv):
     p.add_argument("--dtypes", type=_csv("dtype pair", DTYPE_PAIRS), default=list(DTYPE_PAIRS),
                    help="comma list of weights/shadow dtype pairs (default: all of "
                    f"{','.join(DTYPE_PAIRS)})")
-    p.add_argument("--peers", type=_csv("peer", PEERS), default=list(PEERS),
+    p.add_argument("--peers", type=_csv("peer", ALL_PEERS), default=list(ALL_PEERS),
                    help="comma list of peer libraries to compare with, '' for none "
-                   f"(default: all of {','.join(PEERS)})")
+                   f"(default: all of {','.join(ALL_PEERS)}; the torch.compile peers, "
+                   "the formula compiled by Inductor, run in the sweep only)")
+    p.add_argument("--backends", type=_csv("backend", None), default=None,
+                   help="comma list of our backends to time (default: every one that runs "
+                   "on the device)")
     p.add_argument("--models", type=_csv("model", ARCHITECTURES), default=list(ARCHITECTURES),
                    help="comma list of model shapes for the model-level mode (default: all of "
                    f"{','.join(ARCHITECTURES)})")
@@ -162,9 +169,12 @@ def main(argv=None) -> int:
 
     from .sweep import points_per_case
 
-    per_case = points_per_case(device=args.device, methods=args.methods, peers=args.peers)
-    points = {"sweep": len(args.dtypes) * len(args.sizes) * per_case,
-              "models": len(args.dtypes) * len(args.models) * per_case}
+    def per_case(mode):
+        return points_per_case(device=args.device, methods=args.methods, peers=args.peers,
+                               backends=args.backends, mode=mode)
+
+    points = {"sweep": len(args.dtypes) * len(args.sizes) * per_case("sweep"),
+              "models": len(args.dtypes) * len(args.models) * per_case("models")}
     total = sum(n for mode, n in points.items() if args.mode in (mode, "all"))
     with progress(total, "bench", enabled=not args.quick) as bar:
         def point(text):
@@ -176,14 +186,14 @@ def main(argv=None) -> int:
             from .sweep import run_sweep
 
             rows += run_sweep(device=args.device, sizes=args.sizes, methods=args.methods,
-                              pairs=args.dtypes, peers=args.peers,
+                              pairs=args.dtypes, peers=args.peers, backends=args.backends,
                               min_run_time=args.min_run_time, log=point)
             save()
         if args.mode in ("models", "all"):
             from .model_level import run_models
 
             rows += run_models(device=args.device, models=args.models, methods=args.methods,
-                               pairs=args.dtypes, peers=args.peers,
+                               pairs=args.dtypes, peers=args.peers, backends=args.backends,
                                min_run_time=max(args.min_run_time, 0.5), log=point)
     stream_runs.append(stream())  # the machine may be busier now than at the start
     best = save()

@@ -9,10 +9,10 @@ import gc
 import torch
 
 from . import architectures
-from .flat_cases import BELAY_ALPHA, BELAY_BETA, DECAY, available_backends
+from .flat_cases import BELAY_ALPHA, BELAY_BETA, DECAY
 from .opcount import count_kernel_launches, count_op_calls
 from .peers import PEER_METHODS, Unsupported, one_phrase, peer_step
-from .sweep import DTYPE_PAIRS, add_speedups
+from .sweep import DTYPE_PAIRS, add_speedups, chosen_backends
 from .timing import time_step
 from .traffic import bytes_per_step
 
@@ -71,9 +71,10 @@ def _checked(build):
     return step
 
 
-def run_models(*, device, models, methods, pairs, peers, min_run_time, log=print):
+def run_models(*, device, models, methods, pairs, peers, min_run_time, log=print,
+               backends=None):
     rows = []
-    backends = available_backends(device)
+    backends = chosen_backends(device, backends)
     for name in models:
         for pair in pairs:
             weights_dtype, shadow_dtype = DTYPE_PAIRS[pair]
@@ -91,7 +92,8 @@ def run_models(*, device, models, methods, pairs, peers, min_run_time, log=print
                     # tensors into flat buffers, which must not leak into the next one
                     (peer, "peer",
                      lambda p=peer: peer_step(p, method, copy.deepcopy(model), shadow_dtype))
-                    for peer in peers if method in PEER_METHODS[peer]
+                    # the torch.compile peer is timed in the sweep only
+                    for peer in peers if method in PEER_METHODS.get(peer, ())
                 ]
                 for impl, kind, build in impls:
                     row = {

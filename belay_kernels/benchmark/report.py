@@ -10,7 +10,7 @@ COLUMNS = (
     "mode", "model", "method", "dtypes", "numel", "tensors", "impl", "kind", "median_ms",
     "p20_ms", "p80_ms", "samples", "bytes", "gbps", "pct_stream", "ops_per_step",
     "kernels_per_step", "best_peer", "speedup_vs_best_peer", "speedup_vs_torch_reference",
-    "note",
+    "speedup_vs_torch_compile", "compile_s", "note",
 )
 
 
@@ -51,7 +51,8 @@ def format_table(rows) -> str:
     """One line per measured point; empty cells where a peer has no such method."""
     model_mode = any(r["mode"] == "model" for r in rows)
     head = ("model " if model_mode else "") + "method dtypes size impl median p20 p80 GB/s %stream"
-    header = head.split() + (["ops/step", "vs_torch"] if model_mode else []) + ["vs_best_peer"]
+    header = head.split() + (["ops/step", "vs_torch"] if model_mode else [
+        "compile_s", "vs_compile"]) + ["vs_best_peer"]
     lines = []
     for r in rows:
         cells = ([r.get("model", "")] if model_mode else []) + [
@@ -62,6 +63,8 @@ def format_table(rows) -> str:
         ]
         if model_mode:
             cells += [str(r.get("ops_per_step", "")), _fmt(r.get("speedup_vs_torch_reference"))]
+        else:
+            cells += [_fmt(r.get("compile_s"), 1), _fmt(r.get("speedup_vs_torch_compile"))]
         cells.append(_fmt(r.get("speedup_vs_best_peer")) + ("x" if "speedup_vs_best_peer" in r else ""))
         if "median_ms" not in r:
             cells[-1] = "-- " + r["note"]
@@ -165,18 +168,21 @@ def markdown_targets(rows) -> str:
 def markdown_sweep_summary(rows, numel: int) -> str:
     """The sweep at one size: every method, dtype pair and implementation."""
     lines = [
-        "| method | dtypes | implementation | ms median (p20–p80) | GB/s | % streaming | vs fastest peer |",
-        "|---|---|---|---|---|---|---|",
+        "| method | dtypes | implementation | ms median (p20–p80) | GB/s | % streaming "
+        "| compile s | vs torch.compile | vs fastest peer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["mode"] != "sweep" or r["numel"] != numel:
             continue
         if "median_ms" not in r:
-            lines.append(f"| {r['method']} | {r['dtypes']} | {r['impl']} | — ({r['note']}) | | | |")
+            lines.append(f"| {r['method']} | {r['dtypes']} | {r['impl']} | — ({r['note']}) "
+                         "| | | | | |")
             continue
         lines.append(
             f"| {r['method']} | {r['dtypes']} | {r['impl']} | {_ms(r)} | {r['gbps']:.1f} | "
             f"{r.get('pct_stream', 0):.0f}{'*' if r.get('fits_in_cache') else ''} | "
+            f"{_fmt(r.get('compile_s'), 1)} | {_ratio(r.get('speedup_vs_torch_compile'))} | "
             f"{_ratio(r.get('speedup_vs_best_peer'))} |"
         )
     if any(r.get("fits_in_cache") and r["numel"] == numel for r in rows):
