@@ -365,8 +365,9 @@ def plan(snapshot_dir, *, sigma_rel=None, gamma=None, step=None):
     first = headers[0]
     for path, h in zip(files[1:], headers[1:]):
         if h["names"] != first["names"] or h["shapes"] != first["shapes"]:
-            diff = [f"{n} {s}" for n, s in zip(h["names"], h["shapes"])
-                    if (n, s) not in set(zip(first["names"], map(tuple, first["shapes"])))] or ["the order"]
+            known = {(n, tuple(s)) for n, s in zip(first["names"], first["shapes"])}
+            diff = [f"{n} {tuple(s)}" for n, s in zip(h["names"], h["shapes"])
+                    if (n, tuple(s)) not in known] or ["the order"]
             raise BelayInputError(
                 f"snapshot {str(path)!r} is of a different model than {str(files[0])!r}: "
                 f"tensor names or shapes differ ({', '.join(map(str, diff[:3]))}, "
