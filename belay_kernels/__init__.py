@@ -1,10 +1,11 @@
 """Fused kernels for averaged ("shadow") weights in PyTorch training: EMA, SWA, BELAY and
 the two-point average, one pass over memory per (device, dtype) group and step."""
 
-from . import ops, schedules
+from . import ops, posthoc, power, schedules
 from ._backends import backends
 from ._checks import BelayInputError
 from .averagers import EMA, SWA, Averager, Belay, TwoPoint
+from .posthoc import PostHocEMA, PowerEMA
 
 __all__ = [
     "EMA",
@@ -12,9 +13,13 @@ __all__ = [
     "Averager",
     "Belay",
     "BelayInputError",
+    "PostHocEMA",
+    "PowerEMA",
     "TwoPoint",
     "backends",
     "ops",
+    "posthoc",
+    "power",
     "schedules",
 ]
 __version__ = "0.1.0"

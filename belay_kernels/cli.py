@@ -1,4 +1,4 @@
-"""The ``belay-kernels`` command: ``demo``, ``bench``, ``reproduce`` and ``backends``."""
+"""The ``belay-kernels`` command: ``demo``, ``bench``, ``reproduce``, ``posthoc`` and ``backends``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": ("belay_kernels.demo", "train a small model with each averager and print a table"),
     "bench": ("belay_kernels.benchmark", "measure the kernels and the peers on this machine"),
     "reproduce": ("belay_kernels.experiments", "reproduce the seed documents' experiments"),
+    "posthoc": ("belay_kernels.posthoc", "reconstruct an EMA of any length from PostHocEMA's snapshots"),
     "backends": ("belay_kernels.cli", "say which backends run here and why the others do not"),
 }
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import _backends, distributed
+from . import _backends, distributed, reference
 from ._checks import (
     BelayInputError,
     check_count,
@@ -137,6 +137,11 @@ def _dispatch(op: str, rows, args: tuple, backend: str) -> None:
                     for row in group:
                         fn(*row, *args)
 
+    _run_or_defer(run)
+
+
+def _run_or_defer(run) -> None:
+    """Run now, or queue inside all_checked_first()."""
     plans = getattr(_deferred, "plans", None)
     if plans is None:
         run()
@@ -158,6 +163,53 @@ def ema_update_(
     check_unit_interval("decay", decay, device)
     _dispatch("ema_update_", rows, (decay, skip, skipped), backend)
     return shadow
+
+
+def multi_ema_update_(
+    shadows: Sequence[TensorOrList],
+    weights: TensorOrList,
+    *,
+    decays: Sequence[float | torch.Tensor],
+    nonfinite: str = "skip",
+    skipped: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> Sequence[TensorOrList]:
+    """K EMAs of the same weights from one read of them: for each k,
+    ``shadows[k] <- shadows[k] + (1 - decays[k]) (weights - shadows[k])``, bit for bit as
+    K :func:`ema_update_` calls (``skipped`` counts each profile's kept elements).
+
+    For now this op runs on the torch reference on every device (``backend`` "auto" or
+    "torch"); the compiled kernels join through the method table."""
+    if isinstance(shadows, torch.Tensor) or not isinstance(shadows, Sequence) or not shadows:
+        raise BelayInputError(
+            "shadows must be a non-empty list of K shadows (each a tensor or a list of "
+            f"tensors shaped like weights), got {type(shadows).__name__}"
+            + (" of length 0" if isinstance(shadows, Sequence) and not shadows else "") + "."
+        )
+    if isinstance(decays, torch.Tensor) or not isinstance(decays, Sequence) or len(decays) != len(shadows):
+        raise BelayInputError(
+            f"decays must be a list of one decay per shadow ({len(shadows)}), got {decays!r}."
+        )
+    k = len(shadows)
+    names = tuple(f"shadows[{i}]" for i in range(k)) + ("weights",)
+    rows, device, skip = _checked(names, (*shadows, weights), tuple(range(k)), nonfinite, skipped)
+    for i, decay in enumerate(decays):
+        check_unit_interval(f"decays[{i}]", decay, device)
+    _backends.check_name(backend)
+    if backend not in ("auto", "torch"):
+        raise BelayInputError(
+            f"multi_ema_update_ runs on the torch reference only for now, got "
+            f"backend={backend!r}; pass backend='auto' or 'torch'."
+        )
+    decays = list(decays)
+
+    def run() -> None:
+        with torch.no_grad():
+            for row in rows:
+                reference.multi_ema_update_(list(row[:k]), row[k], decays, skip, skipped)
+
+    _run_or_defer(run)
+    return shadows
 
 
 def swa_update_(

@@ -13,6 +13,7 @@ The formulas, one per method (``s`` shadow, ``w`` weights, all read before any w
 
 ====================  ==========================================================
 EMA                   ``s <- lerp(s, w, 1 - decay)``
+K EMAs                ``s_k <- lerp(s_k, w, 1 - decay_k)``, k = 1..K, one read of ``w``
 SWA                   ``s <- lerp(s, w, 1 / (count + 1))`` (count 0 copies)
 BELAY (post-step)     ``w <- lerp(w, s, beta)`` and ``s <- lerp(s, w, alpha)``
 two-point average     ``out <- (w + snapshot) / 2``
@@ -123,9 +124,15 @@ def _shadow_update_(
     skip_nonfinite: bool,
     skipped: torch.Tensor | None,
     valid: torch.Tensor | None = None,
+    upcast: dict | None = None,
 ) -> torch.Tensor:
     op = opmath_dtype(shadow, weights)
-    s, w = _up(shadow, op), _up(weights, op)
+    s = _up(shadow, op)
+    # ``upcast`` lets several shadows share one upcast of the weights
+    if upcast is None:
+        w = _up(weights, op)
+    else:
+        w = upcast[op] = upcast[op] if op in upcast else _up(weights, op)
     new = new_shadow_fn(s, w)
     new = _keep_where(_kept(w, skip_nonfinite, valid), s, new, skipped)
     _store(shadow, new)
@@ -140,14 +147,34 @@ def ema_update_(
     skipped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``shadow <- lerp(shadow, weights, 1 - decay)``, ``1 - decay`` taken in float64."""
+    return _ema_into_(shadow, weights, decay, skip_nonfinite, skipped, None)
+
+
+def _ema_into_(shadow, weights, decay, skip_nonfinite, skipped, upcast) -> torch.Tensor:
     rate = one_minus(decay)
     valid = None
     if isinstance(rate, torch.Tensor):
         valid = _is_rate(decay.reshape(()))
         rate = rate.reshape(()).to(opmath_dtype(shadow, weights))
     return _shadow_update_(
-        shadow, weights, lambda s, w: _lerp(s, w, rate), skip_nonfinite, skipped, valid
+        shadow, weights, lambda s, w: _lerp(s, w, rate), skip_nonfinite, skipped, valid, upcast
     )
+
+
+def multi_ema_update_(
+    shadows: list[torch.Tensor],
+    weights: torch.Tensor,
+    decays: list[Scalar],
+    skip_nonfinite: bool = True,
+    skipped: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """K EMAs of the same weights, which are read (and upcast) once: bit for bit
+    ``ema_update_(shadows[k], weights, decays[k], skip_nonfinite, skipped)`` for each k,
+    so ``skipped`` counts each profile's kept elements (K per non-finite weight)."""
+    upcast: dict = {}
+    for shadow, decay in zip(shadows, decays):
+        _ema_into_(shadow, weights, decay, skip_nonfinite, skipped, upcast)
+    return list(shadows)
 
 
 def swa_update_(

@@ -19,7 +19,7 @@ def test_an_unknown_command_says_so(capsys):
     assert cli.main(["benchmark"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("belay-kernels: unknown command 'benchmark'; the commands are "
-                          "demo, bench, reproduce, backends.")
+                          "demo, bench, reproduce, posthoc, backends.")
     assert "usage: belay-kernels" in err
 
 
