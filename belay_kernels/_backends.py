@@ -30,18 +30,21 @@ from ._checks import BelayInputError
 
 # name -> module implementing it
 _MODULES = {
-    "torch": "belay_kernels.reference",
+    "torch": "belay_kernels.fast_torch",  # the reference's ops without full-size temporaries
+    "reference": "belay_kernels.reference",  # the spec itself, out of place; never auto
+    "inductor": "belay_kernels.inductor",  # the reference through torch.compile; opt-in
     "cpp": "belay_kernels.extension.cpu",
     "cuda": "belay_kernels.extension.cuda",
     "triton": "belay_kernels.triton",
 }
 
-# What "auto" tries, per tensor device type, fastest first.
+# What "auto" tries, per tensor device type, fastest first. A backend with
+# ``faster_than_eager(op, device_type, dtypes)`` (inductor) is taken only where that says so.
 AUTO_ORDER = {
-    "cuda": ("triton", "cuda", "torch"),
-    "cpu": ("cpp", "torch"),
+    "cuda": ("triton", "cuda", "inductor", "torch"),
+    "cpu": ("cpp", "inductor", "torch"),
 }
-_FALLBACK_ORDER = ("torch",)
+_FALLBACK_ORDER = ("inductor", "torch")
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,8 @@ def backends() -> dict[str, str]:
         status = _load(name)
         if status.available:
             devices = ", ".join(sorted(status.module.DEVICE_TYPES))
-            report[name] = f"available ({devices})"
+            usage = getattr(status.module, "usage", None)  # e.g. what compiling cost so far
+            report[name] = f"available ({devices})" + (f"; {usage()}" if usage else "")
         else:
             report[name] = f"unavailable: {status.reason}"
     return report
@@ -94,6 +98,11 @@ def _usable(status: BackendStatus, op: str, device_type: str, dtypes, contiguous
     return supports is None or supports(op, dtypes)
 
 
+def _auto_may_take(status: BackendStatus, op: str, device_type: str, dtypes) -> bool:
+    verdict = getattr(status.module, "faster_than_eager", None)
+    return verdict is None or verdict(op, device_type, tuple(dtypes))[0]
+
+
 def check_name(backend: object) -> None:
     if backend != "auto" and backend not in _MODULES:
         raise BelayInputError(
@@ -106,7 +115,9 @@ def resolve(backend: str, op: str, device_type: str, dtypes, contiguous: bool) -
     if backend == "auto":
         for name in AUTO_ORDER.get(device_type, _FALLBACK_ORDER):
             status = _load(name)
-            if _usable(status, op, device_type, dtypes, contiguous):
+            if _usable(status, op, device_type, dtypes, contiguous) and _auto_may_take(
+                status, op, device_type, dtypes
+            ):
                 return status.module
         return _load("torch").module
     check_name(backend)

@@ -28,15 +28,20 @@ def _usage() -> str:
 def _print_backends(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="belay-kernels backends",
-        description="Print each backend (torch, cpp, cuda, triton) and whether it runs on "
-        "this machine; for one that does not, the reason. Where the compiled kernels were "
+        description="Print each backend (torch, reference, inductor, cpp, cuda, triton) and "
+        "whether it runs on this machine; for one that does not, the reason; then which one "
+        "backend='auto' takes on each device type, and why. Where the compiled kernels were "
         "not built, the reason recorded at install time and the command that rebuilds them.",
     )
     parser.parse_args(argv)
     from . import backends
+    from .auto_choice import DESCRIBED_DEVICE_TYPES, explain_auto
 
     for name, status in backends().items():
-        print(f"{name:8s} {status}")
+        print(f"{name:9s} {status}")
+    print("\nbackend='auto', per device type:")
+    for device_type in DESCRIBED_DEVICE_TYPES:
+        print(f"  {device_type:5s} {explain_auto(device_type)}")
     return 0
 
 

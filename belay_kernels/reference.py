@@ -73,9 +73,14 @@ def _lerp(start: torch.Tensor, end: torch.Tensor, weight: Scalar) -> torch.Tenso
     to 1 there, as it does in the kernels."""
     if isinstance(weight, torch.Tensor):
         return torch.where(weight == 1, end, torch.lerp(start, end, weight))
-    if torch.tensor(weight, dtype=start.dtype).item() == 1:
+    if rounds_to_one(weight, start.dtype):
         return end.clone()
     return torch.lerp(start, end, weight)
+
+
+def rounds_to_one(weight: float, dtype: torch.dtype) -> bool:
+    """Whether a number weight is exactly 1 once rounded to ``dtype`` (then lerp copies)."""
+    return torch.tensor(weight, dtype=dtype).item() == 1
 
 
 def _is_rate(x: torch.Tensor) -> torch.Tensor:
@@ -196,12 +201,17 @@ def swa_update_(
         weight_of_new = 1 / (count.to(torch.float64) + 1)
         weight_of_new = weight_of_new.to(opmath_dtype(shadow, weights))
     else:
-        weight_of_new = 1 / (count + 1)
+        weight_of_new = swa_weight(count)
 
     def new_shadow(s, w):
         return _lerp(s, w, weight_of_new)
 
     return _shadow_update_(shadow, weights, new_shadow, skip_nonfinite, skipped, valid)
+
+
+def swa_weight(count: int) -> float:
+    """SWA's weight of the incoming model when ``count`` models are already averaged."""
+    return 1 / (count + 1)
 
 
 def belay_step_(

@@ -26,7 +26,7 @@ def test_bench_command_writes_table_json_csv_and_plot(tmp_path, capsys):
     printed = capsys.readouterr()
     table = printed.out
     assert "belay_kernels[torch]" in table and "torch._foreach_lerp_" in table
-    assert "\n  backends  timed: torch, cpp" in table or "timed: torch;" in table
+    assert "\n  backends  timed: torch, reference, cpp" in table or "timed: torch;" in table
     assert "*" in table and "fit in the last-level cache, so" in table  # 3000 elements do
     out = tmp_path / "quick"  # a quick run never writes where a full run's files are
     assert f"to {out}/" in printed.err and not (tmp_path / "results.json").exists()

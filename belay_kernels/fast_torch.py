@@ -1,0 +1,172 @@
+"""The ``torch`` backend: the reference's ops, run without full-size temporaries.
+
+:mod:`belay_kernels.reference` is the spec and computes out of place: every call allocates
+several temporaries the size of the buffer, and on a large buffer their page faults cost
+more than the arithmetic. This module gives the reference's results bit for bit
+(``tests/test_fast_torch.py``, ``tests/test_fingerprints.py``) in one of two ways:
+
+- **in place**, where the reference's new shadow is one ``lerp`` of the shadow toward the
+  weights in their own dtype: an EMA or SWA step on fp32 or fp64 tensors with a number
+  weight that does not round to 1 (the reference copies there), and under the non-finite
+  skip only when no incoming weight is NaN or infinite (then the skip keeps nothing);
+- otherwise **the reference op itself, on matching chunks** of ``CPU_CHUNK`` elements
+  (``DEVICE_CHUNK`` off the CPU). Every op is elementwise and its skipped counts add up
+  over chunks, so chunking changes no bit, while the reference's temporaries exist only
+  chunk-sized, in cache: peak memory grows by a few chunks, not by buffers.
+
+On the CPU the chunk loop runs on ``CHUNK_THREADS`` threads: each chunk-sized call would
+otherwise open a parallel region of its own, whose start costs more than it saves on a
+chunk this small (and stalls whenever a core is busy elsewhere). The whole-tensor in-place
+ops keep torch's thread count. The thread count is process-wide in torch, so ops run
+concurrently from several Python threads see the change while a chunk loop runs.
+
+Non-contiguous tensors cannot be cut into flat chunks: they run the reference whole. Lists
+run tensor by tensor, except the in-place EMA/SWA lerp of one-dtype lists, which is one
+``torch._foreach_lerp_`` (what timm's ModelEmaV3 does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import reference
+from .reference import DEVICE_TYPES, one_minus, opmath_dtype, rounds_to_one, swa_weight
+
+__all__ = ["DEVICE_TYPES"]  # the backend API; the ops below complete it
+
+# A chunk's temporaries (a few per op, 512 KiB each in fp32) stay in a core's L2/L3 cache,
+# while each torch call stays long enough that its microseconds of overhead do not show.
+# Off the CPU there is no cache to fit: the chunk only bounds the scratch.
+CPU_CHUNK = 1 << 17
+DEVICE_CHUNK = 1 << 22
+CHUNK_THREADS = 1
+
+
+def _flat(*tensors: torch.Tensor) -> bool:
+    return all(t.is_contiguous() for t in tensors)
+
+
+@contextlib.contextmanager
+def _chunk_threads(device: torch.device):
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= CHUNK_THREADS:
+        yield
+        return
+    torch.set_num_threads(CHUNK_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _per_chunk(op, tensors: tuple[torch.Tensor, ...], *args) -> None:
+    """The reference ``op`` on matching chunks of the (contiguous) ``tensors``."""
+    device = tensors[0].device
+    size = CPU_CHUNK if device.type == "cpu" else DEVICE_CHUNK
+    n = tensors[0].numel()
+    if n <= size:
+        op(*tensors, *args)
+        return
+    flat = [t.view(-1) for t in tensors]
+    with _chunk_threads(device):
+        for start in range(0, n, size):
+            op(*(t[start : start + size] for t in flat), *args)
+
+
+def _skip_needed(weights: torch.Tensor, skip_nonfinite: bool) -> bool:
+    """The skip, unless the weights surely hold no NaN or infinity (then it keeps nothing,
+    and the reference gives the same bits without it). ``aminmax`` propagates NaN and
+    cannot overflow, and reads the tensor once with no converted copy. Asked on the CPU
+    only, where reading the answer costs no device synchronisation."""
+    if not skip_nonfinite or weights.device.type != "cpu":
+        return skip_nonfinite
+    if weights.numel() == 0:
+        return False
+    low, high = torch.aminmax(weights)
+    return not bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _lerps_in_place(shadow: torch.Tensor, weights: torch.Tensor, weight) -> bool:
+    """Whether the reference's new shadow, when it keeps no element, is
+    ``shadow.lerp_(weights, weight)``: one dtype that is the math's own (the reference computes
+    16-bit tensors in fp32 and stores them by its own NaN rule) and a number weight that
+    does not round to 1."""
+    op = opmath_dtype(shadow, weights)
+    return (
+        shadow.dtype == weights.dtype == op
+        and not isinstance(weight, torch.Tensor)
+        and not rounds_to_one(weight, op)
+    )
+
+
+def _shadow_lerp_(spec, weight, shadow, weights, hyper, skip_nonfinite, skipped):
+    """EMA and SWA: in place when the lerp is the whole update, else ``spec`` per chunk."""
+    if not _flat(shadow, weights):
+        return spec(shadow, weights, hyper, skip_nonfinite, skipped)
+    skip = _skip_needed(weights, skip_nonfinite)
+    if not skip and _lerps_in_place(shadow, weights, weight):
+        shadow.lerp_(weights, weight)
+    else:
+        _per_chunk(spec, (shadow, weights), hyper, skip, skipped)
+    return shadow
+
+
+def _number_weight(weight_of, hyper):
+    """The reference's lerp weight for a number hyperparameter; a tensor stays a tensor
+    (its lerp is never the in-place one)."""
+    return hyper if isinstance(hyper, torch.Tensor) else weight_of(hyper)
+
+
+def ema_update_(shadow, weights, decay, skip_nonfinite=True, skipped=None):
+    weight = _number_weight(one_minus, decay)
+    return _shadow_lerp_(reference.ema_update_, weight, shadow, weights, decay, skip_nonfinite, skipped)
+
+
+def swa_update_(shadow, weights, count, skip_nonfinite=True, skipped=None):
+    weight = _number_weight(swa_weight, count)
+    return _shadow_lerp_(reference.swa_update_, weight, shadow, weights, count, skip_nonfinite, skipped)
+
+
+def _shadow_lerp_foreach_(flat_op, weight, shadows, weights, hyper, skip_nonfinite, skipped):
+    """One ``_foreach_lerp_`` when every row lerps in place, else ``flat_op`` per row."""
+    if all(_lerps_in_place(s, w, weight) for s, w in zip(shadows, weights)) and not any(
+        _skip_needed(w, skip_nonfinite) for w in weights
+    ):
+        torch._foreach_lerp_(list(shadows), list(weights), weight)
+        return
+    for s, w in zip(shadows, weights):
+        flat_op(s, w, hyper, skip_nonfinite, skipped)
+
+
+def ema_update_foreach_(shadows, weights, decay, skip_nonfinite=True, skipped=None):
+    weight = _number_weight(one_minus, decay)
+    _shadow_lerp_foreach_(ema_update_, weight, shadows, weights, decay, skip_nonfinite, skipped)
+
+
+def swa_update_foreach_(shadows, weights, count, skip_nonfinite=True, skipped=None):
+    weight = _number_weight(swa_weight, count)
+    _shadow_lerp_foreach_(swa_update_, weight, shadows, weights, count, skip_nonfinite, skipped)
+
+
+def belay_step_(weights, shadow, alpha, beta, skip_nonfinite=True, skipped=None):
+    if not _flat(weights, shadow):
+        return reference.belay_step_(weights, shadow, alpha, beta, skip_nonfinite, skipped)
+    skip = _skip_needed(weights, skip_nonfinite)
+    _per_chunk(reference.belay_step_, (weights, shadow), alpha, beta, skip, skipped)
+    return weights, shadow
+
+
+def two_point_average_(out, weights, snapshot):
+    if not _flat(out, weights, snapshot):
+        return reference.two_point_average_(out, weights, snapshot)
+    _per_chunk(reference.two_point_average_, (out, weights, snapshot))
+    return out
+
+
+def swap_(weights, shadow, inverse=False):
+    if not _flat(weights, shadow):
+        return reference.swap_(weights, shadow, inverse)
+    _per_chunk(reference.swap_, (weights, shadow), inverse)
+    return None
