@@ -54,6 +54,14 @@ class Method:
     scalars: tuple[Scalar, ...] = ()
     counts_skipped: bool = False  # takes skip_nonfinite and the skipped counter
     calls_per_step: int = 1  # op calls in one timed benchmark step
+    public: str = ""  # its function in belay_kernels.ops when not named ``op``
+    exact: bool = False  # moves bits without arithmetic: every backend matches bit for bit
+
+    @property
+    def function(self) -> str:
+        """The name of the public function in :mod:`belay_kernels.ops`; it takes every
+        tensor role and scalar by name."""
+        return self.public or self.op
 
     @property
     def written_columns(self) -> tuple[int, ...]:
@@ -109,6 +117,7 @@ METHODS = (
         foreach="two_point_average_foreach_",
         tensors=("out", "weights", "snapshot"),
         written=("out",),
+        public="two_point_average",
     ),
     Method(
         name="swap",
@@ -117,6 +126,7 @@ METHODS = (
         tensors=("weights", "shadow"),
         written=("weights", "shadow"),
         scalars=(Scalar("inverse", "flag", False),),
+        exact=True,
         calls_per_step=2,  # what averaged() does: swap in, then back
     ),
 )

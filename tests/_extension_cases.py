@@ -3,6 +3,7 @@ through the reference on identical fresh random data, and compare everything."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -170,3 +171,16 @@ def check_swap(backend, pair, sizes, seed, device="cpu"):
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@contextlib.contextmanager
+def simulated_grid(blocks, threads, chunk=64):
+    """Backend "cpp" runs the compiled CUDA bodies on a simulated grid of ``blocks`` blocks
+    of ``threads`` threads inside the block (the harness's one door to the simulation)."""
+    from belay_kernels import _C
+
+    _C._simulate_cuda_grid(blocks, threads, chunk)
+    try:
+        yield
+    finally:
+        _C._simulate_cuda_grid(0, 0, 0)

@@ -9,12 +9,19 @@ import torch
 
 from .. import ops
 from .._backends import _load
+from ..methods import BY_NAME
 from .traffic import TRAFFIC, operand_dtype
 
-DECAY = 0.999
-SWA_COUNT = 7
-BELAY_ALPHA = 0.001
-BELAY_BETA = 0.01
+
+def typical(method: str, scalar: str):
+    """The method table's typical value of one scalar argument."""
+    return next(s.typical for s in BY_NAME[method].scalars if s.name == scalar)
+
+
+DECAY = typical("ema", "decay")
+SWA_COUNT = typical("swa", "count")
+BELAY_ALPHA = typical("belay", "alpha")
+BELAY_BETA = typical("belay", "beta")
 
 
 def available_backends(device: torch.device) -> list[str]:
@@ -41,28 +48,29 @@ def make_operands(method, numel, weights_dtype, shadow_dtype, device):
     }
 
 
+def step_calls(method: str) -> list[dict]:
+    """The scalar arguments of each op call in one timed step: the typical values, and a
+    flag (swap's ``inverse``) taking each value in turn, as ``averaged()`` swaps in and back."""
+    scalars = BY_NAME[method].scalars
+    values = {s.name: s.typical for s in scalars if s.kind != "flag"}
+    flags = [s.name for s in scalars if s.kind == "flag"]
+    if not flags:
+        return [values]
+    return [dict(values, **dict.fromkeys(flags, flag)) for flag in (False, True)]
+
+
 def our_step(method: str, backend: str, t: dict):
     """A callable running one timed step of ``method`` on operands ``t`` via ``backend``."""
-    if method == "ema":
-        return lambda: ops.ema_update_(t["shadow"], t["weights"], decay=DECAY, backend=backend)
-    if method == "swa":
-        return lambda: ops.swa_update_(t["shadow"], t["weights"], count=SWA_COUNT, backend=backend)
-    if method == "belay":
-        return lambda: ops.belay_step_(
-            t["weights"], t["shadow"], alpha=BELAY_ALPHA, beta=BELAY_BETA, backend=backend
-        )
-    if method == "two_point":
-        return lambda: ops.two_point_average(
-            t["weights"], t["snapshot"], out=t["out"], backend=backend
-        )
-    if method == "swap":
+    m = BY_NAME[method]
+    fn = getattr(ops, m.function)
+    tensors = {role: t[role] for role in m.tensors}
+    calls = step_calls(method)
 
-        def round_trip():
-            ops.swap_(t["weights"], t["shadow"], backend=backend)
-            ops.swap_(t["weights"], t["shadow"], inverse=True, backend=backend)
+    def step():
+        for scalars in calls:
+            fn(**tensors, **scalars, backend=backend)
 
-        return round_trip
-    raise ValueError(f"unknown method {method!r}")
+    return step
 
 
 def backend_supports(method, backend, weights_dtype, shadow_dtype, device) -> str:

@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import torch
 
-METHODS = ("ema", "swa", "belay", "two_point", "swap")
+from .. import methods as _table
+
+METHODS = _table.NAMES
 
 # method -> (operands read, operands written) for one call of the op.
-TRAFFIC = {
-    "ema": (("shadow", "weights"), ("shadow",)),
-    "swa": (("shadow", "weights"), ("shadow",)),
-    "belay": (("weights", "shadow"), ("weights", "shadow")),
-    "two_point": (("weights", "snapshot"), ("out",)),
-    "swap": (("weights", "shadow"), ("weights", "shadow")),
-}
+TRAFFIC = {m.name: (m.read, m.written) for m in _table.METHODS}
 
 # Which dtype each operand is stored in: the model's or the shadow's. The two-point
 # snapshot is an exact copy of past weights and its output is a model, so both are kept
 # in the weights' dtype (as belay_kernels.averagers.TwoPoint keeps them).
-OPERAND_KIND = {"weights": "weights", "out": "weights", "snapshot": "weights", "shadow": "shadow"}
+OPERAND_KIND = {role: m.storage(role) for m in _table.METHODS for role in m.tensors}
 
 # Op calls in one timed step. A timed swap is what `averaged()` does around an
 # evaluation: swap the shadow in, then swap it back (two exchanges).
-CALLS_PER_STEP = {"ema": 1, "swa": 1, "belay": 1, "two_point": 1, "swap": 2}
+CALLS_PER_STEP = {m.name: m.calls_per_step for m in _table.METHODS}
 
 
 def operand_dtype(operand: str, weights_dtype: torch.dtype, shadow_dtype: torch.dtype):
