@@ -283,7 +283,7 @@ def test_tensors_that_cannot_be_flattened_take_the_list_path_with_the_same_resul
     listed = bk.Belay([strided, plain], alpha=0.1, beta=0.3)
     flat = bk.Belay(twins, alpha=0.1, beta=0.3)
     assert listed.launches_per_step == 2 and flat.launches_per_step == 1
-    for step in range(5):
+    for _ in range(5):
         with torch.no_grad():
             for p, q in zip([strided, plain], twins):
                 noise = torch.randn(p.shape)
@@ -323,7 +323,7 @@ def test_belay_pulls_the_model_and_reduces_to_ema_at_zero_beta():
     a, b = small_model(7), small_model(7)
     belay = bk.Belay(a, alpha=0.2, beta=0.0)
     ema = bk.EMA(b, decay=0.8)
-    for (x, y), opt_a, opt_b in zip(batches(5), *[[None] * 5] * 2):
+    for _batch, _ in zip(batches(5), range(5)):
         with torch.no_grad():
             for p, q in zip(a.parameters(), b.parameters()):
                 step = torch.randn_like(p)

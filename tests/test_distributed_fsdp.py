@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 from _distributed import run_ranks
 from _distributed_models import AVERAGERS, KIND, STEPS, Oracle, named_local, tiny, train_step
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import belay_kernels as bk
 from belay_kernels import distributed as bkd
@@ -150,11 +150,10 @@ def check_mixed_precision(rank):
 
 
 def check_bad_input(rank, tmp):
+    from _distributed_models import Tiny
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
-
-    from _distributed_models import Tiny
 
     # built before fully_shard: stale, and the message says to build it after
     torch.manual_seed(0)

@@ -9,13 +9,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from _untouched import Snapshot
 from torch import nn
 
 import belay_kernels as bk
 from belay_kernels import BelayInputError, ops, posthoc, power, reference
 from belay_kernels.methods import DTYPE_PAIRS
-
-from _untouched import Snapshot
 
 
 # ---- the conversion -------------------------------------------------------------------

@@ -26,11 +26,10 @@ from belay_kernels.testing import (  # noqa: E402
     random_like_model,
 )
 from belay_kernels.triton import EmaWarmup, StepGate, advance_step_  # noqa: E402
+from belay_kernels.triton import belay as triton_belay  # noqa: E402
 from belay_kernels.triton import ema as triton_ema  # noqa: E402
 from belay_kernels.triton import swa as triton_swa  # noqa: E402
-from belay_kernels.triton import belay as triton_belay  # noqa: E402
 from belay_kernels.triton.device_step import warmup_weight  # noqa: E402
-
 
 
 def _round_bf16_to_nearest_even_in_the_interpreter():

@@ -14,8 +14,7 @@ from .._progress import progress
 from .architectures import ARCHITECTURES
 from .compiled import COMPILED_PEERS
 from .peers import PEERS
-from .report import (add_stream_fraction, format_table, header, write_csv, write_json,
-                     write_markdown)
+from .report import add_stream_fraction, format_table, header, write_csv, write_json, write_markdown
 from .sweep import DTYPE_PAIRS
 from .traffic import METHODS
 

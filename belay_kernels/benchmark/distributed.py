@@ -64,16 +64,16 @@ def _rank_main(rank, world, store_path, threads, min_run_time, model_name, resul
         # the same op without the averager around it: the rest of step() is its checks
         shadow_views = ema.shadow_params()[: len(local)]
         rows["ours ops.ema_update_ on the local lists"] = _median_seconds(
-            lambda: bk.ops.ema_update_(shadow_views, local, decay=DECAY), min_run_time)
+            lambda: bk.ops.ema_update_(shadow_views, local, decay=DECAY), min_run_time)  # noqa: F821 (freed below)
         del ema, shadow_views
         with torch.no_grad():
             dt_shadows = [p.detach().clone() for p in params]
             rows["torch._foreach_lerp_ over DTensors"] = _median_seconds(
-                lambda: torch._foreach_lerp_(dt_shadows, params, 1 - DECAY), min_run_time)
+                lambda: torch._foreach_lerp_(dt_shadows, params, 1 - DECAY), min_run_time)  # noqa: F821
             del dt_shadows
             shadows = [t.clone() for t in local]
             rows["torch._foreach_lerp_ over local shards"] = _median_seconds(
-                lambda: torch._foreach_lerp_(shadows, local, 1 - DECAY), min_run_time)
+                lambda: torch._foreach_lerp_(shadows, local, 1 - DECAY), min_run_time)  # noqa: F821
             del shadows
         for backend in ("auto", "torch"):
             belay = bk.Belay(model, alpha=1e-3, beta=1e-4, backend=backend)

@@ -85,13 +85,13 @@ def run_models(*, device, models, methods, pairs, peers, min_run_time, log=print
                 nbytes = model_step_bytes(method, numel, weights_dtype, shadow_dtype)
                 impls = [
                     (f"belay_kernels[{b}]", "ours",
-                     lambda b=b: our_averager_step(method, b, copy.deepcopy(model), shadow_dtype))
+                     lambda b=b: our_averager_step(method, b, copy.deepcopy(model), shadow_dtype))  # noqa: F821
                     for b in backends
                 ] + [
                     # every library gets its own copy: our averagers move the model's
                     # tensors into flat buffers, which must not leak into the next one
                     (peer, "peer",
-                     lambda p=peer: peer_step(p, method, copy.deepcopy(model), shadow_dtype))
+                     lambda p=peer: peer_step(p, method, copy.deepcopy(model), shadow_dtype))  # noqa: F821
                     # the torch.compile peer is timed in the sweep only
                     for peer in peers if method in PEER_METHODS.get(peer, ())
                 ]
@@ -108,7 +108,7 @@ def run_models(*, device, models, methods, pairs, peers, min_run_time, log=print
                         rows.append(row)
                         log(f"  {name} {pair} {method} {impl}: -- ({exc})")
                         continue
-                    timing = time_step(lambda: step, device=device, state_bytes=nbytes,
+                    timing = time_step(lambda: step, device=device,  # noqa: F821 (step is freed below) state_bytes=nbytes,
                                        min_run_time=min_run_time, rotate=False)
                     row.update(
                         median_ms=timing.median_s * 1e3, p20_ms=timing.p20_s * 1e3,

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .traffic import METHODS
-
-TITLES = {"ema": "EMA", "swa": "SWA", "belay": "BELAY", "two_point": "two-point", "swap": "swap (in+out)"}
-
-
 import matplotlib
 
+from .traffic import METHODS
+
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+
+TITLES = {"ema": "EMA", "swa": "SWA", "belay": "BELAY", "two_point": "two-point", "swap": "swap (in+out)"}
 
 
 def plot_sweep(rows, stream_gbps: float, path: Path, title: str) -> None:

@@ -102,7 +102,7 @@ def run(quick: bool, out_dir) -> Result:
         ax.axis("off")
     for f_index, function in enumerate(functions):
         ax = axes.flat[f_index]
-        for function_, opt, method, record_steps, gap, stop in curves:
+        for function_, opt, method, record_steps, gap, _stop in curves:
             if function_ is not function:
                 continue
             color = {"none": "C0", "ema": "C1", "belay": "C2"}[method]

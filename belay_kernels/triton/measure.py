@@ -27,8 +27,8 @@ import torch
 from ..reference import swap_supported
 from ..testing import DTYPE_PAIRS, random_like_model
 from . import aot
-from .device_step import StepGate, advance_step_
 from .belay import belay_step_
+from .device_step import StepGate, advance_step_
 from .ema import ema_update_, ema_update_foreach_
 from .swa import swa_update_
 from .swap import swap_

@@ -13,6 +13,7 @@ import triton.language as tl
 from . import _launch
 from ._blocks import _load, _offsets, _store, _table_block, _table_pointer
 
+
 @triton.jit
 def _swap_bits(model_bits, slot_bits, INVERSE: tl.constexpr):
     """bf16 model word (uint32, low 16 bits used) and fp32 slot word (uint32) -> new
