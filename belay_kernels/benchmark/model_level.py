@@ -108,7 +108,7 @@ def run_models(*, device, models, methods, pairs, peers, min_run_time, log=print
                         rows.append(row)
                         log(f"  {name} {pair} {method} {impl}: -- ({exc})")
                         continue
-                    timing = time_step(lambda: step, device=device,  # noqa: F821 (step is freed below) state_bytes=nbytes,
+                    timing = time_step(lambda: step, device=device, state_bytes=nbytes,  # noqa: F821
                                        min_run_time=min_run_time, rotate=False)
                     row.update(
                         median_ms=timing.median_s * 1e3, p20_ms=timing.p20_s * 1e3,
