@@ -12,15 +12,7 @@ import contextlib
 
 import torch
 
-# (weights dtype, shadow dtype): same-dtype pairs and the mixed-precision normal case.
-DTYPE_PAIRS = (
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-)
+from .methods import DTYPE_PAIRS  # noqa: F401 (the tests import it from here)
 
 # Empty, one element, shorter than any vector, primes, and more than one block / chunk.
 ODD_SIZES = (0, 1, 3, 31, 1009, 70_001)

@@ -26,18 +26,13 @@ from pathlib import Path
 
 import torch
 
+from belay_kernels.methods import DTYPE_PAIRS
+
 HERE = Path(__file__).resolve().parent
 RECORD = HERE / "fingerprints.json"
 BACKENDS = ("torch", "cpp", "grid", "triton")
 
-PAIRS = (
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-)
+PAIRS = DTYPE_PAIRS
 LAYOUTS = {"flat": (4099,), "list": (1, 31, 0, 1009, 70)}
 STEPS = 4
 NONFINITE_STEP = 1

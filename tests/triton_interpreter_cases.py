@@ -10,13 +10,14 @@ with that variable, leaving the rest of the test session untouched. To run it al
 import os
 import zlib
 
-import numpy as np
 import pytest
 import torch
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
 pytest.importorskip("triton")
+
+import _triton_interpreter  # noqa: E402
 
 from belay_kernels import backends, ops, reference  # noqa: E402
 from belay_kernels.testing import (  # noqa: E402
@@ -31,28 +32,7 @@ from belay_kernels.triton import ema as triton_ema  # noqa: E402
 from belay_kernels.triton import swa as triton_swa  # noqa: E402
 from belay_kernels.triton.device_step import warmup_weight  # noqa: E402
 
-
-def _round_bf16_to_nearest_even_in_the_interpreter():
-    """Triton 3.8's interpreter converts fp32 to bf16 by truncation (1.999 -> 1.992),
-    where the GPU's cvt.rn.bf16.f32 rounds to nearest even, as torch does. Compare the
-    kernels, not that difference: make the interpreter's cast round as the GPU does."""
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    original = builder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            as_torch = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-            bits = as_torch.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-            return interpreter.TensorHandle(bits, dst_type.scalar)
-        return original(self, src, dst_type)
-
-    builder.cast_impl = cast_impl
-
-
-_round_bf16_to_nearest_even_in_the_interpreter()
+_triton_interpreter.round_bf16_like_the_gpu()
 
 # NaN/inf inputs (the non-finite policy's test data) make numpy warn inside the interpreter.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
