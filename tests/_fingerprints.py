@@ -163,6 +163,9 @@ def compute(backend: str) -> dict[str, str]:
 
 def compute_in_subprocess(backend: str) -> dict[str, str]:
     env = dict(os.environ)
+    # The checkout's package, not whichever one is installed: the script's own folder
+    # (tests/) comes first on the child's sys.path, not the working directory.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
     if backend == "triton":
         env["TRITON_INTERPRET"] = "1"
     done = subprocess.run(
