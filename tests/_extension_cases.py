@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from _backend_cases import _inject_nonfinite
 
 from belay_kernels import backends, ops
 from belay_kernels.testing import (
@@ -51,14 +52,6 @@ def cpp_backend():
 
 def pair_id(pair) -> str:
     return "-".join(str(d).removeprefix("torch.") for d in pair)
-
-
-def _inject_nonfinite(weights: torch.Tensor, generator: torch.Generator) -> None:
-    if weights.numel() == 0:
-        return
-    hits = torch.randint(0, weights.numel(), (max(1, weights.numel() // 50),), generator=generator)
-    for value, positions in zip((float("nan"), float("inf"), float("-inf")), hits.chunk(3)):
-        weights[positions] = value
 
 
 class Trajectory:
