@@ -92,8 +92,15 @@ def _is_rate(x: torch.Tensor) -> torch.Tensor:
 _CANONICAL_NAN = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
 
 
-def _store(target: torch.Tensor, value: torch.Tensor) -> None:
-    """``target.copy_(value)``; a NaN narrowed into bf16/fp16 gets the canonical bits."""
+def _store(target: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+    """``target.copy_(value)``; a NaN narrowed into bf16/fp16 gets the canonical bits.
+    Where ``valid`` (a 0-d bool tensor) is False, ``target`` keeps its own bits, NaN
+    payloads included, as the kernels that then write nothing keep them."""
+    if valid is not None:
+        narrowed = torch.empty_like(target)
+        _store(narrowed, value)
+        target.copy_(torch.where(valid, narrowed, target))
+        return
     target.copy_(value)
     canonical = _CANONICAL_NAN.get(target.dtype)
     if canonical is not None and value.dtype != target.dtype:
@@ -140,7 +147,7 @@ def _shadow_update_(
         w = upcast[op] = upcast[op] if op in upcast else _up(weights, op)
     new = new_shadow_fn(s, w)
     new = _keep_where(_kept(w, skip_nonfinite, valid), s, new, skipped)
-    _store(shadow, new)
+    _store(shadow, new, valid)
     return shadow
 
 
@@ -238,11 +245,9 @@ def belay_step_(
     alpha, beta = rates
     new_w = _lerp(w, s, beta)
     new_s = _lerp(s, w, alpha)
-    if valid is not None:  # an out-of-range rate: the weights stay too
-        new_w = torch.where(valid, new_w, w)
     new_s = _keep_where(_kept(w, skip_nonfinite, valid), s, new_s, skipped)
-    _store(weights, new_w)
-    _store(shadow, new_s)
+    _store(weights, new_w, valid)  # an out-of-range rate: the weights stay too
+    _store(shadow, new_s, valid)
     return weights, shadow
 
 

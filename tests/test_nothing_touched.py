@@ -240,6 +240,19 @@ def test_4_an_out_of_range_tensor_hyperparameter_writes_nothing_and_counts_skipp
     assert skipped.item() == 1003
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("method, hparams", BAD_TENSOR_HPARAMS)
+def test_4_an_out_of_range_tensor_hyperparameter_keeps_nan_payloads(backend, method, hparams):
+    """Written nothing means every bit stays, even a NaN with a sign and a payload that a
+    store through fp32 would make canonical."""
+    w, s = fresh(1003, torch.bfloat16), fresh(1003, torch.bfloat16, seed=1)
+    w.view(torch.int16)[::7] = -1  # 0xffff
+    s.view(torch.int16)[3::11] = 0x7F81  # a signalling-pattern NaN
+    snap = Snapshot(w, s)
+    _call(method, w, s, **hparams, nonfinite="propagate", backend=backend)
+    snap.assert_unchanged()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_4_a_valid_tensor_hyperparameter_gives_what_the_number_gives(backend):
     w, s = fresh(101), fresh(101, seed=1)
