@@ -90,7 +90,7 @@ def backends() -> dict[str, str]:
 
 def _usable(status: BackendStatus, op: str, device_type: str, dtypes, contiguous: bool) -> bool:
     module = status.module
-    if module is None or device_type not in module.DEVICE_TYPES:
+    if module is None or device_type not in module.DEVICE_TYPES or not hasattr(module, op):
         return False
     if getattr(module, "REQUIRES_CONTIGUOUS", False) and not contiguous:
         return False
@@ -119,7 +119,8 @@ def resolve(backend: str, op: str, device_type: str, dtypes, contiguous: bool) -
                 status, op, device_type, dtypes
             ):
                 return status.module
-        return _load("torch").module
+        torch_backend = _load("torch").module
+        return torch_backend if hasattr(torch_backend, op) else _load("reference").module
     check_name(backend)
     status = _load(backend)
     if not status.available:

@@ -3,8 +3,7 @@ and its scalar arguments. Everything that needs a list of the ops derives it fro
 :mod:`belay_kernels.ops`, the compiled extension's glue and fake registrations, the
 Triton backend, the benchmark's byte counts and cases, and the tests' case table.
 
-The math of each op is in :mod:`belay_kernels.reference`; the C++ side lists the same ops
-once, in ``csrc/op_list.h`` (a test checks that the two lists agree).
+The math of each op is in :mod:`belay_kernels.reference`.
 
 An op's backend functions share its positional signature: the tensors in ``tensors``
 order, then the scalars in ``scalars`` order, then ``skip_nonfinite, skipped`` when the
@@ -131,6 +130,20 @@ METHODS = (
     ),
 )
 
-BY_NAME = {m.name: m for m in METHODS}
-BY_OP = {m.op: m for m in METHODS}
+# K EMA profiles of the same weights in one pass (post-hoc EMA). Its ``shadows`` role is a
+# list of K tensors per row, which the one-tensor-per-role harnesses and benchmark cases
+# built from METHODS do not take, so it stands beside the table: tests/test_multi_ema.py
+# runs it on every backend, and benchmark/multi_profile.py times it.
+MULTI_EMA = Method(
+    name="multi_ema",
+    op="multi_ema_update_",
+    foreach="multi_ema_update_foreach_",
+    tensors=("shadows", "weights"),
+    written=("shadows",),
+    scalars=(Scalar("decays", "rate", 0.999),),
+    counts_skipped=True,
+)
+
+BY_NAME = {m.name: m for m in (*METHODS, MULTI_EMA)}
+BY_OP = {m.op: m for m in (*METHODS, MULTI_EMA)}
 NAMES = tuple(m.name for m in METHODS)

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import _backends, distributed, reference
+from . import _backends, distributed
 from ._checks import (
     BelayInputError,
     check_count,
@@ -28,7 +28,7 @@ from ._checks import (
     check_unit_interval,
     check_written,
 )
-from .methods import BY_OP
+from .methods import BY_OP, MULTI_EMA
 from .reference import SWAP_PAIRS, swap_supported
 
 TensorOrList = torch.Tensor | Sequence[torch.Tensor]
@@ -222,9 +222,7 @@ def multi_ema_update_(
     """K EMAs of the same weights from one read of them: for each k,
     ``shadows[k] <- shadows[k] + (1 - decays[k]) (weights - shadows[k])``, bit for bit as
     K :func:`ema_update_` calls (``skipped`` counts each profile's kept elements).
-
-    For now this op runs on the torch reference on every device (``backend`` "auto" or
-    "torch"); the compiled kernels join through the method table."""
+    ``shadows`` holds K tensors (or K lists like ``weights``); ``decays`` one decay each."""
     if isinstance(shadows, torch.Tensor) or not isinstance(shadows, Sequence) or not shadows:
         raise BelayInputError(
             "shadows must be a non-empty list of K shadows (each a tensor or a list of "
@@ -240,18 +238,19 @@ def multi_ema_update_(
     rows, device, skip = _checked(names, (*shadows, weights), tuple(range(k)), nonfinite, skipped)
     for i, decay in enumerate(decays):
         check_unit_interval(f"decays[{i}]", decay, device)
-    _backends.check_name(backend)
-    if backend not in ("auto", "torch"):
-        raise BelayInputError(
-            f"multi_ema_update_ runs on the torch reference only for now, got "
-            f"backend={backend!r}; pass backend='auto' or 'torch'."
-        )
+    plan = _plan(MULTI_EMA.op, rows, backend)
     decays = list(decays)
 
     def run() -> None:
         with torch.no_grad():
-            for row in rows:
-                reference.multi_ema_update_(list(row[:k]), row[k], decays, skip, skipped)
+            for module, group in plan:
+                foreach = getattr(module, MULTI_EMA.foreach, None)
+                if foreach is not None and len(group) > 1:
+                    columns = [list(column) for column in zip(*group)]
+                    foreach(columns[:k], columns[k], decays, skip, skipped)
+                else:
+                    for row in group:
+                        module.multi_ema_update_(list(row[:k]), row[k], decays, skip, skipped)
 
     _run_or_defer(run)
     return shadows

@@ -121,8 +121,8 @@ def test_multi_ema_update_reference_reads_each_dtype_once():
     (lambda s, w: ops.multi_ema_update_([], w, decays=[]), "non-empty list"),
     (lambda s, w: ops.multi_ema_update_([s[0], s[1][:5]], w, decays=[0.9, 0.9]), "has shape"),
     (lambda s, w: ops.multi_ema_update_([s[0], s[0]], w, decays=[0.9, 0.9]), "share memory"),
-    (lambda s, w: ops.multi_ema_update_(s, w, decays=[0.9, 0.9], backend="cpp"),
-     "torch reference only"),
+    (lambda s, w: ops.multi_ema_update_(s, w, decays=[0.9, 0.9], backend="bogus"),
+     "backend must be 'auto' or one of"),
     (lambda s, w: ops.multi_ema_update_(s, w, decays=[0.9, 0.9], nonfinite="x"), "nonfinite"),
 ])
 def test_multi_ema_update_bad_input_writes_nothing(call, message):
