@@ -84,3 +84,17 @@ def test_fast_paths_use_128_bit_accesses(compiled, kernel, op):
     (body,) = [b for name, b in kernels.items() if kernel in name and op in name]
     assert re.search(r"ld\.global(\.\w+)*\.v4\.", body), "no 128-bit global load"
     assert re.search(r"st\.global(\.\w+)*\.v4\.", body), "no 128-bit global store"
+
+
+# The lerping ops: on the device too, a weight of exactly 1 copies (a compare with 1.0,
+# 0f3F800000 in PTX, then a select), so a non-finite shadow is overwritten.
+LERPING = [op for op in FAST_PATHS if "TwoPoint" not in op]
+
+
+@pytest.mark.parametrize("op", LERPING, ids=lambda v: v.replace("c10::", "").replace("belay::", ""))
+def test_a_weight_of_one_copies_on_the_device(compiled, op):
+    _, kernels = compiled
+    (body,) = [b for name, b in kernels.items() if "flat_kernel" in name and op in name]
+    compares_with_one = re.findall(r"setp\.(?:eq|neu)\.f32\s+%p\d+, %f\d+, 0f3F800000;", body)
+    assert compares_with_one, "no compare of the weight with 1.0"
+    assert re.search(r"selp\.(?:f32|b32)", body), "no select"
