@@ -54,6 +54,7 @@ else:
     BACKENDS = {"torch": ("cpu", STEPS), "cpp": ("cpu", STEPS), "grid": ("cpu", STEPS)}
     if torch.cuda.is_available():
         BACKENDS["cuda"] = ("cuda", STEPS)
+        BACKENDS["triton"] = ("cuda", STEPS)  # compiled for the GPU (bench/gpu_check.sh)
 
 # NaN/inf inputs make numpy warn inside the Triton interpreter.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

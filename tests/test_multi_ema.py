@@ -42,6 +42,7 @@ else:
     BACKENDS = {"reference": "cpu", "torch": "cpu", "cpp": "cpu", "grid": "cpu"}
     if torch.cuda.is_available():
         BACKENDS["cuda"] = "cuda"
+        BACKENDS["triton"] = "cuda"  # compiled for the GPU (bench/gpu_check.sh)
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
