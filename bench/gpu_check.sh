@@ -2,9 +2,10 @@
 # What only a GPU can check, in one run (< 8 minutes): build the extension for this GPU,
 # run the CUDA tests and every method on the cuda and triton backends on it, the device
 # checks of bench/gpu_check.py (NaN swap on the device, graph capture and replay after 40
-# other list signatures, the device guard with 2+ GPUs, list kernel GB/s against a device-to-device copy, swap and lerp rounding
-# against the CPU reference), and `belay-kernels bench --quick`. Logs and results go to
-# bench/results/gpu/. Without a GPU it says so and exits 0.
+# other list signatures, the device guard with 2+ GPUs, list kernel GB/s against a
+# device-to-device copy, swap and lerp rounding against the CPU reference), and
+# `belay-kernels bench --quick`. Logs and results go to bench/results/gpu/. Without a GPU
+# it says so and exits 0.
 #
 #   bash bench/gpu_check.sh             # on a GPU machine, from anywhere
 #   bash bench/gpu_check.sh --dry-run   # print the steps, check the script (CI does this)
