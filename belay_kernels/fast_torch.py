@@ -150,6 +150,36 @@ def swa_update_foreach_(shadows, weights, count, skip_nonfinite=True, skipped=No
     _shadow_lerp_foreach_(swa_update_, weight, shadows, weights, count, skip_nonfinite, skipped)
 
 
+def multi_ema_update_(shadows, weights, decays, skip_nonfinite=True, skipped=None):
+    """K EMAs of one weights tensor, chunk by chunk: each chunk of the weights is read from
+    memory once and stays in cache while every profile takes its step from it."""
+    shadows, decays = list(shadows), list(decays)
+    if not _flat(weights, *shadows):
+        reference.multi_ema_update_(shadows, weights, decays, skip_nonfinite, skipped)
+        return
+    skip = _skip_needed(weights, skip_nonfinite)
+    rates = [_number_weight(one_minus, d) for d in decays]
+    in_place = [not skip and _lerps_in_place(s, weights, r) for s, r in zip(shadows, rates)]
+    spec = [k for k, fast in enumerate(in_place) if not fast]
+    lerped = [k for k, fast in enumerate(in_place) if fast]
+
+    def chunk(w, *chunks):
+        for k in lerped:
+            chunks[k].lerp_(w, rates[k])
+        if spec:
+            reference.multi_ema_update_(
+                [chunks[k] for k in spec], w, [decays[k] for k in spec], skip, skipped
+            )
+
+    _per_chunk(chunk, (weights, *shadows))
+
+
+def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True, skipped=None):
+    """:func:`multi_ema_update_` per tensor; ``shadows`` holds K lists laid out like ``weights``."""
+    for i, w in enumerate(weights):
+        multi_ema_update_([profile[i] for profile in shadows], w, decays, skip_nonfinite, skipped)
+
+
 def belay_step_(weights, shadow, alpha, beta, skip_nonfinite=True, skipped=None):
     if not _flat(weights, shadow):
         return reference.belay_step_(weights, shadow, alpha, beta, skip_nonfinite, skipped)
