@@ -7,8 +7,10 @@ more than the arithmetic. This module gives the reference's results bit for bit
 
 - **in place**, where the reference's new shadow is one ``lerp`` of the shadow toward the
   weights in their own dtype: an EMA or SWA step on fp32 or fp64 tensors with a number
-  weight that does not round to 1 (the reference copies there), and under the non-finite
-  skip only when no incoming weight is NaN or infinite (then the skip keeps nothing);
+  weight that does not round to 1 (the reference copies there), K such EMAs of one
+  weights tensor too; under the non-finite skip the whole tensor when no incoming weight
+  is NaN or infinite (then the skip keeps nothing), else, on the CPU, chunk by chunk,
+  putting the old bits back where a weight is not finite;
 - otherwise **the reference op itself, on matching chunks** of ``CPU_CHUNK`` elements
   (``DEVICE_CHUNK`` off the CPU). Every op is elementwise and its skipped counts add up
   over chunks, so chunking changes no bit, while the reference's temporaries exist only
@@ -101,15 +103,44 @@ def _lerps_in_place(shadow: torch.Tensor, weights: torch.Tensor, weight) -> bool
     )
 
 
+def _lerps_(weights, shadows, rates, skip, skipped) -> None:
+    """``shadow.lerp_(weights, rate)`` for each shadow; under ``skip`` every element whose
+    weight is not finite gets its old bits back (the reference's keep, done in place: the
+    lerp elsewhere is the reference's own). The few kept elements are found only in a
+    chunk that has any, and the host reads the answer: CPU chunks only."""
+    if not shadows:
+        return
+    keep = None
+    if skip:
+        low, high = torch.aminmax(weights)
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            keep = ~torch.isfinite(weights)
+    held = [s[keep] for s in shadows] if keep is not None else ()
+    for s, rate in zip(shadows, rates):
+        s.lerp_(weights, rate)
+    for s, old in zip(shadows, held):
+        s[keep] = old
+        if skipped is not None:
+            skipped.add_(old.numel())
+
+
+def _lerpable(shadow, weights, weight, skip) -> bool:
+    """Whether :func:`_lerps_` gives the reference's bits: see :func:`_lerps_in_place`."""
+    return (not skip or weights.device.type == "cpu") and _lerps_in_place(shadow, weights, weight)
+
+
 def _shadow_lerp_(spec, weight, shadow, weights, hyper, skip_nonfinite, skipped):
-    """EMA and SWA: in place when the lerp is the whole update, else ``spec`` per chunk."""
+    """EMA and SWA: in place when the lerp is the whole update (and the skip keeps the few
+    non-finite elements chunk by chunk), else ``spec`` per chunk."""
     if not _flat(shadow, weights):
         return spec(shadow, weights, hyper, skip_nonfinite, skipped)
     skip = _skip_needed(weights, skip_nonfinite)
-    if not skip and _lerps_in_place(shadow, weights, weight):
-        shadow.lerp_(weights, weight)
-    else:
+    if not _lerpable(shadow, weights, weight, skip):
         _per_chunk(spec, (shadow, weights), hyper, skip, skipped)
+    elif skip:
+        _per_chunk(lambda s, w: _lerps_(w, (s,), (weight,), True, skipped), (shadow, weights))
+    else:
+        shadow.lerp_(weights, weight)  # whole: torch's own threads
     return shadow
 
 
@@ -159,13 +190,12 @@ def multi_ema_update_(shadows, weights, decays, skip_nonfinite=True, skipped=Non
         return
     skip = _skip_needed(weights, skip_nonfinite)
     rates = [_number_weight(one_minus, d) for d in decays]
-    in_place = [not skip and _lerps_in_place(s, weights, r) for s, r in zip(shadows, rates)]
+    in_place = [_lerpable(s, weights, r, skip) for s, r in zip(shadows, rates)]
     spec = [k for k, fast in enumerate(in_place) if not fast]
     lerped = [k for k, fast in enumerate(in_place) if fast]
 
     def chunk(w, *chunks):
-        for k in lerped:
-            chunks[k].lerp_(w, rates[k])
+        _lerps_(w, [chunks[k] for k in lerped], [rates[k] for k in lerped], skip, skipped)
         if spec:
             reference.multi_ema_update_(
                 [chunks[k] for k in spec], w, [decays[k] for k in spec], skip, skipped
