@@ -77,17 +77,24 @@ def _per_chunk(op, tensors: tuple[torch.Tensor, ...], *args) -> None:
             op(*(t[start : start + size] for t in flat), *args)
 
 
+def _surely_finite(t: torch.Tensor) -> bool:
+    """True only if no element of the non-empty ``t`` is NaN or infinite. A NaN or an
+    infinity makes a sum non-finite (an overflow only sends the caller to its exact slow
+    path), and an fp32/fp64 sum reads the tensor once, faster than ``aminmax``; a 16-bit
+    sum would overflow on ordinary weights, so those take ``aminmax``, which cannot."""
+    if t.dtype in (torch.float32, torch.float64):
+        return bool(torch.isfinite(t.sum()))
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _skip_needed(weights: torch.Tensor, skip_nonfinite: bool) -> bool:
     """The skip, unless the weights surely hold no NaN or infinity (then it keeps nothing,
-    and the reference gives the same bits without it). ``aminmax`` propagates NaN and
-    cannot overflow, and reads the tensor once with no converted copy. Asked on the CPU
-    only, where reading the answer costs no device synchronisation."""
+    and the reference gives the same bits without it). Asked on the CPU only, where
+    reading the answer costs no device synchronisation."""
     if not skip_nonfinite or weights.device.type != "cpu":
         return skip_nonfinite
-    if weights.numel() == 0:
-        return False
-    low, high = torch.aminmax(weights)
-    return not bool(torch.isfinite(low) & torch.isfinite(high))
+    return weights.numel() > 0 and not _surely_finite(weights)
 
 
 def _lerps_in_place(shadow: torch.Tensor, weights: torch.Tensor, weight) -> bool:
@@ -110,11 +117,7 @@ def _lerps_(weights, shadows, rates, skip, skipped) -> None:
     chunk that has any, and the host reads the answer: CPU chunks only."""
     if not shadows:
         return
-    keep = None
-    if skip:
-        low, high = torch.aminmax(weights)
-        if not bool(torch.isfinite(low) & torch.isfinite(high)):
-            keep = ~torch.isfinite(weights)
+    keep = ~torch.isfinite(weights) if skip and not _surely_finite(weights) else None
     held = [s[keep] for s in shadows] if keep is not None else ()
     for s, rate in zip(shadows, rates):
         s.lerp_(weights, rate)

@@ -229,3 +229,20 @@ def test_multi_ema_reads_each_weights_chunk_once_for_all_profiles(monkeypatch):
     monkeypatch.setattr(reference, "_up", lambda t, d: upcasts.append(t.dtype) or real_up(t, d))
     fast_torch.multi_ema_update_(shadows, weights, [0.9, 0.99, 0.999], True, None)
     assert upcasts.count(torch.bfloat16) == 4  # one per chunk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_finite_weights_whose_sum_overflows_still_match(dtype):
+    """The finiteness pre-check may say "maybe not finite" for huge finite weights (their
+    sum overflows); the skip path taken then must still give the reference's bits."""
+    gen = torch.Generator().manual_seed(4)
+    big = torch.finfo(dtype).max / 2
+    weights = (random_like_model(5 * CHUNK + 1, torch.float64, generator=gen).sign() * big).to(dtype)
+    weights[::2] = big  # more positive than negative: the sum overflows
+    shadow = random_like_model(5 * CHUNK + 1, dtype, generator=gen)
+    expected, got = shadow.clone(), shadow.clone()
+    counted = [torch.zeros((), dtype=torch.int64) for _ in range(2)]
+    reference.ema_update_(expected, weights, 0.7, True, counted[0])
+    fast_torch.ema_update_(got, weights, 0.7, True, counted[1])
+    assert torch.equal(_bits(got), _bits(expected))
+    assert int(counted[1]) == int(counted[0]) == 0
