@@ -7,8 +7,10 @@ more than the arithmetic. This module gives the reference's results bit for bit
 
 - **in place**, where the reference's new shadow is one ``lerp`` of the shadow toward the
   weights in their own dtype: an EMA or SWA step on fp32 or fp64 tensors with a number
-  weight that does not round to 1 (the reference copies there), and under the non-finite
-  skip only when no incoming weight is NaN or infinite (then the skip keeps nothing);
+  weight that does not round to 1 (the reference copies there), K such EMAs of one
+  weights tensor too; under the non-finite skip the whole tensor when no incoming weight
+  is NaN or infinite (then the skip keeps nothing), else, on the CPU, chunk by chunk,
+  putting the old bits back where a weight is not finite;
 - otherwise **the reference op itself, on matching chunks** of ``CPU_CHUNK`` elements
   (``DEVICE_CHUNK`` off the CPU). Every op is elementwise and its skipped counts add up
   over chunks, so chunking changes no bit, while the reference's temporaries exist only
@@ -75,17 +77,24 @@ def _per_chunk(op, tensors: tuple[torch.Tensor, ...], *args) -> None:
             op(*(t[start : start + size] for t in flat), *args)
 
 
+def _surely_finite(t: torch.Tensor) -> bool:
+    """True only if no element of the non-empty ``t`` is NaN or infinite. A NaN or an
+    infinity makes a sum non-finite (an overflow only sends the caller to its exact slow
+    path), and an fp32/fp64 sum reads the tensor once, faster than ``aminmax``; a 16-bit
+    sum would overflow on ordinary weights, so those take ``aminmax``, which cannot."""
+    if t.dtype in (torch.float32, torch.float64):
+        return bool(torch.isfinite(t.sum()))
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _skip_needed(weights: torch.Tensor, skip_nonfinite: bool) -> bool:
     """The skip, unless the weights surely hold no NaN or infinity (then it keeps nothing,
-    and the reference gives the same bits without it). ``aminmax`` propagates NaN and
-    cannot overflow, and reads the tensor once with no converted copy. Asked on the CPU
-    only, where reading the answer costs no device synchronisation."""
+    and the reference gives the same bits without it). Asked on the CPU only, where
+    reading the answer costs no device synchronisation."""
     if not skip_nonfinite or weights.device.type != "cpu":
         return skip_nonfinite
-    if weights.numel() == 0:
-        return False
-    low, high = torch.aminmax(weights)
-    return not bool(torch.isfinite(low) & torch.isfinite(high))
+    return weights.numel() > 0 and not _surely_finite(weights)
 
 
 def _lerps_in_place(shadow: torch.Tensor, weights: torch.Tensor, weight) -> bool:
@@ -101,15 +110,40 @@ def _lerps_in_place(shadow: torch.Tensor, weights: torch.Tensor, weight) -> bool
     )
 
 
+def _lerps_(weights, shadows, rates, skip, skipped) -> None:
+    """``shadow.lerp_(weights, rate)`` for each shadow; under ``skip`` every element whose
+    weight is not finite gets its old bits back (the reference's keep, done in place: the
+    lerp elsewhere is the reference's own). The few kept elements are found only in a
+    chunk that has any, and the host reads the answer: CPU chunks only."""
+    if not shadows:
+        return
+    keep = ~torch.isfinite(weights) if skip and not _surely_finite(weights) else None
+    held = [s[keep] for s in shadows] if keep is not None else ()
+    for s, rate in zip(shadows, rates):
+        s.lerp_(weights, rate)
+    for s, old in zip(shadows, held):
+        s[keep] = old
+        if skipped is not None:
+            skipped.add_(old.numel())
+
+
+def _lerpable(shadow, weights, weight, skip) -> bool:
+    """Whether :func:`_lerps_` gives the reference's bits: see :func:`_lerps_in_place`."""
+    return (not skip or weights.device.type == "cpu") and _lerps_in_place(shadow, weights, weight)
+
+
 def _shadow_lerp_(spec, weight, shadow, weights, hyper, skip_nonfinite, skipped):
-    """EMA and SWA: in place when the lerp is the whole update, else ``spec`` per chunk."""
+    """EMA and SWA: in place when the lerp is the whole update (and the skip keeps the few
+    non-finite elements chunk by chunk), else ``spec`` per chunk."""
     if not _flat(shadow, weights):
         return spec(shadow, weights, hyper, skip_nonfinite, skipped)
     skip = _skip_needed(weights, skip_nonfinite)
-    if not skip and _lerps_in_place(shadow, weights, weight):
-        shadow.lerp_(weights, weight)
-    else:
+    if not _lerpable(shadow, weights, weight, skip):
         _per_chunk(spec, (shadow, weights), hyper, skip, skipped)
+    elif skip:
+        _per_chunk(lambda s, w: _lerps_(w, (s,), (weight,), True, skipped), (shadow, weights))
+    else:
+        shadow.lerp_(weights, weight)  # whole: torch's own threads
     return shadow
 
 
@@ -148,6 +182,35 @@ def ema_update_foreach_(shadows, weights, decay, skip_nonfinite=True, skipped=No
 def swa_update_foreach_(shadows, weights, count, skip_nonfinite=True, skipped=None):
     weight = _number_weight(swa_weight, count)
     _shadow_lerp_foreach_(swa_update_, weight, shadows, weights, count, skip_nonfinite, skipped)
+
+
+def multi_ema_update_(shadows, weights, decays, skip_nonfinite=True, skipped=None):
+    """K EMAs of one weights tensor, chunk by chunk: each chunk of the weights is read from
+    memory once and stays in cache while every profile takes its step from it."""
+    shadows, decays = list(shadows), list(decays)
+    if not _flat(weights, *shadows):
+        reference.multi_ema_update_(shadows, weights, decays, skip_nonfinite, skipped)
+        return
+    skip = _skip_needed(weights, skip_nonfinite)
+    rates = [_number_weight(one_minus, d) for d in decays]
+    in_place = [_lerpable(s, weights, r, skip) for s, r in zip(shadows, rates)]
+    spec = [k for k, fast in enumerate(in_place) if not fast]
+    lerped = [k for k, fast in enumerate(in_place) if fast]
+
+    def chunk(w, *chunks):
+        _lerps_(w, [chunks[k] for k in lerped], [rates[k] for k in lerped], skip, skipped)
+        if spec:
+            reference.multi_ema_update_(
+                [chunks[k] for k in spec], w, [decays[k] for k in spec], skip, skipped
+            )
+
+    _per_chunk(chunk, (weights, *shadows))
+
+
+def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True, skipped=None):
+    """:func:`multi_ema_update_` per tensor; ``shadows`` holds K lists laid out like ``weights``."""
+    for i, w in enumerate(weights):
+        multi_ema_update_([profile[i] for profile in shadows], w, decays, skip_nonfinite, skipped)
 
 
 def belay_step_(weights, shadow, alpha, beta, skip_nonfinite=True, skipped=None):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _extension_cases import one_cpu_thread  # noqa: F401 (fixture)
 
-from belay_kernels import _backends, fast_torch, ops
+from belay_kernels import _backends, fast_torch, ops, reference
 from belay_kernels.methods import DTYPE_PAIRS, METHODS
 from belay_kernels.reference import swap_supported
 from belay_kernels.testing import random_like_model
@@ -157,3 +157,92 @@ def test_torch_is_the_fast_path_and_auto_never_takes_the_reference():
         for contiguous in (True, False):
             module = _backends.resolve("auto", "ema_update_", device_type, fp32, contiguous)
             assert module.__name__ != "belay_kernels.reference"
+
+
+# --- K EMAs of one weights tensor (the post-hoc EMA's op) -------------------------------
+
+MULTI_DECAYS = {  # per step, K decays taken cyclically; decay 0 copies, 1 keeps
+    "number": ((0.9, 0.3, 0.999, 0.05, 0.6), (0.0, 1.0, 0.7, 0.2, 0.5)),
+    "tensor": ((0.9, 0.3, 0.999, 0.05, 0.6), (0.0, float("nan"), 1.5, -0.25, 1.0)),
+}
+MULTI_SIZES = {"flat": [3 * CHUNK + 5], "tiny": [1], "empty": [0], "list": [1009, 0, 3, 2 * CHUNK, 31]}
+
+
+def _multi_decays(kind, k, step):
+    values = MULTI_DECAYS[kind][step % 2]
+    decays = [values[(i + step) % len(values)] for i in range(k)]
+    if kind == "tensor":
+        return [torch.tensor(d, dtype=torch.float64) for d in decays]
+    return decays
+
+
+def _run_multi(k, pair, sizes, kind, policy, fused, seed=0):
+    """Every shadow after each of STEPS steps, and the skipped counter: K profiles by
+    ``fast_torch.multi_ema_update_(_foreach_)`` when ``fused``, else K reference calls."""
+    gen = torch.Generator().manual_seed(seed)
+    weights_dtype, shadow_dtype = pair
+    shadows = [_fresh(sizes, shadow_dtype, gen, poison_every=41) for _ in range(k)]
+    skipped = torch.zeros((), dtype=torch.int64)
+    skip = policy == "skip"
+    written = []
+    for step in range(STEPS):
+        weights = _fresh(sizes, weights_dtype, gen, poison_every=300 if step == 1 else 0)
+        decays = _multi_decays(kind, k, step)
+        if not fused:
+            for profile, decay in zip(shadows, decays):
+                for s, w in zip(profile, weights):
+                    reference.ema_update_(s, w, decay, skip, skipped)
+        elif len(sizes) == 1:
+            fast_torch.multi_ema_update_([p[0] for p in shadows], weights[0], decays, skip, skipped)
+        else:
+            fast_torch.multi_ema_update_foreach_(shadows, weights, decays, skip, skipped)
+        written += [t.clone() for profile in shadows for t in profile]
+    return written, skipped
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=lambda p: "/".join(str(d)[6:] for d in p))
+@pytest.mark.parametrize("layout", list(MULTI_SIZES))
+@pytest.mark.parametrize("kind,policy", [("number", "skip"), ("number", "propagate"),
+                                         ("tensor", "skip")])
+def test_multi_ema_is_k_reference_emas_bit_for_bit(k, pair, layout, kind, policy):
+    got, got_skipped = _run_multi(k, pair, MULTI_SIZES[layout], kind, policy, fused=True)
+    want, want_skipped = _run_multi(k, pair, MULTI_SIZES[layout], kind, policy, fused=False)
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        differ = (_bits(g) != _bits(w)).nonzero().flatten()
+        assert differ.numel() == 0, (
+            f"shadow {i}: {differ.numel()} of {g.numel()} elements differ, first at "
+            f"{differ[:5].tolist()}: {g[differ[:5]].tolist()} vs {w[differ[:5]].tolist()}")
+    assert int(got_skipped) == int(want_skipped)
+    if sum(MULTI_SIZES[layout]) > 1 and (policy == "skip" or kind == "tensor"):
+        assert int(got_skipped) > 0  # the injected non-finite weights (or bad decays) counted
+
+
+def test_multi_ema_reads_each_weights_chunk_once_for_all_profiles(monkeypatch):
+    """The weights are upcast (bf16 -> fp32 shadows) once per chunk, not once per profile."""
+    gen = torch.Generator().manual_seed(3)
+    weights = random_like_model(4 * CHUNK, torch.bfloat16, generator=gen)
+    shadows = [random_like_model(4 * CHUNK, torch.float32, generator=gen) for _ in range(3)]
+    upcasts = []
+    real_up = reference._up
+    monkeypatch.setattr(reference, "_up", lambda t, d: upcasts.append(t.dtype) or real_up(t, d))
+    fast_torch.multi_ema_update_(shadows, weights, [0.9, 0.99, 0.999], True, None)
+    assert upcasts.count(torch.bfloat16) == 4  # one per chunk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_finite_weights_whose_sum_overflows_still_match(dtype):
+    """The finiteness pre-check may say "maybe not finite" for huge finite weights (their
+    sum overflows); the skip path taken then must still give the reference's bits."""
+    gen = torch.Generator().manual_seed(4)
+    big = torch.finfo(dtype).max / 2
+    weights = (random_like_model(5 * CHUNK + 1, torch.float64, generator=gen).sign() * big).to(dtype)
+    weights[::2] = big  # more positive than negative: the sum overflows
+    shadow = random_like_model(5 * CHUNK + 1, dtype, generator=gen)
+    expected, got = shadow.clone(), shadow.clone()
+    counted = [torch.zeros((), dtype=torch.int64) for _ in range(2)]
+    reference.ema_update_(expected, weights, 0.7, True, counted[0])
+    fast_torch.ema_update_(got, weights, 0.7, True, counted[1])
+    assert torch.equal(_bits(got), _bits(expected))
+    assert int(counted[1]) == int(counted[0]) == 0
