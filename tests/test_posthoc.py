@@ -363,3 +363,17 @@ def test_against_ema_pytorch_posthoc(tmp_path):
     # the profile. With update_every=1 both land near the directly tracked EMA.
     assert (ours - want).norm().item() < 0.01 * distance
     assert (theirs - want).norm().item() < 0.05 * distance
+
+
+def test_reproduction_reconstructs_the_directly_tracked_ema(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    from belay_kernels import experiments
+
+    checks = experiments.run("posthoc-ema", quick=True, out_dir=tmp_path).checks
+    assert checks["live_accuracy"] > 50
+    # a quick run has 6 snapshots; the full run's errors are in docs/results/README.md
+    for (sigma_rel, dtype), c in checks["control"].items():
+        assert c["distance_to_live_fraction"] < (0.05 if sigma_rel == 0.07 else 0.3), (sigma_rel, dtype)
+        assert abs(c["accuracy_gap"]) <= 0.5, (sigma_rel, dtype)
+    assert (tmp_path / "posthoc-ema.png").stat().st_size > 10_000
