@@ -102,13 +102,13 @@ def run_flat(*, device, numel, profiles, backends, compiled, min_run_time, log) 
     rows = []
     backends = backends or available_backends(device)
     for k in profiles:
-        gen_weights = torch.empty(numel, device=device).uniform_(-1, 1)
+        weights = torch.empty(numel, device=device).uniform_(-1, 1)
         shadows = [torch.empty(numel, device=device).uniform_(-1, 1) for _ in range(k)]
         decays = decays_for(k)
         method = f"multi_ema K={k}"
         for backend in backends:
             reason = multi_backend_reason(backend, device)
-            for kind, step in flat_steps(backend, shadows, gen_weights, decays).items():
+            for kind, step in flat_steps(backend, shadows, weights, decays).items():
                 name = (f"belay_kernels[{backend}] multi_ema_update_" if kind == "fused"
                         else f"belay_kernels[{backend}] {k} x ema_update_")
                 nbytes = fused_bytes(numel, k) if kind == "fused" else separate_bytes(numel, k)
@@ -135,8 +135,8 @@ def run_flat(*, device, numel, profiles, backends, compiled, min_run_time, log) 
                                                        dynamic=False))
             rates = [1 - d for d in decays]
 
-            def step(fn=fn, rates=rates):
-                fn(shadows, gen_weights, rates)
+            def step(fn=fn, shadows=shadows, weights=weights, rates=rates):
+                fn(shadows, weights, rates)
 
             try:
                 row["compile_s"] = first_call(step, device)
@@ -148,7 +148,7 @@ def run_flat(*, device, numel, profiles, backends, compiled, min_run_time, log) 
                 rows.append(_timed(row, step, device, min_run_time))
                 log(f"  {method} {COMPILED}: {row['median_ms']:.2f} ms "
                     f"(compiled in {row['compile_s']:.1f} s)")
-        del gen_weights, shadows
+        del weights, shadows
         gc.collect()
     add_ratios(rows)
     return rows
