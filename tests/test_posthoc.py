@@ -1,5 +1,6 @@
 """Post-hoc EMA (issue 14): the power-function EMA against a float64 oracle, the K-profile
-op against K EMA calls, snapshots, reconstruction, resume, bad input, and the peers."""
+op against K EMA calls, snapshots, reconstruction, resume, bad input, the paper's eq. 151,
+and the reproduction (ema-pytorch and EDM2's code: test_posthoc_peers.py)."""
 
 from __future__ import annotations
 
@@ -338,28 +339,15 @@ def test_gram_matrix_matches_the_paper_formula():
     assert np.allclose(x, raw / raw.sum(), rtol=1e-8) and x.sum() == pytest.approx(1)
 
 
-def test_against_ema_pytorch_posthoc(tmp_path):
-    ema_pytorch = pytest.importorskip("ema_pytorch")
-    trajectory = _walk(1024, 2000, seed=1)
-    p, _, (direct,) = _track(tmp_path / "ours", trajectory, snapshot_every=125,
-                             snapshot_dtype=torch.float32, extra=(0.07,))
-    model = nn.Linear(1024, 1, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(trajectory[0])
-    peer = ema_pytorch.PostHocEMA(model, sigma_rels=(0.05, 0.10), update_every=1,
-                                  checkpoint_every_num_steps=125, checkpoint_dtype=torch.float32,
-                                  checkpoint_folder=str(tmp_path / "peer"))
-    for w in trajectory:
-        with torch.no_grad():
-            model.weight.copy_(w)
-        peer.update()
-    theirs = peer.synthesize_ema_model(sigma_rel=0.07).ema_model.weight.detach()[0].double()
-    ours = posthoc.reconstruct(tmp_path / "ours", sigma_rel=0.07)["0"].double()
-    want = direct.shadow_params()[0]
-    distance = (want - p.detach().double()).norm().item()
-    # Differences of definition: ema-pytorch's n-th update uses (1 - 1/(n+1))^(gamma+1)
-    # (its step counter runs one ahead), its coefficients are not normalised to sum 1, and
-    # with update_every=k it keeps the per-update decay of the step count, which lengthens
-    # the profile. With update_every=1 both land near the directly tracked EMA.
-    assert (ours - want).norm().item() < 0.01 * distance
-    assert (theirs - want).norm().item() < 0.05 * distance
+def test_reproduction_reconstructs_the_directly_tracked_ema(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    from belay_kernels import experiments
+
+    checks = experiments.run("posthoc-ema", quick=True, out_dir=tmp_path).checks
+    assert checks["live_accuracy"] > 50
+    # a quick run has 6 snapshots; the full run's errors are in docs/results/README.md
+    for (sigma_rel, dtype), c in checks["control"].items():
+        assert c["distance_to_live_fraction"] < (0.05 if sigma_rel == 0.07 else 0.3), (sigma_rel, dtype)
+        assert abs(c["accuracy_gap"]) <= 0.5, (sigma_rel, dtype)
+    assert (tmp_path / "posthoc-ema.png").stat().st_size > 10_000

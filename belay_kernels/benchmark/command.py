@@ -85,10 +85,16 @@ def parse_args(argv):
                    "short timing, the sweep only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when a GPU is present, else cpu)")
-    p.add_argument("--mode", choices=("sweep", "models", "all", "distributed"), default=None,
-                   help="sweep (flat buffers), models (real model shapes), all, or distributed "
-                   "(an FSDP2-sharded GPT-2-like model on gloo ranks) (default: all; sweep "
-                   "with --quick)")
+    p.add_argument("--mode", choices=("sweep", "models", "multi", "all", "distributed"),
+                   default=None,
+                   help="sweep (flat buffers), models (real model shapes), multi (K post-hoc "
+                   "EMA profiles in one pass against K passes, torch.compile and ema-pytorch's "
+                   "PostHocEMA), all, or distributed (an FSDP2-sharded GPT-2-like model on gloo "
+                   "ranks) (default: all; sweep with --quick)")
+    p.add_argument("--profiles", type=_sizes, default=None,
+                   help="profile counts K for --mode multi (default: 2,4)")
+    p.add_argument("--multi-size", type=float, default=None,
+                   help="elements of --mode multi's flat buffer (default: 64M, 1M with --quick)")
     p.add_argument("--ranks", type=int, default=2,
                    help="processes for --mode distributed (threads per rank: --threads, default 1)")
     p.add_argument("--sizes", type=_sizes, default=None,
@@ -126,6 +132,10 @@ def parse_args(argv):
     args.sizes = args.sizes or (list(QUICK_SIZES) if args.quick else default_sizes(args.device))
     args.min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
     args.stream_size = int(args.stream_size or (1 << 24 if args.quick else 1 << 26))
+    from .multi_profile import DEFAULT_NUMEL, DEFAULT_PROFILES, QUICK_NUMEL
+
+    args.profiles = args.profiles or list(DEFAULT_PROFILES)
+    args.multi_size = int(args.multi_size or (QUICK_NUMEL if args.quick else DEFAULT_NUMEL))
     return args
 
 
@@ -194,6 +204,14 @@ def main(argv=None) -> int:
             rows += run_models(device=args.device, models=args.models, methods=args.methods,
                                pairs=args.dtypes, peers=args.peers, backends=args.backends,
                                min_run_time=max(args.min_run_time, 0.5), log=point)
+        if args.mode in ("multi", "all"):
+            from .multi_profile import run_multi
+
+            rows += run_multi(device=args.device, numel=args.multi_size, profiles=args.profiles,
+                              backends=args.backends, peers=args.peers,
+                              models=[m for m in args.models if m == "gpt2_small_like"],
+                              min_run_time=args.min_run_time, log=bar.write)
+            save()
     stream_runs.append(stream())  # the machine may be busier now than at the start
     best = save()
     print(header(machine))
@@ -203,6 +221,10 @@ def main(argv=None) -> int:
         part = [r for r in rows if r["mode"] == mode]
         if part:
             print(format_table(part))
+    if any(r["mode"] == "multi" for r in rows):
+        from .multi_profile import format_table as format_multi
+
+        print(format_multi([r for r in rows if r["mode"] == "multi"]))
     plotted = False
     if not args.no_plot and any(r["mode"] == "sweep" for r in rows):
         try:

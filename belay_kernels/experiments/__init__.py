@@ -1,5 +1,5 @@
-"""``belay-kernels reproduce``: the seed documents' claims, checked with the library's own
-averagers; one experiment per module of this package."""
+"""``belay-kernels reproduce``: the seed documents' claims and EDM2's post-hoc EMA, checked
+with the library's own averagers; one experiment per module of this package."""
 
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ EXPERIMENTS = {
     "belay-functions": "belay_functions",
     "belay-digits": "belay_digits",
     "belay-damping": "belay_damping",
+    "posthoc-ema": "posthoc_ema",
 }
 
 DESCRIPTION = """\
 Check the claims of the three seed documents (Sandler et al.'s two-point average, the
-Ornstein-Uhlenbeck view of SWA, and the BELAY poster) by running small experiments with
-this library's averagers. Each experiment prints its table and writes NAME.png (figure)
+Ornstein-Uhlenbeck view of SWA, and the BELAY poster), and EDM2's post-hoc EMA, by running
+small experiments with this library's averagers. Each experiment prints its table and writes NAME.png (figure)
 and NAME.md (table and verdict) to the output folder. `all` took about 5 minutes on a
 shared 2-core CPU (docs/results/README.md) and shows a progress bar; --quick is a smoke
 run of seconds per experiment. Nothing is downloaded."""
