@@ -16,20 +16,16 @@
 
 namespace belay {
 
-// torch.lerp's two-sided form, except that on the CPU a weight of exactly 1 copies ``end``
-// even over a non-finite ``start`` (where torch.lerp gives NaN): the first SWA update and a
-// zero decay are copies. The CUDA kernels keep the plain form for now: the extra select
-// made nvcc spill registers in the fp32 EMA/SWA kernels (tests/test_extension_ptx.py).
+// torch.lerp's two-sided form, except that a weight of exactly 1 copies ``end`` even over
+// a non-finite ``start`` (where torch.lerp gives NaN): the first SWA update and a zero
+// decay are copies. The copy is a select after the lerp: folded into the lerp's own
+// choice of side, it made nvcc spill registers in the fp32 EMA/SWA kernels
+// (tests/test_extension_ptx.py).
 template <typename T>
 BK_HD T lerp(T start, T end, T weight) {
-#if defined(__CUDA_ARCH__)
-  return weight < T(0.5) ? start + weight * (end - start)
-                         : end - (end - start) * (T(1) - weight);
-#else
-  return weight == T(1)    ? end
-         : weight < T(0.5) ? start + weight * (end - start)
-                           : end - (end - start) * (T(1) - weight);
-#endif
+  const T mixed = weight < T(0.5) ? start + weight * (end - start)
+                                  : end - (end - start) * (T(1) - weight);
+  return weight == T(1) ? end : mixed;
 }
 
 // Whether a rate (decay, alpha, beta) is in [0, 1]; false for NaN. A rate held in a tensor
