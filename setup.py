@@ -36,7 +36,8 @@ from setuptools import setup
 
 DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
 CPU_SOURCES = ["csrc/registration.cpp", "csrc/cpu_kernels.cpp", "csrc/cpu_kernels_belay.cpp",
-               "csrc/cpu_kernels_average_swap.cpp", "csrc/cpu_module.cpp"]
+               "csrc/cpu_kernels_average_swap.cpp", "csrc/cpu_kernels_multi_ema.cpp",
+               "csrc/cpu_module.cpp"]
 CUDA_SOURCES = ["csrc/cuda_kernels.cu", "csrc/cuda_module.cpp"]
 # -fno-trapping-math lets GCC turn the per-element choices (lerp's two sides, the
 # non-finite policy) into vector selects; nothing here relies on floating-point traps.

@@ -186,6 +186,26 @@ BK_HD int64_t cached_block(const Op& op, int64_t begin, int64_t end) {
   return skipped;
 }
 
+// One block of an op; kAvx2 as for plain_loop.
+template <bool kAvx2, typename Op>
+BK_HD int64_t one_block(const Op& op, int64_t block, int64_t block_end, bool stream) {
+#if defined(BK_FP16_STAGING)
+  if constexpr (kAvx2 && has_fp16_storage<Op>) {
+    return staged_block<kBlock>(op, block, block_end, stream);
+  }
+#endif
+  if constexpr (streams_output<Op>) {
+    if (stream) {
+      if constexpr (streams_from_registers<Op>) {
+        return register_streamed_block(op, block, block_end);
+      } else {
+        return streamed_block(op, block, block_end);
+      }
+    }
+  }
+  return cached_block(op, block, block_end);
+}
+
 // kAvx2: this loop runs in the AVX2+F16C clone, where fp16 storage goes through float
 // buffers (cpu_fp16_staging.h).
 template <bool kAvx2, typename Op>
@@ -198,23 +218,15 @@ BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
   for (int64_t block = begin; block < end; block += kBlock) {
     const int64_t block_end = std::min(end, block + kBlock);
     prefetch(op, block_end, std::min(end, block_end + kBlock));
-#if defined(BK_FP16_STAGING)
-    if constexpr (kAvx2 && has_fp16_storage<Op>) {
-      skipped += staged_block<kBlock>(op, block, block_end, stream);
-      continue;
-    }
-#endif
-    if constexpr (streams_output<Op>) {
-      if (stream) {
-        if constexpr (streams_from_registers<Op>) {
-          skipped += register_streamed_block(op, block, block_end);
-        } else {
-          skipped += streamed_block(op, block, block_end);
-        }
-        continue;
+    if constexpr (has_profiles<Op>) {
+      // Each profile in turn on this block, whose weights stay in L1 after the first.
+      for (int p = 0; p < Op::kProfiles; ++p) {
+        skipped += op.profile_valid(p) ? one_block<kAvx2>(op.profile(p), block, block_end, false)
+                                       : block_end - block;
       }
+    } else {
+      skipped += one_block<kAvx2>(op, block, block_end, stream);
     }
-    skipped += cached_block(op, block, block_end);
   }
 #if defined(BK_STREAMING_STORES)
   if (stream) _mm_sfence();  // order the streamed stores

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "profiles.h"
+
 namespace belay {
 void set_simulated_grid(int64_t blocks, int64_t threads, int64_t chunk);
 }
@@ -15,4 +17,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("threads"), pybind11::arg("chunk"),
         "Run the CPU ops on the CUDA kernels' bodies over a simulated grid of `blocks` x "
         "`threads` (tensor lists in chunks of `chunk` elements); blocks=0 switches back.");
+  m.attr("MAX_PROFILES") = belay::kMaxProfiles;
 }

@@ -113,7 +113,7 @@ struct CudaExec {
   template <typename Op>
   void run_list(const std::vector<Op>& ops, const std::vector<int64_t>& numels,
                 int64_t* skipped) const {
-    static_assert(sizeof(ListLaunch<Op>) <= 4096, "a kernel argument must fit in 4 KiB");
+    static_assert(sizeof(ListLaunch<Op>) <= kListArgumentBytes, "a kernel argument must fit in 4 KiB");
     const int64_t resident = resident_blocks(list_kernel<Op>, current_device());
     for (const auto& launch : plan_list_launches(ops, numels, kListChunk, resident, kBlockThreads)) {
       const unsigned blocks = static_cast<unsigned>(launch.blocks) * launch.split;

@@ -17,13 +17,16 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "belay_math.h"
+#include "profiles.h"
 
 #if defined(__CUDA_ARCH__)
 #define BK_UNROLL _Pragma("unroll")
@@ -194,7 +197,11 @@ template <typename T>
 struct EmaRule {
   ScalarArg<double> decay;
   T rate;  // 1 - decay, set by resolved()
-  BK_HD EmaRule resolved() const { return {decay, static_cast<T>(1.0 - decay.get())}; }
+  // The value is read once and kept, so valid() needs no second read of a tensor.
+  BK_HD EmaRule resolved() const {
+    const double value = decay.get();
+    return {{value, nullptr}, static_cast<T>(1.0 - value)};
+  }
   BK_HD bool valid() const { return is_rate(decay.get()); }
   BK_HD T operator()(T shadow, T weights) const { return ema_shadow(shadow, weights, rate); }
 };
@@ -209,6 +216,16 @@ struct SwaRule {
     return swa_shadow(shadow, weights, weight_of_new);
   }
 };
+
+// One element: shadow <- rule(shadow, weights), except where the non-finite policy keeps
+// it; returns 1 when kept.
+template <typename S, typename T, typename Rule>
+BK_HD int update_shadow(S& shadow, T weights, bool skip_nonfinite, const Rule& rule) {
+  const bool keep = keeps_old_shadow(weights, skip_nonfinite);
+  const S updated = static_cast<S>(rule(static_cast<T>(shadow), weights));
+  shadow = keep ? shadow : updated;
+  return keep;
+}
 
 // shadow <- rule(shadow, weights), except where the non-finite policy keeps it.
 template <typename W, typename S, template <typename> class Rule>
@@ -241,11 +258,7 @@ struct ShadowUpdateOp {
     int skipped = 0;
     BK_UNROLL
     for (int k = 0; k < N * U; ++k) {
-      const T w = static_cast<T>(w_in[k]);
-      const bool keep = keeps_old_shadow(w, skip_nonfinite);
-      skipped += keep;
-      const S updated = static_cast<S>(rule(static_cast<T>(s_io[k]), w));
-      s_io[k] = keep ? s_io[k] : updated;
+      skipped += update_shadow(s_io[k], static_cast<T>(w_in[k]), skip_nonfinite, rule);
     }
     store_groups<N, U>(shadow + i, s_io, stride);
     return skipped;
@@ -256,6 +269,68 @@ template <typename W, typename S>
 using EmaOp = ShadowUpdateOp<W, S, EmaRule>;
 template <typename W, typename S>
 using SwaOp = ShadowUpdateOp<W, S, SwaRule>;
+
+// K EMAs of one weights tensor (post-hoc EMA's profiles), each as EmaOp would update it:
+// the weights are loaded and upcast once, then each profile's shadow is loaded, updated
+// and stored. A profile whose decay tensor is out of range is left as it was and counts
+// every element skipped. The CPU loop runs it block by block as K EmaOps (profile()), so
+// the weights come from memory once and the compiler vectorizes each EmaOp as usual.
+template <typename W, typename S, int K>
+struct MultiEmaOp {
+  static_assert(K >= 1 && K <= kMaxProfiles, "profiles per call");
+  using T = opmath_t<W, S>;
+  static constexpr int kVec = vector_width<W, S>();
+  static constexpr int kProfiles = K;
+  S* shadows[K];
+  const W* weights;
+  bool skip_nonfinite;
+  EmaRule<T> rules[K];
+
+  // Resolved, a profile keeps only its rate, NaN for an out-of-range decay (no valid decay
+  // gives a NaN rate): K decays held beside K rates made the fp64 kernels spill at K = 8.
+  BK_HD MultiEmaOp resolved() const {
+    MultiEmaOp op = *this;
+    BK_UNROLL
+    for (int p = 0; p < K; ++p) {
+      const EmaRule<T> rule = rules[p].resolved();
+      op.rules[p] = {{0.0, nullptr}, rule.valid() ? rule.rate : std::numeric_limits<T>::quiet_NaN()};
+    }
+    return op;
+  }
+  BK_HD auto tensors() const { return tensors(std::make_integer_sequence<int, K>()); }
+  template <int... P>
+  BK_HD auto tensors(std::integer_sequence<int, P...>) const {
+    return std::tuple{shadows[P]..., weights};
+  }
+  // Profile p alone, for a resolved op.
+  BK_HD EmaOp<W, S> profile(int p) const { return {shadows[p], weights, skip_nonfinite, rules[p]}; }
+  BK_HD bool profile_valid(int p) const { return rules[p].rate == rules[p].rate; }
+  template <int N, int U = 1>
+  BK_HD int apply(int64_t i, int64_t stride = 0) const {
+    W w_in[N * U];
+    load_input_groups<N, U>(weights + i, w_in, stride);
+    T w[N * U];
+    BK_UNROLL
+    for (int k = 0; k < N * U; ++k) w[k] = static_cast<T>(w_in[k]);
+    int skipped = 0;
+    BK_UNROLL
+    for (int p = 0; p < K; ++p) {
+      if (!profile_valid(p)) {
+        skipped += N * U;
+        continue;
+      }
+      S s_io[N * U];
+      load_groups<N, U>(shadows[p] + i, s_io, stride);
+      BK_UNROLL
+      for (int k = 0; k < N * U; ++k) skipped += update_shadow(s_io[k], w[k], skip_nonfinite, rules[p]);
+      store_groups<N, U>(shadows[p] + i, s_io, stride);
+    }
+    return skipped;
+  }
+};
+
+template <typename Op>
+constexpr bool has_profiles = requires { Op::kProfiles; };
 
 template <typename W, typename S>
 struct BelayOp {

@@ -71,11 +71,22 @@ BK_HD int64_t flat_body(const Op& op, int64_t numel, int64_t block, int64_t thre
 // still fill the GPU.
 constexpr int kListMaxTensors = 24;
 constexpr int kListMaxBlocks = 320;
+constexpr int kListArgumentBytes = 4096;
+
+// Tensors per launch: 24, or fewer for an op so large (K-profile EMA) that 24 of it would
+// not fit in the argument beside the block table.
+template <typename Op>
+constexpr int list_max_tensors() {
+  constexpr int64_t table = kListMaxBlocks * (sizeof(uint8_t) + sizeof(int32_t)) + 64;
+  constexpr int64_t fit = (kListArgumentBytes - table) / (sizeof(Op) + sizeof(int64_t));
+  static_assert(fit >= 1, "one op must fit in a list launch");
+  return static_cast<int>(std::min<int64_t>(fit, kListMaxTensors));
+}
 
 template <typename Op>
 struct ListLaunch {
-  Op ops[kListMaxTensors];
-  int64_t numels[kListMaxTensors];
+  Op ops[list_max_tensors<Op>()];
+  int64_t numels[list_max_tensors<Op>()];
   int64_t chunk;
   int32_t blocks;  // chunks; the grid has blocks * split blocks
   int32_t split;
@@ -134,7 +145,7 @@ std::vector<ListLaunch<Op>> plan_list_launches(const std::vector<Op>& ops,
   };
   for (size_t t = 0; t < ops.size(); ++t) {
     if (numels[t] == 0) continue;
-    if (tensors_in_current == kListMaxTensors) flush();
+    if (tensors_in_current == list_max_tensors<Op>()) flush();
     const int slot = tensors_in_current++;
     current.ops[slot] = ops[t];
     current.numels[slot] = numels[t];

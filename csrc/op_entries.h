@@ -9,8 +9,10 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -207,6 +209,70 @@ void ema_update_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& r
   });
 }
 
+// Calls f(std::integral_constant<int, K>{}) for the profile count k, 1 <= k <= kMaxProfiles.
+template <int K = 1, typename F>
+void dispatch_profiles(const char* op, int64_t k, F&& f) {
+  if constexpr (K <= kMaxProfiles) {
+    if (k == K) return f(std::integral_constant<int, K>{});
+    return dispatch_profiles<K + 1>(op, k, f);
+  } else {
+    TORCH_CHECK_VALUE(false, op, ": got ", k, " shadows; the compiled kernels take 1 to ",
+                      kMaxProfiles, " per call. Split the profiles over several calls, or "
+                      "use backend='torch'.");
+  }
+}
+
+// Rows of (shadows[0], ..., shadows[K-1], weights); K = decays.size().
+template <typename Exec>
+void multi_ema_update_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& rows,
+                           at::ArrayRef<double> decays,
+                           const c10::List<std::optional<Tensor>>& decay_tensors,
+                           bool skip_nonfinite, const OptionalTensor& skipped) {
+  constexpr const char* op = "belay_kernels::multi_ema_update_";
+  const int64_t k = static_cast<int64_t>(decays.size());
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxProfiles, op, ": got ", k, " decays; the compiled "
+                    "kernels take 1 to ", kMaxProfiles, " profiles per call. Split the "
+                    "profiles over several calls, or use backend='torch'.");
+  TORCH_CHECK_VALUE(decay_tensors.empty() || static_cast<int64_t>(decay_tensors.size()) == k,
+                    op, ": decay_tensors has ", decay_tensors.size(), " entries but decays has ",
+                    k, "; pass one (a tensor or None) per decay, or none.");
+  if (rows.empty()) return;
+  TORCH_CHECK_VALUE(static_cast<int64_t>(rows[0].size()) == k + 1, op, ": got ",
+                    rows[0].size() - 1, " shadows but ", k, " decays; pass one decay per shadow.");
+  const at::Device device = rows[0][0].device();
+  for (int64_t p = 1; p < k; ++p) {
+    TORCH_CHECK_VALUE(rows[0][p].scalar_type() == rows[0][0].scalar_type(), op, ": shadows[",
+                      p, "] is ", rows[0][p].scalar_type(), " but shadows[0] is ",
+                      rows[0][0].scalar_type(), "; the compiled kernels take one shadow dtype "
+                      "(use backend='torch' to mix them).");
+  }
+  std::vector<ScalarArg<double>> rates;
+  for (int64_t p = 0; p < k; ++p) {
+    const std::string name = "decays[" + std::to_string(p) + "]";
+    const OptionalTensor tensor =
+        decay_tensors.empty() ? OptionalTensor() : OptionalTensor(decay_tensors.get(p));
+    rates.push_back(rate_arg(op, name.c_str(), decays[p], tensor, device));
+  }
+  int64_t* skipped_at = skipped_address(op, skipped, device);
+  dispatch_pair(op, rows[0][k].scalar_type(), rows[0][0].scalar_type(), [&](auto w, auto s) {
+    using W = decltype(w);
+    using S = decltype(s);
+    dispatch_profiles(op, k, [&](auto profiles) {
+      constexpr int K = decltype(profiles)::value;
+      run_rows(exec, rows, skipped_at, [&](const std::vector<Tensor>& row) {
+        MultiEmaOp<W, S, K> multi{};
+        for (int p = 0; p < K; ++p) {
+          multi.shadows[p] = address<S>(row[p]);
+          multi.rules[p] = {rates[p], 0};
+        }
+        multi.weights = address<const W>(row[K]);
+        multi.skip_nonfinite = skip_nonfinite;
+        return multi;
+      });
+    });
+  });
+}
+
 template <typename Exec>
 void swa_update_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& rows,
                      int64_t count, const OptionalTensor& count_tensor, bool skip_nonfinite,
@@ -326,6 +392,43 @@ struct Entries {
                                         {shadows.vec(), weights.vec()}),
                     decay, decay_tensor, skip_nonfinite, skipped);
   }
+  static void multi_ema_update_(at::TensorList shadows, const Tensor& weights,
+                                at::ArrayRef<double> decays,
+                                const c10::List<std::optional<Tensor>>& decay_tensors,
+                                bool skip_nonfinite, const OptionalTensor& skipped) {
+    constexpr const char* op = "belay_kernels::multi_ema_update_";
+    TORCH_CHECK_VALUE(shadows.size() == decays.size(), op, ": got ", shadows.size(),
+                      " shadows but ", decays.size(), " decays; pass one decay per shadow.");
+    std::vector<std::string> names;
+    for (size_t p = 0; p < shadows.size(); ++p) names.push_back("shadows[" + std::to_string(p) + "]");
+    names.push_back("weights");
+    std::vector<Tensor> row = shadows.vec();
+    row.push_back(weights);
+    multi_ema_update_rows(Exec{}, one_row(op, names, row), decays, decay_tensors,
+                          skip_nonfinite, skipped);
+  }
+  // shadows: the K profiles' lists one after the other (shadows[p * N + i] for weights[i]).
+  static void multi_ema_update_foreach_(at::TensorList shadows, at::TensorList weights,
+                                        at::ArrayRef<double> decays,
+                                        const c10::List<std::optional<Tensor>>& decay_tensors,
+                                        bool skip_nonfinite, const OptionalTensor& skipped) {
+    constexpr const char* op = "belay_kernels::multi_ema_update_foreach_";
+    const size_t k = decays.size();
+    const size_t n = weights.size();
+    TORCH_CHECK_VALUE(shadows.size() == k * n, op, ": got ", shadows.size(), " shadows for ",
+                      k, " decays and ", n, " weights; pass each profile's ", n,
+                      " shadows, profile after profile.");
+    std::vector<std::string> names;
+    std::vector<std::vector<Tensor>> columns;
+    for (size_t p = 0; p < k; ++p) {
+      names.push_back("shadows[" + std::to_string(p) + "]");
+      columns.emplace_back(shadows.begin() + p * n, shadows.begin() + (p + 1) * n);
+    }
+    names.push_back("weights");
+    columns.push_back(weights.vec());
+    multi_ema_update_rows(Exec{}, check_lists(op, names, columns), decays, decay_tensors,
+                          skip_nonfinite, skipped);
+  }
   static void swa_update_(const Tensor& shadow, const Tensor& weights, int64_t count,
                           const OptionalTensor& count_tensor, bool skip_nonfinite,
                           const OptionalTensor& skipped) {
@@ -388,6 +491,9 @@ struct Entries {
 #define BELAY_REGISTER_IMPLS(m, Exec)                                                \
   m.impl("ema_update_", &::belay::Entries<Exec>::ema_update_);                      \
   m.impl("ema_update_foreach_", &::belay::Entries<Exec>::ema_update_foreach_);      \
+  m.impl("multi_ema_update_", &::belay::Entries<Exec>::multi_ema_update_);          \
+  m.impl("multi_ema_update_foreach_",                                                \
+         &::belay::Entries<Exec>::multi_ema_update_foreach_);                        \
   m.impl("swa_update_", &::belay::Entries<Exec>::swa_update_);                      \
   m.impl("swa_update_foreach_", &::belay::Entries<Exec>::swa_update_foreach_);      \
   m.impl("belay_step_", &::belay::Entries<Exec>::belay_step_);                      \

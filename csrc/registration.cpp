@@ -12,6 +12,14 @@ TORCH_LIBRARY(belay_kernels, m) {
   m.def(
       "ema_update_foreach_(Tensor(a!)[] shadows, Tensor[] weights, float decay, "
       "Tensor? decay_tensor, bool skip_nonfinite, Tensor(b!)? skipped) -> ()");
+  // K shadows of one weights tensor; decay_tensors is empty or has one entry per decay.
+  // The list op takes the K profiles' shadow lists one after the other.
+  m.def(
+      "multi_ema_update_(Tensor(a!)[] shadows, Tensor weights, float[] decays, "
+      "Tensor?[] decay_tensors, bool skip_nonfinite, Tensor(b!)? skipped) -> ()");
+  m.def(
+      "multi_ema_update_foreach_(Tensor(a!)[] shadows, Tensor[] weights, float[] decays, "
+      "Tensor?[] decay_tensors, bool skip_nonfinite, Tensor(b!)? skipped) -> ()");
   m.def(
       "swa_update_(Tensor(a!) shadow, Tensor weights, int count, Tensor? count_tensor, "
       "bool skip_nonfinite, Tensor(b!)? skipped) -> ()");

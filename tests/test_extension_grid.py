@@ -16,7 +16,7 @@ from _extension_cases import (  # noqa: F401 (cpp_backend, one_cpu_thread: fixtu
     pair_id,
 )
 
-from belay_kernels.testing import DTYPE_PAIRS
+from belay_kernels.testing import DTYPE_PAIRS, random_like_model
 
 pytestmark = pytest.mark.usefixtures("cpp_backend", "one_cpu_thread")
 
@@ -94,3 +94,63 @@ def test_the_simulation_really_runs_the_grid():
     with simulated_grid(1, 0):
         ops.ema_update_(shadow, weights, decay=0.5, backend="cpp")
     assert torch.equal(shadow, torch.ones(100))
+
+
+def _nonfinite_shadow(n, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shadow = random_like_model(n, dtype, generator=generator)
+    shadow[::3], shadow[1::3] = float("nan"), float("inf")
+    shadow[2::7] = float("-inf")
+    return shadow, random_like_model(n, dtype, generator=generator)
+
+
+def _bits_equal(got, want):
+    return torch.equal(got.view(torch.uint8), want.to(got.dtype).view(torch.uint8))
+
+
+@pytest.mark.parametrize("scalar", ["number", "tensor"])
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+@pytest.mark.parametrize("grid", [None, (3, 32), (2, 5)], ids=str)
+def test_a_rate_of_one_copies_over_nonfinite_values(grid, pair, scalar):
+    """EMA decay 0, SWA count 0 and BELAY alpha = beta = 1 copy exactly, even where the
+    value copied over is NaN or inf (torch.lerp would give NaN there), under the propagate
+    policy, on the CUDA bodies (simulated grid) and on the CPU loops (grid None)."""
+    from belay_kernels import ops
+
+    weights_dtype, shadow_dtype = pair
+
+    def value(x, dtype=torch.float64):
+        return torch.tensor(x, dtype=dtype) if scalar == "tensor" else x
+
+    with simulated_grid(*grid) if grid else contextlib.nullcontext():
+        for n in (1, 3, 1009):
+            shadow, _ = _nonfinite_shadow(n, shadow_dtype, seed=n)
+            _, weights = _nonfinite_shadow(n, weights_dtype, seed=n + 1)
+            ops.ema_update_(shadow, weights, decay=value(0.0), nonfinite="propagate",
+                            backend="cpp")
+            assert _bits_equal(shadow, weights), "EMA decay 0"
+            shadow, _ = _nonfinite_shadow(n, shadow_dtype, seed=n + 2)
+            ops.swa_update_(shadow, weights, count=value(0, torch.int64), nonfinite="propagate",
+                            backend="cpp")
+            assert _bits_equal(shadow, weights), "SWA count 0"
+            shadows = [_nonfinite_shadow(n, shadow_dtype, seed=n + 3 + p)[0] for p in range(3)]
+            _entry_points().multi_ema_update_(shadows, weights, [value(0.0), 0.5, value(0.0)],
+                                              False, None)
+            assert _bits_equal(shadows[0], weights) and _bits_equal(shadows[2], weights)
+            # BELAY: weights <- shadow (beta 1) and shadow <- weights (alpha 1), both
+            # from the values before the call, NaN and inf on both sides
+            model, _ = _nonfinite_shadow(n, weights_dtype, seed=n + 7)
+            shadow = random_like_model(n, shadow_dtype,
+                                       generator=torch.Generator().manual_seed(n))
+            shadow[::5] = float("nan")
+            model_before, shadow_before = model.clone(), shadow.clone()
+            ops.belay_step_(model, shadow, alpha=value(1.0), beta=value(1.0),
+                            nonfinite="propagate", backend="cpp")
+            assert _bits_equal(model, shadow_before), "BELAY beta 1"
+            assert _bits_equal(shadow, model_before), "BELAY alpha 1"
+
+
+def _entry_points():
+    from belay_kernels.extension import cpu
+
+    return cpu

@@ -98,3 +98,31 @@ def test_a_weight_of_one_copies_on_the_device(compiled, op):
     compares_with_one = re.findall(r"setp\.(?:eq|neu)\.f32\s+%p\d+, %f\d+, 0f3F800000;", body)
     assert compares_with_one, "no compare of the weight with 1.0"
     assert re.search(r"selp\.(?:f32|b32)", body), "no select"
+
+
+# The K-profile EMA: per 128-bit vector of weights, one (non-coherent) load of the weights
+# and, per profile, one load and one store of the shadow's words, for every K compiled.
+MULTI_EMA_PAIRS = {  # (weights, shadow) as demangled, and shadow words per weights word
+    ("float", "float"): 1,
+    ("c10::BFloat16", "c10::BFloat16"): 1,
+    ("c10::BFloat16", "float"): 2,
+    ("c10::Half", "float"): 2,
+    ("double", "double"): 1,
+}
+MAX_PROFILES = 8  # csrc/profiles.h
+
+
+@pytest.mark.parametrize("kernel", ["flat_kernel", "list_kernel"])
+@pytest.mark.parametrize("pair", list(MULTI_EMA_PAIRS), ids="-".join)
+@pytest.mark.parametrize("k", range(1, MAX_PROFILES + 1))
+def test_multi_ema_reads_the_weights_once(compiled, kernel, pair, k):
+    _, kernels = compiled
+    op = f"MultiEmaOp<{pair[0]}, {pair[1]}, {k}>"
+    (body,) = [b for name, b in kernels.items() if kernel in name and op in name]
+    weights_loads = len(re.findall(r"ld\.global\.nc(\.\w+)*\.v4\.", body))
+    shadow_loads = len(re.findall(r"ld\.global\.v[24]\.", body))
+    shadow_stores = len(re.findall(r"st\.global\.v[24]\.", body))
+    words = MULTI_EMA_PAIRS[pair]
+    assert weights_loads > 0, "no 128-bit load of the weights"
+    assert shadow_loads == k * words * weights_loads, (weights_loads, shadow_loads)
+    assert shadow_stores == k * words * weights_loads, (weights_loads, shadow_stores)

@@ -17,6 +17,8 @@ from ..testing import DTYPE_PAIRS
 __all__ = [
     "ema_update_",
     "ema_update_foreach_",
+    "multi_ema_update_",
+    "multi_ema_update_foreach_",
     "swa_update_",
     "swa_update_foreach_",
     "belay_step_",
@@ -38,9 +40,23 @@ _ops = torch.ops.belay_kernels
 REQUIRES_CONTIGUOUS = True
 
 
+def max_profiles() -> int:
+    """The most shadows one compiled multi_ema_update_ call takes (csrc/profiles.h)."""
+    from .. import _C
+
+    return _C.MAX_PROFILES
+
+
 def supports(op: str, dtypes) -> bool:
     """Which dtype rows (in the ops' argument order) have a compiled kernel."""
     op = op.removesuffix("foreach")
+    if op.removesuffix("foreach_") == "multi_ema_update_":
+        *shadows, weights = dtypes
+        return (
+            1 <= len(shadows) <= max_profiles()
+            and len(set(shadows)) == 1
+            and (weights, shadows[0]) in _PAIRS
+        )
     if op in ("ema_update_", "swa_update_"):
         shadow, weights = dtypes
         return (weights, shadow) in _PAIRS
@@ -54,10 +70,11 @@ def supports(op: str, dtypes) -> bool:
     return False
 
 
-def _number_or_tensor(value, like: torch.Tensor, dtype: torch.dtype):
+def _number_or_tensor(value, like: torch.Tensor | None, dtype: torch.dtype):
     """(number, None) or (0, value as a one-element ``dtype`` tensor on like's device)."""
     if isinstance(value, torch.Tensor):
-        device = like.device if value.device.type != "cpu" else value.device
+        on_cpu = value.device.type == "cpu" or like is None
+        device = value.device if on_cpu else like.device
         return 0, value.to(device=device, dtype=dtype).reshape(1)
     return value, None
 
@@ -79,6 +96,24 @@ def ema_update_(shadow, weights, decay, skip_nonfinite=True, skipped=None):
 
 def ema_update_foreach_(shadows, weights, decay, skip_nonfinite=True, skipped=None):
     _ops.ema_update_foreach_(shadows, weights, *_rate(decay, shadows[0]), skip_nonfinite, skipped)
+
+
+def _rates(decays, like):
+    """The decays as the multi-EMA ops take them: numbers, and a tensor or None each."""
+    pairs = [_rate(decay, like) for decay in decays]
+    return [number for number, _ in pairs], [tensor for _, tensor in pairs]
+
+
+def multi_ema_update_(shadows, weights, decays, skip_nonfinite=True, skipped=None):
+    _ops.multi_ema_update_(list(shadows), weights, *_rates(decays, weights), skip_nonfinite,
+                           skipped)
+
+
+def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True, skipped=None):
+    flat = [t for profile in shadows for t in profile]  # profile after profile
+    like = weights[0] if len(weights) else None
+    _ops.multi_ema_update_foreach_(flat, list(weights), *_rates(decays, like), skip_nonfinite,
+                                   skipped)
 
 
 def swa_update_(shadow, weights, count, skip_nonfinite=True, skipped=None):

@@ -20,6 +20,7 @@ import torch
 # implementation has nothing to compute: it only has to exist.
 OP_NAMES = (
     "ema_update_",
+    "multi_ema_update_",
     "swa_update_",
     "belay_step_",
     "two_point_average_",

@@ -1,0 +1,7 @@
+// The most EMA profiles one multi_ema_update_ call takes: each count is a compiled
+// kernel, and belay_kernels._C reports it as MAX_PROFILES (extension/_entry_points.py).
+#pragma once
+
+namespace belay {
+constexpr int kMaxProfiles = 8;
+}  // namespace belay
