@@ -3,7 +3,8 @@
 Compiles each kernel ahead of time for sm_80 and sm_90 (no GPU needed), then prints a
 markdown table: kernel, dtype pair, arch, fast-path vector width, local memory,
 registers, and bytes moved per element as counted from the PTX's global loads and
-stores. Then the estimated time per step at 90% of H100 HBM3 peak bandwidth.
+stores (``multi_ema_update_xK``: K shadows of one weights tensor in one pass). Then the
+estimated time per step at 90% of H100 HBM3 peak bandwidth.
 
     PYTHONPATH=. python bench/triton_ptx_table.py            # all kernels, both archs
     PYTHONPATH=. python bench/triton_ptx_table.py --quick    # flat kernels on sm_90 only
@@ -55,9 +56,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="flat kernels on sm_90 only")
     args = parser.parse_args(argv)
-    cases = aot.fast_cases()
+    cases = aot.fast_cases() + aot.multi_ema_cases()
     archs = (90,) if args.quick else aot.ARCHS
-    all_cases = cases if args.quick else cases + aot.fast_cases(foreach=True) + aot.graph_cases()
+    all_cases = cases if args.quick else (cases + aot.fast_cases(foreach=True)
+                                          + aot.multi_ema_cases(foreach=True)
+                                          + aot.graph_cases() + aot.multi_ema_graph_cases())
     print(f"Static PTX check: {aot.THREADS} threads per program, 2 x 128-bit accesses per "
           "thread for the widest tensor; fast path = unpredicated "
           "global accesses (full blocks).\n")

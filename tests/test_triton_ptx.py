@@ -55,3 +55,30 @@ def test_warmup_weight_is_fp64_math(case):
     for approximate in ("ex2.approx.f32", "lg2.approx.f32", "div.full.f32", "rcp.approx.f32",
                         "ex2.approx.ftz.f32", "lg2.approx.ftz.f32"):
         assert approximate not in ptx, approximate
+
+
+MULTI_CASES = aot.multi_ema_cases() + aot.multi_ema_cases(foreach=True) + aot.multi_ema_graph_cases()
+
+
+@pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("case", MULTI_CASES, ids=lambda c: c.label.replace(" ", "-"))
+def test_multi_ema_loads_the_weights_once_and_each_shadow_once(case, arch):
+    """K shadows: the bytes of one weights load, K shadow loads and K shadow stores per
+    element (K weights loads would add (K - 1) weights' bytes), all 128-bit, no spills."""
+    k = case.method.profiles
+    report = aot.analyse(case, arch)
+    assert report.local_ops == 0, "ld.local/st.local in the PTX"
+    assert report.usage["stack_bytes"] == 0 and report.usage["spill_bytes"] == 0, report.usage
+    assert report.fast_stores and set(report.fast_stores) == {128}, report.fast_stores
+    shadow, weights = case.role_dtype("shadow").itemsize, case.role_dtype("weights").itemsize
+    assert report.load_bytes_per_element == weights + k * shadow
+    assert report.store_bytes_per_element == k * shadow
+    # (16 bytes per thread and tensor: each 128-bit access moves 16 // itemsize elements)
+    per_thread = case.elements_per_thread
+    assert len(report.fast_stores) == k * per_thread * shadow // 16
+    assert len(report.streaming_loads) == (k * shadow + weights) * per_thread // 16
+    # each device decay: one load in the full-block and one in the tail-block branch (only
+    # one of which runs in a program)
+    decay_loads = 2 * k if case.flags["DECAY_FROM_PTR"] else 0
+    table_loads = 3 + k + 1 if case.foreach else 0
+    assert report.scalar_loads <= decay_loads + table_loads, report.fast_loads

@@ -501,3 +501,144 @@ def test_nan_stays_nan_inside_averaged():
         assert torch.isnan(model.weight.detach().view(-1)[:3].float()).all()
     assert torch.equal(model.weight.detach().view(torch.int16), live.view(torch.int16))
     assert torch.equal(shadow, saved)
+
+
+# --- K EMA shadows of the same weights in one pass (issue 14) ------------------------
+
+from belay_kernels import BelayInputError  # noqa: E402
+from belay_kernels.triton import multi_ema as triton_multi  # noqa: E402
+
+# Per profile: 1 - decay on both sides of lerp's 0.5 switch, and decay 0 (an exact copy).
+MULTI_DECAYS = (0.9, 0.3, 0.0, 0.999, 0.6)
+
+
+def _int_bits(t):
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _decays(k, step, tensors):
+    """K decays changing each step; with ``tensors`` every other one a 0-d device tensor."""
+    out = []
+    for i in range(k):
+        d = MULTI_DECAYS[(i + step) % len(MULTI_DECAYS)]
+        out.append(torch.tensor(d, dtype=torch.float64) if tensors and i % 2 else d)
+    return out
+
+
+def _multi_case(k, pair, foreach, nonfinite, tensors, seed):
+    """K shadows updated by one multi_ema_update_ call per step, against K Triton ema_update_
+    calls (bit for bit: the same element math) and K reference calls (the interpreter's
+    emulated fma rounds twice, so that comparison uses the suite's tolerance)."""
+    weights_dtype, shadow_dtype = pair
+    gen = torch.Generator().manual_seed(seed)
+    sizes = LIST_SIZES if foreach else (8197,)
+    shadows = [[fresh(n, shadow_dtype, gen) for n in sizes] for _ in range(k)]
+    by_ema = [[t.clone() for t in profile] for profile in shadows]
+    by_reference = [[t.clone() for t in profile] for profile in shadows]
+    skip = nonfinite == "skip"
+    counters = [torch.zeros((), dtype=torch.int64) for _ in range(3)]
+    for step in range(STEPS):
+        weights = [fresh(n, weights_dtype, gen, nonfinite=step == 1) for n in sizes]
+        decays = _decays(k, step, tensors)
+        if foreach:
+            triton_multi.multi_ema_update_foreach_(shadows, weights, decays, skip, counters[0])
+        else:
+            triton_multi.multi_ema_update_([p[0] for p in shadows], weights[0], decays, skip,
+                                           counters[0])
+        for i, decay in enumerate(decays):
+            for j, w in enumerate(weights):
+                triton_ema.ema_update_(by_ema[i][j], w, decay, skip, counters[1])
+                reference.ema_update_(by_reference[i][j], w, decay, skip, counters[2])
+        for i in range(k):
+            for j in range(len(sizes)):
+                where = f"K={k} profile {i} tensor {j} step {step}"
+                got = shadows[i][j]
+                assert torch.equal(_int_bits(got), _int_bits(by_ema[i][j])), where
+                assert_close(got, by_reference[i][j], where)
+        assert int(counters[0]) == int(counters[1]) == int(counters[2])
+    return shadows, counters[0]
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["flat", "list"])
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_multi_ema_is_k_ema_updates_bit_for_bit(k, pair, foreach):
+    seed = zlib.crc32(f"multi {k} {pair_id(pair)} {foreach}".encode())
+    shadows, skipped = _multi_case(k, pair, foreach, "skip", tensors=k > 1, seed=seed)
+    sizes = LIST_SIZES if foreach else (8197,)
+    # the non-finite step ran, and every profile counted it: K times the bad weights
+    assert int(skipped) > 0 and int(skipped) % k == 0
+    assert not any(t.isnan().any() for profile in shadows for t in profile), sizes
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["flat", "list"])
+@pytest.mark.parametrize("pair", [DTYPE_PAIRS[0], DTYPE_PAIRS[4]], ids=pair_id)
+def test_multi_ema_propagate_policy(pair, foreach):
+    shadows, skipped = _multi_case(3, pair, foreach, "propagate", tensors=True, seed=41)
+    assert int(skipped) == 0
+    assert any(t.isnan().any() for profile in shadows for t in profile)
+
+
+def test_multi_ema_with_eight_profiles():
+    _multi_case(8, DTYPE_PAIRS[4], True, "skip", tensors=True, seed=43)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["flat", "list"])
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.5])
+def test_multi_ema_out_of_range_tensor_decay_leaves_that_profile_and_counts_it(bad, foreach):
+    gen = torch.Generator().manual_seed(47)
+    sizes = (1, 1009, 3) if foreach else (1009,)
+    weights = [fresh(n, torch.bfloat16, gen, nonfinite=True) for n in sizes]
+    shadows = [[fresh(n, torch.float32, gen) for n in sizes] for _ in range(3)]
+    before = [[t.clone() for t in p] for p in shadows]
+    decays = [0.7, torch.tensor(bad, dtype=torch.float64), torch.tensor(0.2)]
+    skipped = torch.zeros((), dtype=torch.int64)
+    if foreach:
+        triton_multi.multi_ema_update_foreach_(shadows, weights, decays, True, skipped)
+    else:
+        triton_multi.multi_ema_update_([p[0] for p in shadows], weights[0], decays, True, skipped)
+    expected_skipped = torch.zeros((), dtype=torch.int64)
+    for i, decay in enumerate(decays):
+        for j, w in enumerate(weights):
+            reference.ema_update_(before[i][j], w, decay, True, expected_skipped)
+            assert torch.equal(_int_bits(shadows[i][j]), _int_bits(before[i][j])) or i != 1
+            assert_close(shadows[i][j], before[i][j], f"profile {i} tensor {j}")
+    bad_weights = sum(int((~w.isfinite()).sum()) for w in weights)
+    assert int(skipped) == int(expected_skipped) == sum(sizes) + 2 * bad_weights
+
+
+@pytest.mark.parametrize("k", [0, 9])
+def test_multi_ema_refuses_a_profile_count_it_does_not_cover_before_writing(k):
+    gen = torch.Generator().manual_seed(53)
+    weights = fresh(31, torch.float32, gen)
+    shadows = [fresh(31, torch.float32, gen) for _ in range(k)]
+    saved = [s.clone() for s in shadows]
+    with pytest.raises(BelayInputError, match="1 to 8 shadows"):
+        triton_multi.multi_ema_update_(shadows, weights, [0.9] * k, True, None)
+    with pytest.raises(BelayInputError, match="1 to 8 shadows"):
+        triton_multi.multi_ema_update_foreach_([[s] for s in shadows], [weights], [0.9] * k,
+                                               True, None)
+    assert all(torch.equal(s, t) for s, t in zip(shadows, saved))
+
+
+def test_multi_ema_refuses_mismatched_decays_and_lists():
+    gen = torch.Generator().manual_seed(59)
+    weights = [fresh(5, torch.float32, gen), fresh(7, torch.float32, gen)]
+    shadows = [[fresh(5, torch.float32, gen), fresh(7, torch.float32, gen)] for _ in range(2)]
+    saved = [t.clone() for p in shadows for t in p]
+    with pytest.raises(BelayInputError, match="one decay per shadow"):
+        triton_multi.multi_ema_update_foreach_(shadows, weights, [0.9], True, None)
+    with pytest.raises(BelayInputError, match="one tensor per weights tensor"):
+        triton_multi.multi_ema_update_foreach_([shadows[0], shadows[1][:1]], weights,
+                                               [0.9, 0.8], True, None)
+    assert all(torch.equal(t, s) for t, s in zip((t for p in shadows for t in p), saved))
+
+
+def test_multi_ema_rates_never_respecialize_the_kernel():
+    """The rates' words are odd and above 2**36 whatever the decay (see _launch.odd_words):
+    Triton's int specialization (== 1, divisible by 16) never applies to them."""
+    from belay_kernels.triton import _launch
+
+    for decay in (0.0, 1.0, 0.5, 0.999, 5e-324, 1 - 2**-52, 0.25):
+        for word in _launch.odd_words(_launch.float_bits(1 - decay)):
+            assert word % 2 == 1 and 2**36 < word < 2**37

@@ -1,7 +1,7 @@
 """The Triton backend: one launch per flat buffer (or per tensor list), one pass over
 memory, for every op of :mod:`belay_kernels.reference`.
 
-One file per method (``ema``, ``swa``, ``belay``, ``two_point``, ``swap``), each with its
+One file per method (``ema``, ``multi_ema``, ``swa``, ``belay``, ``two_point``, ``swap``), each with its
 ``@triton.jit`` kernels first and a thin launcher after; shared per-element pieces are
 in ``_blocks``, host-side launch details in ``_launch``, and the device-side step
 counters (graph-capturable steps) in ``device_step``.
@@ -32,6 +32,7 @@ if _IMPORT_ERROR is None:
     from .belay import belay_step_, belay_step_foreach_
     from .device_step import EmaWarmup, StepGate, advance_step_
     from .ema import ema_update_, ema_update_foreach_
+    from .multi_ema import multi_ema_update_, multi_ema_update_foreach_
     from .swa import swa_update_, swa_update_foreach_
     from .swap import swap_, swap_foreach_
     from .two_point import two_point_average_, two_point_average_foreach_
@@ -59,6 +60,8 @@ __all__ = [
     "belay_step_foreach_",
     "ema_update_",
     "ema_update_foreach_",
+    "multi_ema_update_",
+    "multi_ema_update_foreach_",
     "supports",
     "swa_update_",
     "swa_update_foreach_",

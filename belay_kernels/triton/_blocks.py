@@ -60,17 +60,29 @@ def _keep_where_nonfinite(new, old, incoming, skipped_ptr, HAS_SKIPPED: tl.const
 
 
 @triton.jit
+def _lerp_into(shadow_ptr, offs, n, weights, weight, skipped_ptr, MASKED: tl.constexpr,
+               SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+               COMPUTE: tl.constexpr):
+    """The EMA/SWA element update of one shadow from weights already loaded (in their
+    storage dtype): ``shadow <- lerp(shadow, weights, weight)`` under the non-finite
+    policy. One EMA and the K EMAs of multi_ema share it, so they round alike."""
+    shadow = _load(shadow_ptr, offs, n, MASKED).to(COMPUTE)
+    weights = weights.to(COMPUTE)
+    new_shadow = _lerp(shadow, weights, weight)
+    if SKIP_NONFINITE:
+        new_shadow = _keep_where_nonfinite(new_shadow, shadow, weights, skipped_ptr, HAS_SKIPPED)
+    _store(shadow_ptr, offs, new_shadow, n, MASKED)
+
+
+@triton.jit
 def _lerp_shadow_block(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr,
                        MASKED: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
                        HAS_SKIPPED: tl.constexpr, COMPUTE: tl.constexpr,
                        BLOCK: tl.constexpr):
     offs = _offsets(start, BLOCK)
-    shadow = _load(shadow_ptr, offs, n, MASKED).to(COMPUTE)
-    weights = _load(weights_ptr, offs, n, MASKED).to(COMPUTE)
-    new_shadow = _lerp(shadow, weights, weight)
-    if SKIP_NONFINITE:
-        new_shadow = _keep_where_nonfinite(new_shadow, shadow, weights, skipped_ptr, HAS_SKIPPED)
-    _store(shadow_ptr, offs, new_shadow, n, MASKED)
+    weights = _load(weights_ptr, offs, n, MASKED)
+    _lerp_into(shadow_ptr, offs, n, weights, weight, skipped_ptr, MASKED, SKIP_NONFINITE,
+               HAS_SKIPPED, COMPUTE)
 
 
 @triton.jit
@@ -93,6 +105,14 @@ def _skip_block(start, n, skipped_ptr, HAS_SKIPPED: tl.constexpr, BLOCK: tl.cons
     and every element of the block counts as skipped."""
     if HAS_SKIPPED:
         tl.atomic_add(skipped_ptr, tl.minimum(n - start, BLOCK).to(tl.int64), sem="relaxed")
+
+
+@triton.jit
+def _odd_words_bits(high, low):
+    """The int64 float bits that _launch.odd_words split into two words."""
+    high = (high.to(tl.int64) >> 1) & 0xFFFFFFFF
+    low = (low.to(tl.int64) >> 1) & 0xFFFFFFFF
+    return (high << 32) | low
 
 
 @triton.jit
@@ -138,6 +158,40 @@ def _table_block(table_ptr, owner_ptr, num_tensors, NUM_COLUMNS: tl.constexpr,
     n = tl.load(table_ptr + NUM_COLUMNS * num_tensors + tensor)
     first_block = tl.load(table_ptr + (NUM_COLUMNS + 1) * num_tensors + tensor)
     return tensor, (pid - first_block) * BLOCK, n
+
+
+@triton.jit
+def _locate(table_ptr, owner_ptr, size, NUM_COLUMNS: tl.constexpr, IS_LIST: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """(tensor index, first element of this program's block, size of that tensor), for a
+    flat launch (``size`` is the tensor's) or a list launch (``size`` is the table's)."""
+    if IS_LIST:
+        tensor, start, n = _table_block(table_ptr, owner_ptr, size, NUM_COLUMNS, BLOCK)
+    else:
+        tensor = 0
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        n = size
+    return tensor, start, n
+
+
+@triton.jit
+def _column(table_ptr, ptr, column: tl.constexpr, tensor, num_tensors, IS_LIST: tl.constexpr,
+            ALIGNED: tl.constexpr):
+    """The pointer of a column's tensor: ``ptr`` itself in a flat launch."""
+    if IS_LIST:
+        ptr = _table_pointer(table_ptr, ptr, column, tensor, num_tensors, ALIGNED)
+    return ptr
+
+
+@triton.jit
+def _columns(table_ptr, ptrs, FIRST: tl.constexpr, tensor, num_tensors, IS_LIST: tl.constexpr,
+             ALIGNED: tl.constexpr):
+    """_column for a tuple of pointers, the columns FIRST, FIRST + 1, ..."""
+    out = ()
+    for k in tl.static_range(len(ptrs)):
+        out = out + (_column(table_ptr, ptrs[k], FIRST + k, tensor, num_tensors, IS_LIST,
+                             ALIGNED),)
+    return out
 
 
 @triton.jit

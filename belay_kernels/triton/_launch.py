@@ -44,6 +44,15 @@ def float_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
+def odd_words(bits: int) -> tuple[int, int]:
+    """float_bits split into two odd 37-bit words (decoded by _blocks._odd_words_bits).
+    Triton specializes the ints inside a tuple argument on ``== 1`` and on divisibility by
+    16 whatever do_not_specialize says, so a rate passed there as plain bits would compile
+    anew whenever its low bits change; odd words above 2**36 never trigger either."""
+    unsigned = bits & 0xFFFFFFFFFFFFFFFF
+    return tuple((1 << 36) | ((word & 0xFFFFFFFF) << 1) | 1 for word in (unsigned >> 32, unsigned))
+
+
 def grid(n: int, block: int) -> tuple[int]:
     return (triton.cdiv(n, block),)
 

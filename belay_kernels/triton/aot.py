@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import _launch
 from .belay import _belay_step_foreach_kernel, _belay_step_kernel
 from .ema import _ema_update_foreach_kernel, _ema_update_kernel
+from .multi_ema import _multi_ema_update_kernel
 from .swa import _swa_update_foreach_kernel, _swa_update_kernel
 from .swap import _swap_foreach_kernel, _swap_kernel
 from .two_point import _two_point_average_foreach_kernel, _two_point_average_kernel
@@ -51,7 +53,7 @@ _INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # Scalar and bookkeeping parameters, the same in every kernel that has them.
 _COMMON_TYPES = {
-    "n": "i32", "num_tensors": "i32", "first_step": "i32", "every": "i32", "count": "i64",
+    "n": "i32", "num_tensors": "i32", "size": "i32", "first_step": "i32", "every": "i32", "count": "i64",
     "weight_bits": "i64", "alpha_bits": "i64", "beta_bits": "i64",
     "inv_gamma_bits": "i64", "power_bits": "i64",
     "decay_ptr": "*fp32", "alpha_ptr": "*fp32", "beta_ptr": "*fp32", "count_ptr": "*i64",
@@ -77,6 +79,7 @@ class Method:
     inputs: tuple[str, ...]   # tensor roles read
     outputs: tuple[str, ...]  # tensor roles written
     bits_only: bool = False   # swap: sees integer views
+    profiles: int = 0         # multi-EMA: K shadows in tuple arguments (roles repeat K times)
 
 
 METHODS = (
@@ -143,6 +146,30 @@ def fast_cases(foreach: bool = False) -> list[Case]:
             if m.name != "swap_" or swap_supported(w, s)]
 
 
+MULTI_EMA_PROFILES = (1, 3, 8)
+
+
+def multi_ema_method(k: int) -> Method:
+    """The multi-EMA kernel with ``k`` shadows: K shadow reads and writes, one weights read."""
+    return Method(f"multi_ema_update_x{k}", _multi_ema_update_kernel, _multi_ema_update_kernel,
+                  ("shadow",) * k + ("weights",), ("shadow",) * k, profiles=k)
+
+
+def multi_ema_cases(foreach: bool = False) -> list[Case]:
+    """The multi-EMA kernel for each K of MULTI_EMA_PROFILES and every dtype pair."""
+    from ..testing import DTYPE_PAIRS
+
+    return [Case(multi_ema_method(k), w, s, foreach)
+            for k in MULTI_EMA_PROFILES for w, s in DTYPE_PAIRS]
+
+
+def multi_ema_graph_cases() -> list[Case]:
+    """The multi-EMA kernel with every decay a device tensor and a skipped counter."""
+    pairs = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32))
+    return [Case(multi_ema_method(k), w, s, False, dict(GRAPH_FLAGS))
+            for k in MULTI_EMA_PROFILES for w, s in pairs]
+
+
 # The methods whose kernels take a StepGate, so a captured graph can replay them.
 GATED_METHODS = ("ema_update_", "swa_update_", "belay_step_")
 
@@ -159,7 +186,24 @@ def _signature(case: Case):
     signature, constexprs, attrs = {}, {}, {}
     roles_dtype = {f"{r}_ptr": case.role_dtype(r) for r in ("shadow", "weights", "out", "snapshot")}
     compute = _launch.compute_dtype(case.weights_dtype, case.shadow_dtype)
+    k = case.method.profiles
+    scalar_dtype = torch.float64 if compute == tl.float64 else torch.float32
+    tuples = {"shadow_ptrs": ("*" + _TRITON_TYPES[case.role_dtype("shadow")],) * k,
+              "words": ("i64",) * (2 * k),
+              "decay_ptrs": ("*" + _TRITON_TYPES[scalar_dtype],) * k}
+    tuple_constexprs = {"DECAY_FROM_PTR": (case.flags["DECAY_FROM_PTR"],) * k,
+                        "COMPUTES": (compute,) * k, "IS_LIST": case.foreach}
     for index, name in enumerate(fn.arg_names):
+        if name in tuples and k:
+            signature[name] = tuples[name]
+            for sub, kind in enumerate(tuples[name]):
+                if kind.startswith("*"):
+                    attrs[(index, sub)] = [["tt.divisibility", 16]]
+            continue
+        if name in tuple_constexprs and k:
+            signature[name] = "constexpr"
+            constexprs[name] = tuple_constexprs[name]
+            continue
         if name in roles_dtype:
             signature[name] = "*" + _TRITON_TYPES[roles_dtype[name]]
         elif name in _COMMON_TYPES:
