@@ -109,8 +109,7 @@ class PostHocEMA(Averager):
 
     ``averaged(sigma_rel=...)`` swaps in one of the tracked profiles (default: the first).
     ``state_dict()`` carries the profiles and counters (the snapshots are files); a run
-    resumed from it continues the snapshot numbering. Options as for every averager; the
-    profiles' update runs on the torch reference for now (``backend`` "auto" or "torch").
+    resumed from it continues the snapshot numbering. Options as for every averager.
     """
 
     method = "PostHocEMA"
@@ -138,12 +137,6 @@ class PostHocEMA(Averager):
         (self.gammas, self.snapshot_every, self.snapshot_dtype, self.every) = self._hparam_check(
             gammas=gammas, snapshot_every=snapshot_every, snapshot_dtype=dtype_name, every=every)
         self.snapshot_dir = _check_snapshot_dir(snapshot_dir)
-        backend = options.get("backend", "auto")
-        if backend not in ("auto", "torch"):
-            raise BelayInputError(
-                f"PostHocEMA's profiles update on the torch reference for now, got "
-                f"backend={backend!r}; pass backend='auto' or 'torch'."
-            )
         super().__init__(module_or_params, **options)
         if any(t.specs is not None for t in self._tracks):
             raise BelayInputError("PostHocEMA does not support DTensor (FSDP2) parameters yet.")
@@ -188,7 +181,7 @@ class PostHocEMA(Averager):
         return self._snapshots
 
     def _track_ops(self, weights_dtype, shadow_dtype, is_param):
-        return []  # multi_ema_update_ runs on the reference, which takes every dtype pair
+        return [("multi_ema_update_", (shadow_dtype,) * len(self.gammas) + (weights_dtype,))]
 
     def _update(self, t: int) -> None:
         if not _update_due(t, self.every):

@@ -8,11 +8,11 @@ the same cases.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from .methods import DTYPE_PAIRS  # noqa: F401 (the tests import it from here)
+from .methods import DTYPE_PAIRS  # noqa: F401 (the tests import these from here)
+from .samples import random_like_model  # noqa: F401
+from .threads import torch_threads  # noqa: F401
 
 # Empty, one element, shorter than any vector, primes, and more than one block / chunk.
 ODD_SIZES = (0, 1, 3, 31, 1009, 70_001)
@@ -44,25 +44,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") ->
         msg=lambda m: f"{msg}\n{m}",
         **tolerance(actual.dtype),
     )
-
-
-def random_like_model(n: int, dtype: torch.dtype, *, generator: torch.Generator) -> torch.Tensor:
-    """Fresh, never-zero values with a model-like spread (mostly small, some large)."""
-    values = torch.randn(n, generator=generator, dtype=torch.float64)
-    values = values * torch.exp(torch.randn(n, generator=generator, dtype=torch.float64))
-    return values.to(dtype)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int = 1):
-    """torch's intra-op thread count set to ``n`` inside the block, restored after. Tiny
-    tensors run fastest on one thread, and the development machine is shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # --- the packed bf16/fp32 swap on every special fp32 word --------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..averagers import Belay
 from ..physics import DampedTwoMass, linear_step_matrix
-from ..testing import torch_threads
+from ..threads import torch_threads
 from ._common import SEEDS, Result, generator, markdown_table, mean_std, write_outputs
 from ._toy import FUNCTIONS, ROSENBROCK, Arm, run_arms
 

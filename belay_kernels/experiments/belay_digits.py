@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..averagers import EMA, Belay
-from ..testing import torch_threads
+from ..threads import torch_threads
 from ._common import SEEDS, Result, markdown_table, mean_std, write_outputs
 
 NAME = "belay-digits"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..testing import torch_threads
+from ..threads import torch_threads
 from ._common import SEEDS, Result, generator, markdown_table, write_outputs
 from ._toy import FUNCTIONS, Arm, run_arms
 

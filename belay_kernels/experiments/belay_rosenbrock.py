@@ -9,7 +9,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..testing import torch_threads
+from ..threads import torch_threads
 from ._common import SEEDS, Result, generator, markdown_table, mean_std, write_outputs
 from ._toy import ROSENBROCK, Arm, run_arms
 

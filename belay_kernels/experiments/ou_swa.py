@@ -14,13 +14,13 @@ import torch
 from matplotlib.patches import Ellipse
 
 from ..averagers import EMA, SWA
-from ..testing import torch_threads
 from ..theory import (
     ou_stationary_covariance,
     sgd_ema_stationary_covariance,
     sgd_stationary_covariance,
     sgd_window_mean_covariance,
 )
+from ..threads import torch_threads
 from ._common import (
     SEEDS,
     Result,

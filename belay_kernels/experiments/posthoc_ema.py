@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import posthoc
 from ..posthoc import PostHocEMA, PowerEMA
-from ..testing import torch_threads
+from ..threads import torch_threads
 from ._common import SEEDS, Result, markdown_table, mean_std, write_outputs
 from .belay_digits import BATCH, load_data, make_model
 

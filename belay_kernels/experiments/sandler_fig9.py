@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from ..averagers import EMA
-from ..testing import torch_threads
 from ..theory import ema_variance_factor, sgd_stationary_variance
+from ..threads import torch_threads
 from ._common import (
     SEEDS,
     Result,

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from ..averagers import EMA, TwoPoint
-from ..testing import torch_threads
 from ..theory import (
     ema_variance_factor,
     sgd_stationary_variance,
     stationary_radius,
     two_point_effective_lr,
 )
+from ..threads import torch_threads
 from ._common import (
     SEEDS,
     Result,

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ..averagers import EMA, SWA, TwoPoint
-from ..testing import torch_threads
 from ..theory import equivalent_lr_schedule
+from ..threads import torch_threads
 from ._common import (
     SEEDS,
     Result,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..methods import DTYPE_PAIRS
 from ..reference import swap_supported
-from ..testing import DTYPE_PAIRS
 
 __all__ = [
     "ema_update_",

@@ -16,17 +16,10 @@ from types import ModuleType
 
 import torch
 
-# Every op mutates its tensor arguments in place and returns nothing, so each fake
-# implementation has nothing to compute: it only has to exist.
-OP_NAMES = (
-    "ema_update_",
-    "multi_ema_update_",
-    "swa_update_",
-    "belay_step_",
-    "two_point_average_",
-    "swap_",
-)
-ALL_OP_NAMES = OP_NAMES + tuple(name + "foreach_" for name in OP_NAMES)
+from ..methods import BY_OP
+
+# Every op of the method table and its list variant, as csrc/registration.cpp declares them.
+ALL_OP_NAMES = tuple(name for m in BY_OP.values() for name in (m.op, m.foreach))
 
 _BUILD_HINT = (
     "build it with `python setup.py build_ext --inplace` (or `pip install "
@@ -35,6 +28,8 @@ _BUILD_HINT = (
 
 
 def _mutates_only(*args, **kwargs) -> None:
+    """Every op mutates its tensor arguments in place and returns nothing, so each fake
+    implementation has nothing to compute: it only has to exist."""
     return None
 
 

@@ -139,8 +139,8 @@ class Case:
 
 def fast_cases(foreach: bool = False) -> list[Case]:
     """Every method and dtype pair it supports, in the common configuration."""
+    from ..methods import DTYPE_PAIRS
     from ..reference import swap_supported
-    from ..testing import DTYPE_PAIRS
 
     return [Case(m, w, s, foreach) for m in METHODS for w, s in DTYPE_PAIRS
             if m.name != "swap_" or swap_supported(w, s)]
@@ -157,7 +157,7 @@ def multi_ema_method(k: int) -> Method:
 
 def multi_ema_cases(foreach: bool = False) -> list[Case]:
     """The multi-EMA kernel for each K of MULTI_EMA_PROFILES and every dtype pair."""
-    from ..testing import DTYPE_PAIRS
+    from ..methods import DTYPE_PAIRS
 
     return [Case(multi_ema_method(k), w, s, foreach)
             for k in MULTI_EMA_PROFILES for w, s in DTYPE_PAIRS]

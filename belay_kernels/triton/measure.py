@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..methods import DTYPE_PAIRS
 from ..reference import swap_supported
-from ..testing import DTYPE_PAIRS, random_like_model
+from ..samples import random_like_model
 from . import aot
 from .belay import belay_step_
 from .device_step import StepGate, advance_step_
