@@ -269,7 +269,7 @@ def test_posthoc_bad_construction_creates_nothing(tmp_path):
         ({"snapshot_dir": tmp_path / "file"}, "is not a folder"),
         # more profiles than one compiled call takes (8)
         ({"sigma_rels": tuple(0.02 + 0.02 * i for i in range(9)), "snapshot_dir": tmp_path / "d",
-          "backend": "cpp"}, "step\\(\\) could not run .* multi_ema_update_"),
+          "backend": "cpp"}, "step\\(\\) could not run .*multi_ema_update_"),
     ]
     for kwargs, message in cases:
         with pytest.raises(BelayInputError, match=message):

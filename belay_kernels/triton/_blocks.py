@@ -184,6 +184,15 @@ def _column(table_ptr, ptr, column: tl.constexpr, tensor, num_tensors, IS_LIST: 
 
 
 @triton.jit
+def _place(table_ptr, owner_ptr, size, ptrs, IS_LIST: tl.constexpr, ALIGNED: tl.constexpr,
+           BLOCK: tl.constexpr):
+    """The prologue of every kernel: (first element of this program's block, size of its
+    tensor, then the pointer of each of the columns ``ptrs`` to that tensor)."""
+    tensor, start, n = _locate(table_ptr, owner_ptr, size, len(ptrs), IS_LIST, BLOCK)
+    return (start, n) + _columns(table_ptr, ptrs, 0, tensor, size, IS_LIST, ALIGNED)
+
+
+@triton.jit
 def _columns(table_ptr, ptrs, FIRST: tl.constexpr, tensor, num_tensors, IS_LIST: tl.constexpr,
              ALIGNED: tl.constexpr):
     """_column for a tuple of pointers, the columns FIRST, FIRST + 1, ..."""

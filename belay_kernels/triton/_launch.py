@@ -81,24 +81,36 @@ def on_device(device: torch.device):
     return torch.cuda.device(device)
 
 
-def launch_flat(kernel, tensors, args, flags) -> None:
-    """One program per block of the flat tensors (nothing for empty ones)."""
-    n = tensors[0].numel()
-    if n:
-        with on_device(tensors[0].device):
-            kernel[grid(n, flags["BLOCK"])](*tensors, n, *args, **flags)
+def launch(kernel, columns, args, flags, owners=None, tuple_columns: int = 0) -> None:
+    """One launch of a kernel written for both forms (``IS_LIST``): ``columns`` are tensors
+    (one program per block of them; nothing for empty ones) or lists of tensors (one
+    launch over every block of every tensor, two where some tensors, or their first few
+    elements, are not 16-byte aligned). The kernel takes (table, owner, size, one pointer
+    per column, ``args``...): in the flat form the first column stands in for the table
+    and owner, and size is its numel. ``tuple_columns``: how many leading columns travel
+    as one tuple argument (the multi-EMA's K shadows). ``owners``: the tensors whose
+    lifetime the pointer tables follow, when ``columns`` holds temporary views of them
+    (default: ``columns``)."""
 
+    def pointers(columns):
+        columns = tuple(columns)
+        if tuple_columns:
+            return (columns[:tuple_columns], *columns[tuple_columns:])
+        return columns
 
-def launch_foreach(kernel, columns, args, flags, owners=None) -> None:
-    """One launch over every block of every tensor in ``columns`` (lists, same lengths),
-    two where some tensors (or their first few elements) are not 16-byte aligned.
-    ``owners``: the tensors whose lifetime the pointer tables follow, when ``columns``
-    holds temporary views of them (default: ``columns`` itself)."""
+    if isinstance(columns[0], torch.Tensor):
+        n = columns[0].numel()
+        if n:
+            with on_device(columns[0].device):
+                kernel[grid(n, flags["BLOCK"])](columns[0], columns[0], n, *pointers(columns),
+                                                *args, IS_LIST=False, ALIGNED=True, **flags)
+        return
     tables = PointerTable.of(columns, owners if owners is not None else columns)
     with on_device(columns[0][0].device):
         for table in tables:
-            kernel[(table.num_blocks,)](*table.launch_args(), *args, ALIGNED=table.aligned,
-                                        **flags)
+            kernel[(table.num_blocks,)](table.table, table.owner, table.num_tensors,
+                                        *pointers(table.bases), *args, IS_LIST=True,
+                                        ALIGNED=table.aligned, **flags)
 
 
 def scalar_args(value, device: torch.device, one_minus: bool = False) -> tuple[int, object, bool]:
@@ -109,6 +121,13 @@ def scalar_args(value, device: torch.device, one_minus: bool = False) -> tuple[i
         return 0, value, True
     value = float(value)
     return float_bits(1.0 - value if one_minus else value), None, False
+
+
+def rate_args(value, placeholder: torch.Tensor, one_minus: bool = False):
+    """A rate's kernel arguments (host bits, device pointer or ``placeholder``) and its
+    FROM_PTR flag; see scalar_args."""
+    bits, pointer, from_ptr = scalar_args(value, placeholder.device, one_minus)
+    return (bits, placeholder if pointer is None else pointer), from_ptr
 
 
 def _capturing(device: torch.device) -> bool:
@@ -214,7 +233,3 @@ class PointerTable:
                 misaligned += [(i, start, n) for start, n in bad]
         return [cls(columns, pieces, flag)
                 for pieces, flag in ((aligned, True), (misaligned, False)) if pieces]
-
-    def launch_args(self) -> tuple:
-        """table, owner, number of tensors, then each column's base (the table itself)."""
-        return (self.table, self.owner, self.num_tensors, *self.bases)

@@ -17,6 +17,7 @@ Used by tests/test_triton_ptx.py and bench/triton_ptx_table.py.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -29,13 +30,9 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .. import methods
 from . import _launch
-from .belay import _belay_step_foreach_kernel, _belay_step_kernel
-from .ema import _ema_update_foreach_kernel, _ema_update_kernel
 from .multi_ema import _multi_ema_update_kernel
-from .swa import _swa_update_foreach_kernel, _swa_update_kernel
-from .swap import _swap_foreach_kernel, _swap_kernel
-from .two_point import _two_point_average_foreach_kernel, _two_point_average_kernel
 
 ARCHS = (80, 90)
 THREADS = 32 * _launch.NUM_WARPS
@@ -74,26 +71,22 @@ GRAPH_FLAGS = dict(DECAY_FROM_PTR=True, WARMUP=True, COUNT_FROM_PTR=True,
 @dataclass(frozen=True)
 class Method:
     name: str
-    flat: object
-    foreach: object
+    kernel: object            # one kernel, flat or list by its IS_LIST flag
     inputs: tuple[str, ...]   # tensor roles read
     outputs: tuple[str, ...]  # tensor roles written
     bits_only: bool = False   # swap: sees integer views
     profiles: int = 0         # multi-EMA: K shadows in tuple arguments (roles repeat K times)
 
 
-METHODS = (
-    Method("ema_update_", _ema_update_kernel, _ema_update_foreach_kernel,
-           ("shadow", "weights"), ("shadow",)),
-    Method("swa_update_", _swa_update_kernel, _swa_update_foreach_kernel,
-           ("shadow", "weights"), ("shadow",)),
-    Method("belay_step_", _belay_step_kernel, _belay_step_foreach_kernel,
-           ("weights", "shadow"), ("weights", "shadow")),
-    Method("two_point_average_", _two_point_average_kernel,
-           _two_point_average_foreach_kernel, ("weights", "snapshot"), ("out",)),
-    Method("swap_", _swap_kernel, _swap_foreach_kernel,
-           ("weights", "shadow"), ("weights", "shadow"), bits_only=True),
-)
+def _table_method(method: methods.Method) -> Method:
+    """A method of the table, its kernel found by name: ``_<op>kernel`` in the module
+    named after the method."""
+    module = importlib.import_module(f".{method.name}", __package__)
+    return Method(method.op, getattr(module, f"_{method.op}kernel"), method.read,
+                  method.written, bits_only=method.exact)
+
+
+METHODS = tuple(_table_method(m) for m in methods.METHODS)
 
 
 @dataclass(frozen=True)
@@ -106,7 +99,7 @@ class Case:
 
     @property
     def kernel(self):
-        return self.method.foreach if self.foreach else self.method.flat
+        return self.method.kernel
 
     def role_dtype(self, role: str) -> torch.dtype:
         # two-point: out is like the weights, the snapshot has the "shadow" dtype
@@ -143,7 +136,7 @@ def fast_cases(foreach: bool = False) -> list[Case]:
     from ..reference import swap_supported
 
     return [Case(m, w, s, foreach) for m in METHODS for w, s in DTYPE_PAIRS
-            if m.name != "swap_" or swap_supported(w, s)]
+            if not m.bits_only or swap_supported(w, s)]
 
 
 MULTI_EMA_PROFILES = (1, 3, 8)
@@ -151,7 +144,7 @@ MULTI_EMA_PROFILES = (1, 3, 8)
 
 def multi_ema_method(k: int) -> Method:
     """The multi-EMA kernel with ``k`` shadows: K shadow reads and writes, one weights read."""
-    return Method(f"multi_ema_update_x{k}", _multi_ema_update_kernel, _multi_ema_update_kernel,
+    return Method(f"multi_ema_update_x{k}", _multi_ema_update_kernel,
                   ("shadow",) * k + ("weights",), ("shadow",) * k, profiles=k)
 
 
@@ -170,8 +163,9 @@ def multi_ema_graph_cases() -> list[Case]:
             for k in MULTI_EMA_PROFILES for w, s in pairs]
 
 
-# The methods whose kernels take a StepGate, so a captured graph can replay them.
-GATED_METHODS = ("ema_update_", "swa_update_", "belay_step_")
+# The methods whose kernels take a StepGate, so a captured graph can replay them: the
+# shadow updates (those that count skipped elements).
+GATED_METHODS = tuple(m.op for m in methods.METHODS if m.counts_skipped)
 
 
 def graph_cases() -> list[Case]:
@@ -192,7 +186,7 @@ def _signature(case: Case):
               "words": ("i64",) * (2 * k),
               "decay_ptrs": ("*" + _TRITON_TYPES[scalar_dtype],) * k}
     tuple_constexprs = {"DECAY_FROM_PTR": (case.flags["DECAY_FROM_PTR"],) * k,
-                        "COMPUTES": (compute,) * k, "IS_LIST": case.foreach}
+                        "COMPUTES": (compute,) * k}
     for index, name in enumerate(fn.arg_names):
         if name in tuples and k:
             signature[name] = tuples[name]
@@ -210,7 +204,7 @@ def _signature(case: Case):
             signature[name] = _COMMON_TYPES[name]
         else:
             value = {**case.flags, "COMPUTE": compute, "BLOCK": case.block,
-                     "ALIGNED": True, "INVERSE": False,
+                     "ALIGNED": True, "INVERSE": False, "IS_LIST": case.foreach,
                      "PACKED": case.weights_dtype != case.shadow_dtype}[name]
             signature[name] = "constexpr"
             constexprs[name] = value

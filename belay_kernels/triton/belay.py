@@ -14,11 +14,10 @@ from ._blocks import (
     _lerp,
     _load,
     _offsets,
+    _place,
     _rate,
     _skip_block,
     _store,
-    _table_block,
-    _table_pointer,
 )
 from .device_step import StepGate, _gate, gate_args
 
@@ -38,13 +37,16 @@ def _belay_block(weights_ptr, shadow_ptr, start, n, alpha, beta, skipped_ptr,
     _store(shadow_ptr, offs, new_shadow, n, MASKED)
 
 
-@triton.jit
-def _belay_program(weights_ptr, shadow_ptr, start, n, alpha_bits, alpha_ptr, beta_bits, beta_ptr,
-                   skipped_ptr, step_ptr, skip_ptr, first_step, every,
-                   ALPHA_FROM_PTR: tl.constexpr, BETA_FROM_PTR: tl.constexpr,
-                   HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
-                   SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-                   COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["alpha_bits", "beta_bits"])
+def _belay_step_kernel(table_ptr, owner_ptr, size, weights_ptr, shadow_ptr, alpha_bits,
+                       alpha_ptr, beta_bits, beta_ptr, skipped_ptr, step_ptr, skip_ptr,
+                       first_step, every, IS_LIST: tl.constexpr, ALIGNED: tl.constexpr,
+                       ALPHA_FROM_PTR: tl.constexpr, BETA_FROM_PTR: tl.constexpr,
+                       HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
+                       SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    start, n, weights_ptr, shadow_ptr = _place(
+        table_ptr, owner_ptr, size, (weights_ptr, shadow_ptr), IS_LIST, ALIGNED, BLOCK)
     active, k = _gate(step_ptr, skip_ptr, first_step, every, HAS_STEP, HAS_SKIP)
     if active:
         alpha, alpha_valid = _rate(alpha_bits, alpha_ptr, ALPHA_FROM_PTR, False, COMPUTE)
@@ -60,46 +62,13 @@ def _belay_program(weights_ptr, shadow_ptr, start, n, alpha_bits, alpha_ptr, bet
             _skip_block(start, n, skipped_ptr, HAS_SKIPPED, BLOCK)
 
 
-@triton.jit(do_not_specialize=["alpha_bits", "beta_bits"])
-def _belay_step_kernel(weights_ptr, shadow_ptr, n, alpha_bits, alpha_ptr, beta_bits, beta_ptr,
-                       skipped_ptr, step_ptr, skip_ptr, first_step, every,
-                       ALPHA_FROM_PTR: tl.constexpr, BETA_FROM_PTR: tl.constexpr,
-                       HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
-                       SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    _belay_program(weights_ptr, shadow_ptr, start, n, alpha_bits, alpha_ptr, beta_bits,
-                   beta_ptr, skipped_ptr, step_ptr, skip_ptr, first_step, every,
-                   ALPHA_FROM_PTR, BETA_FROM_PTR, HAS_STEP, HAS_SKIP, SKIP_NONFINITE,
-                   HAS_SKIPPED, COMPUTE, BLOCK)
-
-
-@triton.jit(do_not_specialize=["alpha_bits", "beta_bits"])
-def _belay_step_foreach_kernel(table_ptr, owner_ptr, num_tensors, weights_ptr, shadow_ptr,
-                               alpha_bits, alpha_ptr, beta_bits, beta_ptr, skipped_ptr,
-                               step_ptr, skip_ptr, first_step, every, ALIGNED: tl.constexpr,
-                               ALPHA_FROM_PTR: tl.constexpr, BETA_FROM_PTR: tl.constexpr,
-                               HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
-                               SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-                               COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 2, BLOCK)
-    weights_ptr = _table_pointer(table_ptr, weights_ptr, 0, tensor, num_tensors, ALIGNED)
-    shadow_ptr = _table_pointer(table_ptr, shadow_ptr, 1, tensor, num_tensors, ALIGNED)
-    _belay_program(weights_ptr, shadow_ptr, start, n, alpha_bits, alpha_ptr, beta_bits,
-                   beta_ptr, skipped_ptr, step_ptr, skip_ptr, first_step, every,
-                   ALPHA_FROM_PTR, BETA_FROM_PTR, HAS_STEP, HAS_SKIP, SKIP_NONFINITE,
-                   HAS_SKIPPED, COMPUTE, BLOCK)
-
-
 def _common_args(alpha, beta, skip_nonfinite, skipped, gate, placeholder, dtypes):
-    alpha_bits, alpha_ptr, alpha_from_ptr = _launch.scalar_args(alpha, placeholder.device)
-    beta_bits, beta_ptr, beta_from_ptr = _launch.scalar_args(beta, placeholder.device)
+    alpha_args, alpha_from_ptr = _launch.rate_args(alpha, placeholder)
+    beta_args, beta_from_ptr = _launch.rate_args(beta, placeholder)
     gate_positional, gate_flags = gate_args(gate, placeholder)
     args = (
-        alpha_bits,
-        placeholder if alpha_ptr is None else alpha_ptr,
-        beta_bits,
-        placeholder if beta_ptr is None else beta_ptr,
+        *alpha_args,
+        *beta_args,
         placeholder if skipped is None else skipped,
         *gate_positional,
     )
@@ -112,7 +81,7 @@ def belay_step_(weights: torch.Tensor, shadow: torch.Tensor, alpha, beta, skip_n
                 skipped=None, *, gate: StepGate | None = None):
     args, flags = _common_args(alpha, beta, skip_nonfinite, skipped, gate, weights,
                                (weights.dtype, shadow.dtype))
-    _launch.launch_flat(_belay_step_kernel, (weights, shadow), args, flags)
+    _launch.launch(_belay_step_kernel, (weights, shadow), args, flags)
     return weights, shadow
 
 
@@ -120,5 +89,5 @@ def belay_step_foreach_(weights, shadows, alpha, beta, skip_nonfinite=True, skip
                        gate: StepGate | None = None):
     args, flags = _common_args(alpha, beta, skip_nonfinite, skipped, gate, weights[0],
                                (weights[0].dtype, shadows[0].dtype))
-    _launch.launch_foreach(_belay_step_foreach_kernel, [weights, shadows], args, flags)
+    _launch.launch(_belay_step_kernel, [weights, shadows], args, flags)
     return weights, shadows

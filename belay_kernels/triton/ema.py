@@ -10,20 +10,23 @@ from . import _launch
 from ._blocks import (
     _host_float,
     _lerp_shadow,
+    _place,
     _rate,
     _skip_block,
-    _table_block,
-    _table_pointer,
 )
 from .device_step import EmaWarmup, StepGate, _gate, _warmup_weight, gate_args
 
 
-@triton.jit
-def _ema_program(shadow_ptr, weights_ptr, start, n, weight_bits, decay_ptr, skipped_ptr,
-                 step_ptr, skip_ptr, first_step, every, inv_gamma_bits, power_bits,
-                 DECAY_FROM_PTR: tl.constexpr, WARMUP: tl.constexpr, HAS_STEP: tl.constexpr,
-                 HAS_SKIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
-                 HAS_SKIPPED: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["weight_bits", "inv_gamma_bits", "power_bits"])
+def _ema_update_kernel(table_ptr, owner_ptr, size, shadow_ptr, weights_ptr, weight_bits,
+                       decay_ptr, skipped_ptr, step_ptr, skip_ptr, first_step, every,
+                       inv_gamma_bits, power_bits, IS_LIST: tl.constexpr,
+                       ALIGNED: tl.constexpr, DECAY_FROM_PTR: tl.constexpr,
+                       WARMUP: tl.constexpr, HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
+                       SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
+                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    start, n, shadow_ptr, weights_ptr = _place(
+        table_ptr, owner_ptr, size, (shadow_ptr, weights_ptr), IS_LIST, ALIGNED, BLOCK)
     active, k = _gate(step_ptr, skip_ptr, first_step, every, HAS_STEP, HAS_SKIP)
     if active:
         weight, valid = _rate(weight_bits, decay_ptr, DECAY_FROM_PTR, True, COMPUTE)
@@ -38,48 +41,14 @@ def _ema_program(shadow_ptr, weights_ptr, start, n, weight_bits, decay_ptr, skip
             _skip_block(start, n, skipped_ptr, HAS_SKIPPED, BLOCK)
 
 
-@triton.jit(do_not_specialize=["weight_bits", "inv_gamma_bits", "power_bits"])
-def _ema_update_kernel(shadow_ptr, weights_ptr, n, weight_bits, decay_ptr, skipped_ptr,
-                       step_ptr, skip_ptr, first_step, every, inv_gamma_bits, power_bits,
-                       DECAY_FROM_PTR: tl.constexpr, WARMUP: tl.constexpr,
-                       HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
-                       SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    _ema_program(shadow_ptr, weights_ptr, start, n, weight_bits, decay_ptr, skipped_ptr,
-                 step_ptr, skip_ptr, first_step, every, inv_gamma_bits, power_bits,
-                 DECAY_FROM_PTR, WARMUP, HAS_STEP, HAS_SKIP, SKIP_NONFINITE, HAS_SKIPPED,
-                 COMPUTE, BLOCK)
-
-
-@triton.jit(do_not_specialize=["weight_bits", "inv_gamma_bits", "power_bits"])
-def _ema_update_foreach_kernel(table_ptr, owner_ptr, num_tensors, shadow_ptr, weights_ptr,
-                               weight_bits, decay_ptr, skipped_ptr, step_ptr, skip_ptr,
-                               first_step, every, inv_gamma_bits, power_bits,
-                               ALIGNED: tl.constexpr,
-                               DECAY_FROM_PTR: tl.constexpr, WARMUP: tl.constexpr,
-                               HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
-                               SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-                               COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 2, BLOCK)
-    shadow_ptr = _table_pointer(table_ptr, shadow_ptr, 0, tensor, num_tensors, ALIGNED)
-    weights_ptr = _table_pointer(table_ptr, weights_ptr, 1, tensor, num_tensors, ALIGNED)
-    _ema_program(shadow_ptr, weights_ptr, start, n, weight_bits, decay_ptr, skipped_ptr,
-                 step_ptr, skip_ptr, first_step, every, inv_gamma_bits, power_bits,
-                 DECAY_FROM_PTR, WARMUP, HAS_STEP, HAS_SKIP, SKIP_NONFINITE, HAS_SKIPPED,
-                 COMPUTE, BLOCK)
-
-
 def _common_args(decay, skip_nonfinite, skipped, gate, warmup, placeholder, dtypes):
-    weight_bits, decay_ptr, from_ptr = _launch.scalar_args(decay, placeholder.device,
-                                                               one_minus=True)
+    rate, from_ptr = _launch.rate_args(decay, placeholder, one_minus=True)
     gate_positional, gate_flags = gate_args(gate, placeholder)
     if warmup is not None and gate is None:
         raise ValueError("an EMA warmup needs a StepGate: the decay follows gate.step.")
     warm = warmup or EmaWarmup()
     args = (
-        weight_bits,
-        placeholder if decay_ptr is None else decay_ptr,
+        *rate,
         placeholder if skipped is None else skipped,
         *gate_positional,
         _launch.float_bits(warm.inv_gamma),
@@ -95,7 +64,7 @@ def ema_update_(shadow: torch.Tensor, weights: torch.Tensor, decay, skip_nonfini
                 warmup: EmaWarmup | None = None) -> torch.Tensor:
     args, flags = _common_args(decay, skip_nonfinite, skipped, gate, warmup, shadow,
                                (shadow.dtype, weights.dtype))
-    _launch.launch_flat(_ema_update_kernel, (shadow, weights), args, flags)
+    _launch.launch(_ema_update_kernel, (shadow, weights), args, flags)
     return shadow
 
 
@@ -103,5 +72,5 @@ def ema_update_foreach_(shadows, weights, decay, skip_nonfinite=True, skipped=No
                        gate: StepGate | None = None, warmup: EmaWarmup | None = None):
     args, flags = _common_args(decay, skip_nonfinite, skipped, gate, warmup, shadows[0],
                                (shadows[0].dtype, weights[0].dtype))
-    _launch.launch_foreach(_ema_update_foreach_kernel, [shadows, weights], args, flags)
+    _launch.launch(_ema_update_kernel, [shadows, weights], args, flags)
     return shadows

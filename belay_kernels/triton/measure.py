@@ -17,6 +17,7 @@ same run (bytes read + written), so each kernel is also reported as a fraction o
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -24,18 +25,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .. import methods as method_table
 from ..methods import DTYPE_PAIRS
 from ..reference import swap_supported
 from ..samples import random_like_model
 from . import aot
-from .belay import belay_step_
 from .device_step import StepGate, advance_step_
 from .ema import ema_update_, ema_update_foreach_
-from .swa import swa_update_
-from .swap import swap_
-from .two_point import two_point_average_
 
-METHODS = ("ema_update_", "swa_update_", "belay_step_", "two_point_average_", "swap_")
+METHODS = tuple(m.op for m in method_table.METHODS)
 _METHOD = {m.name: m for m in aot.METHODS}
 
 
@@ -67,16 +65,13 @@ def copy_bandwidth(device, numel: int, runs: int, warmup: int) -> dict[str, floa
     return {"numel": numel, "bytes": moved, **timing, "gbps": moved / timing["median_ms"] / 1e6}
 
 
-def _step_fn(method: str, weights: torch.Tensor, shadow: torch.Tensor, extra: torch.Tensor):
-    if method == "ema_update_":
-        return lambda: ema_update_(shadow, weights, 0.999)
-    if method == "swa_update_":
-        return lambda: swa_update_(shadow, weights, 7)
-    if method == "belay_step_":
-        return lambda: belay_step_(weights, shadow, 0.01, 0.02)
-    if method == "two_point_average_":
-        return lambda: two_point_average_(extra, weights, shadow)
-    return lambda: swap_(weights, shadow)
+def _step_fn(op: str, weights: torch.Tensor, shadow: torch.Tensor, extra: torch.Tensor):
+    """One call of the table method ``op``'s Triton function with its typical scalars."""
+    method = method_table.BY_OP[op]
+    function = getattr(importlib.import_module(f".{method.name}", __package__), op)
+    by_role = {"weights": weights, "shadow": shadow, "snapshot": shadow, "out": extra}
+    arguments = [by_role[role] for role in method.tensors] + [s.typical for s in method.scalars]
+    return lambda: function(*arguments)
 
 
 def kernel_bandwidth(device, numel: int, runs: int, warmup: int, methods: Sequence[str],
@@ -85,7 +80,7 @@ def kernel_bandwidth(device, numel: int, runs: int, warmup: int, methods: Sequen
     generator = torch.Generator().manual_seed(0)
     for method in methods:
         for weights_dtype, shadow_dtype in pairs:
-            if method == "swap_" and not swap_supported(weights_dtype, shadow_dtype):
+            if method_table.BY_OP[method].exact and not swap_supported(weights_dtype, shadow_dtype):
                 continue
             case = aot.Case(_METHOD[method], weights_dtype, shadow_dtype)
             per_element = (case.bytes_per_element(case.method.inputs)

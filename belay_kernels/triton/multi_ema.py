@@ -84,10 +84,9 @@ def _check_profiles(k: int, decays) -> None:
 def _args_and_flags(decays, skip_nonfinite, skipped, placeholder, weights_dtype, shadow_dtypes):
     words, pointers, from_ptr = [], [], []
     for decay in decays:
-        bits, pointer, on_device = _launch.scalar_args(decay, placeholder.device,
-                                                       one_minus=True)
+        (bits, pointer), on_device = _launch.rate_args(decay, placeholder, one_minus=True)
         words += _launch.odd_words(bits)
-        pointers.append(placeholder if pointer is None else pointer)
+        pointers.append(pointer)
         from_ptr.append(on_device)
     args = (tuple(words), tuple(pointers), placeholder if skipped is None else skipped)
     flags = dict(DECAY_FROM_PTR=tuple(from_ptr), SKIP_NONFINITE=bool(skip_nonfinite),
@@ -103,12 +102,8 @@ def multi_ema_update_(shadows, weights: torch.Tensor, decays, skip_nonfinite=Tru
     _check_profiles(len(shadows), decays)
     args, flags = _args_and_flags(decays, skip_nonfinite, skipped, weights, weights.dtype,
                                   [s.dtype for s in shadows])
-    n = weights.numel()
-    if n:
-        with _launch.on_device(weights.device):
-            _multi_ema_update_kernel[_launch.grid(n, flags["BLOCK"])](
-                weights, weights, n, tuple(shadows), weights, *args, IS_LIST=False,
-                ALIGNED=True, **flags)
+    _launch.launch(_multi_ema_update_kernel, (*shadows, weights), args, flags,
+                   tuple_columns=len(shadows))
 
 
 def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True,
@@ -122,13 +117,7 @@ def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True,
         )
     if not weights:
         return
-    k = len(shadows)
     args, flags = _args_and_flags(decays, skip_nonfinite, skipped, weights[0], weights[0].dtype,
                                   [p[0].dtype for p in shadows])
-    columns = [*shadows, weights]
-    with _launch.on_device(weights[0].device):
-        for table in _launch.PointerTable.of(columns, columns):
-            bases = table.bases
-            _multi_ema_update_kernel[(table.num_blocks,)](
-                table.table, table.owner, table.num_tensors, tuple(bases[:k]), bases[k], *args,
-                IS_LIST=True, ALIGNED=table.aligned, **flags)
+    _launch.launch(_multi_ema_update_kernel, [*shadows, weights], args, flags,
+                   tuple_columns=len(shadows))

@@ -8,16 +8,19 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._blocks import _lerp_shadow, _skip_block, _table_block, _table_pointer
+from ._blocks import _lerp_shadow, _place, _skip_block
 from .device_step import StepGate, _gate, gate_args
 
 
-@triton.jit
-def _swa_program(shadow_ptr, weights_ptr, start, n, count, count_ptr, skipped_ptr, step_ptr,
-                 skip_ptr, first_step, every, COUNT_FROM_PTR: tl.constexpr,
-                 HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
-                 SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-                 COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["count"])
+def _swa_update_kernel(table_ptr, owner_ptr, size, shadow_ptr, weights_ptr, count, count_ptr,
+                       skipped_ptr, step_ptr, skip_ptr, first_step, every,
+                       IS_LIST: tl.constexpr, ALIGNED: tl.constexpr,
+                       COUNT_FROM_PTR: tl.constexpr, HAS_STEP: tl.constexpr,
+                       HAS_SKIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+                       HAS_SKIPPED: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    start, n, shadow_ptr, weights_ptr = _place(
+        table_ptr, owner_ptr, size, (shadow_ptr, weights_ptr), IS_LIST, ALIGNED, BLOCK)
     active, k = _gate(step_ptr, skip_ptr, first_step, every, HAS_STEP, HAS_SKIP)
     if active:
         if COUNT_FROM_PTR:
@@ -31,33 +34,6 @@ def _swa_program(shadow_ptr, weights_ptr, start, n, count, count_ptr, skipped_pt
                          SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
         else:
             _skip_block(start, n, skipped_ptr, HAS_SKIPPED, BLOCK)
-
-
-@triton.jit(do_not_specialize=["count"])
-def _swa_update_kernel(shadow_ptr, weights_ptr, n, count, count_ptr, skipped_ptr, step_ptr,
-                       skip_ptr, first_step, every, COUNT_FROM_PTR: tl.constexpr,
-                       HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
-                       SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    _swa_program(shadow_ptr, weights_ptr, start, n, count, count_ptr, skipped_ptr, step_ptr,
-                 skip_ptr, first_step, every, COUNT_FROM_PTR, HAS_STEP, HAS_SKIP,
-                 SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
-
-
-@triton.jit(do_not_specialize=["count"])
-def _swa_update_foreach_kernel(table_ptr, owner_ptr, num_tensors, shadow_ptr, weights_ptr,
-                               count, count_ptr, skipped_ptr, step_ptr, skip_ptr, first_step,
-                               every, ALIGNED: tl.constexpr, COUNT_FROM_PTR: tl.constexpr,
-                               HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
-                               SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-                               COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 2, BLOCK)
-    shadow_ptr = _table_pointer(table_ptr, shadow_ptr, 0, tensor, num_tensors, ALIGNED)
-    weights_ptr = _table_pointer(table_ptr, weights_ptr, 1, tensor, num_tensors, ALIGNED)
-    _swa_program(shadow_ptr, weights_ptr, start, n, count, count_ptr, skipped_ptr, step_ptr,
-                 skip_ptr, first_step, every, COUNT_FROM_PTR, HAS_STEP, HAS_SKIP,
-                 SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
 
 
 def _common_args(count, skip_nonfinite, skipped, gate, placeholder, dtypes):
@@ -80,7 +56,7 @@ def swa_update_(shadow: torch.Tensor, weights: torch.Tensor, count, skip_nonfini
     """With a gate, the count is ``count + k`` for the gate's update number k."""
     args, flags = _common_args(count, skip_nonfinite, skipped, gate, shadow,
                                (shadow.dtype, weights.dtype))
-    _launch.launch_flat(_swa_update_kernel, (shadow, weights), args, flags)
+    _launch.launch(_swa_update_kernel, (shadow, weights), args, flags)
     return shadow
 
 
@@ -88,5 +64,5 @@ def swa_update_foreach_(shadows, weights, count, skip_nonfinite=True, skipped=No
                        gate: StepGate | None = None):
     args, flags = _common_args(count, skip_nonfinite, skipped, gate, shadows[0],
                                (shadows[0].dtype, weights[0].dtype))
-    _launch.launch_foreach(_swa_update_foreach_kernel, [shadows, weights], args, flags)
+    _launch.launch(_swa_update_kernel, [shadows, weights], args, flags)
     return shadows

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._blocks import _load, _offsets, _store, _table_block, _table_pointer
+from ._blocks import _load, _offsets, _place, _store
 
 
 @triton.jit
@@ -70,29 +70,15 @@ def _swap_block(weights_ptr, shadow_ptr, start, n, PACKED: tl.constexpr,
 
 
 @triton.jit
-def _swap_program(weights_ptr, shadow_ptr, start, n, PACKED: tl.constexpr,
-                  INVERSE: tl.constexpr, BLOCK: tl.constexpr):
+def _swap_kernel(table_ptr, owner_ptr, size, weights_ptr, shadow_ptr, IS_LIST: tl.constexpr,
+                 ALIGNED: tl.constexpr, PACKED: tl.constexpr, INVERSE: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    start, n, weights_ptr, shadow_ptr = _place(
+        table_ptr, owner_ptr, size, (weights_ptr, shadow_ptr), IS_LIST, ALIGNED, BLOCK)
     if start + BLOCK <= n:
         _swap_block(weights_ptr, shadow_ptr, start, n, PACKED, INVERSE, False, BLOCK)
     else:
         _swap_block(weights_ptr, shadow_ptr, start, n, PACKED, INVERSE, True, BLOCK)
-
-
-@triton.jit
-def _swap_kernel(weights_ptr, shadow_ptr, n, PACKED: tl.constexpr, INVERSE: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    _swap_program(weights_ptr, shadow_ptr, start, n, PACKED, INVERSE, BLOCK)
-
-
-@triton.jit
-def _swap_foreach_kernel(table_ptr, owner_ptr, num_tensors, weights_ptr, shadow_ptr,
-                         ALIGNED: tl.constexpr,
-                         PACKED: tl.constexpr, INVERSE: tl.constexpr, BLOCK: tl.constexpr):
-    tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 2, BLOCK)
-    weights_ptr = _table_pointer(table_ptr, weights_ptr, 0, tensor, num_tensors, ALIGNED)
-    shadow_ptr = _table_pointer(table_ptr, shadow_ptr, 1, tensor, num_tensors, ALIGNED)
-    _swap_program(weights_ptr, shadow_ptr, start, n, PACKED, INVERSE, BLOCK)
 
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -109,11 +95,10 @@ def _flags(weights, shadow, inverse):
 
 def swap_(weights: torch.Tensor, shadow: torch.Tensor, inverse: bool = False) -> None:
     flags = _flags(weights, shadow, inverse)
-    _launch.launch_flat(_swap_kernel, (_bits(weights), _bits(shadow)), (), flags)
+    _launch.launch(_swap_kernel, (_bits(weights), _bits(shadow)), (), flags)
 
 
 def swap_foreach_(weights, shadows, inverse: bool = False) -> None:
     flags = _flags(weights[0], shadows[0], inverse)
     columns = [[_bits(t) for t in weights], [_bits(t) for t in shadows]]
-    _launch.launch_foreach(_swap_foreach_kernel, columns, (), flags,
-                           owners=[weights, shadows])
+    _launch.launch(_swap_kernel, columns, (), flags, owners=[weights, shadows])

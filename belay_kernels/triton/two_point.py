@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._blocks import _load, _offsets, _store, _table_block, _table_pointer
+from ._blocks import _load, _offsets, _place, _store
 
 
 @triton.jit
@@ -20,30 +20,15 @@ def _two_point_block(out_ptr, weights_ptr, snapshot_ptr, start, n, MASKED: tl.co
 
 
 @triton.jit
-def _two_point_program(out_ptr, weights_ptr, snapshot_ptr, start, n, COMPUTE: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _two_point_average_kernel(table_ptr, owner_ptr, size, out_ptr, weights_ptr, snapshot_ptr,
+                              IS_LIST: tl.constexpr, ALIGNED: tl.constexpr,
+                              COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    start, n, out_ptr, weights_ptr, snapshot_ptr = _place(
+        table_ptr, owner_ptr, size, (out_ptr, weights_ptr, snapshot_ptr), IS_LIST, ALIGNED, BLOCK)
     if start + BLOCK <= n:
         _two_point_block(out_ptr, weights_ptr, snapshot_ptr, start, n, False, COMPUTE, BLOCK)
     else:
         _two_point_block(out_ptr, weights_ptr, snapshot_ptr, start, n, True, COMPUTE, BLOCK)
-
-
-@triton.jit
-def _two_point_average_kernel(out_ptr, weights_ptr, snapshot_ptr, n, COMPUTE: tl.constexpr,
-                              BLOCK: tl.constexpr):
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    _two_point_program(out_ptr, weights_ptr, snapshot_ptr, start, n, COMPUTE, BLOCK)
-
-
-@triton.jit
-def _two_point_average_foreach_kernel(table_ptr, owner_ptr, num_tensors, out_ptr,
-                                      weights_ptr, snapshot_ptr, ALIGNED: tl.constexpr,
-                                      COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    tensor, start, n = _table_block(table_ptr, owner_ptr, num_tensors, 3, BLOCK)
-    out_ptr = _table_pointer(table_ptr, out_ptr, 0, tensor, num_tensors, ALIGNED)
-    weights_ptr = _table_pointer(table_ptr, weights_ptr, 1, tensor, num_tensors, ALIGNED)
-    snapshot_ptr = _table_pointer(table_ptr, snapshot_ptr, 2, tensor, num_tensors, ALIGNED)
-    _two_point_program(out_ptr, weights_ptr, snapshot_ptr, start, n, COMPUTE, BLOCK)
 
 
 def _flags(*dtypes):
@@ -53,12 +38,12 @@ def _flags(*dtypes):
 def two_point_average_(out: torch.Tensor, weights: torch.Tensor, snapshot: torch.Tensor):
     tensors = (out, weights, snapshot)
     flags = _flags(*(t.dtype for t in tensors))
-    _launch.launch_flat(_two_point_average_kernel, tensors, (), flags)
+    _launch.launch(_two_point_average_kernel, tensors, (), flags)
     return out
 
 
 def two_point_average_foreach_(outs, weights, snapshots):
     columns = [outs, weights, snapshots]
     flags = _flags(*(column[0].dtype for column in columns))
-    _launch.launch_foreach(_two_point_average_foreach_kernel, columns, (), flags)
+    _launch.launch(_two_point_average_kernel, columns, (), flags)
     return outs
