@@ -29,7 +29,10 @@ constexpr int kMinBlocksPerSm = 3;
 // under 80 registers; at 2 blocks per SM (512 threads) it still has 32 KB in flight.
 template <typename Op>
 constexpr int min_blocks_per_sm() {
-  return has_profiles<Op> && sizeof(typename Op::T) == 8 ? 2 : kMinBlocksPerSm;
+  if constexpr (has_profiles<Op>) {
+    if constexpr (sizeof(typename Op::T) == 8) return 2;
+  }
+  return kMinBlocksPerSm;
 }
 constexpr int64_t kListChunk = 1 << 16;  // elements per chunk in a tensor-list launch
 constexpr int kMaxDevices = 64;          // per-device caches; more devices are not cached
