@@ -25,6 +25,15 @@ constexpr int kBlockThreads = 256;
 // threads with 64 bytes of each tensor in flight hold more than DRAM latency times
 // bandwidth asks of an SM (about 20 KB on an H100: 3.35 TB/s x ~0.8 us / 132 SMs).
 constexpr int kMinBlocksPerSm = 3;
+// The fp64 K-profile EMA holds K fp64 rates and K addresses besides its data, and spilled
+// under 80 registers; at 2 blocks per SM (512 threads) it still has 32 KB in flight.
+template <typename Op>
+constexpr int min_blocks_per_sm() {
+  if constexpr (has_profiles<Op>) {
+    if constexpr (sizeof(typename Op::T) == 8) return 2;
+  }
+  return kMinBlocksPerSm;
+}
 constexpr int64_t kListChunk = 1 << 16;  // elements per chunk in a tensor-list launch
 constexpr int kMaxDevices = 64;          // per-device caches; more devices are not cached
 
@@ -41,13 +50,13 @@ __device__ __forceinline__ void add_skipped(int64_t count, int64_t* skipped) {
 }
 
 template <typename Op>
-__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
+__global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<Op>())
     flat_kernel(const Op op, const int64_t numel, int64_t* skipped) {
   add_skipped(flat_body(op, numel, blockIdx.x, threadIdx.x, gridDim.x, blockDim.x), skipped);
 }
 
 template <typename Op>
-__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
+__global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<Op>())
     list_kernel(const ListLaunch<Op> launch, int64_t* skipped) {
   add_skipped(list_body(launch, blockIdx.x, threadIdx.x, blockDim.x), skipped);
 }

@@ -60,3 +60,44 @@ def test_device_hyperparameters_and_current_stream():
         ops.ema_update_(shadow, weights, decay=torch.tensor(0.9, device="cuda"), backend="cuda")
     stream.synchronize()
     torch.testing.assert_close(shadow, expected)
+
+
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+def test_multi_ema_matches_k_reference_updates(pair):
+    from belay_kernels import reference
+    from belay_kernels.extension import cuda
+
+    generator = torch.Generator().manual_seed(0)
+    decays = [0.9, torch.tensor(0.3, dtype=torch.float64, device="cuda"), 0.0,
+              torch.tensor(float("nan"), dtype=torch.float64, device="cuda"), 0.999]
+    for sizes in ([3_000_017], [200_003, 0, 1, 1009] * 6):
+        shadows = [[torch.randn(n, generator=generator).to(pair[1]).cuda() for n in sizes]
+                   for _ in decays]
+        expected = [[s.clone() for s in profile] for profile in shadows]
+        skipped = torch.zeros((), dtype=torch.int64, device="cuda")
+        skipped_ref = torch.zeros((), dtype=torch.int64, device="cuda")
+        for step in range(4):
+            weights = [torch.randn(n, generator=generator).to(pair[0]).cuda() for n in sizes]
+            if step == 1:
+                for w in weights:
+                    w[::97] = float("nan")
+            cuda.multi_ema_update_foreach_(shadows, weights, decays, step != 2, skipped)
+            for profile, decay in zip(expected, decays):
+                for s, w in zip(profile, weights):
+                    reference.ema_update_(s, w, decay, step != 2, skipped_ref)
+        for profile, want_profile in zip(shadows, expected):
+            for got, want in zip(profile, want_profile):
+                torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+        assert int(skipped) == int(skipped_ref)
+
+
+def test_a_rate_of_one_copies_over_nonfinite_values():
+    weights = torch.randn(100_003, device="cuda")
+    for decay in (0.0, torch.tensor(0.0, dtype=torch.float64, device="cuda")):
+        shadow = torch.full((100_003,), float("nan"), device="cuda")
+        shadow[::2] = float("inf")
+        ops.ema_update_(shadow, weights, decay=decay, nonfinite="propagate", backend="cuda")
+        assert torch.equal(shadow, weights)
+    shadow = torch.full((100_003,), float("-inf"), device="cuda")
+    ops.swa_update_(shadow, weights, count=0, nonfinite="propagate", backend="cuda")
+    assert torch.equal(shadow, weights)
