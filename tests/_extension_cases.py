@@ -34,6 +34,15 @@ def one_cpu_thread():
         yield
 
 
+def refuses(call, match, *untouched):
+    """A direct call of a compiled op raises (TORCH_CHECK_VALUE) and writes nothing."""
+    before = [t.clone() for t in untouched]
+    with pytest.raises(ValueError, match=match):
+        call()
+    for t, b in zip(untouched, before):
+        assert torch.equal(t, b), "a refused call wrote memory"
+
+
 def require_backend(name: str) -> None:
     """Skip when the compiled backend is absent, unless CI demands it
     (BELAY_KERNELS_REQUIRE_EXTENSION=1 turns the skip into a failure)."""

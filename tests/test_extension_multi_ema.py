@@ -10,6 +10,7 @@ from _extension_cases import (  # noqa: F401 (cpp_backend, one_cpu_thread: fixtu
     cpp_backend,
     one_cpu_thread,
     pair_id,
+    refuses,
     simulated_grid,
 )
 
@@ -214,40 +215,32 @@ def test_opcheck(name, args):
     torch.library.opcheck(getattr(_ops(), name).default, args)
 
 
-def _refuses(call, match, *untouched):
-    before = [t.clone() for t in untouched]
-    with pytest.raises(ValueError, match=match):
-        call()
-    for t, b in zip(untouched, before):
-        assert torch.equal(t, b), "a refused call wrote memory"
-
-
 def test_refuses_bad_input_before_writing():
     ops = _ops()
     w = torch.randn(10)
     s = [torch.randn(10) for _ in range(9)]
-    _refuses(lambda: ops.multi_ema_update_(s, w, [0.9] * 9, [], True, None), "1 to 8", *s)
-    _refuses(lambda: ops.multi_ema_update_([], w, [], [], True, None), "1 to 8")
-    _refuses(lambda: ops.multi_ema_update_(s[:2], w, [0.9], [], True, None), "one decay", *s)
-    _refuses(lambda: ops.multi_ema_update_(s[:2], w, [0.9, 1.5], [], True, None),
+    refuses(lambda: ops.multi_ema_update_(s, w, [0.9] * 9, [], True, None), "1 to 8", *s)
+    refuses(lambda: ops.multi_ema_update_([], w, [], [], True, None), "1 to 8")
+    refuses(lambda: ops.multi_ema_update_(s[:2], w, [0.9], [], True, None), "one decay", *s)
+    refuses(lambda: ops.multi_ema_update_(s[:2], w, [0.9, 1.5], [], True, None),
              r"decays\[1\] must be in \[0, 1\]", *s[:2])
-    _refuses(lambda: ops.multi_ema_update_(s[:2], w, [0.9, 0.9], [None], True, None),
+    refuses(lambda: ops.multi_ema_update_(s[:2], w, [0.9, 0.9], [None], True, None),
              "decay_tensors has 1", *s[:2])
-    _refuses(lambda: ops.multi_ema_update_(s[:2], w, [0.9, 0.9],
+    refuses(lambda: ops.multi_ema_update_(s[:2], w, [0.9, 0.9],
                                            [None, torch.tensor([0.9])], True, None),
              "float64", *s[:2])
-    _refuses(lambda: ops.multi_ema_update_([s[0], s[1].double()], w, [0.9, 0.9], [], True, None),
+    refuses(lambda: ops.multi_ema_update_([s[0], s[1].double()], w, [0.9, 0.9], [], True, None),
              "one shadow dtype", s[0])
-    _refuses(lambda: ops.multi_ema_update_([s[0], s[1][:5]], w, [0.9, 0.9], [], True, None),
+    refuses(lambda: ops.multi_ema_update_([s[0], s[1][:5]], w, [0.9, 0.9], [], True, None),
              r"shadows\[1\] has 5", s[0])
-    _refuses(lambda: ops.multi_ema_update_([s[0], s[0]], w, [0.9, 0.9], [], True, None),
+    refuses(lambda: ops.multi_ema_update_([s[0], s[0]], w, [0.9, 0.9], [], True, None),
              "share memory", s[0])
-    _refuses(lambda: ops.multi_ema_update_([s[0], w], w, [0.9, 0.9], [], True, None),
+    refuses(lambda: ops.multi_ema_update_([s[0], w], w, [0.9, 0.9], [], True, None),
              "share memory", s[0], w)
-    _refuses(lambda: ops.multi_ema_update_foreach_(s[:3], [w, w.clone()], [0.9, 0.9], [],
+    refuses(lambda: ops.multi_ema_update_foreach_(s[:3], [w, w.clone()], [0.9, 0.9], [],
                                                    True, None), "3 shadows", *s[:3])
     half = [t.half() for t in s[:2]]
-    _refuses(lambda: ops.multi_ema_update_(half, w, [0.9, 0.9], [], True, None),
+    refuses(lambda: ops.multi_ema_update_(half, w, [0.9, 0.9], [], True, None),
              "no compiled kernel", *half)
 
 

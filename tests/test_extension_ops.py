@@ -4,7 +4,7 @@ when the ops are called directly, before any memory is written."""
 
 import pytest
 import torch
-from _extension_cases import cpp_backend, one_cpu_thread  # noqa: F401 (fixtures)
+from _extension_cases import cpp_backend, one_cpu_thread, refuses  # noqa: F401 (fixtures)
 
 from belay_kernels.testing import random_like_model
 
@@ -109,55 +109,47 @@ def test_compiled_training_step_has_no_graph_break():
 
 # --- bad input on direct calls ---------------------------------------------------------
 
-def _refuses(call, match, *untouched):
-    before = [t.clone() for t in untouched]
-    with pytest.raises(ValueError, match=match):
-        call()
-    for t, b in zip(untouched, before):
-        assert torch.equal(t, b), "a refused call wrote memory"
-
-
 def test_refuses_unsupported_dtypes():
     ops = _ops()
     w, s = _pair(10, torch.float64, torch.float32)
-    _refuses(lambda: ops.ema_update_(s, w, 0.9, None, True, None), "no compiled kernel", s)
+    refuses(lambda: ops.ema_update_(s, w, 0.9, None, True, None), "no compiled kernel", s)
     ints = torch.arange(10)
-    _refuses(lambda: ops.ema_update_(ints, ints.clone(), 0.9, None, True, None),
+    refuses(lambda: ops.ema_update_(ints, ints.clone(), 0.9, None, True, None),
              "no compiled kernel", ints)
     w, s = _pair(10, torch.float16, torch.float32)
-    _refuses(lambda: ops.swap_(w, s, False), "no exact in-place swap", w, s)
+    refuses(lambda: ops.swap_(w, s, False), "no exact in-place swap", w, s)
     out = torch.zeros(10, dtype=torch.float32)  # not empty: NaN garbage never equals itself
-    _refuses(lambda: ops.two_point_average_(out, w, s), "out is Float", out)
+    refuses(lambda: ops.two_point_average_(out, w, s), "out is Float", out)
 
 
 def test_refuses_mismatched_sizes_and_layouts():
     ops = _ops()
     w, s = _pair(10)
-    _refuses(lambda: ops.ema_update_(s[:9], w, 0.9, None, True, None), "shadow has 9", s)
+    refuses(lambda: ops.ema_update_(s[:9], w, 0.9, None, True, None), "shadow has 9", s)
     wide = torch.randn(10, 2)
-    _refuses(lambda: ops.ema_update_(s, wide[:, 0], 0.9, None, True, None),
+    refuses(lambda: ops.ema_update_(s, wide[:, 0], 0.9, None, True, None),
              "not contiguous", s)
 
 
 def test_refuses_aliasing():
     ops = _ops()
     buffer = torch.randn(20)
-    _refuses(lambda: ops.belay_step_(buffer[:10], buffer[5:15], 0.1, 0.1, None, None, True, None),
+    refuses(lambda: ops.belay_step_(buffer[:10], buffer[5:15], 0.1, 0.1, None, None, True, None),
              "share memory", buffer)
-    _refuses(lambda: ops.swap_(buffer, buffer, False), "share memory", buffer)
+    refuses(lambda: ops.swap_(buffer, buffer, False), "share memory", buffer)
 
 
 def test_refuses_bad_scalars_and_counter():
     ops = _ops()
     w, s = _pair(10)
-    _refuses(lambda: ops.ema_update_(s, w, 1.5, None, True, None), r"decay must be in \[0, 1\]", s)
-    _refuses(lambda: ops.belay_step_(w, s, 0.1, -0.1, None, None, True, None), "beta", w, s)
-    _refuses(lambda: ops.swa_update_(s, w, -1, None, True, None), "count must be >= 0", s)
-    _refuses(lambda: ops.ema_update_(s, w, 0.0, torch.tensor([0.9]), True, None), "float64", s)
-    _refuses(lambda: ops.swa_update_(s, w, 0, torch.tensor([1.0]), True, None), "int64", s)
+    refuses(lambda: ops.ema_update_(s, w, 1.5, None, True, None), r"decay must be in \[0, 1\]", s)
+    refuses(lambda: ops.belay_step_(w, s, 0.1, -0.1, None, None, True, None), "beta", w, s)
+    refuses(lambda: ops.swa_update_(s, w, -1, None, True, None), "count must be >= 0", s)
+    refuses(lambda: ops.ema_update_(s, w, 0.0, torch.tensor([0.9]), True, None), "float64", s)
+    refuses(lambda: ops.swa_update_(s, w, 0, torch.tensor([1.0]), True, None), "int64", s)
     bad_counter = torch.zeros(2, dtype=torch.int64)
-    _refuses(lambda: ops.ema_update_(s, w, 0.9, None, True, bad_counter), "skipped", s)
-    _refuses(lambda: ops.ema_update_(s, w, 0.9, None, True, torch.zeros((), dtype=torch.int32)),
+    refuses(lambda: ops.ema_update_(s, w, 0.9, None, True, bad_counter), "skipped", s)
+    refuses(lambda: ops.ema_update_(s, w, 0.9, None, True, torch.zeros((), dtype=torch.int32)),
              "skipped", s)
 
 
@@ -165,11 +157,11 @@ def test_refuses_bad_lists():
     ops = _ops()
     w, s = _pair(10)
     w2, s2 = _pair(5, torch.bfloat16, torch.bfloat16)
-    _refuses(lambda: ops.ema_update_foreach_([s, s.clone()], [w], 0.9, None, True, None),
+    refuses(lambda: ops.ema_update_foreach_([s, s.clone()], [w], 0.9, None, True, None),
              "has 1 tensors", s)
-    _refuses(lambda: ops.ema_update_foreach_([s, s2], [w, w2], 0.9, None, True, None),
+    refuses(lambda: ops.ema_update_foreach_([s, s2], [w, w2], 0.9, None, True, None),
              "one dtype per list", s, s2)
-    _refuses(lambda: ops.ema_update_foreach_([s, s2], [w, w2[:4]], 0.9, None, True, None),
+    refuses(lambda: ops.ema_update_foreach_([s, s2], [w, w2[:4]], 0.9, None, True, None),
              r"weights\[1\] has 4 elements", s, s2)
 
 
@@ -177,7 +169,7 @@ def test_refuses_bad_lists():
 def test_refuses_mixed_devices():
     ops = _ops()
     w, s = _pair(10)
-    _refuses(lambda: ops.ema_update_(s.cuda(), w, 0.9, None, True, None), "move them", w)
+    refuses(lambda: ops.ema_update_(s.cuda(), w, 0.9, None, True, None), "move them", w)
 
 
 def test_a_missing_build_is_reported_not_raised():
