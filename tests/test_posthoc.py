@@ -92,8 +92,7 @@ def test_multi_ema_update_is_k_ema_updates(k, weights_dtype, shadow_dtype, nonfi
         skipped_fused, skipped_each = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
         ops.multi_ema_update_(shadows, weights, decays=decays, nonfinite=nonfinite, skipped=skipped_fused)
         for s, d in zip(expected, decays):
-            ops.ema_update_(s, weights, decay=d, nonfinite=nonfinite, skipped=skipped_each,
-                            backend="torch")
+            ops.ema_update_(s, weights, decay=d, nonfinite=nonfinite, skipped=skipped_each)
         for got, want in zip(shadows, expected):
             assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
         assert skipped_fused.item() == skipped_each.item()
