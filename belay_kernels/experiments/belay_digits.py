@@ -47,6 +47,20 @@ def accuracy(model, x, y) -> float:
     return (model(x).argmax(-1) == y).float().mean().item()
 
 
+def sgd_epoch(model, optimizer, x_train, y_train, order, averagers) -> None:
+    """One epoch of minibatches of BATCH in the order ``order`` draws; every averager
+    steps after each optimizer step."""
+    perm = torch.randperm(len(x_train), generator=order)
+    for start in range(0, len(perm), BATCH):
+        idx = perm[start:start + BATCH]
+        loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for averager in averagers:
+            averager.step()
+
+
 def train(seed, epochs, data, averagers_for):
     """One SGD run; ``averagers_for(model)`` -> {name: averager}. Returns per-epoch
     accuracies {"live": [...], name: [...]} (index 0 = before training)."""
@@ -59,15 +73,7 @@ def train(seed, epochs, data, averagers_for):
                                                           for n in averagers)}
     order = torch.Generator().manual_seed(1000 + seed)  # the same batches for every run
     for _ in range(epochs):
-        perm = torch.randperm(len(x_train), generator=order)
-        for start in range(0, len(perm), BATCH):
-            idx = perm[start:start + BATCH]
-            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for averager in averagers.values():
-                averager.step()
+        sgd_epoch(model, optimizer, x_train, y_train, order, averagers.values())
         acc["live"].append(accuracy(model, x_test, y_test))
         for name, averager in averagers.items():
             with averager.averaged():

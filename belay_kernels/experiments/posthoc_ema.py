@@ -23,7 +23,7 @@ from .. import posthoc
 from ..posthoc import PostHocEMA, PowerEMA
 from ..threads import torch_threads
 from ._common import SEEDS, Result, markdown_table, mean_std, write_outputs
-from .belay_digits import BATCH, load_data, make_model
+from .belay_digits import BATCH, load_data, make_model, sgd_epoch
 
 NAME = "posthoc-ema"
 LR = 0.1
@@ -57,15 +57,7 @@ def train(seed: int, epochs: int, data, folders: dict):
     controls = {s: PowerEMA(model, sigma_rel=s) for s in CONTROLS}
     order = torch.Generator().manual_seed(1000 + seed)
     for _ in range(epochs):
-        perm = torch.randperm(len(x_train), generator=order)
-        for start in range(0, len(perm), BATCH):
-            idx = perm[start:start + BATCH]
-            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for averager in (*phemas, *controls.values()):
-                averager.step()
+        sgd_epoch(model, optimizer, x_train, y_train, order, (*phemas, *controls.values()))
     live = {n: p.detach().clone() for n, p in model.named_parameters()}
     direct = {}
     for s, control in controls.items():
