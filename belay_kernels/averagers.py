@@ -28,10 +28,17 @@ import torch
 from torch import nn
 
 from . import _backends, distributed, flat, ops
-from ._checks import BelayInputError, check_nonfinite, check_unit_interval
+from ._checks import BelayInputError, check_nonfinite
+from .hparams import (
+    BelayHparams,
+    EMAHparams,
+    HparamAttribute,
+    SWAHparams,
+    TwoPointHparams,
+    decay_schedule,
+)
 from .reference import SWAP_PAIRS, swap_supported
-from .schedules import Constant, Warmup, as_schedule, every_k, from_state, to_state
-from .schedules import half_life as half_life_decay
+from .schedules import Constant, Warmup, every_k
 
 STATE_FORMAT = 1
 BUFFER_POLICIES = ("average", "copy")
@@ -200,7 +207,8 @@ def _collect(module_or_params, include_frozen: bool, buffers: str):
 class Averager:
     """Shared machinery: flat buffers, shadows, swap, copy and checkpoints.
 
-    Subclasses set ``method``, implement ``_update()`` and ``hparams``/``_set_hparams``.
+    Subclasses set ``method`` and, before calling this constructor, ``_hparams`` (a frozen
+    :class:`~belay_kernels.hparams.Hparams`); they implement ``_update()`` and ``_track_ops()``.
     """
 
     method = "Averager"
@@ -526,10 +534,7 @@ class Averager:
     def hparams(self) -> dict:
         """The hyperparameters, as state_dict() saves them (a new dict on each call, so a
         method rather than a property)."""
-        raise NotImplementedError
-
-    def _set_hparams(self, hparams: dict) -> None:
-        raise NotImplementedError
+        return self._hparams.to_state()
 
     def _saved_tensors(self) -> dict[str, list[torch.Tensor]]:
         """Tensor state by kind, each list in ``names()`` order."""
@@ -619,14 +624,14 @@ class Averager:
                 "the state does not fit this model (was it saved from a different one?): "
                 + "; ".join(problems[:8])
             )
-        self._validate_hparams(state["hparams"])
+        hparams = type(self._hparams).from_state(state["hparams"])
         check_nonfinite(state["nonfinite"])
         with torch.no_grad():
             for kind, tensors in mine.items():
                 for name, t, spec in zip(names, tensors, specs):
                     value = state[kind][name]
                     t.copy_(spec.local_of(value) if spec is not None else value)
-        self._set_hparams(state["hparams"])
+        self._hparams = hparams
         self.nonfinite = state["nonfinite"]
         self._steps = int(state["num_steps"])
         self._updates = int(state["num_updates"])
@@ -636,17 +641,6 @@ class Averager:
             c.fill_(int(state["num_skipped"]) if i == 0 and first else 0)
 
     _STATE_KEYS = ("hparams", "nonfinite", "num_steps", "num_updates", "num_skipped")
-
-    def _validate_hparams(self, hparams: dict) -> None:
-        """Run the constructor's checks on the saved settings, changing nothing."""
-        try:
-            self._hparam_check(**hparams)
-        except (TypeError, KeyError) as exc:
-            raise BelayInputError(f"the saved hyperparameters {hparams!r} are malformed: {exc}") from None
-
-    @staticmethod
-    def _hparam_check(**hparams) -> None:
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
@@ -685,12 +679,6 @@ def _mib(n: int) -> str:
     return f"{n} B"
 
 
-def _check_every(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BelayInputError(f"{name} must be an int >= 1, got {value!r}.")
-    return value
-
-
 class EMA(Averager):
     """Exponential moving average: ``shadow += (1 - decay) (weights - shadow)``.
 
@@ -701,6 +689,7 @@ class EMA(Averager):
     """
 
     method = "EMA"
+    schedule, every = HparamAttribute(), HparamAttribute()
 
     def __init__(
         self,
@@ -711,21 +700,8 @@ class EMA(Averager):
         every: int = 1,
         **options,
     ):
-        schedule, every = self._hparam_check(decay=decay, half_life=half_life, every=every)
-        self.schedule, self.every = schedule, every
+        self._hparams = EMAHparams(decay_schedule(decay, half_life), every)
         super().__init__(module_or_params, **options)
-
-    @staticmethod
-    def _hparam_check(decay=None, half_life=None, every=1, schedule=None):
-        if schedule is not None:  # the checkpoint form
-            return from_state(schedule), _check_every("every", every)
-        if decay is not None and half_life is not None:
-            raise BelayInputError("give decay or half_life, not both.")
-        if half_life is not None:
-            decay = half_life_decay(half_life)
-        elif decay is None:
-            decay = 0.999
-        return as_schedule(decay), _check_every("every", every)
 
     def _track_ops(self, weights_dtype, shadow_dtype, is_param):
         return [("ema_update_", (shadow_dtype, weights_dtype))]
@@ -742,11 +718,6 @@ class EMA(Averager):
             ops.ema_update_(track.shadow, track.weights, decay=decay, **self._op_kwargs(track))
         self._updates += 1
 
-    def hparams(self) -> dict:
-        return {"schedule": to_state(self.schedule), "every": self.every}
-
-    def _set_hparams(self, hparams: dict) -> None:
-        self.schedule, self.every = self._hparam_check(**hparams)
 
 
 class SWA(Averager):
@@ -754,16 +725,11 @@ class SWA(Averager):
     ``start + every``, ... The first update copies."""
 
     method = "SWA"
+    start, every = HparamAttribute(), HparamAttribute()
 
     def __init__(self, module_or_params, *, start: int = 0, every: int = 1, **options):
-        self.start, self.every = self._hparam_check(start=start, every=every)
+        self._hparams = SWAHparams(start, every)
         super().__init__(module_or_params, **options)
-
-    @staticmethod
-    def _hparam_check(start=0, every=1):
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise BelayInputError(f"start must be an int >= 0, got {start!r}.")
-        return start, _check_every("every", every)
 
     def _track_ops(self, weights_dtype, shadow_dtype, is_param):
         return [("swa_update_", (shadow_dtype, weights_dtype))]
@@ -775,11 +741,6 @@ class SWA(Averager):
             ops.swa_update_(track.shadow, track.weights, count=self._updates, **self._op_kwargs(track))
         self._updates += 1
 
-    def hparams(self) -> dict:
-        return {"start": self.start, "every": self.every}
-
-    def _set_hparams(self, hparams: dict) -> None:
-        self.start, self.every = self._hparam_check(**hparams)
 
 
 class Belay(Averager):
@@ -797,9 +758,10 @@ class Belay(Averager):
     method = "Belay"
     _buffers_join_params = False
     _can_shard_shadow = False
+    alpha, beta, eta = HparamAttribute(), HparamAttribute(), HparamAttribute()
 
     def __init__(self, module_or_params, *, alpha: float, beta: float, **options):
-        self.alpha, self.beta, self.eta = self._hparam_check(alpha=alpha, beta=beta)
+        self._hparams = BelayHparams(alpha, beta)
         super().__init__(module_or_params, **options)
 
     @classmethod
@@ -821,14 +783,6 @@ class Belay(Averager):
         averager.eta = 1 / (2 * m1)
         return averager
 
-    @staticmethod
-    def _hparam_check(alpha=None, beta=None, eta=None):
-        check_unit_interval("alpha", alpha, None)
-        check_unit_interval("beta", beta, None)
-        if eta is not None and not (isinstance(eta, (int, float)) and eta > 0):
-            raise BelayInputError(f"eta must be a positive number or None, got {eta!r}.")
-        return float(alpha), float(beta), eta
-
     def _track_ops(self, weights_dtype, shadow_dtype, is_param):
         if is_param:
             return [("belay_step_", (weights_dtype, shadow_dtype))]
@@ -843,11 +797,6 @@ class Belay(Averager):
                 ops.ema_update_(track.shadow, track.weights, decay=1 - self.alpha, **kwargs)
         self._updates += 1
 
-    def hparams(self) -> dict:
-        return {"alpha": self.alpha, "beta": self.beta, "eta": self.eta}
-
-    def _set_hparams(self, hparams: dict) -> None:
-        self.alpha, self.beta, self.eta = self._hparam_check(**hparams)
 
 
 class TwoPoint(Averager):
@@ -860,9 +809,10 @@ class TwoPoint(Averager):
     """
 
     method = "TwoPoint"
+    gap = HparamAttribute()
 
     def __init__(self, module_or_params, *, gap: int, **options):
-        (self.gap,) = self._hparam_check(gap=gap)
+        self._hparams = TwoPointHparams(gap)
         super().__init__(module_or_params, **options)
         # the shadow made by the base class is the snapshot; the average is separate
         self._average = [
@@ -874,10 +824,6 @@ class TwoPoint(Averager):
 
     def _shadow_dtype_rule(self, shadow_dtype):
         return (lambda _: shadow_dtype) if shadow_dtype is not None else (lambda d: d)
-
-    @staticmethod
-    def _hparam_check(gap=1):
-        return (_check_every("gap", gap),)
 
     @property
     def snapshot_age(self) -> int:
@@ -929,9 +875,3 @@ class TwoPoint(Averager):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._snapshot_step = int(state["snapshot_step"])
-
-    def hparams(self) -> dict:
-        return {"gap": self.gap}
-
-    def _set_hparams(self, hparams: dict) -> None:
-        (self.gap,) = self._hparam_check(**hparams)

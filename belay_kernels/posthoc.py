@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import math
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ import torch
 
 from . import ops, power
 from ._checks import BelayInputError
-from .averagers import Averager, _check_every
+from .averagers import Averager
+from .hparams import HparamAttribute, Hparams, check_every
 
 SNAPSHOT_KIND = "belay_kernels.posthoc snapshot"
 SNAPSHOT_FORMAT = 1
@@ -38,10 +40,25 @@ _SNAPSHOT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
                     "float32": torch.float32, "float64": torch.float64}
 
 
+def _dtype_name(dtype) -> str:
+    """How a checkpoint names a snapshot dtype: ``torch.float16`` (or "float16") as "float16"."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _update_due(t: int, every: int) -> bool:
     """Whether 0-based step ``t`` updates: the n-th update falls on step ``n * every``
     (1-based), the time the power-function decay assumes."""
     return (t + 1) % every == 0
+
+
+@dataclass(frozen=True)
+class PowerEMAHparams(Hparams):
+    gamma: float
+    every: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "gamma", power.check_gamma(self.gamma))
+        check_every("every", self.every)
 
 
 class PowerEMA(Averager):
@@ -52,14 +69,11 @@ class PowerEMA(Averager):
     keeps the profile (see :mod:`belay_kernels.power`)."""
 
     method = "PowerEMA"
+    gamma, every = HparamAttribute(), HparamAttribute()
 
     def __init__(self, module_or_params, *, sigma_rel=None, gamma=None, every: int = 1, **options):
-        self.gamma, self.every = self._hparam_check(sigma_rel=sigma_rel, gamma=gamma, every=every)
+        self._hparams = PowerEMAHparams(power.resolve_gamma(sigma_rel, gamma), every)
         super().__init__(module_or_params, **options)
-
-    @staticmethod
-    def _hparam_check(sigma_rel=None, gamma=None, every=1):
-        return power.resolve_gamma(sigma_rel, gamma), _check_every("every", every)
 
     @property
     def sigma_rel(self) -> float:
@@ -76,11 +90,6 @@ class PowerEMA(Averager):
             ops.ema_update_(track.shadow, track.weights, decay=decay, **self._op_kwargs(track))
         self._updates += 1
 
-    def hparams(self) -> dict:
-        return {"gamma": self.gamma, "every": self.every}
-
-    def _set_hparams(self, hparams: dict) -> None:
-        self.gamma, self.every = self._hparam_check(**hparams)
 
 
 def _check_snapshot_dir(path) -> Path:
@@ -100,6 +109,34 @@ def _check_snapshot_dir(path) -> Path:
     return folder
 
 
+@dataclass(frozen=True)
+class PostHocEMAHparams(Hparams):
+    gammas: tuple[float, ...]
+    snapshot_every: int
+    snapshot_dtype: str = "float16"  # a name in _SNAPSHOT_DTYPES, as checkpoints store it
+    every: int = 1
+
+    def __post_init__(self):
+        gammas = tuple(power.check_gamma(g) for g in self.gammas)
+        if not gammas or len(set(gammas)) != len(gammas):
+            raise BelayInputError(f"the profiles need distinct values, got gammas {list(gammas)}.")
+        object.__setattr__(self, "gammas", gammas)
+        check_every("snapshot_every", self.snapshot_every)
+        check_every("every", self.every)
+        if self.snapshot_every % self.every:
+            raise BelayInputError(
+                f"snapshot_every ({self.snapshot_every}) must be a multiple of every "
+                f"({self.every}), so that each snapshot is taken at an update."
+            )
+        if self.snapshot_dtype not in _SNAPSHOT_DTYPES:
+            raise BelayInputError(
+                f"snapshot_dtype must be one of {list(_SNAPSHOT_DTYPES)}, got {self.snapshot_dtype!r}."
+            )
+
+    def to_state(self) -> dict:
+        return {**super().to_state(), "gammas": list(self.gammas)}
+
+
 class PostHocEMA(Averager):
     """K power-function EMA profiles (``sigma_rels``), updated together by one
     :func:`~belay_kernels.ops.multi_ema_update_` call per flat buffer, and every
@@ -115,6 +152,7 @@ class PostHocEMA(Averager):
     method = "PostHocEMA"
     _can_shard_shadow = False
     _STATE_KEYS = Averager._STATE_KEYS + ("num_snapshots",)
+    gammas, snapshot_every, every = HparamAttribute(), HparamAttribute(), HparamAttribute()
 
     def __init__(
         self,
@@ -133,9 +171,7 @@ class PostHocEMA(Averager):
                 "(e.g. (0.05, 0.10))."
             )
         gammas = [power.sigma_rel_to_gamma(s) for s in sigma_rels]
-        dtype_name = str(snapshot_dtype).removeprefix("torch.")
-        (self.gammas, self.snapshot_every, self.snapshot_dtype, self.every) = self._hparam_check(
-            gammas=gammas, snapshot_every=snapshot_every, snapshot_dtype=dtype_name, every=every)
+        self._hparams = PostHocEMAHparams(gammas, snapshot_every, _dtype_name(snapshot_dtype), every)
         self.snapshot_dir = _check_snapshot_dir(snapshot_dir)
         super().__init__(module_or_params, **options)
         if any(t.specs is not None for t in self._tracks):
@@ -155,22 +191,13 @@ class PostHocEMA(Averager):
         self._selected = 0
         self._snapshots = 0
 
-    @staticmethod
-    def _hparam_check(gammas=(), snapshot_every=1, snapshot_dtype="float16", every=1):
-        gammas = [power.check_gamma(g) for g in gammas]
-        if not gammas or len(set(gammas)) != len(gammas):
-            raise BelayInputError(f"the profiles need distinct values, got gammas {gammas}.")
-        snapshot_every, every = _check_every("snapshot_every", snapshot_every), _check_every("every", every)
-        if snapshot_every % every:
-            raise BelayInputError(
-                f"snapshot_every ({snapshot_every}) must be a multiple of every ({every}), so "
-                "that each snapshot is taken at an update."
-            )
-        if snapshot_dtype not in _SNAPSHOT_DTYPES:
-            raise BelayInputError(
-                f"snapshot_dtype must be one of {list(_SNAPSHOT_DTYPES)}, got {snapshot_dtype!r}."
-            )
-        return gammas, snapshot_every, _SNAPSHOT_DTYPES[snapshot_dtype], every
+    @property
+    def snapshot_dtype(self) -> torch.dtype:
+        return _SNAPSHOT_DTYPES[self._hparams.snapshot_dtype]
+
+    @snapshot_dtype.setter
+    def snapshot_dtype(self, dtype) -> None:
+        self._hparams = replace(self._hparams, snapshot_dtype=_dtype_name(dtype))
 
     @property
     def sigma_rels(self) -> list[float]:
@@ -279,13 +306,6 @@ class PostHocEMA(Averager):
         super().load_state_dict(state)
         self._snapshots = int(state["num_snapshots"])
 
-    def hparams(self) -> dict:
-        return {"gammas": list(self.gammas), "snapshot_every": self.snapshot_every,
-                "snapshot_dtype": str(self.snapshot_dtype).removeprefix("torch."),
-                "every": self.every}
-
-    def _set_hparams(self, hparams: dict) -> None:
-        self.gammas, self.snapshot_every, self.snapshot_dtype, self.every = self._hparam_check(**hparams)
 
 
 def _views(track, shadow) -> list[torch.Tensor]:
