@@ -22,7 +22,7 @@ import contextlib
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -54,29 +54,56 @@ def default_shadow_dtype(weights_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if weights_dtype in (torch.bfloat16, torch.float16) else weights_dtype
 
 
+TensorOrList = torch.Tensor | list[torch.Tensor]
+
+
 @dataclass
 class Track:
-    """What one op call covers: a flat buffer, or a list of tensors on one device."""
+    """What one op call covers (a flat buffer, or a list of tensors on one device), and
+    every tensor the averager keeps for it."""
 
     names: list[str]
     live: list[torch.Tensor]  # the model's tensors, one per name
-    weights: torch.Tensor | list[torch.Tensor]  # flat buffer, or the live tensors
-    shadow: torch.Tensor | list[torch.Tensor]  # laid out like ``weights``
-    shadows: list[torch.Tensor]  # per-name views of ``shadow``
+    weights: TensorOrList  # flat buffer, or the live tensors
+    shadow: TensorOrList  # laid out like ``weights``: what the ops take
+    shadow_views: list[torch.Tensor]  # ``shadow`` per name, shaped like ``live``
     is_param: bool
     group: flat.FlatGroup | None = None
     # Distributed tracks (see :mod:`belay_kernels.distributed`): where each local piece
-    # sits in its full tensor, the one allocation behind ``shadows``, whether ``weights``
-    # are FSDP2 local shards (re-read before each use), and for a sharded DDP shadow the
-    # whole weights that evaluation swaps with the gathered average.
+    # sits in its full tensor, the one allocation behind ``shadow_views``, whether
+    # ``weights`` are FSDP2 local shards (re-read before each use), and for a sharded DDP
+    # shadow the whole weights that evaluation swaps with the gathered average.
     specs: list[distributed.Spec] | None = None
     shadow_storage: torch.Tensor | None = None
     dtensor: bool = False
-    full_weights: torch.Tensor | list[torch.Tensor] | None = None
+    full_weights: TensorOrList | None = None
+    # Laid out like ``shadow``: TwoPoint's average (filled only when evaluating), and
+    # PostHocEMA's profiles after the first (the first is ``shadow``).
+    average: TensorOrList | None = None
+    extra_profiles: list[TensorOrList] = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:
         return self.live[0].device
+
+    def views(self, buffer: TensorOrList) -> list[torch.Tensor]:
+        """Per-name views of ``buffer``, which is laid out like ``shadow``."""
+        if self.group is None or not isinstance(buffer, torch.Tensor):
+            return list(buffer)
+        return [self.group.view(buffer, s) for s in self.group.slots]
+
+    def like_shadow(self, make) -> TensorOrList:
+        """A new buffer laid out like ``shadow``: ``make`` applied to it, or to each of its tensors."""
+        if isinstance(self.shadow, torch.Tensor):
+            return make(self.shadow)
+        return [make(s) for s in self.shadow]
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The memory the averager allocated for this track (per-name views of a flat
+        buffer, so its alignment padding is not counted)."""
+        shadow = [self.shadow_storage] if self.shadow_storage is not None else self.shadow_views
+        others = ([] if self.average is None else [self.average]) + self.extra_profiles
+        return shadow + [v for buffer in others for v in self.views(buffer)]
 
 
 def _make_shadow(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -103,7 +130,7 @@ def _tracks(named, is_param, shadow_dtype_for, flatten, shard_mesh=None) -> list
                 live=[s.tensor for s in group.slots],
                 weights=group.buffer,
                 shadow=shadow,
-                shadows=[group.view(shadow, s) for s in group.slots],
+                shadow_views=[group.view(shadow, s) for s in group.slots],
                 is_param=is_param,
                 group=group,
             )
@@ -218,6 +245,8 @@ class Averager:
     # Whether parameters and buffers may share a flat buffer (one launch). Belay keeps
     # them apart: its spring acts on the optimizer's parameters, not on running stats.
     _buffers_join_params = True
+    # Whether the default shadow dtype is the weights' own (TwoPoint: its snapshot is exact).
+    _shadow_in_weights_dtype = False
 
     def __init__(
         self,
@@ -277,7 +306,9 @@ class Averager:
         self._swapped = False
 
     def _shadow_dtype_rule(self, shadow_dtype):
-        return (lambda _: shadow_dtype) if shadow_dtype is not None else default_shadow_dtype
+        if shadow_dtype is not None:
+            return lambda _: shadow_dtype
+        return (lambda d: d) if self._shadow_in_weights_dtype else default_shadow_dtype
 
     def _track_ops(self, weights_dtype, shadow_dtype, is_param) -> list[tuple[str, tuple]]:
         """(op, its tensors' dtypes in argument order) that step() runs on such a track."""
@@ -349,7 +380,7 @@ class Averager:
             self._binding.check()
         for track in self._tracks:
             if track.dtensor:
-                track.weights = distributed.refresh_local_shards(track.names, track.live, track.shadows)
+                track.weights = distributed.refresh_local_shards(track.names, track.live, track.shadow_views)
 
     def _groups(self) -> list:
         return [t.group for t in self._tracks if t.group is not None]
@@ -371,7 +402,7 @@ class Averager:
     def shadow_params(self) -> list[torch.Tensor]:
         """The shadow of each averaged tensor, shaped like it (views, not copies), in the
         order of :meth:`names`."""
-        return self._in_caller_order([track.shadows for track in self._tracks])
+        return self._in_caller_order([track.shadow_views for track in self._tracks])
 
     def names(self) -> list[str]:
         """The averaged tensors' names (module names, or "0", "1", ... for a list)."""
@@ -393,11 +424,11 @@ class Averager:
     def memory_report(self) -> str:
         """What the averager's own tensors cost, next to the weights they average."""
         lines = []
-        for track, state in zip(self._tracks, self._state_per_track()):
+        for track in self._tracks:
             # what this rank holds: its local shards, or under shard_shadow the whole weights
             held = track.weights if track.dtensor else track.full_weights
             w_bytes = _nbytes(track.live if held is None else _as_list(held))
-            s_bytes = _nbytes(state)
+            s_bytes = _nbytes(track.state_tensors())
             path = "flat buffer" if track.group is not None else "tensor list"
             if track.dtensor:
                 path = "local shards"
@@ -410,23 +441,16 @@ class Averager:
         lines.append(f"total averager state: {_mib(self.state_bytes)}")
         return "\n".join(lines)
 
-    def _state_per_track(self) -> list[list[torch.Tensor]]:
-        """The tensors this averager allocated, per track (a flat buffer's alignment padding
-        is not state)."""
-        return [_allocated(t) for t in self._tracks]
-
     @property
     def state_bytes(self) -> int:
         """Bytes of the averager's own tensors (the shadow; TwoPoint also its average)."""
-        return sum(_nbytes(state) for state in self._state_per_track())
+        return sum(_nbytes(track.state_tensors()) for track in self._tracks)
 
     # ---- evaluation -------------------------------------------------------------------
-    def _eval_pairs(self) -> list[tuple]:
-        """(live, averaged) pairs that averaged() swaps."""
-        return [(t.weights, t.shadow) for t in self._tracks]
-
-    def _prepare_eval(self) -> None:
-        """Make the averaged values ready to swap in (TwoPoint computes them here)."""
+    def _eval_buffers(self) -> list[TensorOrList]:
+        """Per track, the averaged values that averaged() swaps in and copy_to() writes,
+        laid out like its shadow and of its dtype (TwoPoint computes them here)."""
+        return [t.shadow for t in self._tracks]
 
     @contextlib.contextmanager
     def averaged(self) -> Iterator[nn.Module | None]:
@@ -434,9 +458,9 @@ class Averager:
 
         No copy of the model is made. Yields the module (or None for a parameter list)."""
         self._check_ready("averaged()")
-        pairs = self._eval_pairs()
-        for live, avg in pairs:
-            for w, s in _rows(live, avg):
+        # the shadows' dtypes are the evaluation buffers', so refuse before any is computed
+        for track in self._tracks:
+            for w, s in zip(_as_list(track.weights), _as_list(track.shadow)):
                 if not swap_supported(w.dtype, s.dtype):
                     raise BelayInputError(
                         f"averaged() cannot swap {w.dtype} weights with a {s.dtype} shadow "
@@ -444,8 +468,10 @@ class Averager:
                         "copy_to(another_model), or build the averager with "
                         f"shadow_dtype={w.dtype}."
                     )
-        self._prepare_eval()
-        pairs = [self._whole(track, live, avg) for track, (live, avg) in zip(self._tracks, pairs)]
+        pairs = [
+            self._whole(track, track.weights, averaged)
+            for track, averaged in zip(self._tracks, self._eval_buffers())
+        ]
         for live, avg in pairs:
             ops.swap_(live, avg, backend=self.backend)
         self._swapped = True
@@ -528,7 +554,8 @@ class Averager:
         ]
 
     def _averaged_values(self) -> list[torch.Tensor]:
-        return self.shadow_params()
+        """The averaged tensors in the order of :meth:`names`, shaped like them (views)."""
+        return self._in_caller_order([t.views(b) for t, b in zip(self._tracks, self._eval_buffers())])
 
     # ---- checkpoints ------------------------------------------------------------------
     def hparams(self) -> dict:
@@ -649,23 +676,6 @@ class Averager:
 
 def _as_list(t: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
     return [t] if isinstance(t, torch.Tensor) else list(t)
-
-
-def _average_views(track: Track, average) -> list[torch.Tensor]:
-    """Per-name views of a TwoPoint average laid out like ``track.shadow``."""
-    if track.group is None or not isinstance(average, torch.Tensor):
-        return list(average)
-    return [track.group.view(average, s) for s in track.group.slots]
-
-
-def _allocated(track: Track) -> list[torch.Tensor]:
-    """The shadow memory a track allocated (per-name views of a flat shadow, so its
-    alignment padding is not counted)."""
-    return [track.shadow_storage] if track.shadow_storage is not None else track.shadows
-
-
-def _rows(live, avg):
-    return list(zip(_as_list(live), _as_list(avg)))
 
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:
@@ -809,21 +819,16 @@ class TwoPoint(Averager):
     """
 
     method = "TwoPoint"
+    _shadow_in_weights_dtype = True
     gap = HparamAttribute()
 
     def __init__(self, module_or_params, *, gap: int, **options):
         self._hparams = TwoPointHparams(gap)
         super().__init__(module_or_params, **options)
-        # the shadow made by the base class is the snapshot; the average is separate
-        self._average = [
-            torch.empty_like(t.shadow) if isinstance(t.shadow, torch.Tensor)
-            else [torch.empty_like(s) for s in t.shadow]
-            for t in self._tracks
-        ]
+        # the shadow made by the base class is the snapshot
+        for track in self._tracks:
+            track.average = track.like_shadow(torch.empty_like)
         self._snapshot_step = 0
-
-    def _shadow_dtype_rule(self, shadow_dtype):
-        return (lambda _: shadow_dtype) if shadow_dtype is not None else (lambda d: d)
 
     @property
     def snapshot_age(self) -> int:
@@ -848,21 +853,10 @@ class TwoPoint(Averager):
         self._snapshot_step = t + 1
         self._updates += 1
 
-    def _prepare_eval(self) -> None:
-        for track, average in zip(self._tracks, self._average):
-            ops.two_point_average(track.weights, track.shadow, out=average, backend=self.backend)
-
-    def _eval_pairs(self) -> list[tuple]:
-        return [(t.weights, avg) for t, avg in zip(self._tracks, self._average)]
-
-    def _averaged_values(self) -> list[torch.Tensor]:
-        self._prepare_eval()
-        return self._in_caller_order(
-            [_average_views(t, avg) for t, avg in zip(self._tracks, self._average)]
-        )
-
-    def _state_per_track(self) -> list[list[torch.Tensor]]:
-        return [_allocated(t) + _average_views(t, avg) for t, avg in zip(self._tracks, self._average)]
+    def _eval_buffers(self) -> list[TensorOrList]:
+        for track in self._tracks:
+            ops.two_point_average(track.weights, track.shadow, out=track.average, backend=self.backend)
+        return [t.average for t in self._tracks]
 
     def _saved_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"snapshot": self.shadow_params()}

@@ -176,16 +176,9 @@ class PostHocEMA(Averager):
         super().__init__(module_or_params, **options)
         if any(t.specs is not None for t in self._tracks):
             raise BelayInputError("PostHocEMA does not support DTensor (FSDP2) parameters yet.")
-        # profile 0 is the base class's shadow; the others are laid out like it
-        self._profile_shadows = [[t.shadow for t in self._tracks]] + [
-            [t.shadow.clone() if isinstance(t.shadow, torch.Tensor) else [s.clone() for s in t.shadow]
-             for t in self._tracks]
-            for _ in self.gammas[1:]
-        ]
-        self._profile_views = [
-            [t.shadows if i == 0 else _views(t, shadow) for t, shadow in zip(self._tracks, shadows)]
-            for i, shadows in enumerate(self._profile_shadows)
-        ]
+        # profile 0 is the base class's shadow; the others start as copies of it
+        for track in self._tracks:
+            track.extra_profiles = [track.like_shadow(torch.clone) for _ in self.gammas[1:]]
         module = self._module
         self._buffer_names = {n for n, _ in module.named_buffers()} if module is not None else set()
         self._selected = 0
@@ -214,9 +207,9 @@ class PostHocEMA(Averager):
         if not _update_due(t, self.every):
             return
         decays = [power.decay(self._updates + 1, g) for g in self.gammas]
-        for i, track in enumerate(self._tracks):
-            shadows = [per_track[i] for per_track in self._profile_shadows]
-            ops.multi_ema_update_(shadows, track.weights, decays=decays, **self._op_kwargs(track))
+        for track in self._tracks:
+            profiles = [track.shadow, *track.extra_profiles]
+            ops.multi_ema_update_(profiles, track.weights, decays=decays, **self._op_kwargs(track))
         self._updates += 1
 
     def step(self) -> None:
@@ -225,8 +218,13 @@ class PostHocEMA(Averager):
             self._write_snapshot()
 
     # ---- snapshots ---------------------------------------------------------------------
+    def _profile_buffers(self, k: int) -> list:
+        """Profile ``k`` per track, laid out like the track's shadow."""
+        return [t.shadow if k == 0 else t.extra_profiles[k - 1] for t in self._tracks]
+
     def _profile(self, k: int) -> list[torch.Tensor]:
-        return self._in_caller_order(self._profile_views[k])
+        """Profile ``k`` per averaged tensor, in the order of names() (views)."""
+        return self._in_caller_order([t.views(b) for t, b in zip(self._tracks, self._profile_buffers(k))])
 
     def _write_snapshot(self) -> None:
         index = self._snapshots + 1
@@ -282,14 +280,8 @@ class PostHocEMA(Averager):
         with self._selecting(sigma_rel):
             super().copy_to(target)
 
-    def _eval_pairs(self) -> list[tuple]:
-        return [(t.weights, s) for t, s in zip(self._tracks, self._profile_shadows[self._selected])]
-
-    def _averaged_values(self) -> list[torch.Tensor]:
-        return self._profile(self._selected)
-
-    def _state_per_track(self) -> list[list[torch.Tensor]]:
-        return [[v for views in self._profile_views for v in views[i]] for i in range(len(self._tracks))]
+    def _eval_buffers(self) -> list:
+        return self._profile_buffers(self._selected)
 
     def _saved_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {f"profile_{k}": self._profile(k) for k in range(len(self.gammas))}
@@ -305,14 +297,6 @@ class PostHocEMA(Averager):
             raise BelayInputError(f"num_snapshots must be an int >= 0, got {count!r}.")
         super().load_state_dict(state)
         self._snapshots = int(state["num_snapshots"])
-
-
-
-def _views(track, shadow) -> list[torch.Tensor]:
-    """Per-name views of a profile laid out like ``track.shadow``."""
-    if track.group is None or not isinstance(shadow, torch.Tensor):
-        return list(shadow)
-    return [track.group.view(shadow, s) for s in track.group.slots]
 
 
 def _atomic_save(obj, path: Path) -> None:
