@@ -7,6 +7,7 @@ made, so the constructor and ``load_state_dict`` run the same checks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
 from ._checks import BelayInputError, check_unit_interval
@@ -40,6 +41,8 @@ class Hparams:
     @classmethod
     def from_state(cls, state: dict) -> Hparams:
         try:
+            if not isinstance(state, Mapping):
+                raise TypeError(f"expected a dict, got {type(state).__name__}")
             return cls(**cls._decode(state))
         except (TypeError, KeyError) as exc:
             raise BelayInputError(f"the saved hyperparameters {state!r} are malformed: {exc}") from None

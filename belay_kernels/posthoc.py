@@ -152,7 +152,7 @@ class PostHocEMA(Averager):
     method = "PostHocEMA"
     _can_shard_shadow = False
     _STATE_KEYS = Averager._STATE_KEYS + ("num_snapshots",)
-    gammas, snapshot_every, every = HparamAttribute(), HparamAttribute(), HparamAttribute()
+    snapshot_every, every = HparamAttribute(), HparamAttribute()
 
     def __init__(
         self,
@@ -183,6 +183,14 @@ class PostHocEMA(Averager):
         self._buffer_names = {n for n, _ in module.named_buffers()} if module is not None else set()
         self._selected = 0
         self._snapshots = 0
+
+    @property
+    def gammas(self) -> list[float]:
+        return list(self._hparams.gammas)
+
+    @gammas.setter
+    def gammas(self, gammas) -> None:
+        self._hparams = replace(self._hparams, gammas=gammas)
 
     @property
     def snapshot_dtype(self) -> torch.dtype:
