@@ -110,7 +110,7 @@ def _make_shadow(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weights.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def _tracks(named, is_param, shadow_dtype_for, flatten, shard_mesh=None) -> list[Track]:
+def _build_tracks(named, is_param, shadow_dtype_for, flatten, shard_mesh=None) -> list[Track]:
     tracks = []
     dtensors, named = distributed.split_dtensors(named)
     groups, leftovers = flat.flatten(named) if flatten else ([], list(named))
@@ -235,7 +235,10 @@ class Averager:
     """Shared machinery: flat buffers, shadows, swap, copy and checkpoints.
 
     Subclasses set ``method`` and, before calling this constructor, ``_hparams`` (a frozen
-    :class:`~belay_kernels.hparams.Hparams`); they implement ``_update()`` and ``_track_ops()``.
+    :class:`~belay_kernels.hparams.Hparams`); they implement ``_update()`` and
+    ``_track_ops()``. Where evaluation or checkpoints differ from "the shadow", they
+    override ``_eval_buffers()`` (TwoPoint's average, PostHocEMA's selected profile) and
+    ``_saved_tensors()``.
     """
 
     method = "Averager"
@@ -285,14 +288,14 @@ class Averager:
         if shard_mesh is not None:
             # Buffers stay whole on every rank: DDP keeps only the parameters identical
             # across ranks, and a buffer updated in forward differs between them.
-            self._tracks = _tracks(params, True, shadow_dtype_for, flatten, shard_mesh) + _tracks(
-                named_buffers, False, shadow_dtype_for, flatten
-            )
+            self._tracks = _build_tracks(
+                params, True, shadow_dtype_for, flatten, shard_mesh
+            ) + _build_tracks(named_buffers, False, shadow_dtype_for, flatten)
         elif self._buffers_join_params:  # one track kind: every tensor gets the same update
-            self._tracks = _tracks(params + named_buffers, True, shadow_dtype_for, flatten)
+            self._tracks = _build_tracks(params + named_buffers, True, shadow_dtype_for, flatten)
         else:
-            self._tracks = _tracks(params, True, shadow_dtype_for, flatten) + _tracks(
-                named_buffers, False, shadow_dtype_for, flatten
+            self._tracks = _build_tracks(params, True, shadow_dtype_for, flatten) + (
+                _build_tracks(named_buffers, False, shadow_dtype_for, flatten)
             )
         self._names = [n for n, _ in params + named_buffers]  # the caller's order
         self._binding = (
@@ -469,7 +472,7 @@ class Averager:
                         f"shadow_dtype={w.dtype}."
                     )
         pairs = [
-            self._whole(track, track.weights, averaged)
+            self._swap_pair(track, averaged)
             for track, averaged in zip(self._tracks, self._eval_buffers())
         ]
         for live, avg in pairs:
@@ -485,12 +488,12 @@ class Averager:
             self._swapped = False
 
     @staticmethod
-    def _whole(track: Track, live, avg):
-        """(live, avg) as averaged() swaps them: for a sharded DDP shadow, the whole
+    def _swap_pair(track: Track, averaged: TensorOrList):
+        """(weights, averaged) as averaged() swaps them: for a sharded DDP shadow, the whole
         weights and the average all-gathered into a temporary laid out like them."""
         if track.full_weights is None:
-            return live, avg
-        pieces = [spec.full(a) for spec, a in zip(track.specs, _as_list(avg))]
+            return track.weights, averaged
+        pieces = [spec.full(a) for spec, a in zip(track.specs, _as_list(averaged))]
         if track.group is None:
             return track.full_weights, pieces
         gathered = torch.empty(track.group.buffer.numel(), dtype=pieces[0].dtype,
@@ -845,7 +848,7 @@ class TwoPoint(Averager):
         rows = [
             row
             for track in self._tracks
-            for row in ops._rows(("snapshot", "weights"), (track.shadow, track.weights), (0,))
+            for row in ops._checked_rows(("snapshot", "weights"), (track.shadow, track.weights), (0,))
         ]
         with torch.no_grad():
             for snap, live in rows:

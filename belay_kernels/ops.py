@@ -34,7 +34,7 @@ from .reference import SWAP_PAIRS, swap_supported
 TensorOrList = torch.Tensor | Sequence[torch.Tensor]
 
 
-def _rows(
+def _checked_rows(
     names: Sequence[str], args: Sequence[TensorOrList], written: Sequence[int]
 ) -> list[tuple[torch.Tensor, ...]]:
     """Turn (tensor, tensor, ...) or (list, list, ...) into checked rows of tensors; the
@@ -75,7 +75,7 @@ def _rows(
 
 def _checked(names, tensors, written, nonfinite, skipped):
     """Rows, their device, and the non-finite flag, for the ops that update a shadow."""
-    rows = _rows(names, tensors, written)
+    rows = _checked_rows(names, tensors, written)
     device = rows[0][0].device if rows else torch.device("cpu")
     skip = check_nonfinite(nonfinite)
     check_skipped(skipped, device)
@@ -285,7 +285,7 @@ def two_point_average(
         else:
             out = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
     method = BY_OP["two_point_average_"]
-    rows = _rows(method.tensors, (out, weights, snapshot), method.written_columns)
+    rows = _checked_rows(method.tensors, (out, weights, snapshot), method.written_columns)
     _dispatch(method.op, rows, (), backend)
     return out
 
@@ -303,7 +303,7 @@ def swap_(
     model receives the shadow rounded to bf16 and both are restored bit for bit by the
     inverse (see :func:`belay_kernels.reference.swap_`)."""
     method = BY_OP["swap_"]
-    rows = _rows(method.tensors, (weights, shadow), method.written_columns)
+    rows = _checked_rows(method.tensors, (weights, shadow), method.written_columns)
     for row in rows:
         if not swap_supported(row[0].dtype, row[1].dtype):
             raise BelayInputError(
