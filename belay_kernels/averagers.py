@@ -33,6 +33,7 @@ from .hparams import (
     BelayHparams,
     EMAHparams,
     HparamAttribute,
+    Hparams,
     SWAHparams,
     TwoPointHparams,
     decay_schedule,
@@ -242,6 +243,7 @@ class Averager:
     """
 
     method = "Averager"
+    _hparams: Hparams  # set by the subclass before Averager.__init__
     # Whether shard_shadow=True is sound: the update must change the shadow only, since a
     # rank holding a slice of the shadow can update only that slice.
     _can_shard_shadow = True

@@ -1,5 +1,6 @@
 """The averagers' hyperparameters: one frozen dataclass per method, checked once when it is
-made, so the constructor and ``load_state_dict`` run the same checks.
+made, so the constructor and ``load_state_dict`` run the same checks. PowerEMA's and
+PostHocEMA's live beside them in :mod:`belay_kernels.posthoc`.
 
 ``to_state()`` gives the plain dict that ``state_dict()["hparams"]`` holds and
 ``from_state()`` reads it back (refusing a malformed one with :class:`BelayInputError`).
@@ -21,7 +22,7 @@ def check_every(name: str, value: object) -> int:
     return value
 
 
-def _normalise(hparams, name: str, value: object) -> None:
+def set_converted(hparams, name: str, value: object) -> None:
     """Store a checked value in its converted form (a frozen dataclass refuses setattr)."""
     object.__setattr__(hparams, name, value)
 
@@ -104,8 +105,8 @@ class BelayHparams(Hparams):
         eta = self.eta
         if eta is not None and not (isinstance(eta, (int, float)) and eta > 0):
             raise BelayInputError(f"eta must be a positive number or None, got {eta!r}.")
-        _normalise(self, "alpha", float(self.alpha))
-        _normalise(self, "beta", float(self.beta))
+        set_converted(self, "alpha", float(self.alpha))
+        set_converted(self, "beta", float(self.beta))
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 from . import ops, power
 from ._checks import BelayInputError
 from .averagers import Averager
-from .hparams import HparamAttribute, Hparams, check_every
+from .hparams import HparamAttribute, Hparams, check_every, set_converted
 
 SNAPSHOT_KIND = "belay_kernels.posthoc snapshot"
 SNAPSHOT_FORMAT = 1
@@ -57,7 +57,7 @@ class PowerEMAHparams(Hparams):
     every: int = 1
 
     def __post_init__(self):
-        object.__setattr__(self, "gamma", power.check_gamma(self.gamma))
+        set_converted(self, "gamma", power.check_gamma(self.gamma))
         check_every("every", self.every)
 
 
@@ -91,7 +91,6 @@ class PowerEMA(Averager):
         self._updates += 1
 
 
-
 def _check_snapshot_dir(path) -> Path:
     """A folder that exists, or can be made, and can be written; nothing is created."""
     if not isinstance(path, (str, os.PathLike)):
@@ -120,7 +119,7 @@ class PostHocEMAHparams(Hparams):
         gammas = tuple(power.check_gamma(g) for g in self.gammas)
         if not gammas or len(set(gammas)) != len(gammas):
             raise BelayInputError(f"the profiles need distinct values, got gammas {list(gammas)}.")
-        object.__setattr__(self, "gammas", gammas)
+        set_converted(self, "gammas", gammas)
         check_every("snapshot_every", self.snapshot_every)
         check_every("every", self.every)
         if self.snapshot_every % self.every:
