@@ -275,6 +275,16 @@ def test_half_precision_weights_get_an_fp32_shadow_by_default():
     assert "averager state" in ema.memory_report()
 
 
+@pytest.mark.parametrize("flatten", [True, False])
+def test_state_bytes_count_every_tensor_a_track_owns(flatten, tmp_path):
+    n = sum(p.numel() for p in small_model().parameters()) + 12  # + BatchNorm's running stats
+    assert bk.TwoPoint(small_model(), gap=2, flatten=flatten).state_bytes == 2 * 4 * n  # snapshot, average
+    phema = bk.PostHocEMA(small_model(), sigma_rels=(0.05, 0.10, 0.15), snapshot_every=2,
+                          snapshot_dir=tmp_path, flatten=flatten)
+    assert phema.state_bytes == 3 * 4 * n
+    assert phema.memory_report().endswith(f"total averager state: {3 * 4 * n / 2**10:.2f} KiB")
+
+
 def test_tensors_that_cannot_be_flattened_take_the_list_path_with_the_same_results():
     torch.manual_seed(0)
     strided = nn.Parameter(torch.randn(6, 5).t())  # not contiguous
