@@ -18,6 +18,8 @@ from ..methods import BY_OP, DTYPE_PAIRS, METHODS, MULTI_EMA
 from ..reference import swap_supported
 
 _PAIRS = frozenset(DTYPE_PAIRS)
+# Each op by its flat or its foreach name.
+_METHOD_OF = {name: m for m in BY_OP.values() for name in (m.op, m.foreach)}
 
 # The backend registry calls unavailable_reason() (which loads the compiled module) before
 # it hands out this module, so the ops exist by the time these functions run. A plain
@@ -37,7 +39,7 @@ def max_profiles() -> int:
 
 def supports(op: str, dtypes) -> bool:
     """Which dtype rows (in the ops' argument order) have a compiled kernel."""
-    method = BY_OP[op]
+    method = _METHOD_OF[op]
     if method is MULTI_EMA:
         *shadows, weights = dtypes
         return (
