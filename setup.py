@@ -27,6 +27,7 @@ Development build, in place:  python setup.py build_ext --inplace
 import hashlib
 import importlib.util
 import json
+import glob
 import os
 import shutil
 import sys
@@ -35,8 +36,8 @@ import time
 from setuptools import setup
 
 DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
-CPU_SOURCES = ["csrc/registration.cpp", "csrc/cpu_kernels.cpp", "csrc/cpu_kernels_belay.cpp",
-               "csrc/cpu_kernels_average_swap.cpp", "csrc/cpu_kernels_multi_ema.cpp",
+# Every csrc/cpu_kernels*.cpp: a new op's CPU kernel file is built without a list edit.
+CPU_SOURCES = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu_kernels*.cpp")),
                "csrc/cpu_module.cpp"]
 CUDA_SOURCES = ["csrc/cuda_kernels.cu", "csrc/cuda_module.cpp"]
 # -fno-trapping-math lets GCC turn the per-element choices (lerp's two sides, the

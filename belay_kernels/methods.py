@@ -55,6 +55,9 @@ class Method:
     calls_per_step: int = 1  # op calls in one timed benchmark step
     public: str = ""  # its function in belay_kernels.ops when not named ``op``
     exact: bool = False  # moves bits without arithmetic: every backend matches bit for bit
+    # The roles whose dtypes pick a compiled kernel, as (weights, shadow) of DTYPE_PAIRS;
+    # every other role has the first one's dtype.
+    kernel_pair: tuple[str, str] = ("weights", "shadow")
 
     @property
     def function(self) -> str:
@@ -117,6 +120,7 @@ METHODS = (
         tensors=("out", "weights", "snapshot"),
         written=("out",),
         public="two_point_average",
+        kernel_pair=("weights", "snapshot"),
     ),
     Method(
         name="swap",

@@ -56,8 +56,7 @@ BK_HD T ema_shadow(T shadow, T weights, T rate) {
 // SWA: ``count`` models are already in the shadow. The running mean is a lerp toward
 // the new model with weight 1 / (count + 1): the first model (weight 1) is copied
 // exactly, and the rest differ from the reference's division by about an ulp. A lerp
-// vectorizes where a division by a loop-invariant count did not (measured: the division
-// ran at 50% of the streaming bandwidth on 2 CPU cores).
+// vectorizes where a division by a loop-invariant count did not.
 template <typename T>
 BK_HD T swa_weight(int64_t count) {
   return static_cast<T>(1.0 / static_cast<double>(count + 1));

@@ -3,11 +3,9 @@
 // op on the buffers in float, and rounds the results back with vcvtps2ph.
 //
 // Element by element, the compiler turns c10's fp16 conversions into long integer
-// sequences: the extension is built for baseline x86-64, so c10 cannot use F16C itself. They
-// cost more than the memory traffic: with fp16 weights and shadow, EMA and the two-point
-// average ran at 18-35% of the streaming bandwidth, and EMA slower than torch's own lerp_;
-// through F16C they ran about twice as fast (bench/README.md, the A/B under run 7). bf16 is left to the compiler: its conversions are a few vector integer
-// instructions, and going through buffers measured no faster for it.
+// sequences: the extension is built for baseline x86-64, so c10 cannot use F16C itself, and
+// those sequences cost more than the memory traffic. bf16 is left to the compiler: its
+// conversions are a few vector integer instructions, and buffers do not help it.
 //
 // The results are c10's to the bit, NaN payloads aside: both round to nearest, ties to
 // even. An fp16 NaN keeps (the top of) its payload through F16C, as in torch's own

@@ -1,4 +1,5 @@
-// The CPU ops EMA and SWA (the loops: cpu_loops.h), and the simulated grid's switch.
+// The CPU ops EMA and SWA (the loops: cpu_loops.h), and the simulated grid's setting.
+// Each cpu_kernels*.cpp instantiates a few ops, so that the build compiles them in parallel.
 #include "cpu_loops.h"
 
 namespace belay {
@@ -12,9 +13,4 @@ void set_simulated_grid(int64_t blocks, int64_t threads, int64_t chunk) {
 
 }  // namespace belay
 
-TORCH_LIBRARY_IMPL(belay_kernels, CPU, m) {
-  m.impl("ema_update_", BELAY_CPU_ENTRY(ema_update_));
-  m.impl("ema_update_foreach_", BELAY_CPU_ENTRY(ema_update_foreach_));
-  m.impl("swa_update_", BELAY_CPU_ENTRY(swa_update_));
-  m.impl("swa_update_foreach_", BELAY_CPU_ENTRY(swa_update_foreach_));
-}
+BELAY_CPU_KERNELS(belay::EmaUpdate, belay::SwaUpdate)

@@ -2,7 +2,4 @@
 // per profile count makes it the slowest to compile.
 #include "cpu_loops.h"
 
-TORCH_LIBRARY_IMPL(belay_kernels, CPU, m) {
-  m.impl("multi_ema_update_", BELAY_CPU_ENTRY(multi_ema_update_));
-  m.impl("multi_ema_update_foreach_", BELAY_CPU_ENTRY(multi_ema_update_foreach_));
-}
+BELAY_CPU_KERNELS(belay::MultiEmaUpdate)

@@ -30,9 +30,9 @@
 
 namespace belay {
 
-// The simulated CUDA grid (tests only); 0 blocks = off. Outside the anonymous namespace and
-// inline, so that every file that registers CPU ops reads the one grid that
-// set_simulated_grid() sets.
+// The shape of the simulated CUDA grid that the tests' belay_kernels_grid ops run on; 0
+// blocks = none set. Outside the anonymous namespace and inline, so that every kernel file
+// reads the one grid that set_simulated_grid() sets.
 struct SimulatedGrid {
   int64_t blocks = 0;
   int64_t threads = 0;
@@ -54,9 +54,8 @@ struct NoDeviceGuard {
 // The CPU loop walks its range in blocks of this many elements. Before a block it
 // prefetches the next block's cache lines: a vectorized loop alone keeps too few loads in
 // flight to stream from memory at full speed, the more so the more instructions it spends
-// per element (bench/bench_extension.py on the 2-core dev VM: EMA fp32 with the non-finite
-// check went from 75-83% to 87-94% of the streaming bandwidth). Skipped elements are
-// counted in 32 bits per block, which vectorizes far better than a 64-bit count per element.
+// per element. Skipped elements are counted in 32 bits per block, which vectorizes far
+// better than a 64-bit count per element.
 constexpr int64_t kBlock = 256;
 
 // Prefetch the cache lines of elements [begin, end) of the tensors the op reads; a
@@ -124,7 +123,7 @@ struct StreamingStore {
 
 // A streamed output skips the cache, so whoever reads it next reads it from memory. That is
 // worth it only when the output would not have stayed in cache anyway: at least this many
-// bytes per chunk (two L2 caches of the dev VM's cores).
+// bytes per chunk (about two cores' L2 caches).
 constexpr int64_t kStreamMinBytes = int64_t{1} << 20;
 
 template <typename Op>
@@ -138,8 +137,7 @@ BK_HD Op into(const Op& op, output_t<Op>* buffer, int64_t begin, std::index_sequ
 }
 
 // One block of an op that only writes its output (streams_output): computed into a buffer
-// that stays in L1, then streamed out (the fp32 two-point average went from 54-75% to
-// 80-94% of the streaming bandwidth; bench/README.md).
+// that stays in L1, then streamed out.
 template <typename Op>
 BK_HD int64_t streamed_block(const Op& op, int64_t begin, int64_t end) {
   alignas(64) output_t<Op> buffer[kBlock];
@@ -152,11 +150,10 @@ BK_HD int64_t streamed_block(const Op& op, int64_t begin, int64_t end) {
 }
 
 // A streamed output whose elements are as wide as the op's math (fp32, fp64) is stored
-// straight from the vector registers instead, with no buffer between: the fp32 two-point
-// average went from a median of 73% to 85% of the streaming bandwidth (bench/README.md,
-// run 7: two builds alternated in five pairs of processes).
-// Narrower outputs keep the buffer, whose rounding loop the compiler vectorizes (in the
-// vector form it did not: bf16 at 3-4 GB/s), and so do tensors that are not aligned alike.
+// straight from the vector registers instead, with no buffer between, which saves the
+// buffer's extra pass through L1.
+// Narrower outputs keep the buffer, whose rounding loop the compiler vectorizes (the
+// rounding in the vector form it does not), and so do tensors that are not aligned alike.
 template <typename Op>
 constexpr bool streams_from_registers =
     streams_output<Op> && std::is_same_v<output_t<Op>, typename Op::T>;
@@ -295,11 +292,18 @@ struct CpuExec {
 };
 
 
+inline const SimulatedGrid& checked_grid() {
+  const SimulatedGrid& grid = simulated_grid();
+  TORCH_CHECK_VALUE(grid.blocks > 0, "belay_kernels_grid: no simulated grid is set; use "
+                    "belay_kernels.extension._entry_points.simulated_grid().");
+  return grid;
+}
+
 struct SimulatedGridExec {
   using DeviceGuard = NoDeviceGuard;
   template <typename Op>
   void run(const Op& op, int64_t numel, int64_t* skipped) const {
-    const SimulatedGrid& grid = simulated_grid();
+    const SimulatedGrid& grid = checked_grid();
     int64_t total = 0;
     for (int64_t block = 0; block < grid.blocks; ++block) {
       for (int64_t thread = 0; thread < grid.threads; ++thread) {
@@ -311,7 +315,7 @@ struct SimulatedGridExec {
   template <typename Op>
   void run_list(const std::vector<Op>& ops, const std::vector<int64_t>& numels,
                 int64_t* skipped) const {
-    const SimulatedGrid& grid = simulated_grid();
+    const SimulatedGrid& grid = checked_grid();
     int64_t total = 0;
     for (const auto& launch :
          plan_list_launches(ops, numels, grid.chunk, grid.blocks, grid.threads)) {
@@ -325,21 +329,16 @@ struct SimulatedGridExec {
   }
 };
 
-// Each CPU entry runs on the simulated grid when one is set.
-template <auto CpuEntry, auto SimulatedEntry>
-struct CpuOrSimulated;
-template <typename... Args, void (*CpuEntry)(Args...), void (*SimulatedEntry)(Args...)>
-struct CpuOrSimulated<CpuEntry, SimulatedEntry> {
-  static void call(Args... args) {
-    if (simulated_grid().blocks > 0) return SimulatedEntry(args...);
-    return CpuEntry(args...);
-  }
-};
-
 }  // namespace
 
 }  // namespace belay
 
-#define BELAY_CPU_ENTRY(name)                                                     \
-  &::belay::CpuOrSimulated<&::belay::Entries<::belay::CpuExec>::name,             \
-                           &::belay::Entries<::belay::SimulatedGridExec>::name>::call
+// Registers the CPU kernels of the given ops (in namespace belay), and their simulated-grid
+// twins in the tests' belay_kernels_grid library. Each op is named in one kernel file.
+#define BELAY_CPU_KERNELS(...)                                                     \
+  TORCH_LIBRARY_IMPL(belay_kernels, CPU, m) {                                       \
+    ::belay::register_all<::belay::CpuExec, __VA_ARGS__>(m);                        \
+  }                                                                                 \
+  TORCH_LIBRARY_IMPL(belay_kernels_grid, CPU, m) {                                  \
+    ::belay::register_all<::belay::SimulatedGridExec, __VA_ARGS__>(m);              \
+  }

@@ -159,5 +159,7 @@ const char* kernel_image_error(int device) {
 }  // namespace belay
 
 TORCH_LIBRARY_IMPL(belay_kernels, CUDA, m) {
-  BELAY_REGISTER_IMPLS(m, ::belay::CudaExec);
+#define BELAY_REGISTER(Op) ::belay::register_impls<::belay::CudaExec, ::belay::Op>(m);
+  BELAY_OPS(BELAY_REGISTER)
+#undef BELAY_REGISTER
 }

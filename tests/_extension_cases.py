@@ -179,10 +179,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def simulated_grid(blocks, threads, chunk=64):
     """Backend "cpp" runs the compiled CUDA bodies on a simulated grid of ``blocks`` blocks
     of ``threads`` threads inside the block (the harness's one door to the simulation)."""
-    from belay_kernels import _C
+    from belay_kernels.extension._entry_points import simulated_grid as grid
 
-    _C._simulate_cuda_grid(blocks, threads, chunk)
-    try:
+    with grid(blocks, threads, chunk):
         yield
-    finally:
-        _C._simulate_cuda_grid(0, 0, 0)

@@ -134,13 +134,10 @@ def _run(method, backend, pair, sizes, variant, seed):
 @contextlib.contextmanager
 def _grid():
     """The compiled CUDA bodies on a simulated grid of 3 blocks of 32 threads."""
-    from belay_kernels import _C
+    from belay_kernels.extension._entry_points import simulated_grid as grid
 
-    _C._simulate_cuda_grid(3, 32, 64)
-    try:
+    with grid(3, 32, 64):
         yield
-    finally:
-        _C._simulate_cuda_grid(0, 0, 0)
 
 
 def compute(backend: str) -> dict[str, str]:

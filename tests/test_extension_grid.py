@@ -31,13 +31,10 @@ LIST_CHUNK = 64  # elements per simulated block in list launches: many chunks an
 
 @contextlib.contextmanager
 def simulated_grid(blocks, threads, chunk=LIST_CHUNK):
-    from belay_kernels import _C
+    from belay_kernels.extension._entry_points import simulated_grid as grid
 
-    _C._simulate_cuda_grid(blocks, threads, chunk)
-    try:
+    with grid(blocks, threads, chunk):
         yield
-    finally:
-        _C._simulate_cuda_grid(0, 0, 0)
 
 
 HYPER = {"ema": 0.9, "swa": None, "belay": BELAY_RATES[0], "two_point": None}

@@ -1,39 +1,29 @@
 """The backend functions (see belay_kernels._backends) on top of the compiled ops, shared
 by the ``cpp`` and ``cuda`` backends: the registered ops choose the CPU or CUDA kernel
-from the tensors' device.
+from the tensors' device. They are made from the method table, one pair per op.
 
 The ops layer has already checked the arguments; this module only converts them to the
-ops' schema: a hyperparameter is a number, or a one-element tensor passed alongside
-(converted to float64 / int64 on the tensors' device, where the kernel reads it).
+ops' schema (csrc/op_entries.h): a hyperparameter is a number, or a one-element tensor
+passed alongside (converted to float64 / int64 on the tensors' device, where the kernel
+reads it). The schema takes the scalars' numbers, then their tensors, then the flags.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from ..methods import DTYPE_PAIRS
+from ..methods import BY_OP, DTYPE_PAIRS, METHODS, MULTI_EMA
 from ..reference import swap_supported
 
-__all__ = [
-    "ema_update_",
-    "ema_update_foreach_",
-    "multi_ema_update_",
-    "multi_ema_update_foreach_",
-    "swa_update_",
-    "swa_update_foreach_",
-    "belay_step_",
-    "belay_step_foreach_",
-    "two_point_average_",
-    "two_point_average_foreach_",
-    "swap_",
-    "swap_foreach_",
-]
-
 _PAIRS = frozenset(DTYPE_PAIRS)
+# Each op by its flat or its foreach name.
+_METHOD_OF = {name: m for m in BY_OP.values() for name in (m.op, m.foreach)}
 
 # The backend registry calls unavailable_reason() (which loads the compiled module) before
 # it hands out this module, so the ops exist by the time these functions run. A plain
-# attribute keeps the functions traceable by torch.compile.
+# attribute keeps the functions traceable by torch.compile; simulated_grid() swaps it.
 _ops = torch.ops.belay_kernels
 
 # The compiled kernels read flat contiguous storage.
@@ -49,25 +39,20 @@ def max_profiles() -> int:
 
 def supports(op: str, dtypes) -> bool:
     """Which dtype rows (in the ops' argument order) have a compiled kernel."""
-    op = op.removesuffix("foreach")
-    if op.removesuffix("foreach_") == "multi_ema_update_":
+    method = _METHOD_OF[op]
+    if method is MULTI_EMA:
         *shadows, weights = dtypes
         return (
             1 <= len(shadows) <= max_profiles()
             and len(set(shadows)) == 1
             and (weights, shadows[0]) in _PAIRS
         )
-    if op in ("ema_update_", "swa_update_"):
-        shadow, weights = dtypes
-        return (weights, shadow) in _PAIRS
-    if op == "belay_step_":
-        return tuple(dtypes) in _PAIRS
-    if op == "two_point_average_":
-        out, weights, snapshot = dtypes
-        return out == weights and (weights, snapshot) in _PAIRS
-    if op == "swap_":
-        return swap_supported(*dtypes)
-    return False
+    of = dict(zip(method.tensors, dtypes))
+    weights_role, shadow_role = method.kernel_pair
+    if method.exact:
+        return swap_supported(of[weights_role], of[shadow_role])
+    others_match = all(of[r] == of[weights_role] for r in method.tensors if r != shadow_role)
+    return others_match and (of[weights_role], of[shadow_role]) in _PAIRS
 
 
 def _number_or_tensor(value, like: torch.Tensor | None, dtype: torch.dtype):
@@ -79,29 +64,48 @@ def _number_or_tensor(value, like: torch.Tensor | None, dtype: torch.dtype):
     return value, None
 
 
-def _rate(value, like):
-    number, tensor = _number_or_tensor(value, like, torch.float64)
-    return float(number), tensor
+_KINDS = {"rate": (float, torch.float64), "count": (int, torch.int64)}
 
 
-def _count(value, like):
-    number, tensor = _number_or_tensor(value, like, torch.int64)
-    return int(number), tensor
+def _schema_scalars(scalars, values, like) -> list:
+    """The table's scalar values as the schema takes them: numbers, tensors, flags."""
+    numbers, tensors, flags = [], [], []
+    for scalar, value in zip(scalars, values):
+        if scalar.kind == "flag":
+            flags.append(bool(value))
+            continue
+        cast, dtype = _KINDS[scalar.kind]
+        number, tensor = _number_or_tensor(value, like, dtype)
+        numbers.append(cast(number))
+        tensors.append(tensor)
+    return numbers + tensors + flags
 
 
-def ema_update_(shadow, weights, decay, skip_nonfinite=True, skipped=None):
-    _ops.ema_update_(shadow, weights, *_rate(decay, shadow), skip_nonfinite, skipped)
-    return shadow
-
-
-def ema_update_foreach_(shadows, weights, decay, skip_nonfinite=True, skipped=None):
-    _ops.ema_update_foreach_(shadows, weights, *_rate(decay, shadows[0]), skip_nonfinite, skipped)
+def _entry_points(method):
+    """The flat and foreach backend functions of a table-shaped op, with the table's
+    signature (tensors, scalars, then the skip policy), written as source once."""
+    scalars = [s.name for s in method.scalars]
+    policy = ["skip_nonfinite", "skipped"] if method.counts_skipped else []
+    defaults = ["skip_nonfinite=True", "skipped=None"] if method.counts_skipped else []
+    namespace: dict = {}
+    for name, like in ((method.op, "{0}"), (method.foreach, "{0}[0] if len({0}) else None")):
+        tensors = list(method.tensors) if name == method.op else [f"{r}_list" for r in method.tensors]
+        values = "(" + "".join(f"{n}, " for n in scalars) + ")"
+        source = (
+            f"def {name}({', '.join(tensors + scalars + defaults)}):\n"
+            f"    _ops.{name}({', '.join(tensors)}, *_schema_scalars("
+            f"BY_OP[{method.op!r}].scalars, {values}, {like.format(tensors[0])}), "
+            f"{', '.join(policy)})\n"
+        )
+        # In this module's globals, so that _ops is looked up as in hand-written code.
+        exec(source, globals(), namespace)  # noqa: S102 (source from the method table only)
+    return namespace[method.op], namespace[method.foreach]
 
 
 def _rates(decays, like):
     """The decays as the multi-EMA ops take them: numbers, and a tensor or None each."""
-    pairs = [_rate(decay, like) for decay in decays]
-    return [number for number, _ in pairs], [tensor for _, tensor in pairs]
+    pairs = [_number_or_tensor(decay, like, torch.float64) for decay in decays]
+    return [float(number) for number, _ in pairs], [tensor for _, tensor in pairs]
 
 
 def multi_ema_update_(shadows, weights, decays, skip_nonfinite=True, skipped=None):
@@ -116,44 +120,25 @@ def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True, ski
                                    skipped)
 
 
-def swa_update_(shadow, weights, count, skip_nonfinite=True, skipped=None):
-    _ops.swa_update_(shadow, weights, *_count(count, shadow), skip_nonfinite, skipped)
-    return shadow
+for _method in METHODS:
+    globals()[_method.op], globals()[_method.foreach] = _entry_points(_method)
+del _method
+
+__all__ = [name for m in (*METHODS, MULTI_EMA) for name in (m.op, m.foreach)]
 
 
-def swa_update_foreach_(shadows, weights, count, skip_nonfinite=True, skipped=None):
-    _ops.swa_update_foreach_(shadows, weights, *_count(count, shadows[0]), skip_nonfinite, skipped)
+@contextlib.contextmanager
+def simulated_grid(blocks: int, threads: int, chunk: int = 64):
+    """Test machinery: inside it, the ``cpp`` backend runs the CUDA kernels' bodies on a
+    simulated grid of ``blocks`` x ``threads`` (tensor lists in chunks of ``chunk``
+    elements), through the ops of ``torch.ops.belay_kernels_grid``."""
+    global _ops
+    from .. import _C
 
-
-def _belay_args(alpha, beta, like):
-    alpha_number, alpha_tensor = _rate(alpha, like)
-    beta_number, beta_tensor = _rate(beta, like)
-    return alpha_number, beta_number, alpha_tensor, beta_tensor
-
-
-def belay_step_(weights, shadow, alpha, beta, skip_nonfinite=True, skipped=None):
-    _ops.belay_step_(weights, shadow, *_belay_args(alpha, beta, weights), skip_nonfinite, skipped)
-    return weights, shadow
-
-
-def belay_step_foreach_(weights, shadows, alpha, beta, skip_nonfinite=True, skipped=None):
-    _ops.belay_step_foreach_(
-        weights, shadows, *_belay_args(alpha, beta, weights[0]), skip_nonfinite, skipped
-    )
-
-
-def two_point_average_(out, weights, snapshot):
-    _ops.two_point_average_(out, weights, snapshot)
-    return out
-
-
-def two_point_average_foreach_(outs, weights, snapshots):
-    _ops.two_point_average_foreach_(outs, weights, snapshots)
-
-
-def swap_(weights, shadow, inverse=False):
-    _ops.swap_(weights, shadow, bool(inverse))
-
-
-def swap_foreach_(weights, shadows, inverse=False):
-    _ops.swap_foreach_(weights, shadows, bool(inverse))
+    _C._simulate_cuda_grid(blocks, threads, chunk)
+    _ops = torch.ops.belay_kernels_grid
+    try:
+        yield
+    finally:
+        _ops = torch.ops.belay_kernels
+        _C._simulate_cuda_grid(0, 0, 0)
