@@ -24,10 +24,10 @@ Environment:
 Development build, in place:  python setup.py build_ext --inplace
 """
 
+import glob
 import hashlib
 import importlib.util
 import json
-import glob
 import os
 import shutil
 import sys
