@@ -30,7 +30,7 @@ REQUIRES_CONTIGUOUS = True
 
 if _IMPORT_ERROR is None:
     from .belay import belay_step_, belay_step_foreach_
-    from .device_step import EmaWarmup, StepGate, advance_step_
+    from .device_step import StepGate, advance_step_
     from .ema import ema_update_, ema_update_foreach_
     from .multi_ema import multi_ema_update_, multi_ema_update_foreach_
     from .swa import swa_update_, swa_update_foreach_
@@ -53,7 +53,6 @@ def supports(op: str, dtypes) -> bool:
 __all__ = [
     "DEVICE_TYPES",
     "REQUIRES_CONTIGUOUS",
-    "EmaWarmup",
     "StepGate",
     "advance_step_",
     "belay_step_",
