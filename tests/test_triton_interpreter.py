@@ -1,6 +1,6 @@
 """Runs the Triton backend's tests in a subprocess with TRITON_INTERPRET=1: every method
-against the reference (test_backends.py), the K-profile EMA (test_multi_ema.py), and the
-Triton-only behaviour (triton_interpreter_cases.py).
+against the reference (test_backends.py) and the Triton-only behaviour, the K-profile
+EMA's kernels among it (triton_interpreter_cases.py).
 
 The variable has to be set before Triton is imported, and setting it in this process
 would turn every other test's Triton kernels into interpreted ones; a subprocess keeps
@@ -17,15 +17,14 @@ pytest.importorskip("triton")
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-FILES = ("test_backends.py", "test_multi_ema.py", "triton_interpreter_cases.py")
 
 
-def test_triton_kernels_under_the_interpreter():
+@pytest.mark.parametrize("name", ["test_backends.py", "triton_interpreter_cases.py"])
+def test_triton_kernels_under_the_interpreter(name):
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         *(str(HERE / name) for name in FILES)],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / name)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
