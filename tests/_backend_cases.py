@@ -25,6 +25,7 @@ RATES = (0.9, 0.3, 0.999, 0.05, 0.7, 0.2)
 # Roles stored in a pair's second dtype. The two-point snapshot is tested there too (the
 # kernels accept it), as well as in the weights' dtype by the same-dtype pairs.
 SECOND_DTYPE = ("shadow", "snapshot")
+PACKED_PAIR = (torch.bfloat16, torch.float32)  # the swap packs bf16 weights into the shadow
 
 
 def pair_id(pair) -> str:
@@ -36,6 +37,15 @@ def pairs(method: Method) -> list[tuple]:
     if method.exact:
         return [p for p in DTYPE_PAIRS if reference.swap_supported(*p)]
     return list(DTYPE_PAIRS)
+
+
+BY_NAME = {m.name: m for m in METHODS}
+METHOD_PAIRS = [(method, pair) for method in METHODS for pair in pairs(method)]
+
+
+def method_pair_id(value) -> str:
+    """The test id of a method or of a dtype pair (parametrizing over METHOD_PAIRS)."""
+    return value.name if isinstance(value, Method) else pair_id(value)
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,16 @@ class Case:
         if self.offsets != (0, 0):
             parts.append(f"at{self.offsets[0]}-{self.offsets[1]}")
         return " ".join(parts)
+
+
+# Low halves of fp32 shadow words at and around the rounding tie of the packed bf16/fp32
+# swap, where the packing must not be ambiguous.
+TIE_LOW_HALVES = (0x8000, 0x8001, 0x7FFF, 0, 0xFFFF, 1)
+
+
+def _plant_rounding_ties(t: torch.Tensor) -> None:
+    bits = t[: len(TIE_LOW_HALVES)].view(torch.int32)
+    bits.copy_((bits & ~0xFFFF) | torch.tensor(TIE_LOW_HALVES[: bits.numel()], dtype=torch.int32))
 
 
 def _inject_nonfinite(t: torch.Tensor, generator: torch.Generator) -> None:
@@ -83,6 +103,8 @@ class _Data:
             t = random_like_model(n + skip, dtype, generator=self.generator)[skip:]
             if nonfinite:
                 _inject_nonfinite(t, self.generator)
+            if self.case.method.exact and role == "shadow" and self.case.pair == PACKED_PAIR:
+                _plant_rounding_ties(t)
             out.append(self.placed(role, t))
         return out
 
@@ -124,10 +146,12 @@ def _compare(method, backend, got, want, where):
             assert g.dtype == w.dtype, message
             if backend == "torch" or method.exact:
                 assert torch.equal(_bits(g), _bits(w)), f"{message} differs in its bits"
-            elif len(method.written) > 1 and g.dtype != coarsest and backend != "triton":
+            elif (len(method.written) > 1 and g.dtype != coarsest
+                  and (backend != "triton" or g.device.type == "cpu")):
                 # BELAY feeds the weights back into the shadow: on the compiled C++/CUDA
-                # kernels an fp32 shadow next to bf16 weights inherits one bf16 rounding
-                # difference of the weights per step.
+                # kernels and in Triton's interpreter (its fma rounds twice) an fp32 shadow
+                # next to bf16 weights inherits one bf16 rounding difference of the
+                # weights per step.
                 torch.testing.assert_close(g.double(), w.double(), equal_nan=True,
                                            msg=lambda m: f"{message}\n{m}", **tolerance(coarsest))
             else:
@@ -188,5 +212,3 @@ def check(case: Case, backend: str, *, device="cpu", steps: int = STEPS) -> None
         seed = zlib.crc32(f"{case.id} {sizes}".encode())
         _run(case, backend, sizes, device, steps, seed)
 
-
-BY_NAME = {m.name: m for m in METHODS}

@@ -15,10 +15,9 @@ import os
 
 import pytest
 import torch
-from _backend_cases import STEPS, Case, check, pairs
+from _backend_cases import METHOD_PAIRS, STEPS, Case, check
 from _extension_cases import require_backend, simulated_grid
 
-from belay_kernels.methods import METHODS
 from belay_kernels.testing import ODD_SIZES, torch_threads
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -29,17 +28,16 @@ OFFSETS = ((1, 1), (3, 3), (1, 2))
 
 
 def cases():
-    for method in METHODS:
-        for pair in pairs(method):
-            yield Case(method, pair, ODD_SIZES)
-            yield Case(method, pair, LIST_SIZES, layout="list")
-            for offsets in OFFSETS:
-                yield Case(method, pair, (1009, 70_001), layout="list", offsets=offsets)
-            if method.counts_skipped:
-                yield Case(method, pair, (70_001,), policy="propagate")
-            if any(s.kind != "flag" for s in method.scalars):
-                yield Case(method, pair, (1009,), scalars="tensor")
-                yield Case(method, pair, (1, 3, 1009), layout="list", scalars="tensor")
+    for method, pair in METHOD_PAIRS:
+        yield Case(method, pair, ODD_SIZES)
+        yield Case(method, pair, LIST_SIZES, layout="list")
+        for offsets in OFFSETS:
+            yield Case(method, pair, (1009, 70_001), layout="list", offsets=offsets)
+        if method.counts_skipped:
+            yield Case(method, pair, (70_001,), policy="propagate")
+        if any(s.kind != "flag" for s in method.scalars):
+            yield Case(method, pair, (1009,), scalars="tensor")
+            yield Case(method, pair, (1, 3, 1009), layout="list", scalars="tensor")
 
 
 CASES = list(cases())

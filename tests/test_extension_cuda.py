@@ -1,25 +1,18 @@
-"""The CUDA kernels (backend "cuda") against the reference on a GPU: every method and
-dtype pair, odd and unaligned sizes, many steps, the non-finite counter, tensor lists,
-hyperparameters as device tensors, and the launch on the current stream. Skipped where
-torch sees no CUDA device (the bodies are also checked on the CPU, test_extension_grid)."""
+"""The CUDA kernels (backend "cuda") on a GPU, beyond test_backends.py's cases: sizes of
+millions of elements, unaligned starts of flat tensors, more tensors than one launch
+holds, hyperparameters as device tensors, the launch on the current stream, the K-profile
+EMA, and rates of one over non-finite values. Skipped where torch sees no CUDA device
+(the bodies are also checked on the CPU, test_extension_grid)."""
 
 import pytest
 import torch
-from _extension_cases import (
-    BELAY_RATES,
-    Trajectory,
-    check_swap,
-    compare_with_reference,
-    pair_id,
-    require_backend,
-)
+from _backend_cases import METHOD_PAIRS, Case, check, method_pair_id, pair_id
+from _extension_cases import require_backend
 
 from belay_kernels import ops
 from belay_kernels.testing import DTYPE_PAIRS, ODD_SIZES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-HYPER = {"ema": 0.9, "swa": None, "belay": BELAY_RATES[0], "two_point": None}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,25 +21,15 @@ def cuda_backend():
 
 
 @pytest.mark.parametrize("offsets", [(0, 0), (1, 1), (1, 2)], ids=str)
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-@pytest.mark.parametrize("method", ["ema", "swa", "belay", "two_point"])
+@pytest.mark.parametrize("method,pair", METHOD_PAIRS, ids=method_pair_id)
 def test_matches_reference(method, pair, offsets):
-    for n in ODD_SIZES + (3_000_017,):
-        trajectory = Trajectory(pair, [n], seed=n, nonfinite=True, offsets=offsets, device="cuda")
-        compare_with_reference(method, "cuda", trajectory, hyper=HYPER[method])
+    check(Case(method, pair, ODD_SIZES + (3_000_017,), offsets=offsets), "cuda", device="cuda")
 
 
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-@pytest.mark.parametrize("method", ["ema", "swa", "belay", "two_point"])
+@pytest.mark.parametrize("method,pair", METHOD_PAIRS, ids=method_pair_id)
 def test_tensor_lists_match_reference(method, pair):
-    sizes = [200_003, 0, 1, 3, 31, 1009] * 6  # more tensors than one launch holds
-    trajectory = Trajectory(pair, sizes, seed=4, nonfinite=True, offsets=(1, 1), device="cuda")
-    compare_with_reference(method, "cuda", trajectory, hyper=HYPER[method])
-
-
-@pytest.mark.parametrize("pair", [(torch.float32,) * 2, (torch.bfloat16, torch.float32)], ids=pair_id)
-def test_swap_is_bit_exact(pair):
-    check_swap("cuda", pair, [1, 3, 1009, 3_000_017], seed=1, device="cuda")
+    sizes = (200_003, 0, 1, 3, 31, 1009) * 6  # more tensors than one launch holds
+    check(Case(method, pair, sizes, layout="list", offsets=(1, 1)), "cuda", device="cuda")
 
 
 def test_device_hyperparameters_and_current_stream():

@@ -1,19 +1,17 @@
-"""The CUDA kernels' bodies (csrc/grid_body.h), run on the CPU over simulated grids and
-compared with the reference: aligned and unaligned starts, tails shorter than a vector,
-sizes much larger than the grid, and tensor lists cut into chunks and several launches."""
+"""The CUDA kernels' bodies (csrc/grid_body.h), run on the CPU over simulated grids of
+other shapes than test_backends.py's one (3 blocks of 32 threads) and compared with the
+reference: aligned and unaligned starts, tails shorter than a vector, sizes much larger
+than the grid, and tensor lists cut into chunks and several launches."""
 
 import contextlib
 
 import pytest
 import torch
+from _backend_cases import BY_NAME, METHOD_PAIRS, Case, check, method_pair_id, pair_id
 from _extension_cases import (  # noqa: F401 (cpp_backend, one_cpu_thread: fixtures)
-    BELAY_RATES,
-    Trajectory,
-    check_swap,
-    compare_with_reference,
     cpp_backend,
     one_cpu_thread,
-    pair_id,
+    simulated_grid,
 )
 
 from belay_kernels.testing import DTYPE_PAIRS, random_like_model
@@ -26,40 +24,23 @@ SIZES = (1, 3, 31, 1009, 20_011)
 # (weights, shadow) start offsets in elements: aligned; both misaligned alike (a scalar
 # head, then vectors); misaligned differently (no index aligns both: all scalar).
 OFFSETS = ((0, 0), (1, 1), (1, 2))
-LIST_CHUNK = 64  # elements per simulated block in list launches: many chunks and launches
-
-
-@contextlib.contextmanager
-def simulated_grid(blocks, threads, chunk=LIST_CHUNK):
-    from belay_kernels.extension._entry_points import simulated_grid as grid
-
-    with grid(blocks, threads, chunk):
-        yield
-
-
-HYPER = {"ema": 0.9, "swa": None, "belay": BELAY_RATES[0], "two_point": None}
 
 
 @pytest.mark.parametrize("offsets", OFFSETS, ids=str)
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-@pytest.mark.parametrize("method", ["ema", "swa", "belay", "two_point"])
+@pytest.mark.parametrize("method,pair", METHOD_PAIRS, ids=method_pair_id)
 def test_flat_bodies_match_reference(method, pair, grid, offsets):
     with simulated_grid(*grid):
-        for n in SIZES:
-            trajectory = Trajectory(pair, [n], seed=n, nonfinite=True, offsets=offsets)
-            compare_with_reference(method, "cpp", trajectory, hyper=HYPER[method])
+        check(Case(method, pair, SIZES, offsets=offsets), "cpp")
 
 
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-@pytest.mark.parametrize("method", ["ema", "swa", "belay", "two_point"])
+@pytest.mark.parametrize("method,pair", METHOD_PAIRS, ids=method_pair_id)
 def test_list_bodies_match_reference(method, pair):
     # 30 tensors (more than one launch holds), one of them 20k elements (more chunks
     # than one launch holds), empty ones, and short tails
-    sizes = [20_011, 0, 1, 3, 31, 1009] * 5
+    sizes = (20_011, 0, 1, 3, 31, 1009) * 5
     with simulated_grid(1, 32):
-        trajectory = Trajectory(pair, sizes, seed=11, nonfinite=True, offsets=(1, 1))
-        compare_with_reference(method, "cpp", trajectory, hyper=HYPER[method])
+        check(Case(method, pair, sizes, layout="list", offsets=(1, 1)), "cpp")
 
 
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
@@ -67,19 +48,9 @@ def test_list_chunks_split_across_blocks_match_reference(pair):
     # 16 blocks and 7 chunks (20_011 elements in chunks of 4096, then 2 small tensors): the
     # launch gives each chunk ceil(16 / 7) = 3 blocks, as it fills a GPU with big tensors.
     with simulated_grid(16, 4, chunk=4096):
-        for method in ("ema", "belay"):
-            trajectory = Trajectory(pair, [20_011, 3, 1009], seed=12, nonfinite=True,
-                                    offsets=(1, 1))
-            compare_with_reference(method, "cpp", trajectory, hyper=HYPER[method])
-
-
-@pytest.mark.parametrize(
-    "pair", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)],
-    ids=pair_id,
-)
-def test_swap_bodies_are_bit_exact(pair):
-    with simulated_grid(3, 32):
-        check_swap("cpp", pair, [1, 3, 31, 1009, 20_011], seed=1)
+        for name in ("ema", "belay"):
+            check(Case(BY_NAME[name], pair, (20_011, 3, 1009), layout="list", offsets=(1, 1)),
+                  "cpp")
 
 
 def test_the_simulation_really_runs_the_grid():

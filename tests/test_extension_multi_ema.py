@@ -5,11 +5,10 @@ as numbers and as 0-d tensors (NaN and out of range among them), flat and list."
 
 import pytest
 import torch
-from _backend_cases import _inject_nonfinite
+from _backend_cases import _inject_nonfinite, pair_id
 from _extension_cases import (  # noqa: F401 (cpp_backend, one_cpu_thread: fixtures)
     cpp_backend,
     one_cpu_thread,
-    pair_id,
     refuses,
     simulated_grid,
 )

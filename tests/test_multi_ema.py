@@ -6,7 +6,9 @@ counter, decays as numbers and as tensors (out-of-range ones included), over sev
 
 Backends as in test_backends.py: "reference", "torch", "cpp", "grid" (the compiled CUDA
 bodies on a simulated grid), "cuda" on a GPU, and "triton" when this file runs under
-TRITON_INTERPRET=1 (tests/test_triton_interpreter.py does that in a subprocess).
+TRITON_INTERPRET=1, which is slow enough to be run by hand:
+``TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest tests/test_multi_ema.py`` (the suite
+checks the Triton K-profile kernels in triton_interpreter_cases.py).
 """
 
 import contextlib

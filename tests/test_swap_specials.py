@@ -7,8 +7,7 @@ same words in triton_interpreter_cases.py.)"""
 
 import pytest
 import torch
-from _extension_cases import require_backend
-from test_extension_grid import simulated_grid
+from _extension_cases import require_backend, simulated_grid
 
 import belay_kernels as bk
 from belay_kernels import ops

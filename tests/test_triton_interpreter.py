@@ -1,4 +1,6 @@
-"""Runs tests/triton_interpreter_cases.py in a subprocess with TRITON_INTERPRET=1.
+"""Runs the Triton backend's tests in a subprocess with TRITON_INTERPRET=1: every method
+against the reference (test_backends.py) and the Triton-only behaviour, the K-profile
+EMA's kernels among it (triton_interpreter_cases.py).
 
 The variable has to be set before Triton is imported, and setting it in this process
 would turn every other test's Triton kernels into interpreted ones; a subprocess keeps
@@ -13,15 +15,16 @@ import pytest
 
 pytest.importorskip("triton")
 
-CASES = Path(__file__).with_name("triton_interpreter_cases.py")
-ROOT = CASES.parent.parent
+HERE = Path(__file__).parent
+ROOT = HERE.parent
 
 
-def test_triton_kernels_under_the_interpreter():
+@pytest.mark.parametrize("name", ["test_backends.py", "triton_interpreter_cases.py"])
+def test_triton_kernels_under_the_interpreter(name):
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / name)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]

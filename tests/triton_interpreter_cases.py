@@ -1,4 +1,7 @@
-"""The Triton kernels, run in Triton's interpreter on CPU tensors, against the reference.
+"""What only the Triton backend has, run in Triton's interpreter on CPU tensors: the
+device-side step gate and warmup, out-of-range device hyperparameters, pointer tables and
+per-tensor alignment, scalars by value, and the K-profile EMA's own kernels and refusals.
+Every method against the reference on "triton" is in tests/test_backends.py.
 
 Not collected directly (no ``test_`` prefix): TRITON_INTERPRET=1 must be set before
 Triton is imported, so tests/test_triton_interpreter.py runs this file in a subprocess
@@ -18,19 +21,19 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import _triton_interpreter  # noqa: E402
+from _backend_cases import pair_id  # noqa: E402
 
 from belay_kernels import backends, ops, reference  # noqa: E402
+from belay_kernels.schedules import Warmup  # noqa: E402
 from belay_kernels.testing import (  # noqa: E402
     DTYPE_PAIRS,
-    ODD_SIZES,
     assert_close,
     random_like_model,
 )
-from belay_kernels.triton import EmaWarmup, StepGate, advance_step_  # noqa: E402
+from belay_kernels.triton import StepGate, advance_step_  # noqa: E402
 from belay_kernels.triton import belay as triton_belay  # noqa: E402
 from belay_kernels.triton import ema as triton_ema  # noqa: E402
 from belay_kernels.triton import swa as triton_swa  # noqa: E402
-from belay_kernels.triton.device_step import warmup_weight  # noqa: E402
 
 _triton_interpreter.round_bf16_like_the_gpu()
 
@@ -38,13 +41,8 @@ _triton_interpreter.round_bf16_like_the_gpu()
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 STEPS = 3
-DECAYS = (0.7, 0.2, 0.999)  # 1 - decay on both sides of lerp's 0.5 switch
 ALPHA, BETA = 0.3, 0.6
 LIST_SIZES = (1, 3, 0, 1009, 8197)  # 8197 spans more than two blocks of every dtype
-
-
-def pair_id(pair):
-    return "/".join(str(d).removeprefix("torch.") for d in pair)
 
 
 def fresh(n, dtype, gen, nonfinite=False):
@@ -57,15 +55,6 @@ def fresh(n, dtype, gen, nonfinite=False):
     return t
 
 
-def run_method(module_or_ops, method, step, shadow, weights, skipped, **extra):
-    """One step of ``method`` via the ops (backend=...) or a backend module."""
-    if method == "ema":
-        return module_or_ops(shadow, weights, decay=DECAYS[step % 3], skipped=skipped, **extra)
-    if method == "swa":
-        return module_or_ops(shadow, weights, count=step, skipped=skipped, **extra)
-    return module_or_ops(weights, shadow, alpha=ALPHA, beta=BETA, skipped=skipped, **extra)
-
-
 OPS = {"ema": ops.ema_update_, "swa": ops.swa_update_, "belay": ops.belay_step_}
 
 
@@ -73,165 +62,14 @@ def test_registry_offers_triton_on_cpu_under_the_interpreter():
     assert "cpu" in backends()["triton"]
 
 
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-@pytest.mark.parametrize("method", ["ema", "swa", "belay"])
-def test_updates_match_reference_over_steps(method, pair):
-    weights_dtype, shadow_dtype = pair
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{method} {pair_id(pair)}".encode()))
-    for n in ODD_SIZES:
-        shadow = fresh(n, shadow_dtype, gen)
-        weights = fresh(n, weights_dtype, gen)
-        expected = (shadow.clone(), weights.clone())
-        skipped = torch.zeros((), dtype=torch.int64)
-        expected_skipped = skipped.clone()
-        for step in range(STEPS):
-            incoming = fresh(n, weights_dtype, gen, nonfinite=step == 1)
-            weights.copy_(incoming)
-            expected[1].copy_(incoming)
-            run_method(OPS[method], method, step, shadow, weights, skipped, backend="triton")
-            run_method(OPS[method], method, step, *expected, expected_skipped, backend="torch")
-            where = f"{method} {pair_id(pair)} n={n} step={step}"
-            assert_close(shadow, expected[0], where + " shadow")
-            assert_close(weights, expected[1], where + " weights")
-            assert int(skipped) == int(expected_skipped), where
-        if n >= 3:
-            assert int(skipped) > 0  # the non-finite step was exercised
-
-
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-@pytest.mark.parametrize("method", ["ema", "swa", "belay"])
-def test_propagate_policy_matches_reference(method, pair):
-    weights_dtype, shadow_dtype = pair
-    gen = torch.Generator().manual_seed(7)
-    shadow, weights = fresh(1009, shadow_dtype, gen), fresh(1009, weights_dtype, gen, True)
-    expected = (shadow.clone(), weights.clone())
-    run_method(OPS[method], method, 1, shadow, weights, None, nonfinite="propagate",
-               backend="triton")
-    run_method(OPS[method], method, 1, *expected, None, nonfinite="propagate", backend="torch")
-    assert_close(shadow, expected[0], "shadow")
-    assert_close(weights, expected[1], "weights")
-    assert shadow.isnan().any()
-
-
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-def test_two_point_average_matches_reference(pair):
-    weights_dtype, snapshot_dtype = pair
-    gen = torch.Generator().manual_seed(3)
-    for n in ODD_SIZES:
-        weights, snapshot = fresh(n, weights_dtype, gen), fresh(n, snapshot_dtype, gen)
-        out = ops.two_point_average(weights, snapshot, backend="triton")
-        expected = torch.empty_like(weights)
-        reference.two_point_average_(expected, weights, snapshot)
-        assert_close(out, expected, f"two-point n={n}")
-
-
-SWAP_PAIRS = [p for p in DTYPE_PAIRS if reference.swap_supported(*p)]
-
-
-def swap_data(n, pair, gen):
-    weights, shadow = fresh(n, pair[0], gen), fresh(n, pair[1], gen)
-    if pair == (torch.bfloat16, torch.float32) and n >= 6:
-        # low halves at and around the rounding tie, where the packing must not be ambiguous
-        bits = shadow.view(torch.int32)
-        bits[:6] = (bits[:6] & ~0xFFFF) | torch.tensor([0x8000, 0x8001, 0x7FFF, 0, 0xFFFF, 1])
-    return weights, shadow
-
-
-@pytest.mark.parametrize("pair", SWAP_PAIRS, ids=pair_id)
-def test_swap_is_the_reference_bit_for_bit_and_inverts(pair):
-    gen = torch.Generator().manual_seed(5)
-    for n in ODD_SIZES:
-        weights, shadow = swap_data(n, pair, gen)
-        before = (weights.clone(), shadow.clone())
-        expected = (weights.clone(), shadow.clone())
-        ops.swap_(weights, shadow, backend="triton")
-        reference.swap_(*expected)
-        assert torch.equal(weights.view(torch.uint8), expected[0].view(torch.uint8)), n
-        assert torch.equal(shadow.view(torch.uint8), expected[1].view(torch.uint8)), n
-        ops.swap_(weights, shadow, inverse=True, backend="triton")
-        assert torch.equal(weights.view(torch.uint8), before[0].view(torch.uint8)), n
-        assert torch.equal(shadow.view(torch.uint8), before[1].view(torch.uint8)), n
-
-
-# --- tensor lists: one launch over a pointer table ----------------------------------
-
-
-def list_data(pair, gen, nonfinite=False):
-    shadows = [fresh(n, pair[1], gen) for n in LIST_SIZES]
-    weights = [fresh(n, pair[0], gen, nonfinite) for n in LIST_SIZES]
-    return shadows, weights
-
-
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-@pytest.mark.parametrize("method", ["ema", "swa", "belay"])
-def test_list_variant_matches_reference(method, pair):
-    gen = torch.Generator().manual_seed(11)
-    shadows, weights = list_data(pair, gen)
-    expected = ([s.clone() for s in shadows], [w.clone() for w in weights])
-    skipped = torch.zeros((), dtype=torch.int64)
-    expected_skipped = skipped.clone()
-    for step in range(STEPS):
-        for w, e in zip(weights, expected[1]):
-            w.copy_(fresh(w.numel(), w.dtype, gen, nonfinite=step == 1))
-            e.copy_(w)
-        run_method(OPS[method], method, step, shadows, weights, skipped, backend="triton")
-        run_method(OPS[method], method, step, *expected, expected_skipped, backend="torch")
-        for i in range(len(LIST_SIZES)):
-            assert_close(shadows[i], expected[0][i], f"{method} step {step} tensor {i}")
-            assert_close(weights[i], expected[1][i], f"{method} step {step} tensor {i}")
-        assert int(skipped) == int(expected_skipped)
-
-
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-def test_list_two_point_and_swap(pair):
-    gen = torch.Generator().manual_seed(13)
-    snapshots, weights = list_data(pair, gen)
-    outs = ops.two_point_average(weights, snapshots, backend="triton")
-    for out, w, s in zip(outs, weights, snapshots):
-        expected = torch.empty_like(w)
-        reference.two_point_average_(expected, w, s)
-        assert_close(out, expected, "two-point list")
-    if not reference.swap_supported(*pair):
-        return
-    shadows = snapshots
-    before = [t.clone() for t in weights + shadows]
-    ops.swap_(weights, shadows, backend="triton")
-    for w, s, w0, s0 in zip(weights, shadows, before[: len(weights)], before[len(weights):]):
-        ew, es = w0.clone(), s0.clone()
-        reference.swap_(ew, es)
-        assert torch.equal(w.view(torch.uint8), ew.view(torch.uint8))
-        assert torch.equal(s.view(torch.uint8), es.view(torch.uint8))
-    ops.swap_(weights, shadows, inverse=True, backend="triton")
-    for t, t0 in zip(weights + shadows, before):
-        assert torch.equal(t.view(torch.uint8), t0.view(torch.uint8))
-
-
-# --- device-side scalars, step counter and skip flag --------------------------------
-
-
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-def test_scalars_given_as_device_tensors(pair):
-    weights_dtype, shadow_dtype = pair
-    scalar_dtype = torch.float64 if torch.float64 in pair else torch.float32
-    gen = torch.Generator().manual_seed(17)
-    decay = torch.tensor(0.8, dtype=scalar_dtype)
-    alpha, beta = torch.tensor(ALPHA, dtype=scalar_dtype), torch.tensor(BETA, dtype=scalar_dtype)
-    for count in (torch.tensor(0), torch.tensor(4, dtype=torch.int32)):
-        shadow, weights = fresh(1009, shadow_dtype, gen), fresh(1009, weights_dtype, gen)
-        cases = [
-            (ops.ema_update_, (shadow, weights), dict(decay=decay)),
-            (ops.swa_update_, (shadow, weights), dict(count=count)),
-            (ops.belay_step_, (weights, shadow), dict(alpha=alpha, beta=beta)),
-        ]
-        for op, tensors, scalars in cases:
-            expected = tuple(t.clone() for t in tensors)
-            op(*tensors, **scalars, backend="triton")
-            op(*expected, **scalars, backend="torch")
-            for actual, want in zip(tensors, expected):
-                assert_close(actual, want, f"{op.__name__} with device scalars")
-
-
 GATE_START, GATE_EVERY = 1, 2
+# The schedule computed on the device from the gate's update number k = 0..3: the first
+# rising freely from 0 below its decay, the second held at min_decay (k = 0) and at its
+# decay (k = 3).
+WARMUPS = {
+    "ema-warmup": Warmup(decay=0.9, gamma=1.0, power=0.75),
+    "ema-warmup-clamped": Warmup(decay=0.6, gamma=1.0, power=0.75, min_decay=0.3),
+}
 SKIP_PATTERN = (0, 0, 1, 0, 0, 1, 0, 0, 0)  # found_inf per step
 
 
@@ -247,7 +85,7 @@ def gated_expectations():
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["flat", "list"])
 @pytest.mark.parametrize("pair", [DTYPE_PAIRS[0], DTYPE_PAIRS[1], DTYPE_PAIRS[4]], ids=pair_id)
-@pytest.mark.parametrize("method", ["ema", "ema-warmup", "swa", "belay"])
+@pytest.mark.parametrize("method", ["ema", *WARMUPS, "swa", "belay"])
 def test_step_gate_counts_and_skips_on_the_device(method, pair, foreach):
     weights_dtype, shadow_dtype = pair
     gen = torch.Generator().manual_seed(19)
@@ -257,7 +95,7 @@ def test_step_gate_counts_and_skips_on_the_device(method, pair, foreach):
     expected = ([s.clone() for s in shadows], [w.clone() for w in weights])
     found_inf = torch.zeros(1)
     gate = StepGate.on("cpu", skip=found_inf, start=GATE_START, every=GATE_EVERY)
-    warmup = EmaWarmup(inv_gamma=1.0, power=0.75) if method == "ema-warmup" else None
+    warmup = WARMUPS.get(method)
     decay = 0.9
     for skip, active, k in gated_expectations():
         found_inf.fill_(float(skip))
@@ -267,7 +105,7 @@ def test_step_gate_counts_and_skips_on_the_device(method, pair, foreach):
         s_arg, w_arg = (shadows, weights) if foreach else (shadows[0], weights[0])
         if method.startswith("ema"):
             fn = triton_ema.ema_update_foreach_ if foreach else triton_ema.ema_update_
-            fn(s_arg, w_arg, decay, True, None, gate=gate, warmup=warmup)
+            fn(s_arg, w_arg, warmup or decay, True, None, gate=gate)
         elif method == "swa":
             fn = triton_swa.swa_update_foreach_ if foreach else triton_swa.swa_update_
             fn(s_arg, w_arg, 0, True, None, gate=gate)
@@ -279,9 +117,8 @@ def test_step_gate_counts_and_skips_on_the_device(method, pair, foreach):
             for s, w in zip(*expected):
                 if method == "ema":
                     reference.ema_update_(s, w, decay)
-                elif method == "ema-warmup":
-                    weight = max(1 - decay, warmup_weight(k, warmup))
-                    reference.ema_update_(s, w, 1 - weight)
+                elif method in WARMUPS:
+                    reference.ema_update_(s, w, warmup.decay_at(k))
                 elif method == "swa":
                     reference.swa_update_(s, w, k)
                 else:
@@ -295,7 +132,7 @@ def test_step_gate_counts_and_skips_on_the_device(method, pair, foreach):
 def test_warmup_without_gate_is_refused():
     shadow, weights = torch.ones(4), torch.ones(4)
     with pytest.raises(ValueError, match="StepGate"):
-        triton_ema.ema_update_(shadow, weights, 0.9, warmup=EmaWarmup())
+        triton_ema.ema_update_(shadow, weights, Warmup())
 
 
 def test_measure_counts_bytes_explicitly(monkeypatch):

@@ -33,7 +33,7 @@ REQUIRES_CONTIGUOUS = True
 _OPS = tuple(name for m in (*METHODS, MULTI_EMA) for name in (m.op, m.foreach))
 
 if _IMPORT_ERROR is None:
-    from .device_step import EmaWarmup, StepGate, advance_step_
+    from .device_step import StepGate, advance_step_
 
     # Each method's kernels are in the module of its short name (ema.py, belay.py, ...).
     for _method in (*METHODS, MULTI_EMA):
@@ -57,7 +57,6 @@ def supports(op: str, dtypes) -> bool:
 __all__ = [
     "DEVICE_TYPES",
     "REQUIRES_CONTIGUOUS",
-    "EmaWarmup",
     "StepGate",
     "advance_step_",
     "supports",

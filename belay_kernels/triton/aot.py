@@ -52,7 +52,7 @@ _INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _COMMON_TYPES = {
     "n": "i32", "num_tensors": "i32", "size": "i32", "first_step": "i32", "every": "i32", "count": "i64",
     "weight_bits": "i64", "alpha_bits": "i64", "beta_bits": "i64",
-    "inv_gamma_bits": "i64", "power_bits": "i64",
+    "gamma_bits": "i64", "power_bits": "i64", "min_decay_bits": "i64", "decay_bits": "i64",
     "decay_ptr": "*fp32", "alpha_ptr": "*fp32", "beta_ptr": "*fp32", "count_ptr": "*i64",
     "skipped_ptr": "*i64", "step_ptr": "*i64", "skip_ptr": "*fp32",
     "table_ptr": "*i64", "owner_ptr": "*i32",

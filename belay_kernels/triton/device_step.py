@@ -1,5 +1,9 @@
-"""Device-side step counters: the state that lets a whole averaging ``step()`` run with
-no host synchronisation, and so be captured in a CUDA graph.
+"""Experimental, Triton-only: device-side step counters, the state that lets a whole
+averaging ``step()`` run with no host synchronisation, and so be captured in a CUDA graph.
+
+Neither :mod:`belay_kernels.ops` nor the averagers reach this module: it is for code that
+calls the Triton kernels of :mod:`belay_kernels.triton` directly, and its interface may
+change. The averagers follow a decay schedule on the host instead.
 
 A :class:`StepGate` holds two device tensors:
 
@@ -18,23 +22,23 @@ number ``k = (t - start) // every`` (0 for the first). From ``k`` the kernels co
 
 - SWA: the count of models already in the shadow, ``count + k`` (``count`` being what
   the shadow held before the first gated update, usually 0);
-- EMA warmup (optional, :class:`EmaWarmup`): the effective weight of the new model is
-  ``max(1 - decay, (1 + k / inv_gamma) ** -power)``, i.e. the decay ramps up from 0 and
-  is capped at ``decay``. With ``inv_gamma = power = 1`` it is ``1 / (k + 1)``: the EMA
-  starts as an equal running mean (the SWA) until ``1 - decay`` takes over.
+- EMA with a :class:`~belay_kernels.schedules.Warmup` as its decay: the schedule's
+  ``decay_at(k)``, that is ``1 - (1 + k / gamma) ** -power`` clamped to
+  ``[min_decay, decay]``, the same parameters and clamping as on the host, in float64.
 
 One averaging step is then: the update kernels (one launch per flat buffer or tensor
 list), then ``advance_step_(gate)`` (one tiny launch). Create the gate and run one
 step before capturing, so that kernels are compiled and any pointer table is built
 outside the capture::
 
-    from belay_kernels.triton import EmaWarmup, StepGate, advance_step_, ema_update_foreach_
+    from belay_kernels.schedules import Warmup
+    from belay_kernels.triton import StepGate, advance_step_, ema_update_foreach_
 
     found_inf = torch.zeros(1, device="cuda")      # one tensor, written in place each step
     gate = StepGate.on("cuda", skip=found_inf, start=0, every=1)
 
     def average():
-        ema_update_foreach_(shadows, params, 0.999, gate=gate, warmup=EmaWarmup())
+        ema_update_foreach_(shadows, params, Warmup(decay=0.999), gate=gate)
         advance_step_(gate)
 
     average()                                      # warm up outside the capture
@@ -43,8 +47,8 @@ outside the capture::
         average()
     graph.replay()                                 # every later step: no host sync
 
-The update functions take the gate (and, for the EMA, the warmup) as keyword-only
-arguments after the backend contract's positional ones.
+The update functions take the gate as a keyword-only argument after the backend
+contract's positional ones.
 """
 
 from __future__ import annotations
@@ -72,17 +76,6 @@ class StepGate:
         return cls(step, skip, start, every)
 
 
-@dataclass(frozen=True)
-class EmaWarmup:
-    inv_gamma: float = 1.0
-    power: float = 1.0
-
-
-def warmup_weight(k: int, warmup: EmaWarmup) -> float:
-    """Host-side formula of the warmup weight of update ``k`` (for tests and docs)."""
-    return (1.0 + k / warmup.inv_gamma) ** -warmup.power
-
-
 @triton.jit
 def _gate(step_ptr, skip_ptr, start, every, HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr):
     """(whether this step updates, the update number k) read from the device."""
@@ -98,14 +91,14 @@ def _gate(step_ptr, skip_ptr, start, every, HAS_STEP: tl.constexpr, HAS_SKIP: tl
 
 
 @triton.jit
-def _warmup_weight(k, inv_gamma, power, COMPUTE: tl.constexpr):
-    """``(1 + k / inv_gamma) ** -power``, computed in float64 and rounded once to COMPUTE;
-    exactly 1 at k = 0. fp32 division, exp2 and log2 are approximate on a GPU, so the
-    math runs in float64, and ``power == 1`` is an IEEE division: with
-    ``inv_gamma = power = 1`` the weight is then the SWA's ``1 / (k + 1)`` bit for bit."""
-    base = 1 + k.to(tl.float64) / inv_gamma
+def _warmup_weight(k, gamma, power, min_decay, decay, COMPUTE: tl.constexpr):
+    """The weight ``1 - decay_at(k)`` of schedules.Warmup, in float64 (fp32 division, exp2
+    and log2 are approximate on a GPU) and rounded once to COMPUTE, as the reference
+    rounds ``1 - decay``; ``power == 1`` is an IEEE division, as on the host."""
+    base = 1 + k.to(tl.float64) / gamma
     powered = tl.where(power == 1, 1 / base, tl.exp2(-power * tl.log2(base)))
-    return powered.to(COMPUTE)
+    raw = 1 - powered
+    return (1 - tl.minimum(tl.maximum(raw, min_decay), decay)).to(COMPUTE)
 
 
 @triton.jit

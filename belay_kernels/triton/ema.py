@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..schedules import Warmup
 from . import _launch
 from ._blocks import (
     _host_float,
@@ -14,14 +15,15 @@ from ._blocks import (
     _rate,
     _skip_block,
 )
-from .device_step import EmaWarmup, StepGate, _gate, _warmup_weight, gate_args
+from .device_step import StepGate, _gate, _warmup_weight, gate_args
 
 
-@triton.jit(do_not_specialize=["weight_bits", "inv_gamma_bits", "power_bits"])
+@triton.jit(do_not_specialize=["weight_bits", "gamma_bits", "power_bits", "min_decay_bits",
+                               "decay_bits"])
 def _ema_update_kernel(table_ptr, owner_ptr, size, shadow_ptr, weights_ptr, weight_bits,
                        decay_ptr, skipped_ptr, step_ptr, skip_ptr, first_step, every,
-                       inv_gamma_bits, power_bits, IS_LIST: tl.constexpr,
-                       ALIGNED: tl.constexpr, DECAY_FROM_PTR: tl.constexpr,
+                       gamma_bits, power_bits, min_decay_bits, decay_bits,
+                       IS_LIST: tl.constexpr, ALIGNED: tl.constexpr, DECAY_FROM_PTR: tl.constexpr,
                        WARMUP: tl.constexpr, HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
                        SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
                        COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
@@ -31,9 +33,10 @@ def _ema_update_kernel(table_ptr, owner_ptr, size, shadow_ptr, weights_ptr, weig
     if active:
         weight, valid = _rate(weight_bits, decay_ptr, DECAY_FROM_PTR, True, COMPUTE)
         if WARMUP:
-            warm = _warmup_weight(k, _host_float(inv_gamma_bits, tl.float64),
-                                  _host_float(power_bits, tl.float64), COMPUTE)
-            weight = tl.maximum(weight, warm)
+            weight = _warmup_weight(k, _host_float(gamma_bits, tl.float64),
+                                    _host_float(power_bits, tl.float64),
+                                    _host_float(min_decay_bits, tl.float64),
+                                    _host_float(decay_bits, tl.float64), COMPUTE)
         if valid:
             _lerp_shadow(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr,
                          SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
@@ -41,18 +44,22 @@ def _ema_update_kernel(table_ptr, owner_ptr, size, shadow_ptr, weights_ptr, weig
             _skip_block(start, n, skipped_ptr, HAS_SKIPPED, BLOCK)
 
 
-def _common_args(decay, skip_nonfinite, skipped, gate, warmup, placeholder, dtypes):
-    rate, from_ptr = _launch.rate_args(decay, placeholder, one_minus=True)
-    gate_positional, gate_flags = gate_args(gate, placeholder)
+def _common_args(decay, skip_nonfinite, skipped, gate, placeholder, dtypes):
+    """``decay``: a rate, or a schedules.Warmup whose decay the kernel computes from the
+    gate's update number (experimental: see device_step)."""
+    warmup = decay if isinstance(decay, Warmup) else None
     if warmup is not None and gate is None:
-        raise ValueError("an EMA warmup needs a StepGate: the decay follows gate.step.")
-    warm = warmup or EmaWarmup()
+        raise ValueError("a Warmup decay needs a StepGate: the decay follows gate.step.")
+    schedule = warmup or Warmup()
+    rate, from_ptr = _launch.rate_args(schedule.decay if warmup else decay, placeholder,
+                                       one_minus=True)
+    gate_positional, gate_flags = gate_args(gate, placeholder)
     args = (
         *rate,
         placeholder if skipped is None else skipped,
         *gate_positional,
-        _launch.float_bits(warm.inv_gamma),
-        _launch.float_bits(warm.power),
+        *(_launch.float_bits(value) for value in
+          (schedule.gamma, schedule.power, schedule.min_decay, schedule.decay)),
     )
     flags = dict(DECAY_FROM_PTR=from_ptr, WARMUP=warmup is not None, **gate_flags,
                  **_launch.update_flags(skip_nonfinite, skipped, dtypes))
@@ -60,17 +67,16 @@ def _common_args(decay, skip_nonfinite, skipped, gate, warmup, placeholder, dtyp
 
 
 def ema_update_(shadow: torch.Tensor, weights: torch.Tensor, decay, skip_nonfinite=True,
-                skipped=None, *, gate: StepGate | None = None,
-                warmup: EmaWarmup | None = None) -> torch.Tensor:
-    args, flags = _common_args(decay, skip_nonfinite, skipped, gate, warmup, shadow,
+                skipped=None, *, gate: StepGate | None = None) -> torch.Tensor:
+    args, flags = _common_args(decay, skip_nonfinite, skipped, gate, shadow,
                                (shadow.dtype, weights.dtype))
     _launch.launch(_ema_update_kernel, (shadow, weights), args, flags)
     return shadow
 
 
 def ema_update_foreach_(shadows, weights, decay, skip_nonfinite=True, skipped=None, *,
-                       gate: StepGate | None = None, warmup: EmaWarmup | None = None):
-    args, flags = _common_args(decay, skip_nonfinite, skipped, gate, warmup, shadows[0],
+                       gate: StepGate | None = None):
+    args, flags = _common_args(decay, skip_nonfinite, skipped, gate, shadows[0],
                                (shadows[0].dtype, weights[0].dtype))
     _launch.launch(_ema_update_kernel, [shadows, weights], args, flags)
     return shadows
