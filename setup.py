@@ -37,8 +37,11 @@ from setuptools import setup
 
 DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
 # Every csrc/cpu_kernels*.cpp: a new op's CPU kernel file is built without a list edit.
-CPU_SOURCES = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu_kernels*.cpp")),
-               "csrc/cpu_module.cpp"]
+CPU_SOURCES = [
+    "csrc/registration.cpp",
+    *sorted(glob.glob("csrc/cpu_kernels*.cpp")),
+    "csrc/cpu_module.cpp",
+]
 CUDA_SOURCES = ["csrc/cuda_kernels.cu", "csrc/cuda_module.cpp"]
 # -fno-trapping-math lets GCC turn the per-element choices (lerp's two sides, the
 # non-finite policy) into vector selects; nothing here relies on floating-point traps.
@@ -56,7 +59,8 @@ ROUGH_MINUTES = {"belay_kernels._C": "1.5-5", "belay_kernels._C_cuda": "1-3"}
 def _load_toolkit_finder():
     """belay_kernels/_toolkit.py, loaded by path: importing the package needs torch."""
     spec = importlib.util.spec_from_file_location(
-        "_belay_toolkit", os.path.join(ROOT, "belay_kernels", "_toolkit.py"))
+        "_belay_toolkit", os.path.join(ROOT, "belay_kernels", "_toolkit.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -162,8 +166,11 @@ def _extensions():
             "built": False,
             "reason": "; ".join(cuda_missing),
             "cuda_home_tried": toolkit.tried if toolkit else [],
-            "rebuild_env": "BELAY_KERNELS_CUDA=1 " if cuda == "0" else
-            "CUDA_HOME=/path/to/cuda-toolkit " if toolkit and not toolkit.root else "",
+            "rebuild_env": "BELAY_KERNELS_CUDA=1 "
+            if cuda == "0"
+            else "CUDA_HOME=/path/to/cuda-toolkit "
+            if toolkit and not toolkit.root
+            else "",
         }
         if cuda != "0":
             _say("not building the CUDA kernels: " + "; ".join(cuda_missing))
@@ -219,8 +226,10 @@ def _extensions():
                 for ext in self.extensions:
                     parts[ext.name].setdefault("built", False)
                     parts[ext.name].setdefault("reason", f"no compiler usable: {exc}")
-                print(f"WARNING: belay_kernels: no compiled kernels ({exc}); the package "
-                      "works without them (backend 'torch').")
+                print(
+                    f"WARNING: belay_kernels: no compiled kernels ({exc}); the package "
+                    "works without them (backend 'torch')."
+                )
 
         def _reuse(self, ext, fingerprint):
             """Copy the in-place build of ext where this build puts it, if that build is
@@ -236,8 +245,10 @@ def _extensions():
             if os.path.abspath(target) != os.path.abspath(inplace_file):
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 shutil.copyfile(inplace_file, target)
-            _say(f"{ext.name}: built from these sources at {self._previous.get('written')}; "
-                 "reusing it (BELAY_KERNELS_REBUILD=1 rebuilds)")
+            _say(
+                f"{ext.name}: built from these sources at {self._previous.get('written')}; "
+                "reusing it (BELAY_KERNELS_REBUILD=1 rebuilds)"
+            )
             return True
 
         def build_extension(self, ext):
@@ -248,8 +259,10 @@ def _extensions():
                 parts[ext.name].update(built=True, reused=True)
                 return
             jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count())
-            _say(f"compiling {ext.name} ({len(ext.sources)} files, {jobs} parallel jobs; "
-                 f"about {ROUGH_MINUTES[ext.name]} min on a 2-core machine)")
+            _say(
+                f"compiling {ext.name} ({len(ext.sources)} files, {jobs} parallel jobs; "
+                f"about {ROUGH_MINUTES[ext.name]} min on a 2-core machine)"
+            )
             start = time.monotonic()
             try:
                 super().build_extension(ext)

@@ -37,5 +37,11 @@ def progress(total: int, label: str, *, enabled: bool = True):
         def write(cls, text, file=None, end="\n", nolock=False):
             super().write(text, file=file or sys.stderr, end=end, nolock=nolock)
 
-    return Bar(total=total, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True,
-                bar_format="{desc}: {n}/{total} [{elapsed}<{remaining}] {postfix}")
+    return Bar(
+        total=total,
+        desc=label,
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        bar_format="{desc}: {n}/{total} [{elapsed}<{remaining}] {postfix}",
+    )

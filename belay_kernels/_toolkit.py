@@ -66,8 +66,14 @@ def _nvcc_roots(nvcc: str, depth: int = 0) -> list[tuple[str, str]]:
     if depth < 3:
         for target in _script_targets(real):
             for root, how in _nvcc_roots(target, depth + 1):
-                found.append((root, f"{nvcc} is a script that runs {target}" if
-                              how.startswith("nvcc at") else how))
+                found.append(
+                    (
+                        root,
+                        f"{nvcc} is a script that runs {target}"
+                        if how.startswith("nvcc at")
+                        else how,
+                    )
+                )
     return found
 
 

@@ -25,17 +25,25 @@ def explain_auto(device_type: str) -> str:
         if verdicts is not None:
             measured = [(k[0], v) for k, v in verdicts().items() if k[1] == device_type]
             if not measured:
-                steps.append(f"{name} where it measures faster than torch (measured at the "
-                             "first op of each dtype pair; nothing measured yet)")
+                steps.append(
+                    f"{name} where it measures faster than torch (measured at the "
+                    "first op of each dtype pair; nothing measured yet)"
+                )
             else:
-                steps.append(f"{name} per op: " + "; ".join(
-                    f"{op} {'taken' if taken else 'not taken'} ({why})"
-                    for op, (taken, why) in measured))
+                steps.append(
+                    f"{name} per op: "
+                    + "; ".join(
+                        f"{op} {'taken' if taken else 'not taken'} ({why})"
+                        for op, (taken, why) in measured
+                    )
+                )
             continue
         if name == "torch":
             steps.append("takes torch (the pure-PyTorch backend, which runs anywhere)")
         else:
-            steps.append(f"takes {name} (its kernels load here; ops, dtypes or layouts it "
-                         "lacks go further down)")
+            steps.append(
+                f"takes {name} (its kernels load here; ops, dtypes or layouts it "
+                "lacks go further down)"
+            )
         break
     return ", then ".join(steps)

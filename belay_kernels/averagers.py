@@ -120,9 +120,14 @@ def _build_tracks(named, is_param, shadow_dtype_for, flatten, shard_mesh=None) -
     for group in groups:
         if shard_mesh is not None:
             full = [group.view(group.buffer, s) for s in group.slots]
-            names, live = [name_of[id(s.tensor)] for s in group.slots], [s.tensor for s in group.slots]
+            names, live = (
+                [name_of[id(s.tensor)] for s in group.slots],
+                [s.tensor for s in group.slots],
+            )
             dtype = shadow_dtype_for(group.buffer.dtype)
-            tracks.append(_chunk_track(names, live, full, group.buffer, is_param, dtype, shard_mesh, group))
+            tracks.append(
+                _chunk_track(names, live, full, group.buffer, is_param, dtype, shard_mesh, group)
+            )
             continue
         shadow = _make_shadow(group.buffer, shadow_dtype_for(group.buffer.dtype))
         tracks.append(
@@ -156,8 +161,17 @@ def _build_tracks(named, is_param, shadow_dtype_for, flatten, shard_mesh=None) -
         dtype = shadow_dtype_for(local_shards[0].dtype)
         storage, views = distributed.flat_copy(local_shards, dtype)
         tracks.append(
-            Track(names, params, local_shards, views, views, is_param, specs=specs,
-                  shadow_storage=storage, dtensor=True)
+            Track(
+                names,
+                params,
+                local_shards,
+                views,
+                views,
+                is_param,
+                specs=specs,
+                shadow_storage=storage,
+                dtensor=True,
+            )
         )
     return tracks
 
@@ -166,8 +180,18 @@ def _chunk_track(names, live, full, full_weights, is_param, dtype, mesh, group=N
     """A track whose shadow holds only this rank's dim-0 chunk of each tensor."""
     chunks, specs = distributed.chunk_rows(names, full, mesh)
     storage, views = distributed.flat_copy(chunks, dtype)
-    return Track(names, live, chunks, views, views, is_param, group=group, specs=specs,
-                 shadow_storage=storage, full_weights=full_weights)
+    return Track(
+        names,
+        live,
+        chunks,
+        views,
+        views,
+        is_param,
+        group=group,
+        specs=specs,
+        shadow_storage=storage,
+        full_weights=full_weights,
+    )
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:
@@ -218,9 +242,7 @@ def _collect(module_or_params, include_frozen: bool, buffers: str):
                 params.append((str(i), p))
         named_buffers = []
     params = [
-        (n, p)
-        for n, p in params
-        if p.is_floating_point() and (include_frozen or p.requires_grad)
+        (n, p) for n, p in params if p.is_floating_point() and (include_frozen or p.requires_grad)
     ]
     named_buffers = [(n, b) for n, b in named_buffers if b.is_floating_point()]
     if not params and not named_buffers:
@@ -271,7 +293,10 @@ class Averager:
         check_nonfinite(nonfinite)
         _backends.check_name(backend)
         if shadow_dtype is not None and shadow_dtype not in (
-            torch.float16, torch.bfloat16, torch.float32, torch.float64
+            torch.float16,
+            torch.bfloat16,
+            torch.float32,
+            torch.float64,
         ):
             raise BelayInputError(f"shadow_dtype must be a floating dtype, got {shadow_dtype!r}.")
         shard_mesh = self._shard_mesh(shard_shadow, process_group)
@@ -307,7 +332,9 @@ class Averager:
         )
         self._steps = 0  # step() calls so far
         self._updates = 0  # shadow updates so far (SWA: models in the mean)
-        self._skipped = {t.device: torch.zeros((), dtype=torch.int64, device=t.device) for t in self._tracks}
+        self._skipped = {
+            t.device: torch.zeros((), dtype=torch.int64, device=t.device) for t in self._tracks
+        }
         self._swapped = False
 
     def _shadow_dtype_rule(self, shadow_dtype):
@@ -335,7 +362,9 @@ class Averager:
                 try:
                     _backends.resolve(self.backend, op, device_type, dtypes, contiguous)
                 except BelayInputError as exc:
-                    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                    shown = ", ".join(names[:3]) + (
+                        f" and {len(names) - 3} more" if len(names) > 3 else ""
+                    )
                     raise BelayInputError(
                         f"step() could not run on the track of {shown} ({dtype} weights, "
                         f"{shadow_dtype} shadow, on {device_type}): {exc}"
@@ -385,7 +414,9 @@ class Averager:
             self._binding.check()
         for track in self._tracks:
             if track.dtensor:
-                track.weights = distributed.refresh_local_shards(track.names, track.live, track.shadow_views)
+                track.weights = distributed.refresh_local_shards(
+                    track.names, track.live, track.shadow_views
+                )
 
     def _groups(self) -> list:
         return [t.group for t in self._tracks if t.group is not None]
@@ -498,8 +529,9 @@ class Averager:
         pieces = [spec.full(a) for spec, a in zip(track.specs, _as_list(averaged))]
         if track.group is None:
             return track.full_weights, pieces
-        gathered = torch.empty(track.group.buffer.numel(), dtype=pieces[0].dtype,
-                               device=track.group.buffer.device)
+        gathered = torch.empty(
+            track.group.buffer.numel(), dtype=pieces[0].dtype, device=track.group.buffer.device
+        )
         for slot, piece in zip(track.group.slots, pieces):
             track.group.view(gathered, slot).copy_(piece)
         return track.full_weights, gathered
@@ -514,7 +546,9 @@ class Averager:
             dests = dict(target.named_parameters()) | dict(target.named_buffers())
             missing = [n for n in names if n not in dests]
             if missing:
-                raise BelayInputError(f"copy_to: the target module has no tensors named {missing[:5]}.")
+                raise BelayInputError(
+                    f"copy_to: the target module has no tensors named {missing[:5]}."
+                )
             ordered = [dests[n] for n in names]
         else:
             ordered = list(target)
@@ -529,8 +563,10 @@ class Averager:
             if spec is not None and spec.same_layout(d):  # sharded alike: local to local
                 plan.append((d._local_tensor, False))
             elif distributed.is_dtensor(d):
-                bad.append(f"{n}: target is sharded as {distributed.Spec.of(d).describe()}, "
-                           f"the average as {spec.describe() if spec else tuple(shape)}")
+                bad.append(
+                    f"{n}: target is sharded as {distributed.Spec.of(d).describe()}, "
+                    f"the average as {spec.describe() if spec else tuple(shape)}"
+                )
             elif d.shape != shape:
                 bad.append(f"{n}: target {tuple(d.shape)} vs averaged {tuple(shape)}")
             else:
@@ -540,7 +576,11 @@ class Averager:
         averaged = self._averaged_values()
         specs = self._specs_in_order()
         with torch.no_grad():
-            if isinstance(target, nn.Module) and self._module is not None and target is not self._module:
+            if (
+                isinstance(target, nn.Module)
+                and self._module is not None
+                and target is not self._module
+            ):
                 target.load_state_dict(
                     distributed.state_like(target.state_dict(), self._module.state_dict())
                 )
@@ -560,7 +600,9 @@ class Averager:
 
     def _averaged_values(self) -> list[torch.Tensor]:
         """The averaged tensors in the order of :meth:`names`, shaped like them (views)."""
-        return self._in_caller_order([t.views(b) for t, b in zip(self._tracks, self._eval_buffers())])
+        return self._in_caller_order(
+            [t.views(b) for t, b in zip(self._tracks, self._eval_buffers())]
+        )
 
     # ---- checkpoints ------------------------------------------------------------------
     def hparams(self) -> dict:
@@ -589,7 +631,8 @@ class Averager:
                 "built, so its views of them are stale; the shadow saved here is intact. "
                 f"Load it into belay_kernels.{self.method}(model, ...) built on the moved "
                 "model with load_state_dict().",
-                StaleViewsWarning, stacklevel=2,
+                StaleViewsWarning,
+                stacklevel=2,
             )
         names = self.names()
         specs = self._specs_in_order()
@@ -602,7 +645,8 @@ class Averager:
             "num_steps": self._steps,
             "num_updates": self._updates,
             # summed over the ranks when sharded (state_dict() is then a collective)
-            "num_skipped": distributed.global_count(self.num_skipped) if distributed_state
+            "num_skipped": distributed.global_count(self.num_skipped)
+            if distributed_state
             else self.num_skipped,
             **{  # sharded tensors as DTensors over the local views, so DCP reshards them
                 kind: {
@@ -734,7 +778,6 @@ class EMA(Averager):
         self._updates += 1
 
 
-
 class SWA(Averager):
     """Stochastic weight averaging: the equal mean of the weights at steps ``start``,
     ``start + every``, ... The first update copies."""
@@ -753,9 +796,10 @@ class SWA(Averager):
         if t < self.start or (t - self.start) % self.every:
             return
         for track in self._tracks:
-            ops.swa_update_(track.shadow, track.weights, count=self._updates, **self._op_kwargs(track))
+            ops.swa_update_(
+                track.shadow, track.weights, count=self._updates, **self._op_kwargs(track)
+            )
         self._updates += 1
-
 
 
 class Belay(Averager):
@@ -807,11 +851,12 @@ class Belay(Averager):
         for track in self._tracks:
             kwargs = self._op_kwargs(track)
             if track.is_param:
-                ops.belay_step_(track.weights, track.shadow, alpha=self.alpha, beta=self.beta, **kwargs)
+                ops.belay_step_(
+                    track.weights, track.shadow, alpha=self.alpha, beta=self.beta, **kwargs
+                )
             else:
                 ops.ema_update_(track.shadow, track.weights, decay=1 - self.alpha, **kwargs)
         self._updates += 1
-
 
 
 class TwoPoint(Averager):
@@ -850,7 +895,9 @@ class TwoPoint(Averager):
         rows = [
             row
             for track in self._tracks
-            for row in ops._checked_rows(("snapshot", "weights"), (track.shadow, track.weights), (0,))
+            for row in ops._checked_rows(
+                ("snapshot", "weights"), (track.shadow, track.weights), (0,)
+            )
         ]
         with torch.no_grad():
             for snap, live in rows:
@@ -860,7 +907,9 @@ class TwoPoint(Averager):
 
     def _eval_buffers(self) -> list[TensorOrList]:
         for track in self._tracks:
-            ops.two_point_average(track.weights, track.shadow, out=track.average, backend=self.backend)
+            ops.two_point_average(
+                track.weights, track.shadow, out=track.average, backend=self.backend
+            )
         return [t.average for t in self._tracks]
 
     def _saved_tensors(self) -> dict[str, list[torch.Tensor]]:

@@ -13,7 +13,10 @@ COMMANDS = {
     "demo": ("belay_kernels.demo", "train a small model with each averager and print a table"),
     "bench": ("belay_kernels.benchmark", "measure the kernels and the peers on this machine"),
     "reproduce": ("belay_kernels.experiments", "reproduce the seed documents' experiments"),
-    "posthoc": ("belay_kernels.posthoc", "reconstruct an EMA of any length from PostHocEMA's snapshots"),
+    "posthoc": (
+        "belay_kernels.posthoc",
+        "reconstruct an EMA of any length from PostHocEMA's snapshots",
+    ),
     "backends": ("belay_kernels.cli", "say which backends run here and why the others do not"),
 }
 
@@ -52,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] not in COMMANDS:
-        print(f"belay-kernels: unknown command {argv[0]!r}; the commands are "
-              f"{', '.join(COMMANDS)}.\n", file=sys.stderr)
+        print(
+            f"belay-kernels: unknown command {argv[0]!r}; the commands are "
+            f"{', '.join(COMMANDS)}.\n",
+            file=sys.stderr,
+        )
         print(_usage(), file=sys.stderr)
         return 2
     if argv[0] == "backends":

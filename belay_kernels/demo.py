@@ -29,7 +29,9 @@ def load_digits_split(seed: int):
 
 def make_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -69,7 +71,12 @@ def run(method: str, epochs: int, lr: float, seed: int, data) -> dict:
                 averager.step()
                 if averager.num_updates > updates:  # time the steps that update
                     step_times.append(time.perf_counter() - start)
-    row = {"method": method, "live": accuracy(model, x_te, y_te), "averaged": None, "us_per_step": None}
+    row = {
+        "method": method,
+        "live": accuracy(model, x_te, y_te),
+        "averaged": None,
+        "us_per_step": None,
+    }
     if averager is not None:
         with averager.averaged():
             row["averaged"] = accuracy(model, x_te, y_te)
@@ -85,25 +92,49 @@ def main(argv: list[str] | None = None) -> int:
         "of the live and the averaged weights, with the averaging's time per update. Runs on "
         "the CPU in under a minute, downloads nothing and writes no files.",
     )
-    parser.add_argument("--epochs", type=int, default=20, help="passes over the training set "
-                        "(default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=0.2, help="SGD learning rate, deliberately "
-                        "high so that the live weights are noisy (default: %(default)s)")
-    parser.add_argument("--seeds", type=int, default=3, help="runs per method, each with its own "
-                        "seed and data split; the table shows mean ± std (default: %(default)s)")
+    parser.add_argument(
+        "--epochs", type=int, default=20, help="passes over the training set (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=0.2,
+        help="SGD learning rate, deliberately "
+        "high so that the live weights are noisy (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="runs per method, each with its own "
+        "seed and data split; the table shows mean ± std (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     # The model is tiny: extra threads only add synchronisation, and make timings noisier.
     torch.set_num_threads(1)
 
     print("backends:", ", ".join(f"{k}: {v}" for k, v in backends().items()))
-    print(f"digits (sklearn, 1797 images), MLP 64-128-128-10, SGD lr={args.lr} momentum=0.9, "
-          f"{args.epochs} epochs, {args.seeds} seeds\n")
+    print(
+        f"digits (sklearn, 1797 images), MLP 64-128-128-10, SGD lr={args.lr} momentum=0.9, "
+        f"{args.epochs} epochs, {args.seeds} seeds\n"
+    )
     print(f"{'method':8s} {'live acc':>16s} {'averaged acc':>16s} {'averaging / update':>18s}")
     for method in METHODS:
-        rows = [run(method, args.epochs, args.lr, seed, load_digits_split(seed)) for seed in range(args.seeds)]
+        rows = [
+            run(method, args.epochs, args.lr, seed, load_digits_split(seed))
+            for seed in range(args.seeds)
+        ]
         live = _mean_std([r["live"] * 100 for r in rows])
-        avg = _mean_std([r["averaged"] * 100 for r in rows]) if rows[0]["averaged"] is not None else "-"
-        cost = f"{statistics.median(r['us_per_step'] for r in rows):.1f} us" if rows[0]["us_per_step"] else "-"
+        avg = (
+            _mean_std([r["averaged"] * 100 for r in rows])
+            if rows[0]["averaged"] is not None
+            else "-"
+        )
+        cost = (
+            f"{statistics.median(r['us_per_step'] for r in rows):.1f} us"
+            if rows[0]["us_per_step"]
+            else "-"
+        )
         print(f"{method:8s} {live:>16s} {avg:>16s} {cost:>18s}")
     return 0
 

@@ -81,7 +81,9 @@ class Spec:
             return value.redistribute(self.mesh, self.placements).to_local()
         from torch.distributed.tensor import distribute_tensor
 
-        return distribute_tensor(value, self.mesh, list(self.placements), src_data_rank=None).to_local()
+        return distribute_tensor(
+            value, self.mesh, list(self.placements), src_data_rank=None
+        ).to_local()
 
     def describe(self) -> str:
         return f"{tuple(self.shape)} on mesh {tuple(self.mesh.shape)} as {list(self.placements)}"
@@ -226,11 +228,19 @@ class Binding:
 
     def check(self) -> None:
         self.reshard()
-        replaced = [(name, table.get(attr)) for name, table, attr, t in self._entries if table.get(attr) is not t]
+        replaced = [
+            (name, table.get(attr))
+            for name, table, attr, t in self._entries
+            if table.get(attr) is not t
+        ]
         if not replaced:
             return
-        shown = ", ".join(n for n, _ in replaced[:5]) + (f" and {len(replaced) - 5} more" if len(replaced) > 5 else "")
-        sharded_since = not self._fsdp_modules and (is_dtensor(replaced[0][1]) or _fsdp_modules(self._module))
+        shown = ", ".join(n for n, _ in replaced[:5]) + (
+            f" and {len(replaced) - 5} more" if len(replaced) > 5 else ""
+        )
+        sharded_since = not self._fsdp_modules and (
+            is_dtensor(replaced[0][1]) or _fsdp_modules(self._module)
+        )
         if sharded_since:
             why = (
                 "fully_shard replaced them with DTensor shards: the averager was built before "
@@ -243,7 +253,9 @@ class Binding:
                 "parameter was reassigned, or load_state_dict(assign=True)). Build the "
                 "averager after the model is in its final form."
             )
-        raise BelayInputError(f"the model's tensors {shown} are not the ones the averager was built on: {why}")
+        raise BelayInputError(
+            f"the model's tensors {shown} are not the ones the averager was built on: {why}"
+        )
 
 
 def _fsdp_modules(module: nn.Module) -> list:
@@ -401,10 +413,17 @@ def check_checkpoint(averager, checkpoint_id, key: str) -> None:
             mine[f"{kind}.{name}"] = tuple(spec.shape if spec is not None else t.shape)
     missing = [f"{k} {v}" for k, v in mine.items() if k not in saved]
     unexpected = [f"{k} {v}" for k, v in saved.items() if k not in mine]
-    differ = [f"{k}: saved {saved[k]}, here {v}" for k, v in mine.items() if k in saved and saved[k] != v]
+    differ = [
+        f"{k}: saved {saved[k]}, here {v}" for k, v in mine.items() if k in saved and saved[k] != v
+    ]
     problems = [
-        f"{label} {', '.join(items[:5])}" + (f" and {len(items) - 5} more" if len(items) > 5 else "")
-        for label, items in (("missing:", missing), ("unexpected:", unexpected), ("shapes differ:", differ))
+        f"{label} {', '.join(items[:5])}"
+        + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+        for label, items in (
+            ("missing:", missing),
+            ("unexpected:", unexpected),
+            ("shapes differ:", differ),
+        )
         if items
     ]
     if problems:

@@ -155,12 +155,16 @@ def _number_weight(weight_of, hyper):
 
 def ema_update_(shadow, weights, decay, skip_nonfinite=True, skipped=None):
     weight = _number_weight(one_minus, decay)
-    return _shadow_lerp_(reference.ema_update_, weight, shadow, weights, decay, skip_nonfinite, skipped)
+    return _shadow_lerp_(
+        reference.ema_update_, weight, shadow, weights, decay, skip_nonfinite, skipped
+    )
 
 
 def swa_update_(shadow, weights, count, skip_nonfinite=True, skipped=None):
     weight = _number_weight(swa_weight, count)
-    return _shadow_lerp_(reference.swa_update_, weight, shadow, weights, count, skip_nonfinite, skipped)
+    return _shadow_lerp_(
+        reference.swa_update_, weight, shadow, weights, count, skip_nonfinite, skipped
+    )
 
 
 def _shadow_lerp_foreach_(flat_op, weight, shadows, weights, hyper, skip_nonfinite, skipped):

@@ -64,10 +64,7 @@ class FlatGroup:
 
 
 def _owns_its_storage(t: torch.Tensor) -> bool:
-    return (
-        t.storage_offset() == 0
-        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    )
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def can_flatten(t: torch.Tensor) -> bool:
@@ -103,7 +100,9 @@ def _existing_group(tensors: list[torch.Tensor]) -> FlatGroup | None:
     return group
 
 
-def flatten(named: list[tuple[str, torch.Tensor]]) -> tuple[list[FlatGroup], list[tuple[str, torch.Tensor]]]:
+def flatten(
+    named: list[tuple[str, torch.Tensor]],
+) -> tuple[list[FlatGroup], list[tuple[str, torch.Tensor]]]:
     """Move ``named`` tensors into flat buffers, one per (device, dtype).
 
     Returns the groups and the (name, tensor) pairs left on the tensor-list path.

@@ -46,7 +46,9 @@ class Hparams:
                 raise TypeError(f"expected a dict, got {type(state).__name__}")
             return cls(**cls._decode(state))
         except (TypeError, KeyError) as exc:
-            raise BelayInputError(f"the saved hyperparameters {state!r} are malformed: {exc}") from None
+            raise BelayInputError(
+                f"the saved hyperparameters {state!r} are malformed: {exc}"
+            ) from None
 
 
 def decay_schedule(decay=None, half_life=None) -> Constant | Warmup:

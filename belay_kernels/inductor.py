@@ -85,7 +85,11 @@ def _function(op: str, tensors) -> tuple[tuple, object]:
 
 
 def _as_tensor(value, dtype, device) -> torch.Tensor:
-    return value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=dtype, device=device)
+    return (
+        value
+        if isinstance(value, torch.Tensor)
+        else torch.tensor(value, dtype=dtype, device=device)
+    )
 
 
 def _run(op: str, tensors, scalars, flags) -> None:

@@ -179,13 +179,15 @@ def _shadow_op(method, doc: str):
         inspect.Parameter("skipped", keyword, default=None, annotation=torch.Tensor | None),
         inspect.Parameter("backend", keyword, default="auto", annotation=str),
     ]
-    returns = TensorOrList if len(method.written) == 1 else tuple[(TensorOrList,) * len(method.written)]
+    returns = (
+        TensorOrList if len(method.written) == 1 else tuple[(TensorOrList,) * len(method.written)]
+    )
     signature = inspect.Signature(parameters, return_annotation=returns)
     roles, names = method.tensors, tuple(s.name for s in method.scalars)
     required, allowed = set(names), {*names, "nonfinite", "skipped", "backend"}
 
     def op(*args, **kwargs):
-        args += tuple(kwargs.pop(role) for role in roles[len(args):] if role in kwargs)
+        args += tuple(kwargs.pop(role) for role in roles[len(args) :] if role in kwargs)
         if len(args) != len(roles) or not required <= kwargs.keys() <= allowed:
             signature.bind(*args, **kwargs)  # a bad call: Python's own TypeError
             raise TypeError(f"{method.op}{signature}: bad arguments")
@@ -210,6 +212,7 @@ ema_update_ = _shadow_op(
     """``shadow <- shadow + (1 - decay) (weights - shadow)``, in place.""",
 )
 
+
 def multi_ema_update_(
     shadows: Sequence[TensorOrList],
     weights: TensorOrList,
@@ -227,9 +230,14 @@ def multi_ema_update_(
         raise BelayInputError(
             "shadows must be a non-empty list of K shadows (each a tensor or a list of "
             f"tensors shaped like weights), got {type(shadows).__name__}"
-            + (" of length 0" if isinstance(shadows, Sequence) and not shadows else "") + "."
+            + (" of length 0" if isinstance(shadows, Sequence) and not shadows else "")
+            + "."
         )
-    if isinstance(decays, torch.Tensor) or not isinstance(decays, Sequence) or len(decays) != len(shadows):
+    if (
+        isinstance(decays, torch.Tensor)
+        or not isinstance(decays, Sequence)
+        or len(decays) != len(shadows)
+    ):
         raise BelayInputError(
             f"decays must be a list of one decay per shadow ({len(shadows)}), got {decays!r}."
         )

@@ -69,8 +69,9 @@ class DampedTwoMass:
             x1.copy_(w1.data)
 
 
-def linear_step_matrix(curvature_times_lr: float, *, alpha: float, beta: float,
-                       zeta1: float, zeta2: float):
+def linear_step_matrix(
+    curvature_times_lr: float, *, alpha: float, beta: float, zeta1: float, zeta2: float
+):
     """The step of :class:`DampedTwoMass` after an SGD step on ``f = h w^2 / 2``, as a
     matrix on the state ``(w1, w2, v1, v2)`` (``curvature_times_lr = lr h``; ``zeta = c /
     (2 m)``). Its spectral radius below 1 means the noiseless system converges, at that rate."""
@@ -80,6 +81,11 @@ def linear_step_matrix(curvature_times_lr: float, *, alpha: float, beta: float,
     r1, r2 = 1.0 - zeta1, 1.0 - zeta2
     w1_next = [(1 - beta) * g, beta, r1, 0.0]
     w2_next = [alpha * g, 1 - alpha, 0.0, r2]
-    return np.array([w1_next, w2_next,
-                     [w1_next[0] - 1.0, w1_next[1], r1, 0.0],
-                     [w2_next[0], w2_next[1] - 1.0, 0.0, r2]])
+    return np.array(
+        [
+            w1_next,
+            w2_next,
+            [w1_next[0] - 1.0, w1_next[1], r1, 0.0],
+            [w2_next[0], w2_next[1] - 1.0, 0.0, r2],
+        ]
+    )

@@ -34,10 +34,24 @@ from .hparams import HparamAttribute, Hparams, check_every, set_converted
 SNAPSHOT_KIND = "belay_kernels.posthoc snapshot"
 SNAPSHOT_FORMAT = 1
 SNAPSHOT_GLOB = "snapshot-*.pt"
-_HEADER_KEYS = ("kind", "format", "index", "step", "gammas", "names", "shapes", "is_param",
-                "profiles", "buffers")
-_SNAPSHOT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
-                    "float32": torch.float32, "float64": torch.float64}
+_HEADER_KEYS = (
+    "kind",
+    "format",
+    "index",
+    "step",
+    "gammas",
+    "names",
+    "shapes",
+    "is_param",
+    "profiles",
+    "buffers",
+)
+_SNAPSHOT_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
 
 
 def _dtype_name(dtype) -> str:
@@ -170,7 +184,9 @@ class PostHocEMA(Averager):
                 "(e.g. (0.05, 0.10))."
             )
         gammas = [power.sigma_rel_to_gamma(s) for s in sigma_rels]
-        self._hparams = PostHocEMAHparams(gammas, snapshot_every, _dtype_name(snapshot_dtype), every)
+        self._hparams = PostHocEMAHparams(
+            gammas, snapshot_every, _dtype_name(snapshot_dtype), every
+        )
         self.snapshot_dir = _check_snapshot_dir(snapshot_dir)
         super().__init__(module_or_params, **options)
         if any(t.specs is not None for t in self._tracks):
@@ -231,7 +247,9 @@ class PostHocEMA(Averager):
 
     def _profile(self, k: int) -> list[torch.Tensor]:
         """Profile ``k`` per averaged tensor, in the order of names() (views)."""
-        return self._in_caller_order([t.views(b) for t, b in zip(self._tracks, self._profile_buffers(k))])
+        return self._in_caller_order(
+            [t.views(b) for t, b in zip(self._tracks, self._profile_buffers(k))]
+        )
 
     def _write_snapshot(self) -> None:
         index = self._snapshots + 1
@@ -252,7 +270,8 @@ class PostHocEMA(Averager):
             ],
             # the model's buffers as they are (BatchNorm statistics are not reconstructed)
             "buffers": {n: b.detach().to("cpu", copy=True) for n, b in self._module.named_buffers()}
-            if self._module is not None else {},
+            if self._module is not None
+            else {},
         }
         _atomic_save(payload, self.snapshot_dir / f"snapshot-{index:06d}.pt")
         self._snapshots = index
@@ -300,7 +319,9 @@ class PostHocEMA(Averager):
 
     def load_state_dict(self, state: dict) -> None:
         count = state.get("num_snapshots") if isinstance(state, dict) else None
-        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        if count is not None and (
+            isinstance(count, bool) or not isinstance(count, int) or count < 0
+        ):
             raise BelayInputError(f"num_snapshots must be an int >= 0, got {count!r}.")
         super().load_state_dict(state)
         self._snapshots = int(state["num_snapshots"])
@@ -370,8 +391,11 @@ def plan(snapshot_dir, *, sigma_rel=None, gamma=None, step=None):
     for path, h in zip(files[1:], headers[1:]):
         if h["names"] != first["names"] or h["shapes"] != first["shapes"]:
             known = {(n, tuple(s)) for n, s in zip(first["names"], first["shapes"])}
-            diff = [f"{n} {tuple(s)}" for n, s in zip(h["names"], h["shapes"])
-                    if (n, tuple(s)) not in known] or ["the order"]
+            diff = [
+                f"{n} {tuple(s)}"
+                for n, s in zip(h["names"], h["shapes"])
+                if (n, tuple(s)) not in known
+            ] or ["the order"]
             raise BelayInputError(
                 f"snapshot {str(path)!r} is of a different model than {str(files[0])!r}: "
                 f"tensor names or shapes differ ({', '.join(map(str, diff[:3]))}, "
@@ -394,19 +418,22 @@ def plan(snapshot_dir, *, sigma_rel=None, gamma=None, step=None):
     coeffs, j = [], 0
     for i in used:
         count = len(headers[i]["gammas"])
-        coeffs.append(x[j:j + count].tolist())
+        coeffs.append(x[j : j + count].tolist())
         j += count
     return [files[i] for i in used], [headers[i] for i in used], coeffs, step, target_gamma
 
 
-def reconstruct(snapshot_dir, *, sigma_rel=None, gamma=None, step=None,
-                progress_bar: bool = False) -> dict[str, torch.Tensor]:
+def reconstruct(
+    snapshot_dir, *, sigma_rel=None, gamma=None, step=None, progress_bar: bool = False
+) -> dict[str, torch.Tensor]:
     """The EMA with ``sigma_rel`` (or ``gamma``) at ``step`` (default: the last snapshot),
     as a state dict, from the snapshots alone (EDM2 Algorithm 3). The snapshot files are
     read one at a time and summed in fp32 (fp64 for fp64 snapshots), so memory is one
     model plus one snapshot. Buffers are the model's at the target step's snapshot: a
     least-squares combination could make a running variance negative."""
-    files, headers, coeffs, target, _ = plan(snapshot_dir, sigma_rel=sigma_rel, gamma=gamma, step=step)
+    files, headers, coeffs, target, _ = plan(
+        snapshot_dir, sigma_rel=sigma_rel, gamma=gamma, step=step
+    )
     from ._progress import progress
 
     names, is_param = headers[0]["names"], headers[0]["is_param"]
@@ -439,10 +466,19 @@ def _plot(path, files, headers, coeffs, target, target_gamma) -> None:
 
     tau = np.linspace(0, target, 2000)
     wanted = power.profile(tau, target, target_gamma)
-    got = sum(c * power.profile(tau, h["step"], g)
-              for h, cs in zip(headers, coeffs) for c, g in zip(cs, h["gammas"]))
+    got = sum(
+        c * power.profile(tau, h["step"], g)
+        for h, cs in zip(headers, coeffs)
+        for c, g in zip(cs, h["gammas"])
+    )
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(tau, wanted, "k-", lw=2, label=f"target: sigma_rel {power.gamma_to_sigma_rel(target_gamma):.4g}")
+    ax.plot(
+        tau,
+        wanted,
+        "k-",
+        lw=2,
+        label=f"target: sigma_rel {power.gamma_to_sigma_rel(target_gamma):.4g}",
+    )
     ax.plot(tau, got, "C1--", lw=1.5, label=f"reconstructed from {len(files)} snapshots")
     ax.set(xlabel="training step", ylabel="weight per step", title=f"EMA profile at step {target}")
     ax.legend()
@@ -458,17 +494,27 @@ def main(argv: list[str] | None = None) -> int:
         "wrote (EDM2's post-hoc EMA) and save it as a state dict.",
     )
     parser.add_argument("snapshot_dir", metavar="SNAPSHOT_DIR")
-    parser.add_argument("--sigma-rel", type=float, required=True,
-                        help=f"the EMA's relative width, in (0, {power.SIGMA_REL_MAX:.4f})")
-    parser.add_argument("--step", type=int, default=None,
-                        help="a snapshot's step (default: the last snapshot)")
+    parser.add_argument(
+        "--sigma-rel",
+        type=float,
+        required=True,
+        help=f"the EMA's relative width, in (0, {power.SIGMA_REL_MAX:.4f})",
+    )
+    parser.add_argument(
+        "--step", type=int, default=None, help="a snapshot's step (default: the last snapshot)"
+    )
     parser.add_argument("--out", required=True, metavar="FILE.pt", help="where to save the weights")
-    parser.add_argument("--plot", default=None, metavar="FILE.png",
-                        help="draw the target profile and the reconstructed one")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="draw the target profile and the reconstructed one",
+    )
     args = parser.parse_args(argv)
     try:
-        weights = reconstruct(args.snapshot_dir, sigma_rel=args.sigma_rel, step=args.step,
-                              progress_bar=True)
+        weights = reconstruct(
+            args.snapshot_dir, sigma_rel=args.sigma_rel, step=args.step, progress_bar=True
+        )
         if args.plot:
             _plot(args.plot, *plan(args.snapshot_dir, sigma_rel=args.sigma_rel, step=args.step))
     except BelayInputError as exc:

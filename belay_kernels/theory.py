@@ -100,7 +100,9 @@ def sgd_stationary_covariance(hessian, noise_cov, lr) -> np.ndarray:
     """The exact discrete stationary covariance of the same SGD:
     ``S = (I - lr H) S (I - lr H)^T + lr^2 Sigma``."""
     h = np.asarray(hessian, dtype=float)
-    return discrete_lyapunov(np.eye(h.shape[0]) - lr * h, lr**2 * np.asarray(noise_cov, dtype=float))
+    return discrete_lyapunov(
+        np.eye(h.shape[0]) - lr * h, lr**2 * np.asarray(noise_cov, dtype=float)
+    )
 
 
 def sgd_ema_stationary_covariance(hessian, noise_cov, lr, decay) -> np.ndarray:

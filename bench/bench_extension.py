@@ -116,56 +116,92 @@ def cases(numel, device):
         }
 
     w, s = buf(F32), buf(F32)
-    yield "BELAY fp32 (skip non-finite)", 16 * numel, {
-        "fused": lambda: ops.belay_step_(w, s, 0.01, 0.001, None, None, True, None),
-        "torch reference": lambda: reference.belay_step_(w, s, 0.01, 0.001, True, None),
-    }
-    yield "BELAY fp32 (propagate)", 16 * numel, {
-        "fused": lambda: ops.belay_step_(w, s, 0.01, 0.001, None, None, False, None),
-        "torch reference": lambda: reference.belay_step_(w, s, 0.01, 0.001, False, None),
-    }
+    yield (
+        "BELAY fp32 (skip non-finite)",
+        16 * numel,
+        {
+            "fused": lambda: ops.belay_step_(w, s, 0.01, 0.001, None, None, True, None),
+            "torch reference": lambda: reference.belay_step_(w, s, 0.01, 0.001, True, None),
+        },
+    )
+    yield (
+        "BELAY fp32 (propagate)",
+        16 * numel,
+        {
+            "fused": lambda: ops.belay_step_(w, s, 0.01, 0.001, None, None, False, None),
+            "torch reference": lambda: reference.belay_step_(w, s, 0.01, 0.001, False, None),
+        },
+    )
     wb = buf(BF16)
     yield "EMA bf16 weights, fp32 shadow (propagate)", 10 * numel, ema(s, wb)
     yield "EMA bf16 weights, fp32 shadow (skip non-finite)", 10 * numel, ema(s, wb, True)
     yield "EMA fp32 (propagate)", 12 * numel, ema(s, w)
     yield "EMA fp32 (skip non-finite)", 12 * numel, ema(s, w, True)
-    yield "SWA fp32", 12 * numel, {
-        "fused": lambda: ops.swa_update_(s, w, 7, None, True, None),
-        "torch reference": lambda: reference.swa_update_(s, w, 7, True, None),
-    }
+    yield (
+        "SWA fp32",
+        12 * numel,
+        {
+            "fused": lambda: ops.swa_update_(s, w, 7, None, True, None),
+            "torch reference": lambda: reference.swa_update_(s, w, 7, True, None),
+        },
+    )
     out = torch.empty_like(w)
-    yield "two-point average fp32", 12 * numel, {
-        "fused": lambda: ops.two_point_average_(out, w, s),
-        "torch reference": lambda: reference.two_point_average_(out, w, s),
-    }
+    yield (
+        "two-point average fp32",
+        12 * numel,
+        {
+            "fused": lambda: ops.two_point_average_(out, w, s),
+            "torch reference": lambda: reference.two_point_average_(out, w, s),
+        },
+    )
     snapshot = buf(F32)
     out_b = torch.empty_like(wb)
-    yield "two-point average bf16 weights, fp32 snapshot", 8 * numel, {
-        "fused": lambda: ops.two_point_average_(out_b, wb, snapshot),
-        "torch reference": lambda: reference.two_point_average_(out_b, wb, snapshot),
-    }
-    yield "swap fp32", 16 * numel, {
-        "fused": lambda: ops.swap_(w, s, False),
-        "torch reference": lambda: reference.swap_(w, s, False),
-    }
-    yield "swap bf16 weights, fp32 shadow", 12 * numel, {
-        "fused": lambda: ops.swap_(wb, s, False),
-        "torch reference": lambda: reference.swap_(wb, s, False),
-    }
+    yield (
+        "two-point average bf16 weights, fp32 snapshot",
+        8 * numel,
+        {
+            "fused": lambda: ops.two_point_average_(out_b, wb, snapshot),
+            "torch reference": lambda: reference.two_point_average_(out_b, wb, snapshot),
+        },
+    )
+    yield (
+        "swap fp32",
+        16 * numel,
+        {
+            "fused": lambda: ops.swap_(w, s, False),
+            "torch reference": lambda: reference.swap_(w, s, False),
+        },
+    )
+    yield (
+        "swap bf16 weights, fp32 shadow",
+        12 * numel,
+        {
+            "fused": lambda: ops.swap_(wb, s, False),
+            "torch reference": lambda: reference.swap_(wb, s, False),
+        },
+    )
     # More dtype pairs: BELAY with bf16 weights, 16-bit shadows, fp16 throughout.
     sb, wh, sh = buf(BF16), buf(F16), buf(F16)
-    yield "BELAY bf16 weights, fp32 shadow", 12 * numel, {
-        "fused": lambda: ops.belay_step_(wb, s, 0.01, 0.001, None, None, False, None),
-        "torch reference": lambda: reference.belay_step_(wb, s, 0.01, 0.001, False, None),
-    }
+    yield (
+        "BELAY bf16 weights, fp32 shadow",
+        12 * numel,
+        {
+            "fused": lambda: ops.belay_step_(wb, s, 0.01, 0.001, None, None, False, None),
+            "torch reference": lambda: reference.belay_step_(wb, s, 0.01, 0.001, False, None),
+        },
+    )
     yield "EMA bf16 weights, bf16 shadow", 6 * numel, ema(sb, wb)
     yield "EMA fp16 weights, fp32 shadow", 10 * numel, ema(s, wh)
     yield "EMA fp16 weights, fp16 shadow", 6 * numel, ema(sh, wh)
     out_h = torch.empty_like(wh)
-    yield "two-point average fp16", 6 * numel, {
-        "fused": lambda: ops.two_point_average_(out_h, wh, sh),
-        "torch reference": lambda: reference.two_point_average_(out_h, wh, sh),
-    }
+    yield (
+        "two-point average fp16",
+        6 * numel,
+        {
+            "fused": lambda: ops.two_point_average_(out_h, wh, sh),
+            "torch reference": lambda: reference.two_point_average_(out_h, wh, sh),
+        },
+    )
 
 
 def _cpu_model() -> str:
@@ -194,18 +230,21 @@ def main(argv=None) -> int:
 
     load_before = os.getloadavg()
     stream = streaming_kernels(args.numel, device)
-    print(f"device {device}, {torch.get_num_threads()} threads, {args.numel:,} elements, "
-          f"{args.repeats} repeats; each case's streaming bandwidth is the best of torch's "
-          "copy, triad and in-place scale, timed alternately with it")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, {args.numel:,} elements, "
+        f"{args.repeats} repeats; each case's streaming bandwidth is the best of torch's "
+        "copy, triad and in-place scale, timed alternately with it"
+    )
     results = []
-    print(f"{'case':48s} {'fused ms (p20-p80)':>22s} {'GB/s':>6s} {'stream':>6s} "
-          f"{'%':>5s}  ratio to torch")
+    print(
+        f"{'case':48s} {'fused ms (p20-p80)':>22s} {'GB/s':>6s} {'stream':>6s} "
+        f"{'%':>5s}  ratio to torch"
+    )
     for name, nbytes, fns in cases(args.numel, device):
         if args.only not in name:
             continue
         peer_name = next(k for k in fns if k != "fused")
-        timing = measure({**fns, **{k: fn for k, (_, fn) in stream.items()}}, device,
-                         args.repeats)
+        timing = measure({**fns, **{k: fn for k, (_, fn) in stream.items()}}, device, args.repeats)
         stream_bytes_per_s = {
             k.removeprefix("stream: "): n / timing[k]["median_s"] for k, (n, _) in stream.items()
         }
@@ -227,26 +266,33 @@ def main(argv=None) -> int:
             "peer_peak_growth_bytes": peer_growth,
         }
         results.append(row)
-        print(f"{name:48s} {fused['median_s'] * 1e3:7.1f} ({fused['p20_s'] * 1e3:6.1f}-"
-              f"{fused['p80_s'] * 1e3:6.1f}) {row['fused_gb_s']:6.1f} {best_stream / 1e9:6.1f} "
-              f"{100 * row['fraction_of_stream']:4.0f}%  {peer['median_s'] / fused['median_s']:5.2f}x "
-              f"{peer_name} ({peer['median_s'] * 1e3:.1f} ms); peak +{growth / 2**20:.1f} MiB "
-              f"(torch +{peer_growth / 2**20:.0f} MiB)")
+        print(
+            f"{name:48s} {fused['median_s'] * 1e3:7.1f} ({fused['p20_s'] * 1e3:6.1f}-"
+            f"{fused['p80_s'] * 1e3:6.1f}) {row['fused_gb_s']:6.1f} {best_stream / 1e9:6.1f} "
+            f"{100 * row['fraction_of_stream']:4.0f}%  {peer['median_s'] / fused['median_s']:5.2f}x "
+            f"{peer_name} ({peer['median_s'] * 1e3:.1f} ms); peak +{growth / 2**20:.1f} MiB "
+            f"(torch +{peer_growth / 2**20:.0f} MiB)"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "machine": _cpu_model(),
-            "cpus": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-            "load_average_before_after": [load_before, os.getloadavg()],
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": str(device),
-            "numel": args.numel,
-            "repeats": args.repeats,
-            "results": results,
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": _cpu_model(),
+                    "cpus": os.cpu_count(),
+                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+                    "load_average_before_after": [load_before, os.getloadavg()],
+                    "platform": platform.platform(),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "device": str(device),
+                    "numel": args.numel,
+                    "repeats": args.repeats,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -60,8 +60,14 @@ def run(steps: int, threads: int | None) -> dict:
     theirs = timed(EMAWeightAveraging)(decay=0.999)
     ours.seconds, theirs.seconds = [], []
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
         callbacks=[ours, theirs],
     )
     trainer.fit(LM(), DataLoader(TensorDataset(tokens), batch_size=1))
@@ -83,7 +89,12 @@ def main():
     default_threads = torch.get_num_threads()
     for threads in (1, default_threads):
         result = run(args.steps, threads)
-        print(" | ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result.items()), flush=True)
+        print(
+            " | ".join(
+                f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result.items()
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

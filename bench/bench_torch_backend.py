@@ -49,9 +49,12 @@ def flat_cases(n: int, with_reference: bool) -> dict:
         "flat bare copy_": lambda: a.copy_(b),
         "flat bare copy_ x2": lambda: (a.copy_(b), b.copy_(a)),
         "flat torch ema propagate": lambda: ops.ema_update_(
-            a, b, decay=DECAY, nonfinite="propagate", **torch_),
+            a, b, decay=DECAY, nonfinite="propagate", **torch_
+        ),
         "flat torch ema skip": lambda: ops.ema_update_(a, b, decay=DECAY, **torch_),
-        "flat torch ema skip, NaN weights": lambda: ops.ema_update_(a, nan_b, decay=DECAY, **torch_),
+        "flat torch ema skip, NaN weights": lambda: ops.ema_update_(
+            a, nan_b, decay=DECAY, **torch_
+        ),
         "flat torch swa skip": lambda: ops.swa_update_(a, b, count=COUNT, **torch_),
         "flat torch belay skip": lambda: ops.belay_step_(a, b, alpha=ALPHA, beta=BETA, **torch_),
         "flat torch two_point": lambda: ops.two_point_average(b, c, out=a, **torch_),
@@ -59,7 +62,8 @@ def flat_cases(n: int, with_reference: bool) -> dict:
     }
     if with_reference:
         cases["flat reference belay skip"] = lambda: ops.belay_step_(
-            a, b, alpha=ALPHA, beta=BETA, backend="reference")
+            a, b, alpha=ALPHA, beta=BETA, backend="reference"
+        )
     return cases
 
 
@@ -91,7 +95,8 @@ def inductor_cases(n: int) -> dict:
         on = {"backend": backend}
         cases[f"flat {backend} ema skip"] = lambda on=on: ops.ema_update_(a, b, decay=DECAY, **on)
         cases[f"flat {backend} belay skip"] = lambda on=on: ops.belay_step_(
-            a, b, alpha=ALPHA, beta=BETA, **on)
+            a, b, alpha=ALPHA, beta=BETA, **on
+        )
         cases[f"flat {backend} two_point"] = lambda on=on: ops.two_point_average(b, c, out=a, **on)
     return cases
 
@@ -115,8 +120,15 @@ def verdicts(ms: dict[str, float]) -> list[dict]:
             continue
         ratio = ms[case] / ms[baseline]
         met = ratio <= limit if kind == "within" else ratio >= limit
-        out.append({"case": case, "baseline": baseline, "ratio": round(ratio, 2),
-                    "target": f"{'<=' if kind == 'within' else '>='} {limit}", "met": met})
+        out.append(
+            {
+                "case": case,
+                "baseline": baseline,
+                "ratio": round(ratio, 2),
+                "target": f"{'<=' if kind == 'within' else '>='} {limit}",
+                "met": met,
+            }
+        )
     return out
 
 
@@ -128,8 +140,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--numel", type=int, default=1 << 26)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--inductor", action="store_true",
-                        help="also the inductor backend vs cpp (needs BELAY_KERNELS_COMPILE=1)")
+    parser.add_argument(
+        "--inductor",
+        action="store_true",
+        help="also the inductor backend vs cpp (needs BELAY_KERNELS_COMPILE=1)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the slow reference")
     parser.add_argument("--no-model", action="store_true", help="skip ResNet-50")
     args = parser.parse_args()
@@ -157,8 +172,9 @@ def main() -> None:
         for v in result["threads"][str(threads)]["targets"]:
             print(" ", v)
     result["load_after"] = load()
-    result["backends"] = {k: v for k, v in _backends.backends().items()
-                          if k in ("torch", "cpp", "inductor")}
+    result["backends"] = {
+        k: v for k, v in _backends.backends().items() if k in ("torch", "cpp", "inductor")
+    }
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print("wrote", RESULTS)
 

@@ -31,9 +31,19 @@ def ptxas_report(arch: int) -> str:
     home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
     with tempfile.TemporaryDirectory() as tmp:
         command = [
-            str(home / "bin" / "nvcc"), "-cubin", f"-arch=sm_{arch}", "-std=c++20", "-O3",
-            "--expt-relaxed-constexpr", "-Xptxas", "-v", "-o", f"{tmp}/k.cubin", str(SOURCE),
-            *(f"-I{p}" for p in include_paths("cuda")), f"-I{home / 'include'}",
+            str(home / "bin" / "nvcc"),
+            "-cubin",
+            f"-arch=sm_{arch}",
+            "-std=c++20",
+            "-O3",
+            "--expt-relaxed-constexpr",
+            "-Xptxas",
+            "-v",
+            "-o",
+            f"{tmp}/k.cubin",
+            str(SOURCE),
+            *(f"-I{p}" for p in include_paths("cuda")),
+            f"-I{home / 'include'}",
         ]
         return subprocess.run(command, capture_output=True, text=True, check=True).stderr
 
@@ -41,20 +51,22 @@ def ptxas_report(arch: int) -> str:
 def kernels(report: str) -> list[tuple[str, int, int]]:
     """(readable kernel name, registers, spill bytes) per entry function."""
     rows = []
-    pattern = (r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores, (\d+) bytes "
-               r"spill loads\s*\nptxas info\s*: Used (\d+) registers")
+    pattern = (
+        r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores, (\d+) bytes "
+        r"spill loads\s*\nptxas info\s*: Used (\d+) registers"
+    )
     for mangled, stores, loads, registers in re.findall(pattern, report, re.S):
         name = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout
-        name = re.sub(r"belay::(\(anonymous namespace\)::)?|c10::|\(.*\)$|^void ", "",
-                      name.strip())
+        name = re.sub(r"belay::(\(anonymous namespace\)::)?|c10::|\(.*\)$|^void ", "", name.strip())
         rows.append((name.replace(" >", ">"), int(registers), int(stores) + int(loads)))
     return rows
 
 
 def blocks_per_sm(registers: int) -> int:
     per_block = -(-registers // 8) * 8 * BLOCK_THREADS
-    return min(LIMITS["registers"] // per_block, LIMITS["threads"] // BLOCK_THREADS,
-               LIMITS["blocks"])
+    return min(
+        LIMITS["registers"] // per_block, LIMITS["threads"] // BLOCK_THREADS, LIMITS["blocks"]
+    )
 
 
 def main() -> None:

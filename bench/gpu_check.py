@@ -45,10 +45,13 @@ def nan_swap() -> dict:
             if layout == "flat":
                 swap = lambda w, s, inv: ops.swap_(w, s, inverse=inv, backend=backend)  # noqa: E731
             else:
+
                 def swap(w, s, inv, cuts=(0, 5, 6, 3000, weights.numel())):  # noqa: B008 (bound per case)
                     pieces = [(w[a:b], s[a:b]) for a, b in zip(cuts, cuts[1:])]
-                    ops.swap_([p[0] for p in pieces], [p[1] for p in pieces], inverse=inv,
-                              backend=backend)
+                    ops.swap_(
+                        [p[0] for p in pieces], [p[1] for p in pieces], inverse=inv, backend=backend
+                    )
+
             check_packed_swap(weights, shadow, swap)
             result[f"{backend} {layout}"] = "NaN kept, finite rounded, restored bit for bit"
     # The GPU's own NaN, made by arithmetic on the device, seen through averaged().
@@ -62,8 +65,9 @@ def nan_swap() -> dict:
     made = shadow[0].view(torch.int32).cpu().unique()
     with ema.averaged():
         assert bool(model.weight[0].isnan().all()), "the device's NaN became a number"
-    result["device NaN bits, NaN inside averaged()"] = [f"0x{int(b) & 0xFFFFFFFF:08X}"
-                                                        for b in made]
+    result["device NaN bits, NaN inside averaged()"] = [
+        f"0x{int(b) & 0xFFFFFFFF:08X}" for b in made
+    ]
     return result
 
 
@@ -96,7 +100,10 @@ def swap_and_lerp() -> dict:
             for name, run in (
                 ("ema", lambda w_, s_, b: ops.ema_update_(s_, w_, decay=0.999, backend=b)),
                 ("ema fast rate", lambda w_, s_, b: ops.ema_update_(s_, w_, decay=0.3, backend=b)),
-                ("belay", lambda w_, s_, b: ops.belay_step_(w_, s_, alpha=0.05, beta=0.6, backend=b)),
+                (
+                    "belay",
+                    lambda w_, s_, b: ops.belay_step_(w_, s_, alpha=0.05, beta=0.6, backend=b),
+                ),
                 ("swa", lambda w_, s_, b: ops.swa_update_(s_, w_, count=6, backend=b)),
                 ("two-point", _two_point_into_weights),
                 ("swap", lambda w_, s_, b: ops.swap_(w_, s_, backend=b)),
@@ -140,8 +147,10 @@ def graph_replay() -> dict:
         step()
     others = []
     for i in range(40):  # more list signatures than the old 32-entry cache
-        pair = ([torch.randn(7 + i, device="cuda") for _ in range(2)],
-                [torch.randn(7 + i, device="cuda") for _ in range(2)])
+        pair = (
+            [torch.randn(7 + i, device="cuda") for _ in range(2)],
+            [torch.randn(7 + i, device="cuda") for _ in range(2)],
+        )
         ops.ema_update_(*pair, decay=0.5)
         others.append(pair)
     replays = 5
@@ -194,7 +203,8 @@ def list_bandwidth() -> dict:
     moved = 12 * sum(sizes)  # read shadow + weights, write shadow (fp32)
     for backend in filter(_available, BACKENDS):
         timing = measure.time_cuda(
-            lambda: ops.ema_update_(shadows, weights, decay=0.999, backend=backend), 20, 3)
+            lambda: ops.ema_update_(shadows, weights, decay=0.999, backend=backend), 20, 3
+        )
         gbps = moved / timing["median_ms"] / 1e6
         result[f"{backend} ema list"] = {**timing, "gbps": gbps, "of_copy": gbps / copy["gbps"]}
     return result
@@ -220,8 +230,11 @@ def main() -> int:
             outcome = {"ok": True, "result": globals()[name]()}
         except Exception as exc:  # one failing check must not hide the others
             failed += 1
-            outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                       "traceback": traceback.format_exc()}
+            outcome = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            }
         outcome["seconds"] = round(time.perf_counter() - start, 2)
         report["checks"][name] = outcome
         print(f"{name}: {'ok' if outcome['ok'] else 'FAILED ' + outcome['error']}", flush=True)

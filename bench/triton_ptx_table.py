@@ -23,9 +23,11 @@ PARAMS = {"1B": 1e9, "7B": 7e9}
 
 
 def ptx_rows(cases, archs):
-    header = ("| kernel | dtype pair (weights/shadow) | arch | block | vector bits "
-              "| local mem bytes (ld/st.local, stack, spill) | registers | smem ops | scalar loads "
-              "| bytes/elem loaded | bytes/elem stored | bytes/elem total |")
+    header = (
+        "| kernel | dtype pair (weights/shadow) | arch | block | vector bits "
+        "| local mem bytes (ld/st.local, stack, spill) | registers | smem ops | scalar loads "
+        "| bytes/elem loaded | bytes/elem stored | bytes/elem total |"
+    )
     yield header
     yield "|" + "---|" * (header.count("|") - 1)
     for case in cases:
@@ -33,16 +35,21 @@ def ptx_rows(cases, archs):
             r = aot.analyse(case, arch)
             name, variant, pair = case.label.split(" ")
             local = r.local_ops + r.usage["stack_bytes"] + r.usage["spill_bytes"]
-            yield (f"| {name} {variant} | {pair} | sm_{arch} | {case.block} | {r.vector_bits} "
-                   f"| {local} | {r.usage['registers']} | {r.shared_ops} | {r.scalar_loads} | "
-                   f"{r.load_bytes_per_element:g} | {r.store_bytes_per_element:g} | "
-                   f"{r.load_bytes_per_element + r.store_bytes_per_element:g} |")
+            yield (
+                f"| {name} {variant} | {pair} | sm_{arch} | {case.block} | {r.vector_bits} "
+                f"| {local} | {r.usage['registers']} | {r.shared_ops} | {r.scalar_loads} | "
+                f"{r.load_bytes_per_element:g} | {r.store_bytes_per_element:g} | "
+                f"{r.load_bytes_per_element + r.store_bytes_per_element:g} |"
+            )
 
 
 def roofline_rows(cases):
     bandwidth = ROOFLINE_FRACTION * H100_PEAK_BYTES_PER_S
-    yield ("| kernel | dtype pair | bytes/elem | " +
-           " | ".join(f"est. ms/step, {k} params" for k in PARAMS) + " |")
+    yield (
+        "| kernel | dtype pair | bytes/elem | "
+        + " | ".join(f"est. ms/step, {k} params" for k in PARAMS)
+        + " |"
+    )
     yield "|---|---|---|" + "---|" * len(PARAMS)
     for case in cases:
         r = aot.analyse(case, 90)
@@ -58,17 +65,29 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cases = aot.fast_cases() + aot.multi_ema_cases()
     archs = (90,) if args.quick else aot.ARCHS
-    all_cases = cases if args.quick else (cases + aot.fast_cases(foreach=True)
-                                          + aot.multi_ema_cases(foreach=True)
-                                          + aot.graph_cases() + aot.multi_ema_graph_cases())
-    print(f"Static PTX check: {aot.THREADS} threads per program, 2 x 128-bit accesses per "
-          "thread for the widest tensor; fast path = unpredicated "
-          "global accesses (full blocks).\n")
+    all_cases = (
+        cases
+        if args.quick
+        else (
+            cases
+            + aot.fast_cases(foreach=True)
+            + aot.multi_ema_cases(foreach=True)
+            + aot.graph_cases()
+            + aot.multi_ema_graph_cases()
+        )
+    )
+    print(
+        f"Static PTX check: {aot.THREADS} threads per program, 2 x 128-bit accesses per "
+        "thread for the widest tensor; fast path = unpredicated "
+        "global accesses (full blocks).\n"
+    )
     for row in ptx_rows(all_cases, archs):
         print(row, flush=True)
-    print(f"\nRoofline ESTIMATE (not a measurement): bytes/elem from the sm_90 PTX above, "
-          f"moved at {ROOFLINE_FRACTION:.0%} of H100 HBM3 peak "
-          f"({H100_PEAK_BYTES_PER_S / 1e12:.2f} TB/s); one flat buffer per step.\n")
+    print(
+        f"\nRoofline ESTIMATE (not a measurement): bytes/elem from the sm_90 PTX above, "
+        f"moved at {ROOFLINE_FRACTION:.0%} of H100 HBM3 peak "
+        f"({H100_PEAK_BYTES_PER_S / 1e12:.2f} TB/s); one flat buffer per step.\n"
+    )
     for row in roofline_rows(cases):
         print(row)
     return 0

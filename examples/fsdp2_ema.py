@@ -31,7 +31,9 @@ class TinyLM(nn.Module):
         self.embed = nn.Embedding(VOCAB, width)
         self.position = nn.Parameter(torch.randn(CONTEXT, width) * 0.02)
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+            )
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width)
@@ -91,8 +93,12 @@ def evaluate(model, rank):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=60, help="steps before and after the checkpoint")
-    parser.add_argument("--out", default=None, help="checkpoint directory (default: a temporary one)")
+    parser.add_argument(
+        "--steps", type=int, default=60, help="steps before and after the checkpoint"
+    )
+    parser.add_argument(
+        "--out", default=None, help="checkpoint directory (default: a temporary one)"
+    )
     args = parser.parse_args()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank()
@@ -105,8 +111,10 @@ def main():
     model, optimizer, ema = build()
     loss = train(model, optimizer, ema, args.steps, 0, rank)
     checkpoint = os.path.join(out, "step-checkpoint")
-    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict(), "ema": ema},
-             checkpoint_id=checkpoint)
+    dcp.save(
+        {"model": model.state_dict(), "optim": optimizer.state_dict(), "ema": ema},
+        checkpoint_id=checkpoint,
+    )
     if rank == 0:
         print(f"step {args.steps}: train loss {loss:.3f}; saved {checkpoint}")
 
@@ -129,7 +137,9 @@ def main():
         print(ema.memory_report())
         plain = TinyLM()
         plain.load_state_dict(torch.load(exported))  # no torch.distributed needed
-        print(f"exported the EMA weights to {exported} ({sum(p.numel() for p in plain.parameters())} parameters)")
+        print(
+            f"exported the EMA weights to {exported} ({sum(p.numel() for p in plain.parameters())} parameters)"
+        )
     dist.destroy_process_group()
 
 

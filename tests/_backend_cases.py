@@ -138,22 +138,31 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _compare(method, backend, got, want, where):
-    coarsest = max((t.dtype for ts in want.values() for t in ts),
-                   key=lambda d: tolerance(d)["rtol"])
+    coarsest = max(
+        (t.dtype for ts in want.values() for t in ts), key=lambda d: tolerance(d)["rtol"]
+    )
     for role in method.written:
         for i, (g, w) in enumerate(zip(got[role], want[role])):
             message = f"{where}: {role}[{i}] of size {g.numel()}"
             assert g.dtype == w.dtype, message
             if backend == "torch" or method.exact:
                 assert torch.equal(_bits(g), _bits(w)), f"{message} differs in its bits"
-            elif (len(method.written) > 1 and g.dtype != coarsest
-                  and (backend != "triton" or g.device.type == "cpu")):
+            elif (
+                len(method.written) > 1
+                and g.dtype != coarsest
+                and (backend != "triton" or g.device.type == "cpu")
+            ):
                 # BELAY feeds the weights back into the shadow: on the compiled C++/CUDA
                 # kernels and in Triton's interpreter (its fma rounds twice) an fp32 shadow
                 # next to bf16 weights inherits one bf16 rounding difference of the
                 # weights per step.
-                torch.testing.assert_close(g.double(), w.double(), equal_nan=True,
-                                           msg=lambda m: f"{message}\n{m}", **tolerance(coarsest))
+                torch.testing.assert_close(
+                    g.double(),
+                    w.double(),
+                    equal_nan=True,
+                    msg=lambda m: f"{message}\n{m}",
+                    **tolerance(coarsest),
+                )
             else:
                 assert_close(g, w, msg=message)
 
@@ -178,15 +187,20 @@ def _run(case: Case, backend: str, sizes, device, steps: int, seed: int) -> None
             got[role] = data.fresh(role, nonfinite=nonfinite and role == "weights")
             want[role] = [t.clone() for t in got[role]]
         if "weights" in persistent:  # the optimizer's step (non-finite where injected)
-            for g, w, change in zip(got["weights"], want["weights"],
-                                    data.fresh("weights", nonfinite=nonfinite)):
+            for g, w, change in zip(
+                got["weights"], want["weights"], data.fresh("weights", nonfinite=nonfinite)
+            ):
                 g.add_(change * 1e-2)
                 w.add_(change * 1e-2)
         before = {role: [t.clone() for t in got[role]] for role in persistent}
         for scalars in step_scalars(method, step, case.scalars == "tensor", case.pair):
             policy = dict(nonfinite=case.policy, skipped=skipped["got"]) if counts else {}
-            fn(**{role: as_arg(got[role]) for role in method.tensors}, **scalars, **policy,
-               backend=backend)
+            fn(
+                **{role: as_arg(got[role]) for role in method.tensors},
+                **scalars,
+                **policy,
+                backend=backend,
+            )
             tail = (skip, skipped["want"]) if counts else ()
             for row in zip(*(want[role] for role in method.tensors)):
                 getattr(reference, method.op)(*row, *scalars.values(), *tail)
@@ -211,4 +225,3 @@ def check(case: Case, backend: str, *, device="cpu", steps: int = STEPS) -> None
     for sizes in runs:
         seed = zlib.crc32(f"{case.id} {sizes}".encode())
         _run(case, backend, sizes, device, steps, seed)
-

@@ -29,8 +29,9 @@ def _entry(fn, rank, world_size, store_path, results, args):
     torch.set_num_threads(1)
     try:
         store = dist.FileStore(store_path, world_size)  # a file: no port to race for
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+        )
         value = fn(rank, world_size, *args)
         buffer = io.BytesIO()
         torch.save(value, buffer)
@@ -60,7 +61,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
     store_dir = tempfile.mkdtemp(prefix="belay-ranks-")
     store_path = os.path.join(store_dir, "store")
     procs = [
-        ctx.Process(target=_entry, args=(fn, rank, world_size, store_path, results, args), daemon=True)
+        ctx.Process(
+            target=_entry, args=(fn, rank, world_size, store_path, results, args), daemon=True
+        )
         for rank in range(world_size)
     ]
     for p in procs:
@@ -79,12 +82,20 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
             try:
                 rank, ok, payload = results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in values]
+                dead = [
+                    i
+                    for i, p in enumerate(procs)
+                    if p.exitcode not in (None, 0) and i not in values
+                ]
                 if dead:
-                    raise AssertionError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
+                    raise AssertionError(
+                        f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}"
+                    ) from None
                 continue
             if not ok:
-                raise AssertionError(f"rank {rank} of {world_size} failed in {fn.__name__}:\n{payload}")
+                raise AssertionError(
+                    f"rank {rank} of {world_size} failed in {fn.__name__}:\n{payload}"
+                )
             values[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:
         for p in procs:

@@ -102,11 +102,16 @@ class Oracle:
         elif self.key == "swa":
             if t >= self.settings["start"]:
                 k = self.updates
-                self.state = {n: w[n].clone() if k == 0 else s + (w[n] - s) / (k + 1) for n, s in self.state.items()}
+                self.state = {
+                    n: w[n].clone() if k == 0 else s + (w[n] - s) / (k + 1)
+                    for n, s in self.state.items()
+                }
                 self.updates += 1
         elif self.key == "belay":
             a, b = self.settings["alpha"], self.settings["beta"]
-            pulled = {n: w[n] + b * (s - w[n]) for n, s in self.state.items() if n not in self.buffers}
+            pulled = {
+                n: w[n] + b * (s - w[n]) for n, s in self.state.items() if n not in self.buffers
+            }
             self.state = {n: s + a * (w[n] - s) for n, s in self.state.items()}
         elif (t + 1) % self.settings["gap"] == 0:  # two_point: the snapshot is retaken
             self.state = {n: w[n].clone() for n in self.names}

@@ -55,7 +55,11 @@ def _fresh(sizes, dtype, gen, nonfinite=False):
         v = v * torch.exp(torch.randn(n, generator=gen, dtype=torch.float64))
         if nonfinite and n >= 3:
             where = torch.randperm(n, generator=gen)[: max(3, n // 50)]
-            v[where[0::3]], v[where[1::3]], v[where[2::3]] = float("nan"), float("inf"), -float("inf")
+            v[where[0::3]], v[where[1::3]], v[where[2::3]] = (
+                float("nan"),
+                float("inf"),
+                -float("inf"),
+            )
         out.append(v.to(dtype))
     return out
 
@@ -66,14 +70,28 @@ def _arg(tensors):
 
 def _variants(method):
     if method == "ema":
-        return {"number": {}, "tensor": {"tensor": True}, "bad-tensor": {"bad": True},
-                "propagate": {"nonfinite": "propagate"}, "decay-0": {"decay": 0.0}}
+        return {
+            "number": {},
+            "tensor": {"tensor": True},
+            "bad-tensor": {"bad": True},
+            "propagate": {"nonfinite": "propagate"},
+            "decay-0": {"decay": 0.0},
+        }
     if method == "swa":
-        return {"number": {}, "tensor": {"tensor": True}, "bad-tensor": {"bad": True},
-                "propagate": {"nonfinite": "propagate"}}
+        return {
+            "number": {},
+            "tensor": {"tensor": True},
+            "bad-tensor": {"bad": True},
+            "propagate": {"nonfinite": "propagate"},
+        }
     if method == "belay":
-        return {"number": {}, "tensor": {"tensor": True}, "bad-tensor": {"bad": True},
-                "propagate": {"nonfinite": "propagate"}, "beta-1": {"beta": 1.0}}
+        return {
+            "number": {},
+            "tensor": {"tensor": True},
+            "bad-tensor": {"bad": True},
+            "propagate": {"nonfinite": "propagate"},
+            "beta-1": {"beta": 1.0},
+        }
     if method == "swap":
         return {"round-trip": {}}
     return {"plain": {}}
@@ -101,19 +119,37 @@ def _run(method, backend, pair, sizes, variant, seed):
         incoming = _fresh(sizes, wd, gen, nonfinite=step == NONFINITE_STEP)
         if method == "ema":
             decay = variant.get("decay", (0.9, 0.3, 0.999, 0.6)[step])
-            ops.ema_update_(_arg(shadow), _arg(incoming), decay=hyper(decay, "rate"),
-                            nonfinite=policy, skipped=skipped, backend=backend)
+            ops.ema_update_(
+                _arg(shadow),
+                _arg(incoming),
+                decay=hyper(decay, "rate"),
+                nonfinite=policy,
+                skipped=skipped,
+                backend=backend,
+            )
         elif method == "swa":
-            ops.swa_update_(_arg(shadow), _arg(incoming), count=hyper(step, "count"),
-                            nonfinite=policy, skipped=skipped, backend=backend)
+            ops.swa_update_(
+                _arg(shadow),
+                _arg(incoming),
+                count=hyper(step, "count"),
+                nonfinite=policy,
+                skipped=skipped,
+                backend=backend,
+            )
         elif method == "belay":
             for w, change in zip(weights, incoming):
                 w.add_(change * 1e-2)
             alpha = (0.05, 0.7, 0.3, 0.01)[step]
             beta = variant.get("beta", (0.6, 0.2, 0.5, 0.05)[step])
-            ops.belay_step_(_arg(weights), _arg(shadow), alpha=hyper(alpha, "rate"),
-                            beta=hyper(beta, "rate"), nonfinite=policy, skipped=skipped,
-                            backend=backend)
+            ops.belay_step_(
+                _arg(weights),
+                _arg(shadow),
+                alpha=hyper(alpha, "rate"),
+                beta=hyper(beta, "rate"),
+                nonfinite=policy,
+                skipped=skipped,
+                backend=backend,
+            )
         elif method == "two_point":
             snapshot = _fresh(sizes, sd, gen)
             out = [torch.empty_like(t) for t in incoming]
@@ -148,7 +184,11 @@ def compute(backend: str) -> dict[str, str]:
     with context:
         for method in ("ema", "swa", "belay", "two_point", "swap"):
             for pair in PAIRS:
-                if method == "swap" and pair[0] != pair[1] and pair != (torch.bfloat16, torch.float32):
+                if (
+                    method == "swap"
+                    and pair[0] != pair[1]
+                    and pair != (torch.bfloat16, torch.float32)
+                ):
                     continue
                 for layout, sizes in LAYOUTS.items():
                     for variant_name, variant in _variants(method).items():
@@ -166,8 +206,12 @@ def compute_in_subprocess(backend: str) -> dict[str, str]:
     if backend == "triton":
         env["TRITON_INTERPRET"] = "1"
     done = subprocess.run(
-        [sys.executable, __file__, "--backend", backend], env=env, capture_output=True,
-        text=True, timeout=900, check=True,
+        [sys.executable, __file__, "--backend", backend],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
     )
     return json.loads(done.stdout)
 

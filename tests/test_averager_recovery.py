@@ -26,12 +26,16 @@ def _train(model, averager, steps):
         averager.step()
 
 
-@pytest.mark.parametrize("make", [
-    lambda m: bk.EMA(m, decay=0.9),
-    lambda m: bk.SWA(m),
-    lambda m: bk.Belay(m, alpha=0.1, beta=0.05),
-    lambda m: bk.TwoPoint(m, gap=3),
-], ids=["EMA", "SWA", "Belay", "TwoPoint"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: bk.EMA(m, decay=0.9),
+        lambda m: bk.SWA(m),
+        lambda m: bk.Belay(m, alpha=0.1, beta=0.05),
+        lambda m: bk.TwoPoint(m, gap=3),
+    ],
+    ids=["EMA", "SWA", "Belay", "TwoPoint"],
+)
 def test_after_model_to_the_named_recovery_steps_keep_the_average(make):
     model = _model()
     averager = make(model)
@@ -45,9 +49,12 @@ def test_after_model_to_the_named_recovery_steps_keep_the_average(make):
     # the steps, in order
     steps = [message.index(f"({i})") for i in (1, 2, 3)]
     assert steps == sorted(steps)
-    assert re.search(r"\(1\) state = averager\.state_dict\(\).*\(2\) averager = "
-                     rf"belay_kernels\.{averager.method}\(model, \.\.\.\).*\(3\) "
-                     r"averager\.load_state_dict\(state\)", message)
+    assert re.search(
+        r"\(1\) state = averager\.state_dict\(\).*\(2\) averager = "
+        rf"belay_kernels\.{averager.method}\(model, \.\.\.\).*\(3\) "
+        r"averager\.load_state_dict\(state\)",
+        message,
+    )
 
     # (1) state_dict() works, and says the views are stale
     with pytest.warns(StaleViewsWarning, match="views of them are stale"):
@@ -78,8 +85,10 @@ def test_a_used_up_generator_says_what_happened():
     model = _model()
     parameters = model.parameters()
     bk.EMA(parameters, decay=0.9)  # reads the generator to its end
-    with pytest.raises(bk.BelayInputError, match=re.escape(
-            "the iterable was empty; was model.parameters() already consumed?")):
+    with pytest.raises(
+        bk.BelayInputError,
+        match=re.escape("the iterable was empty; was model.parameters() already consumed?"),
+    ):
         bk.SWA(parameters)
     # an empty list is not a used-up generator: the old message stands
     with pytest.raises(bk.BelayInputError, match="there is nothing to average"):

@@ -22,7 +22,10 @@ def small_model(seed=0, dtype=torch.float32):
 def batches(n, seed=1, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     for _ in range(n):
-        yield torch.randn(16, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 10, (16,), generator=g)
+        yield (
+            torch.randn(16, 1, 8, 8, generator=g, dtype=dtype),
+            torch.randint(0, 10, (16,), generator=g),
+        )
 
 
 def train_step(model, optimizer, x, y):
@@ -117,7 +120,9 @@ def test_resume_from_checkpoint_is_bit_identical(cls, kwargs):
         train_step(model, opt, x, y)
         avg.step()
     blob = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "avg": avg.state_dict()}, blob)
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "avg": avg.state_dict()}, blob
+    )
     blob.seek(0)
     del model, opt, avg
 
@@ -144,9 +149,13 @@ def test_load_state_dict_from_another_model_names_the_mismatch_and_changes_nothi
     assert r"0.weight: saved shape (4, 3), model shape (6, 1, 3, 3)" in str(info.value)
     reshaped = ema.state_dict()
     reshaped = {**reshaped, "shadow": {**reshaped["shadow"], "4.bias": torch.zeros(11)}}
-    with pytest.raises(bk.BelayInputError, match=r"4.bias: saved shape \(11,\), model shape \(10,\)"):
+    with pytest.raises(
+        bk.BelayInputError, match=r"4.bias: saved shape \(11,\), model shape \(10,\)"
+    ):
         ema.load_state_dict(reshaped)
-    with pytest.raises(bk.BelayInputError, match="this averager is EMA, but the state is from 'SWA'"):
+    with pytest.raises(
+        bk.BelayInputError, match="this averager is EMA, but the state is from 'SWA'"
+    ):
         ema.load_state_dict(bk.SWA(small_model()).state_dict())
     for a, b in zip(ema.shadow_params(), before):
         assert torch.equal(a, b)
@@ -169,8 +178,12 @@ def test_averaged_swaps_in_the_average_and_restores_the_model_bit_exactly(cls, k
     with avg.averaged() as inside:
         assert inside is model
         for name, value in zip(avg.names(), expected):
-            torch.testing.assert_close(model.get_parameter(name) if "running" not in name
-                                       else model.get_buffer(name), value, atol=0, rtol=2**-7)
+            torch.testing.assert_close(
+                model.get_parameter(name) if "running" not in name else model.get_buffer(name),
+                value,
+                atol=0,
+                rtol=2**-7,
+            )
         with pytest.raises(bk.BelayInputError, match="inside averaged"):
             avg.step()
     assert_bitwise_equal(state_values(model), live)
@@ -204,10 +217,14 @@ def test_copy_to_writes_the_average_into_another_model():
 # ---- flattening -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
-    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
-], ids=["SGD", "AdamW"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    ],
+    ids=["SGD", "AdamW"],
+)
 @pytest.mark.parametrize("optimizer_first", [True, False], ids=["opt-before", "opt-after"])
 def test_flattening_leaves_training_bit_identical(make_opt, optimizer_first):
     plain = small_model(5)
@@ -254,7 +271,10 @@ def test_frozen_parameters_can_be_left_out():
     assert "0.weight" in bk.EMA(model).names()
     names = bk.EMA(model, include_frozen=False, buffers="copy").names()
     assert names == ["4.weight", "4.bias", "1.weight", "1.bias"] or set(names) == {
-        "1.weight", "1.bias", "4.weight", "4.bias"
+        "1.weight",
+        "1.bias",
+        "4.weight",
+        "4.bias",
     }
 
 
@@ -269,7 +289,12 @@ def test_half_precision_weights_get_an_fp32_shadow_by_default():
     model = small_model(dtype=torch.bfloat16)
     ema = bk.EMA(model)
     assert {s.dtype for s in ema.shadow_params()} == {torch.float32}
-    assert bk.EMA(small_model(dtype=torch.bfloat16), shadow_dtype=torch.bfloat16).shadow_params()[0].dtype == torch.bfloat16
+    assert (
+        bk.EMA(small_model(dtype=torch.bfloat16), shadow_dtype=torch.bfloat16)
+        .shadow_params()[0]
+        .dtype
+        == torch.bfloat16
+    )
     n = sum(p.numel() for p in model.parameters()) + 12  # + BatchNorm's running stats
     assert ema.state_bytes == 4 * n
     assert "averager state" in ema.memory_report()
@@ -278,9 +303,16 @@ def test_half_precision_weights_get_an_fp32_shadow_by_default():
 @pytest.mark.parametrize("flatten", [True, False])
 def test_state_bytes_count_every_tensor_a_track_owns(flatten, tmp_path):
     n = sum(p.numel() for p in small_model().parameters()) + 12  # + BatchNorm's running stats
-    assert bk.TwoPoint(small_model(), gap=2, flatten=flatten).state_bytes == 2 * 4 * n  # snapshot, average
-    phema = bk.PostHocEMA(small_model(), sigma_rels=(0.05, 0.10, 0.15), snapshot_every=2,
-                          snapshot_dir=tmp_path, flatten=flatten)
+    assert (
+        bk.TwoPoint(small_model(), gap=2, flatten=flatten).state_bytes == 2 * 4 * n
+    )  # snapshot, average
+    phema = bk.PostHocEMA(
+        small_model(),
+        sigma_rels=(0.05, 0.10, 0.15),
+        snapshot_every=2,
+        snapshot_dir=tmp_path,
+        flatten=flatten,
+    )
     assert phema.state_bytes == 3 * 4 * n
     assert phema.memory_report().endswith(f"total averager state: {3 * 4 * n / 2**10:.2f} KiB")
 
@@ -396,21 +428,24 @@ def test_nonfinite_weights_are_skipped_and_counted_by_the_averager():
 # ---- bad input to the averagers -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda m: bk.EMA(m, decay=1.5), r"decay must be in \[0, 1\], got 1.5"),
-    (lambda m: bk.EMA(m, decay=float("nan")), r"decay must be in \[0, 1\], got nan"),
-    (lambda m: bk.EMA(m, decay=0.9, half_life=10), "not both"),
-    (lambda m: bk.EMA(m, every=0), "every must be an int >= 1"),
-    (lambda m: bk.Belay(m, alpha=-0.1, beta=0.1), r"alpha must be in \[0, 1\]"),
-    (lambda m: bk.Belay(m, alpha=0.1, beta=2), r"beta must be in \[0, 1\]"),
-    (lambda m: bk.SWA(m, start=-1), "start must be an int >= 0"),
-    (lambda m: bk.TwoPoint(m, gap=0), "gap must be an int >= 1"),
-    (lambda m: bk.EMA(m, buffers="sometimes"), "buffers must be one of"),
-    (lambda m: bk.EMA(m, nonfinite="ignore"), "nonfinite must be one of"),
-    (lambda m: bk.EMA(m, backend="cuda-graph"), "backend must be 'auto' or one of"),
-    (lambda m: bk.EMA(m[0].weight), "not a single tensor"),
-    (lambda m: bk.EMA([{"params": []}]), "param-group dicts are not supported"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda m: bk.EMA(m, decay=1.5), r"decay must be in \[0, 1\], got 1.5"),
+        (lambda m: bk.EMA(m, decay=float("nan")), r"decay must be in \[0, 1\], got nan"),
+        (lambda m: bk.EMA(m, decay=0.9, half_life=10), "not both"),
+        (lambda m: bk.EMA(m, every=0), "every must be an int >= 1"),
+        (lambda m: bk.Belay(m, alpha=-0.1, beta=0.1), r"alpha must be in \[0, 1\]"),
+        (lambda m: bk.Belay(m, alpha=0.1, beta=2), r"beta must be in \[0, 1\]"),
+        (lambda m: bk.SWA(m, start=-1), "start must be an int >= 0"),
+        (lambda m: bk.TwoPoint(m, gap=0), "gap must be an int >= 1"),
+        (lambda m: bk.EMA(m, buffers="sometimes"), "buffers must be one of"),
+        (lambda m: bk.EMA(m, nonfinite="ignore"), "nonfinite must be one of"),
+        (lambda m: bk.EMA(m, backend="cuda-graph"), "backend must be 'auto' or one of"),
+        (lambda m: bk.EMA(m[0].weight), "not a single tensor"),
+        (lambda m: bk.EMA([{"params": []}]), "param-group dicts are not supported"),
+    ],
+)
 def test_bad_averager_settings_raise_before_the_model_is_touched(make, message):
     model = small_model()
     storages = [p.data_ptr() for p in model.parameters()]

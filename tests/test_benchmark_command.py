@@ -18,9 +18,23 @@ from belay_kernels.benchmark.sweep import add_speedups
 
 def test_bench_command_writes_table_json_csv_and_plot(tmp_path, capsys):
     argv = [
-        "--quick", "--device", "cpu", "--sizes", "3000", "--methods", "ema,swap",
-        "--dtypes", "fp32/fp32", "--peers", "torch._foreach_lerp_,AveragedModel",
-        "--min-run-time", "0.005", "--stream-size", "2e5", "--out", str(tmp_path),
+        "--quick",
+        "--device",
+        "cpu",
+        "--sizes",
+        "3000",
+        "--methods",
+        "ema,swap",
+        "--dtypes",
+        "fp32/fp32",
+        "--peers",
+        "torch._foreach_lerp_,AveragedModel",
+        "--min-run-time",
+        "0.005",
+        "--stream-size",
+        "2e5",
+        "--out",
+        str(tmp_path),
     ]
     assert main(argv) == 0
     printed = capsys.readouterr()
@@ -33,8 +47,12 @@ def test_bench_command_writes_table_json_csv_and_plot(tmp_path, capsys):
     result = json.loads((out / "results.json").read_text())
     assert result["machine"]["cores"] >= 1 and result["machine"]["versions"]["torch"]
     timed = {(r["method"], r["impl"]) for r in result["rows"] if "median_ms" in r}
-    assert {("ema", "belay_kernels[torch]"), ("ema", "torch._foreach_lerp_"),
-            ("ema", "AveragedModel"), ("swap", "belay_kernels[torch]")} <= timed
+    assert {
+        ("ema", "belay_kernels[torch]"),
+        ("ema", "torch._foreach_lerp_"),
+        ("ema", "AveragedModel"),
+        ("swap", "belay_kernels[torch]"),
+    } <= timed
     assert not any(r["method"] == "swap" and r["kind"] == "peer" for r in result["rows"])
     for row in result["rows"]:
         if "median_ms" in row:
@@ -56,14 +74,42 @@ def test_op_counter_sees_one_call_per_tensor_or_one_foreach():
 
 def test_speedup_is_best_peer_time_over_ours():
     rows = [
-        {"mode": "sweep", "method": "ema", "dtypes": "a", "numel": 1, "impl": "ours",
-         "kind": "ours", "median_ms": 2.0},
-        {"mode": "sweep", "method": "ema", "dtypes": "a", "numel": 1, "impl": "p1",
-         "kind": "peer", "median_ms": 5.0},
-        {"mode": "sweep", "method": "ema", "dtypes": "a", "numel": 1, "impl": "p2",
-         "kind": "peer", "median_ms": 3.0},
-        {"mode": "sweep", "method": "ema", "dtypes": "a", "numel": 1, "impl": "p3",
-         "kind": "peer", "note": "unsupported"},
+        {
+            "mode": "sweep",
+            "method": "ema",
+            "dtypes": "a",
+            "numel": 1,
+            "impl": "ours",
+            "kind": "ours",
+            "median_ms": 2.0,
+        },
+        {
+            "mode": "sweep",
+            "method": "ema",
+            "dtypes": "a",
+            "numel": 1,
+            "impl": "p1",
+            "kind": "peer",
+            "median_ms": 5.0,
+        },
+        {
+            "mode": "sweep",
+            "method": "ema",
+            "dtypes": "a",
+            "numel": 1,
+            "impl": "p2",
+            "kind": "peer",
+            "median_ms": 3.0,
+        },
+        {
+            "mode": "sweep",
+            "method": "ema",
+            "dtypes": "a",
+            "numel": 1,
+            "impl": "p3",
+            "kind": "peer",
+            "note": "unsupported",
+        },
     ]
     add_speedups(rows)
     assert rows[0]["best_peer"] == "p2" and rows[0]["speedup_vs_best_peer"] == 1.5
@@ -75,9 +121,13 @@ def test_model_level_mode_on_a_tiny_model(monkeypatch):
 
     monkeypatch.setitem(architectures.ARCHITECTURES, "tiny", tiny)
     rows = run_models(
-        device=torch.device("cpu"), models=["tiny"], methods=["ema", "belay", "two_point"],
-        pairs=["fp32/fp32"], peers=["lerp_ loop", "torch._foreach_lerp_", "timm ModelEmaV3"],
-        min_run_time=0.005, log=lambda _: None,
+        device=torch.device("cpu"),
+        models=["tiny"],
+        methods=["ema", "belay", "two_point"],
+        pairs=["fp32/fp32"],
+        peers=["lerp_ loop", "torch._foreach_lerp_", "timm ModelEmaV3"],
+        min_run_time=0.005,
+        log=lambda _: None,
     )
     by_impl = {(r["method"], r["impl"]): r for r in rows}
     assert by_impl[("ema", "lerp_ loop")]["ops_per_step"] == 6  # one lerp_ per parameter

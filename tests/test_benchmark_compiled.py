@@ -30,8 +30,9 @@ def _operands(method, weights_dtype):
     torch.manual_seed(0)
     t = make_operands(method, N, weights_dtype, torch.float32, CPU)
     if method in ("ema", "swa", "belay"):
-        t["weights"][[5, 77, 1030]] = torch.tensor([float("nan"), float("inf"), -float("inf")],
-                                                   dtype=weights_dtype)
+        t["weights"][[5, 77, 1030]] = torch.tensor(
+            [float("nan"), float("inf"), -float("inf")], dtype=weights_dtype
+        )
     return t
 
 
@@ -49,18 +50,28 @@ def test_compiled_formula_matches_the_reference(peer, method, weights_dtype):
     for role in ours:
         assert_close(ours[role], expected[role], f"{peer} {method} {role}")
     if method == "swap":  # the round trip restores both tensors bit for bit
-        assert all(torch.equal(ours[r].view(torch.int16 if ours[r].itemsize == 2 else
-                                            torch.int32), t.view(torch.int16 if t.itemsize == 2
-                                                                 else torch.int32))
-                   for r, t in expected.items())
+        assert all(
+            torch.equal(
+                ours[r].view(torch.int16 if ours[r].itemsize == 2 else torch.int32),
+                t.view(torch.int16 if t.itemsize == 2 else torch.int32),
+            )
+            for r, t in expected.items()
+        )
     counts = peer == compiled.COUNTED and method in ("ema", "swa", "belay")
     assert skipped.item() == (expected_skipped.item() if counts else 0) == (6 if counts else 0)
 
 
 def test_sweep_reports_compile_time_apart(monkeypatch):
-    rows = run_sweep(device=CPU, sizes=[N], methods=["ema"], pairs=["fp32/fp32"],
-                     peers=[compiled.COUNTED], backends=["torch"], min_run_time=0.005,
-                     log=lambda _: None)
+    rows = run_sweep(
+        device=CPU,
+        sizes=[N],
+        methods=["ema"],
+        pairs=["fp32/fp32"],
+        peers=[compiled.COUNTED],
+        backends=["torch"],
+        min_run_time=0.005,
+        log=lambda _: None,
+    )
     peer = next(r for r in rows if r["impl"] == compiled.COUNTED)
     ours = next(r for r in rows if r["impl"] == "belay_kernels[torch]")
     assert peer["compile_s"] > 0 and peer["median_ms"] > 0
@@ -73,9 +84,16 @@ def test_sweep_reports_compile_time_apart(monkeypatch):
 def test_a_compiled_peer_that_computes_something_else_is_not_timed():
     """Inductor 2.14 compiles the same-dtype exchange (clone, copy_, copy_) into code that
     leaves the shadow in both tensors; the sweep refuses to time it."""
-    rows = run_sweep(device=CPU, sizes=[N], methods=["swap"], pairs=["fp32/fp32"],
-                     peers=[compiled.COUNTED], backends=[], min_run_time=0.005,
-                     log=lambda _: None)
+    rows = run_sweep(
+        device=CPU,
+        sizes=[N],
+        methods=["swap"],
+        pairs=["fp32/fp32"],
+        peers=[compiled.COUNTED],
+        backends=[],
+        min_run_time=0.005,
+        log=lambda _: None,
+    )
     assert "median_ms" not in rows[0]
     assert rows[0]["note"] == "torch.compile's result differs from the reference (weights)"
 
@@ -84,11 +102,19 @@ def test_where_torch_compile_cannot_run_the_cell_says_why(monkeypatch):
     def no_compiler(method):
         def fail(*args):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in cpp_builder")
+
         return fail
 
     monkeypatch.setattr(compiled, "_compiled_formula", no_compiler)
-    rows = run_sweep(device=CPU, sizes=[N], methods=["belay"], pairs=["fp32/fp32"],
-                     peers=[compiled.COUNTED], backends=[], min_run_time=0.005,
-                     log=lambda _: None)
+    rows = run_sweep(
+        device=CPU,
+        sizes=[N],
+        methods=["belay"],
+        pairs=["fp32/fp32"],
+        peers=[compiled.COUNTED],
+        backends=[],
+        min_run_time=0.005,
+        log=lambda _: None,
+    )
     assert rows[0]["note"].startswith("torch.compile cannot run here: InvalidCxxCompiler")
     assert "median_ms" not in rows[0]

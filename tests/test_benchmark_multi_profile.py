@@ -26,10 +26,30 @@ def test_byte_counts():
 
 
 def test_bench_multi_mode(tmp_path, capsys):
-    argv = ["--quick", "--device", "cpu", "--mode", "multi", "--multi-size", "3001",
-            "--profiles", "2,3", "--backends", "torch,cpp", "--peers", "torch.compile",
-            "--models", "resnet50", "--min-run-time", "0.005", "--stream-size", "2e5",
-            "--out", str(tmp_path), "--no-plot"]
+    argv = [
+        "--quick",
+        "--device",
+        "cpu",
+        "--mode",
+        "multi",
+        "--multi-size",
+        "3001",
+        "--profiles",
+        "2,3",
+        "--backends",
+        "torch,cpp",
+        "--peers",
+        "torch.compile",
+        "--models",
+        "resnet50",
+        "--min-run-time",
+        "0.005",
+        "--stream-size",
+        "2e5",
+        "--out",
+        str(tmp_path),
+        "--no-plot",
+    ]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "vs_separate" in table and "multi_ema K=3" in table
@@ -54,10 +74,16 @@ def test_model_case_against_ema_pytorch(monkeypatch):
         return nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
 
     monkeypatch.setitem(architectures.ARCHITECTURES, "tiny", tiny)
-    rows = run_model(device=torch.device("cpu"), model_name="tiny", profiles=[2],
-                     min_run_time=0.005, log=lambda _: None)
-    assert [r["impl"] for r in rows] == ["belay_kernels PostHocEMA.step",
-                                         "ema-pytorch PostHocEMA.update"]
-    assert all(r["median_ms"] > 0 and r["bytes"] == 20 * (8 * 16 + 16 + 16 * 4 + 4)
-               for r in rows)
+    rows = run_model(
+        device=torch.device("cpu"),
+        model_name="tiny",
+        profiles=[2],
+        min_run_time=0.005,
+        log=lambda _: None,
+    )
+    assert [r["impl"] for r in rows] == [
+        "belay_kernels PostHocEMA.step",
+        "ema-pytorch PostHocEMA.update",
+    ]
+    assert all(r["median_ms"] > 0 and r["bytes"] == 20 * (8 * 16 + 16 + 16 * 4 + 4) for r in rows)
     assert rows[0]["vs_ema_pytorch"] > 0

@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_an_unknown_command_says_so(capsys):
     assert cli.main(["benchmark"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("belay-kernels: unknown command 'benchmark'; the commands are "
-                          "demo, bench, reproduce, posthoc, backends.")
+    assert err.startswith(
+        "belay-kernels: unknown command 'benchmark'; the commands are "
+        "demo, bench, reproduce, posthoc, backends."
+    )
     assert "usage: belay-kernels" in err
 
 
@@ -35,7 +37,7 @@ def _sections(text: str) -> tuple[str, dict[str, str]]:
     paragraphs = text.split("\n\n")
     description = " ".join(paragraphs[1].split())
     options, current = {}, None
-    for line in text[text.index("\noptions:\n"):].splitlines()[2:]:
+    for line in text[text.index("\noptions:\n") :].splitlines()[2:]:
         match = re.match(r"  (-\S+(?:,? [^ ]+)*?)(?:  +(.*))?$", line)
         if match and not line.startswith("   "):
             current = match.group(1)
@@ -67,8 +69,14 @@ def test_the_top_level_help_lists_every_command(capsys):
 
 
 def _git_status() -> str:
-    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
-                          capture_output=True, text=True, check=True, timeout=60).stdout
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
 
 
 @pytest.fixture
@@ -88,9 +96,27 @@ def in_checkout(monkeypatch):
 def test_quick_runs_inside_the_checkout_leave_git_status_clean(in_checkout, capsys):
     pytest.importorskip("sklearn")
     assert cli.main(["reproduce", "sandler-table1", "--quick"]) == 0
-    assert cli.main(["bench", "--quick", "--sizes", "3000", "--methods", "ema",
-                     "--dtypes", "fp32/fp32", "--peers", "torch._foreach_lerp_",
-                     "--min-run-time", "0.005", "--stream-size", "2e5"]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--quick",
+                "--sizes",
+                "3000",
+                "--methods",
+                "ema",
+                "--dtypes",
+                "fp32/fp32",
+                "--peers",
+                "torch._foreach_lerp_",
+                "--min-run-time",
+                "0.005",
+                "--stream-size",
+                "2e5",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "to belay-results/reproduce/quick/" in err and "to belay-results/bench/quick/" in err
     assert (ROOT / "belay-results" / "reproduce" / "quick" / "sandler-table1.md").is_file()

@@ -39,6 +39,7 @@ def test_a_gpu_older_than_every_built_arch_is_reported(gpus):
 def test_a_device_that_cannot_load_the_kernels_is_reported(gpus):
     gpus((12, 0))
     reason = _library._arch_mismatch(
-        fake_module("800", "no kernel image is available for execution on the device"))
+        fake_module("800", "no kernel image is available for execution on the device")
+    )
     assert "cuda:0 (compute capability 12.0) cannot load" in reason
     assert "no kernel image" in reason and '"12.0+PTX"' in reason

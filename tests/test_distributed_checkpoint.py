@@ -62,7 +62,9 @@ def ddp_checks(rank, world):
     )
     for key, (plain, sharded) in pairs.items():
         kind = "snapshot" if key == "two_point" else "shadow"
-        assert_equal(full_shadows(sharded, kind), full_shadows(plain, kind), f"{key} sharded vs unsharded")
+        assert_equal(
+            full_shadows(sharded, kind), full_shadows(plain, kind), f"{key} sharded vs unsharded"
+        )
         live = {n: v.clone() for n, v in named_local(model).items()}
         with plain.averaged():
             expected = {n: v.clone() for n, v in named_local(model).items()}
@@ -78,13 +80,19 @@ def ddp_checks(rank, world):
     params = {n for n, _ in model.named_parameters()}
     shadows = dict(zip(plain.names(), plain.shadow_params()))
     chunk_elems = sum(
-        (t.chunk(world)[rank].numel() if rank < len(t.chunk(world)) else 0) if n in params else t.numel()
+        (t.chunk(world)[rank].numel() if rank < len(t.chunk(world)) else 0)
+        if n in params
+        else t.numel()
         for n, t in shadows.items()
     )
     assert sharded.state_bytes == 4 * chunk_elems
     param_bytes = 4 * sum(shadows[n].numel() for n in params)
     rows = sum(shadows[n][0].numel() for n in params)
-    assert param_bytes / world - 4 * rows <= sharded.state_bytes - (plain.state_bytes - param_bytes) <= param_bytes / world + 4 * rows
+    assert (
+        param_bytes / world - 4 * rows
+        <= sharded.state_bytes - (plain.state_bytes - param_bytes)
+        <= param_bytes / world + 4 * rows
+    )
     assert "this rank's 1/world of the shadow" in sharded.memory_report()
     # BELAY moves the weights: a sharded shadow is refused, with nothing touched
     weights = {n: v.clone() for n, v in named_local(model).items()}
@@ -100,7 +108,12 @@ def _averagers(world):
     """The FSDP2 model with its EMA, and a replicated model with a sharded-shadow EMA."""
     model = tiny(shard=True)
     ddp_model = tiny()
-    return model, bk.EMA(model, decay=0.9), ddp_model, bk.EMA(ddp_model, decay=0.9, shard_shadow=True)
+    return (
+        model,
+        bk.EMA(model, decay=0.9),
+        ddp_model,
+        bk.EMA(ddp_model, decay=0.9, shard_shadow=True),
+    )
 
 
 def _train(model, ddp_model, ema, ddp_ema, steps, start):
@@ -113,7 +126,12 @@ def _train(model, ddp_model, ema, ddp_ema, steps, start):
 
 
 def _state(model, ema, ddp_model, ddp_ema):
-    return {"model": model.state_dict(), "ema": ema, "ddp_model": ddp_model.state_dict(), "ddp_ema": ddp_ema}
+    return {
+        "model": model.state_dict(),
+        "ema": ema,
+        "ddp_model": ddp_model.state_dict(),
+        "ddp_ema": ddp_ema,
+    }
 
 
 def save_and_resume(rank, world, tmp):
@@ -136,8 +154,11 @@ def save_and_resume(rank, world, tmp):
     _train(model2, ddp_model2, ema2, ddp_ema2, 6, 6)
     assert ema2.num_steps == ema.num_steps == ddp_ema2.num_steps == 12
     assert_equal(named_local(model2), named_local(model), "resumed FSDP2 model")
-    assert_equal(dict(zip(ema.names(), ema.shadow_params())), dict(zip(ema2.names(), ema2.shadow_params())),
-                 "resumed FSDP2 EMA, local shards")
+    assert_equal(
+        dict(zip(ema.names(), ema.shadow_params())),
+        dict(zip(ema2.names(), ema2.shadow_params())),
+        "resumed FSDP2 EMA, local shards",
+    )
     assert_equal(named_local(ddp_model2), named_local(ddp_model), "resumed replicated model")
     assert_equal(full_shadows(ddp_ema2), full_shadows(ddp_ema), "resumed sharded DDP EMA")
 
@@ -151,7 +172,9 @@ def load_elsewhere(rank, world, tmp, src, expected, dst):
     dcp.load({"ema": ema, "ddp_ema": ddp_ema}, checkpoint_id=str(tmp / src))
     saved = torch.load(tmp / expected)
     assert_equal(full_shadows(ema), saved["ema"], f"FSDP2 EMA on {world} ranks from {src}")
-    assert_equal(full_shadows(ddp_ema), saved["ddp_ema"], f"sharded DDP EMA on {world} ranks from {src}")
+    assert_equal(
+        full_shadows(ddp_ema), saved["ddp_ema"], f"sharded DDP EMA on {world} ranks from {src}"
+    )
     assert ema.num_steps == ddp_ema.num_steps > 0
     if world == 1:  # and into a plain, unsharded averager with no DTensor at all
         plain = bk.EMA(tiny(), decay=0.9)
@@ -183,7 +206,9 @@ def test_ddp_sharded_shadow_and_checkpoints_that_reshard(tmp_path):
 def test_shard_shadow_needs_a_process_group():
     model = nn.Linear(4, 3)
     weights = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(bk.BelayInputError, match="torch.distributed is not initialised.*init_process_group"):
+    with pytest.raises(
+        bk.BelayInputError, match="torch.distributed is not initialised.*init_process_group"
+    ):
         bk.EMA(model, shard_shadow=True)
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
     assert all(not hasattr(p, "_belay_flat_group") for p in model.parameters())

@@ -180,7 +180,9 @@ def check_bad_input(rank, tmp):
         bk.ops.ema_update_(sx, torch.ones(3, 3), decay=0.5)
     with pytest.raises(bk.BelayInputError, match="sharded alike"):
         bk.ops.ema_update_(sx, distribute_tensor(torch.ones(6, 3), mesh_a, [Shard(1)]), decay=0.5)
-    assert torch.equal(sx.to_local(), 2 * x.to_local()) and torch.equal(sy.to_local(), 2 * y.to_local())
+    assert torch.equal(sx.to_local(), 2 * x.to_local()) and torch.equal(
+        sy.to_local(), 2 * y.to_local()
+    )
     # the same call on one mesh works, on the local shards
     bk.ops.ema_update_(sx, x, decay=0.5)
     assert torch.equal(sx.to_local(), 1.5 * x.to_local())
@@ -195,7 +197,10 @@ def check_bad_input(rank, tmp):
     model = tiny(shard=True)
     ema = bk.EMA(model)
     before = [s.clone() for s in ema.shadow_params()]
-    with pytest.raises(bk.BelayInputError, match=r"missing: .*shadow\.embed\.weight \(11, 8\).*unexpected: shadow\.0\.weight \(5, 8\)"):
+    with pytest.raises(
+        bk.BelayInputError,
+        match=r"missing: .*shadow\.embed\.weight \(11, 8\).*unexpected: shadow\.0\.weight \(5, 8\)",
+    ):
         bkd.check_checkpoint(ema, tmp / "other", "ema")
     assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow_params()))
 

@@ -83,7 +83,10 @@ def test_ou_covariance_and_distances(results_dir):
 
 def test_rosenbrock_belay_survives_learning_rates_that_break_sgd(results_dir):
     robust = quick("belay-rosenbrock", results_dir).checks["robust"]
-    assert robust["sgd", "BELAY a=0.01 b=0.9"]["stable_lrs"] > robust["sgd", "no averaging"]["stable_lrs"]
+    assert (
+        robust["sgd", "BELAY a=0.01 b=0.9"]["stable_lrs"]
+        > robust["sgd", "no averaging"]["stable_lrs"]
+    )
 
 
 def test_digits_learns(results_dir):
@@ -98,11 +101,14 @@ def test_damped_system_is_belay_at_critical_damping(results_dir):
 
 # --- the library pieces the experiments rest on ----------------------------------------------
 
+
 def test_equivalent_lr_schedule_table1():
     k = 7
     swa = equivalent_lr_schedule("swa", k)
     assert torch.allclose(swa, torch.arange(k, 0, -1, dtype=torch.float64) / k)
-    assert torch.equal(equivalent_lr_schedule("two_point", k), torch.full((k,), 0.5, dtype=torch.float64))
+    assert torch.equal(
+        equivalent_lr_schedule("two_point", k), torch.full((k,), 0.5, dtype=torch.float64)
+    )
     ema = equivalent_lr_schedule("ema", k, decay=0.9)
     assert torch.allclose(ema, 1 - 0.9 ** torch.arange(k, 0, -1, dtype=torch.float64))
     with pytest.raises(ValueError, match="decay"):
@@ -121,7 +127,9 @@ def test_linear_step_matrix_matches_the_damped_system():
     lr_h, alpha, beta, zeta = 0.3, 0.05, 0.2, 0.6
     start = torch.randn(1, generator=gen, dtype=torch.float64)
     w = torch.nn.Parameter(start.clone())
-    system = DampedTwoMass([w], k=2 * beta, m1=1.0, m2=beta / alpha, c1=2 * zeta, c2=2 * zeta * beta / alpha)
+    system = DampedTwoMass(
+        [w], k=2 * beta, m1=1.0, m2=beta / alpha, c1=2 * zeta, c2=2 * zeta * beta / alpha
+    )
     matrix = linear_step_matrix(lr_h, alpha=alpha, beta=beta, zeta1=zeta, zeta2=zeta)
     state = np.array([start.item(), start.item(), 0.0, 0.0])
     for _ in range(20):
@@ -129,8 +137,12 @@ def test_linear_step_matrix_matches_the_damped_system():
             w.mul_(1 - lr_h)  # SGD on h w^2 / 2
         system.step()
         state = matrix @ state
-        got = [w.item(), system.shadow_params()[0].item(), system.velocities1[0].item(),
-               system.velocities2[0].item()]
+        got = [
+            w.item(),
+            system.shadow_params()[0].item(),
+            system.velocities1[0].item(),
+            system.velocities2[0].item(),
+        ]
         np.testing.assert_allclose(got, state, rtol=1e-12, atol=1e-15)
 
 
@@ -157,9 +169,11 @@ def test_eq19_general_kernel_matches_its_closed_forms():
     lags = np.arange(400)
     ema_autocorrelation = (1 - decay) * decay**lags / (1 + decay)  # sum_k mu_k mu_{k+d}
     assert kernel_variance_factor(ema_autocorrelation, lr, kappa) == pytest.approx(
-        ema_variance_factor(decay, lr, kappa), rel=1e-9)
+        ema_variance_factor(decay, lr, kappa), rel=1e-9
+    )
     gap = 7  # two-point kernel: C_0 = 1/2, C_gap = 1/4
     two_point = np.zeros(gap + 1)
     two_point[0], two_point[gap] = 0.5, 0.25
     assert kernel_variance_factor(two_point, lr, kappa) == pytest.approx(
-        two_point_effective_lr(lr, kappa, gap) / lr, rel=1e-12)
+        two_point_effective_lr(lr, kappa, gap) / lr, rel=1e-12
+    )

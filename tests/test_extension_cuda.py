@@ -51,11 +51,17 @@ def test_multi_ema_matches_k_reference_updates(pair):
     from belay_kernels.extension import cuda
 
     generator = torch.Generator().manual_seed(0)
-    decays = [0.9, torch.tensor(0.3, dtype=torch.float64, device="cuda"), 0.0,
-              torch.tensor(float("nan"), dtype=torch.float64, device="cuda"), 0.999]
+    decays = [
+        0.9,
+        torch.tensor(0.3, dtype=torch.float64, device="cuda"),
+        0.0,
+        torch.tensor(float("nan"), dtype=torch.float64, device="cuda"),
+        0.999,
+    ]
     for sizes in ([3_000_017], [200_003, 0, 1, 1009] * 6):
-        shadows = [[torch.randn(n, generator=generator).to(pair[1]).cuda() for n in sizes]
-                   for _ in decays]
+        shadows = [
+            [torch.randn(n, generator=generator).to(pair[1]).cuda() for n in sizes] for _ in decays
+        ]
         expected = [[s.clone() for s in profile] for profile in shadows]
         skipped = torch.zeros((), dtype=torch.int64, device="cuda")
         skipped_ref = torch.zeros((), dtype=torch.int64, device="cuda")

@@ -49,8 +49,9 @@ def test_list_chunks_split_across_blocks_match_reference(pair):
     # launch gives each chunk ceil(16 / 7) = 3 blocks, as it fills a GPU with big tensors.
     with simulated_grid(16, 4, chunk=4096):
         for name in ("ema", "belay"):
-            check(Case(BY_NAME[name], pair, (20_011, 3, 1009), layout="list", offsets=(1, 1)),
-                  "cpp")
+            check(
+                Case(BY_NAME[name], pair, (20_011, 3, 1009), layout="list", offsets=(1, 1)), "cpp"
+            )
 
 
 def test_the_simulation_really_runs_the_grid():
@@ -100,26 +101,32 @@ def test_a_rate_of_one_copies_over_nonfinite_values(grid, pair, scalar):
         for n in (1, 3, 1009):
             shadow, _ = _nonfinite_shadow(n, shadow_dtype, seed=n)
             _, weights = _nonfinite_shadow(n, weights_dtype, seed=n + 1)
-            ops.ema_update_(shadow, weights, decay=value(0.0), nonfinite="propagate",
-                            backend="cpp")
+            ops.ema_update_(shadow, weights, decay=value(0.0), nonfinite="propagate", backend="cpp")
             assert _bits_equal(shadow, weights), "EMA decay 0"
             shadow, _ = _nonfinite_shadow(n, shadow_dtype, seed=n + 2)
-            ops.swa_update_(shadow, weights, count=value(0, torch.int64), nonfinite="propagate",
-                            backend="cpp")
+            ops.swa_update_(
+                shadow, weights, count=value(0, torch.int64), nonfinite="propagate", backend="cpp"
+            )
             assert _bits_equal(shadow, weights), "SWA count 0"
             shadows = [_nonfinite_shadow(n, shadow_dtype, seed=n + 3 + p)[0] for p in range(3)]
-            _entry_points().multi_ema_update_(shadows, weights, [value(0.0), 0.5, value(0.0)],
-                                              False, None)
+            _entry_points().multi_ema_update_(
+                shadows, weights, [value(0.0), 0.5, value(0.0)], False, None
+            )
             assert _bits_equal(shadows[0], weights) and _bits_equal(shadows[2], weights)
             # BELAY: weights <- shadow (beta 1) and shadow <- weights (alpha 1), both
             # from the values before the call, NaN and inf on both sides
             model, _ = _nonfinite_shadow(n, weights_dtype, seed=n + 7)
-            shadow = random_like_model(n, shadow_dtype,
-                                       generator=torch.Generator().manual_seed(n))
+            shadow = random_like_model(n, shadow_dtype, generator=torch.Generator().manual_seed(n))
             shadow[::5] = float("nan")
             model_before, shadow_before = model.clone(), shadow.clone()
-            ops.belay_step_(model, shadow, alpha=value(1.0), beta=value(1.0),
-                            nonfinite="propagate", backend="cpp")
+            ops.belay_step_(
+                model,
+                shadow,
+                alpha=value(1.0),
+                beta=value(1.0),
+                nonfinite="propagate",
+                backend="cpp",
+            )
             assert _bits_equal(model, shadow_before), "BELAY beta 1"
             assert _bits_equal(shadow, model_before), "BELAY alpha 1"
 

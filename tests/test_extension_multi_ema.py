@@ -39,8 +39,9 @@ def _decays(k, tensors):
     decays = list(NUMBER_DECAYS[:k])
     if tensors:
         for p in range(1, k, 2):
-            decays[p] = torch.tensor(TENSOR_DECAYS[(p // 2) % len(TENSOR_DECAYS)],
-                                     dtype=torch.float64)
+            decays[p] = torch.tensor(
+                TENSOR_DECAYS[(p // 2) % len(TENSOR_DECAYS)], dtype=torch.float64
+            )
     return decays
 
 
@@ -60,8 +61,9 @@ def _same_bits(got, want, message):
     assert not differ.any(), f"{message}: {int(differ.sum())} elements differ"
 
 
-def check_against_reference(k, pair, sizes, *, skip, tensor_decays, seed, offset=0,
-                            steps=STEPS, grid=False):
+def check_against_reference(
+    k, pair, sizes, *, skip, tensor_decays, seed, offset=0, steps=STEPS, grid=False
+):
     """Runs ``steps`` steps through the cpp backend (one list call when ``sizes`` has more
     than one entry) and through K reference ema_update_ calls per tensor; compares all.
     On the simulated grid (``grid``) the bits are compared with K compiled ema_update_
@@ -70,8 +72,10 @@ def check_against_reference(k, pair, sizes, *, skip, tensor_decays, seed, offset
     vectorized lerp and the CPU loop's AVX2 clone use."""
     weights_dtype, shadow_dtype = pair
     generator = torch.Generator().manual_seed(seed)
-    shadows = [[_placed(random_like_model(n, shadow_dtype, generator=generator), offset)
-                for n in sizes] for _ in range(k)]
+    shadows = [
+        [_placed(random_like_model(n, shadow_dtype, generator=generator), offset) for n in sizes]
+        for _ in range(k)
+    ]
     expected = [[s.clone() for s in profile] for profile in shadows]
     separate = [[s.clone() for s in profile] for profile in shadows]
     skipped_separate = torch.zeros((), dtype=torch.int64)
@@ -80,8 +84,9 @@ def check_against_reference(k, pair, sizes, *, skip, tensor_decays, seed, offset
     skipped_ref = torch.zeros((), dtype=torch.int64)
     backend = _backend()
     for step in range(steps):
-        weights = [_placed(random_like_model(n, weights_dtype, generator=generator), offset)
-                   for n in sizes]
+        weights = [
+            _placed(random_like_model(n, weights_dtype, generator=generator), offset) for n in sizes
+        ]
         if step == NONFINITE_STEP:
             for w in weights:
                 _inject_nonfinite(w, generator)
@@ -116,8 +121,7 @@ K_VALUES = (1, 2, 3, 5, 8)
 @pytest.mark.parametrize("k", K_VALUES)
 def test_flat_matches_k_reference_updates(k, pair, skip):
     for n in SIZES:
-        skipped = check_against_reference(k, pair, [n], skip=skip, tensor_decays=False,
-                                          seed=n + k)
+        skipped = check_against_reference(k, pair, [n], skip=skip, tensor_decays=False, seed=n + k)
         assert (skipped > 0) == (skip and n > 0)
 
 
@@ -125,8 +129,7 @@ def test_flat_matches_k_reference_updates(k, pair, skip):
 @pytest.mark.parametrize("k", (2, 3, 5, 8))
 def test_tensor_decays_nan_and_out_of_range(k, pair):
     for skip in (True, False):
-        skipped = check_against_reference(k, pair, [1009], skip=skip, tensor_decays=True,
-                                          seed=k)
+        skipped = check_against_reference(k, pair, [1009], skip=skip, tensor_decays=True, seed=k)
         # each NaN or out-of-range decay counts all 1009 elements every step
         invalid = sum(1 for d in _decays(k, True) if not 0 <= float(d) <= 1)
         assert invalid == (k > 3) + (k > 5) + (k > 7)
@@ -136,8 +139,9 @@ def test_tensor_decays_nan_and_out_of_range(k, pair):
 @pytest.mark.parametrize("offset", [1, 3])
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
 def test_unaligned_starts(pair, offset):
-    check_against_reference(3, pair, [70_001], skip=True, tensor_decays=True, seed=offset,
-                            offset=offset)
+    check_against_reference(
+        3, pair, [70_001], skip=True, tensor_decays=True, seed=offset, offset=offset
+    )
 
 
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
@@ -160,8 +164,17 @@ def test_grid_flat_matches_k_reference_updates(k, pair, grid):
     with simulated_grid(*grid):
         for n in (0, 1, 3, 31, 1009, 20_011):
             for skip, tensors, offset in ((True, False, 0), (False, True, 1), (True, True, 3)):
-                check_against_reference(k, pair, [n], skip=skip, tensor_decays=tensors,
-                                        seed=n + k, offset=offset, steps=3 + skip, grid=True)
+                check_against_reference(
+                    k,
+                    pair,
+                    [n],
+                    skip=skip,
+                    tensor_decays=tensors,
+                    seed=n + k,
+                    offset=offset,
+                    steps=3 + skip,
+                    grid=True,
+                )
 
 
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
@@ -171,11 +184,13 @@ def test_grid_lists_match_k_reference_updates(k, pair):
     # and a tensor of more chunks than one launch holds
     sizes = [20_011, 0, 1, 3, 31, 1009] * 5
     with simulated_grid(1, 32):
-        check_against_reference(k, pair, sizes, skip=True, tensor_decays=True, seed=k,
-                                offset=1, steps=3, grid=True)
+        check_against_reference(
+            k, pair, sizes, skip=True, tensor_decays=True, seed=k, offset=1, steps=3, grid=True
+        )
     with simulated_grid(16, 4, chunk=4096):
-        check_against_reference(k, pair, [20_011, 3, 1009], skip=False, tensor_decays=False,
-                                seed=k, steps=3, grid=True)
+        check_against_reference(
+            k, pair, [20_011, 3, 1009], skip=False, tensor_decays=False, seed=k, steps=3, grid=True
+        )
 
 
 def test_grid_simulation_runs_the_multi_ema_body():
@@ -188,6 +203,7 @@ def test_grid_simulation_runs_the_multi_ema_body():
 
 
 # --- the registered ops -----------------------------------------------------------------
+
 
 def _ops():
     from belay_kernels.extension._library import ops
@@ -205,11 +221,15 @@ def _samples():
     rate = torch.tensor([0.1], dtype=torch.float64)
     yield "multi_ema_update_", (s, w, [0.9, 0.5, 0.1], [], True, counter)
     yield "multi_ema_update_", (s[:2], w, [0.9, 0.0], [None, rate], False, None)
-    yield "multi_ema_update_foreach_", (
-        [s[0], s2[0], s[1], s2[1]], [w, w2], [0.9, 0.3], [rate, None], True, counter)
+    yield (
+        "multi_ema_update_foreach_",
+        ([s[0], s2[0], s[1], s2[1]], [w, w2], [0.9, 0.3], [rate, None], True, counter),
+    )
 
 
-@pytest.mark.parametrize("name,args", list(_samples()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name,args", list(_samples()), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_opcheck(name, args):
     torch.library.opcheck(getattr(_ops(), name).default, args)
 
@@ -221,26 +241,55 @@ def test_refuses_bad_input_before_writing():
     refuses(lambda: ops.multi_ema_update_(s, w, [0.9] * 9, [], True, None), "1 to 8", *s)
     refuses(lambda: ops.multi_ema_update_([], w, [], [], True, None), "1 to 8")
     refuses(lambda: ops.multi_ema_update_(s[:2], w, [0.9], [], True, None), "one decay", *s)
-    refuses(lambda: ops.multi_ema_update_(s[:2], w, [0.9, 1.5], [], True, None),
-             r"decays\[1\] must be in \[0, 1\]", *s[:2])
-    refuses(lambda: ops.multi_ema_update_(s[:2], w, [0.9, 0.9], [None], True, None),
-             "decay_tensors has 1", *s[:2])
-    refuses(lambda: ops.multi_ema_update_(s[:2], w, [0.9, 0.9],
-                                           [None, torch.tensor([0.9])], True, None),
-             "float64", *s[:2])
-    refuses(lambda: ops.multi_ema_update_([s[0], s[1].double()], w, [0.9, 0.9], [], True, None),
-             "one shadow dtype", s[0])
-    refuses(lambda: ops.multi_ema_update_([s[0], s[1][:5]], w, [0.9, 0.9], [], True, None),
-             r"shadows\[1\] has 5", s[0])
-    refuses(lambda: ops.multi_ema_update_([s[0], s[0]], w, [0.9, 0.9], [], True, None),
-             "share memory", s[0])
-    refuses(lambda: ops.multi_ema_update_([s[0], w], w, [0.9, 0.9], [], True, None),
-             "share memory", s[0], w)
-    refuses(lambda: ops.multi_ema_update_foreach_(s[:3], [w, w.clone()], [0.9, 0.9], [],
-                                                   True, None), "3 shadows", *s[:3])
+    refuses(
+        lambda: ops.multi_ema_update_(s[:2], w, [0.9, 1.5], [], True, None),
+        r"decays\[1\] must be in \[0, 1\]",
+        *s[:2],
+    )
+    refuses(
+        lambda: ops.multi_ema_update_(s[:2], w, [0.9, 0.9], [None], True, None),
+        "decay_tensors has 1",
+        *s[:2],
+    )
+    refuses(
+        lambda: ops.multi_ema_update_(
+            s[:2], w, [0.9, 0.9], [None, torch.tensor([0.9])], True, None
+        ),
+        "float64",
+        *s[:2],
+    )
+    refuses(
+        lambda: ops.multi_ema_update_([s[0], s[1].double()], w, [0.9, 0.9], [], True, None),
+        "one shadow dtype",
+        s[0],
+    )
+    refuses(
+        lambda: ops.multi_ema_update_([s[0], s[1][:5]], w, [0.9, 0.9], [], True, None),
+        r"shadows\[1\] has 5",
+        s[0],
+    )
+    refuses(
+        lambda: ops.multi_ema_update_([s[0], s[0]], w, [0.9, 0.9], [], True, None),
+        "share memory",
+        s[0],
+    )
+    refuses(
+        lambda: ops.multi_ema_update_([s[0], w], w, [0.9, 0.9], [], True, None),
+        "share memory",
+        s[0],
+        w,
+    )
+    refuses(
+        lambda: ops.multi_ema_update_foreach_(s[:3], [w, w.clone()], [0.9, 0.9], [], True, None),
+        "3 shadows",
+        *s[:3],
+    )
     half = [t.half() for t in s[:2]]
-    refuses(lambda: ops.multi_ema_update_(half, w, [0.9, 0.9], [], True, None),
-             "no compiled kernel", *half)
+    refuses(
+        lambda: ops.multi_ema_update_(half, w, [0.9, 0.9], [], True, None),
+        "no compiled kernel",
+        *half,
+    )
 
 
 def test_supports():

@@ -42,12 +42,17 @@ def _samples():
     yield "belay_step_", (w, s, 0.0, 0.0, rate, rate, True, counter)
     yield "belay_step_foreach_", ([w, w2], [s, s2], 0.05, 0.6, None, None, True, None)
     yield "two_point_average_", (torch.empty_like(w), w, s)
-    yield "two_point_average_foreach_", ([torch.empty_like(w), torch.empty_like(w2)], [w, w2], [s, s2])
+    yield (
+        "two_point_average_foreach_",
+        ([torch.empty_like(w), torch.empty_like(w2)], [w, w2], [s, s2]),
+    )
     yield "swap_", (w, s, False)
     yield "swap_foreach_", ([w, w2], [s, s2], True)
 
 
-@pytest.mark.parametrize("name,args", list(_samples()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name,args", list(_samples()), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_opcheck(name, args):
     torch.library.opcheck(getattr(_ops(), name).default, args)
 
@@ -100,22 +105,29 @@ def test_compiled_training_step_has_no_graph_break():
         compiled(model, *state["compiled"][:3], x, y, state["compiled"][3], _compiled_averaging)
         _training_step(model, *state["eager"][:3], x, y, state["eager"][3], _eager_averaging)
     (params, shadows, ema, counter), (eager_params, eager_shadows, eager_ema, _) = (
-        state["compiled"], state["eager"])
-    for got, want in zip([*params.values(), *shadows, *ema],
-                         [*eager_params.values(), *eager_shadows, *eager_ema]):
+        state["compiled"],
+        state["eager"],
+    )
+    for got, want in zip(
+        [*params.values(), *shadows, *ema], [*eager_params.values(), *eager_shadows, *eager_ema]
+    ):
         torch.testing.assert_close(got, want)
     assert int(counter) == 0
 
 
 # --- bad input on direct calls ---------------------------------------------------------
 
+
 def test_refuses_unsupported_dtypes():
     ops = _ops()
     w, s = _pair(10, torch.float64, torch.float32)
     refuses(lambda: ops.ema_update_(s, w, 0.9, None, True, None), "no compiled kernel", s)
     ints = torch.arange(10)
-    refuses(lambda: ops.ema_update_(ints, ints.clone(), 0.9, None, True, None),
-             "no compiled kernel", ints)
+    refuses(
+        lambda: ops.ema_update_(ints, ints.clone(), 0.9, None, True, None),
+        "no compiled kernel",
+        ints,
+    )
     w, s = _pair(10, torch.float16, torch.float32)
     refuses(lambda: ops.swap_(w, s, False), "no exact in-place swap", w, s)
     out = torch.zeros(10, dtype=torch.float32)  # not empty: NaN garbage never equals itself
@@ -127,15 +139,17 @@ def test_refuses_mismatched_sizes_and_layouts():
     w, s = _pair(10)
     refuses(lambda: ops.ema_update_(s[:9], w, 0.9, None, True, None), "shadow has 9", s)
     wide = torch.randn(10, 2)
-    refuses(lambda: ops.ema_update_(s, wide[:, 0], 0.9, None, True, None),
-             "not contiguous", s)
+    refuses(lambda: ops.ema_update_(s, wide[:, 0], 0.9, None, True, None), "not contiguous", s)
 
 
 def test_refuses_aliasing():
     ops = _ops()
     buffer = torch.randn(20)
-    refuses(lambda: ops.belay_step_(buffer[:10], buffer[5:15], 0.1, 0.1, None, None, True, None),
-             "share memory", buffer)
+    refuses(
+        lambda: ops.belay_step_(buffer[:10], buffer[5:15], 0.1, 0.1, None, None, True, None),
+        "share memory",
+        buffer,
+    )
     refuses(lambda: ops.swap_(buffer, buffer, False), "share memory", buffer)
 
 
@@ -149,20 +163,34 @@ def test_refuses_bad_scalars_and_counter():
     refuses(lambda: ops.swa_update_(s, w, 0, torch.tensor([1.0]), True, None), "int64", s)
     bad_counter = torch.zeros(2, dtype=torch.int64)
     refuses(lambda: ops.ema_update_(s, w, 0.9, None, True, bad_counter), "skipped", s)
-    refuses(lambda: ops.ema_update_(s, w, 0.9, None, True, torch.zeros((), dtype=torch.int32)),
-             "skipped", s)
+    refuses(
+        lambda: ops.ema_update_(s, w, 0.9, None, True, torch.zeros((), dtype=torch.int32)),
+        "skipped",
+        s,
+    )
 
 
 def test_refuses_bad_lists():
     ops = _ops()
     w, s = _pair(10)
     w2, s2 = _pair(5, torch.bfloat16, torch.bfloat16)
-    refuses(lambda: ops.ema_update_foreach_([s, s.clone()], [w], 0.9, None, True, None),
-             "has 1 tensors", s)
-    refuses(lambda: ops.ema_update_foreach_([s, s2], [w, w2], 0.9, None, True, None),
-             "one dtype per list", s, s2)
-    refuses(lambda: ops.ema_update_foreach_([s, s2], [w, w2[:4]], 0.9, None, True, None),
-             r"weights\[1\] has 4 elements", s, s2)
+    refuses(
+        lambda: ops.ema_update_foreach_([s, s.clone()], [w], 0.9, None, True, None),
+        "has 1 tensors",
+        s,
+    )
+    refuses(
+        lambda: ops.ema_update_foreach_([s, s2], [w, w2], 0.9, None, True, None),
+        "one dtype per list",
+        s,
+        s2,
+    )
+    refuses(
+        lambda: ops.ema_update_foreach_([s, s2], [w, w2[:4]], 0.9, None, True, None),
+        r"weights\[1\] has 4 elements",
+        s,
+        s2,
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -31,10 +31,22 @@ def _compile(tmp_dir: str):
     from torch.utils.cpp_extension import include_paths
 
     command = [
-        str(home / "bin" / "nvcc"), "-cubin", "-arch=sm_90", "-std=c++20", "-O3",
-        "--expt-relaxed-constexpr", "-Xptxas", "-v", "--keep", "--keep-dir", tmp_dir,
-        "-o", str(Path(tmp_dir) / "kernels.cubin"), str(SOURCE),
-        *(f"-I{p}" for p in include_paths("cuda")), f"-I{home / 'include'}",
+        str(home / "bin" / "nvcc"),
+        "-cubin",
+        "-arch=sm_90",
+        "-std=c++20",
+        "-O3",
+        "--expt-relaxed-constexpr",
+        "-Xptxas",
+        "-v",
+        "--keep",
+        "--keep-dir",
+        tmp_dir,
+        "-o",
+        str(Path(tmp_dir) / "kernels.cubin"),
+        str(SOURCE),
+        *(f"-I{p}" for p in include_paths("cuda")),
+        f"-I{home / 'include'}",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"nvcc failed:\n{result.stderr[-4000:]}"
@@ -78,7 +90,9 @@ FAST_PATHS = [
 
 
 @pytest.mark.parametrize("kernel", ["flat_kernel", "list_kernel"])
-@pytest.mark.parametrize("op", FAST_PATHS, ids=lambda v: v.replace("c10::", "").replace("belay::", ""))
+@pytest.mark.parametrize(
+    "op", FAST_PATHS, ids=lambda v: v.replace("c10::", "").replace("belay::", "")
+)
 def test_fast_paths_use_128_bit_accesses(compiled, kernel, op):
     _, kernels = compiled
     (body,) = [b for name, b in kernels.items() if kernel in name and op in name]

@@ -83,15 +83,18 @@ def run(method, backend, pair, sizes, variant, seed=0):
     """Every tensor the method wrote over STEPS steps, and the skipped counter."""
     gen = torch.Generator().manual_seed(seed)
     policy = VARIANTS[variant][2]
-    state = {role: _fresh(sizes, method.dtype_of(role, *pair), gen, poison_every=41)
-             for role in method.tensors}
+    state = {
+        role: _fresh(sizes, method.dtype_of(role, *pair), gen, poison_every=41)
+        for role in method.tensors
+    }
     skipped = torch.zeros((), dtype=torch.int64)
     written = []
     for step in range(STEPS):
         for role in method.tensors:
             if role not in method.written:  # fresh inputs, a few non-finite at one step
-                state[role] = _fresh(sizes, method.dtype_of(role, *pair), gen,
-                                     poison_every=300 if step == 1 else 0)
+                state[role] = _fresh(
+                    sizes, method.dtype_of(role, *pair), gen, poison_every=300 if step == 1 else 0
+                )
         args = [state[r][0] if len(sizes) == 1 else state[r] for r in method.tensors]
         _call(method, args, _scalars(method, variant, step), policy, skipped, backend)
         written += [t.clone() for r in method.written for t in state[r]]
@@ -105,8 +108,13 @@ def _variants(method):
 
 
 CASES = [
-    pytest.param(m, pair, layout, variant,
-                 id=f"{m.name}-{'/'.join(str(d)[6:] for d in pair)}-{layout}-{variant}")
+    pytest.param(
+        m,
+        pair,
+        layout,
+        variant,
+        id=f"{m.name}-{'/'.join(str(d)[6:] for d in pair)}-{layout}-{variant}",
+    )
     for m in METHODS
     for pair in DTYPE_PAIRS
     if m.name != "swap" or swap_supported(*pair)
@@ -124,7 +132,8 @@ def test_same_bits_as_the_reference(method, pair, layout, variant):
         differ = (_bits(g) != _bits(w)).nonzero().flatten()
         assert differ.numel() == 0, (
             f"written tensor {i}: {differ.numel()} of {g.numel()} elements differ, "
-            f"first at {differ[:5].tolist()}: {g[differ[:5]].tolist()} vs {w[differ[:5]].tolist()}")
+            f"first at {differ[:5].tolist()}: {g[differ[:5]].tolist()} vs {w[differ[:5]].tolist()}"
+        )
     assert int(got_skipped) == int(want_skipped)
 
 
@@ -165,7 +174,12 @@ MULTI_DECAYS = {  # per step, K decays taken cyclically; decay 0 copies, 1 keeps
     "number": ((0.9, 0.3, 0.999, 0.05, 0.6), (0.0, 1.0, 0.7, 0.2, 0.5)),
     "tensor": ((0.9, 0.3, 0.999, 0.05, 0.6), (0.0, float("nan"), 1.5, -0.25, 1.0)),
 }
-MULTI_SIZES = {"flat": [3 * CHUNK + 5], "tiny": [1], "empty": [0], "list": [1009, 0, 3, 2 * CHUNK, 31]}
+MULTI_SIZES = {
+    "flat": [3 * CHUNK + 5],
+    "tiny": [1],
+    "empty": [0],
+    "list": [1009, 0, 3, 2 * CHUNK, 31],
+}
 
 
 def _multi_decays(kind, k, step):
@@ -203,8 +217,9 @@ def _run_multi(k, pair, sizes, kind, policy, fused, seed=0):
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=lambda p: "/".join(str(d)[6:] for d in p))
 @pytest.mark.parametrize("layout", list(MULTI_SIZES))
-@pytest.mark.parametrize("kind,policy", [("number", "skip"), ("number", "propagate"),
-                                         ("tensor", "skip")])
+@pytest.mark.parametrize(
+    "kind,policy", [("number", "skip"), ("number", "propagate"), ("tensor", "skip")]
+)
 def test_multi_ema_is_k_reference_emas_bit_for_bit(k, pair, layout, kind, policy):
     got, got_skipped = _run_multi(k, pair, MULTI_SIZES[layout], kind, policy, fused=True)
     want, want_skipped = _run_multi(k, pair, MULTI_SIZES[layout], kind, policy, fused=False)
@@ -213,7 +228,8 @@ def test_multi_ema_is_k_reference_emas_bit_for_bit(k, pair, layout, kind, policy
         differ = (_bits(g) != _bits(w)).nonzero().flatten()
         assert differ.numel() == 0, (
             f"shadow {i}: {differ.numel()} of {g.numel()} elements differ, first at "
-            f"{differ[:5].tolist()}: {g[differ[:5]].tolist()} vs {w[differ[:5]].tolist()}")
+            f"{differ[:5].tolist()}: {g[differ[:5]].tolist()} vs {w[differ[:5]].tolist()}"
+        )
     assert int(got_skipped) == int(want_skipped)
     if sum(MULTI_SIZES[layout]) > 1 and (policy == "skip" or kind == "tensor"):
         assert int(got_skipped) > 0  # the injected non-finite weights (or bad decays) counted
@@ -237,7 +253,9 @@ def test_finite_weights_whose_sum_overflows_still_match(dtype):
     sum overflows); the skip path taken then must still give the reference's bits."""
     gen = torch.Generator().manual_seed(4)
     big = torch.finfo(dtype).max / 2
-    weights = (random_like_model(5 * CHUNK + 1, torch.float64, generator=gen).sign() * big).to(dtype)
+    weights = (random_like_model(5 * CHUNK + 1, torch.float64, generator=gen).sign() * big).to(
+        dtype
+    )
     weights[::2] = big  # more positive than negative: the sum overflows
     shadow = random_like_model(5 * CHUNK + 1, dtype, generator=gen)
     expected, got = shadow.clone(), shadow.clone()

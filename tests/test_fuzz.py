@@ -90,14 +90,22 @@ class AveragerMachine(RuleBasedStateMachine):
     @initialize(
         method=st.sampled_from(["EMA", "SWA", "Belay", "TwoPoint", "Warmup"]),
         specs=st.lists(
-            st.tuples(st.integers(1, 9), st.sampled_from(DTYPES), st.sampled_from(["plain", "plain", "transposed", "view"])),
-            min_size=1, max_size=4,
+            st.tuples(
+                st.integers(1, 9),
+                st.sampled_from(DTYPES),
+                st.sampled_from(["plain", "plain", "transposed", "view"]),
+            ),
+            min_size=1,
+            max_size=4,
         ),
         backend=st.sampled_from(["auto"] + BACKENDS),
         flatten=st.booleans(),
         nonfinite=st.sampled_from(["skip", "propagate"]),
         seed=st.integers(0, 2**16),
-        rates=st.tuples(st.sampled_from([0.0, 0.1, 0.5, 0.75, 0.999, 1.0]), st.sampled_from([0.0, 0.3, 0.5, 1.0])),
+        rates=st.tuples(
+            st.sampled_from([0.0, 0.1, 0.5, 0.75, 0.999, 1.0]),
+            st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+        ),
     )
     def build(self, method, specs, backend, flatten, nonfinite, seed, rates):
         COUNTS["machine cases"] += 1
@@ -122,7 +130,9 @@ class AveragerMachine(RuleBasedStateMachine):
         if self.method == "EMA":
             return bk.EMA(model, decay=decay, **kwargs)
         if self.method == "Warmup":
-            return bk.EMA(model, decay=bk.schedules.Warmup(decay=max(decay, 0.5), gamma=3.0), **kwargs)
+            return bk.EMA(
+                model, decay=bk.schedules.Warmup(decay=max(decay, 0.5), gamma=3.0), **kwargs
+            )
         if self.method == "SWA":
             return bk.SWA(model, **kwargs)
         if self.method == "Belay":
@@ -138,9 +148,16 @@ class AveragerMachine(RuleBasedStateMachine):
     def optimizer_moves(self, scale):
         with torch.no_grad():
             for p in self.model.parameters():
-                p.add_((torch.randn(p.shape, generator=self.gen, dtype=torch.float64) * scale).to(p.dtype))
+                p.add_(
+                    (torch.randn(p.shape, generator=self.gen, dtype=torch.float64) * scale).to(
+                        p.dtype
+                    )
+                )
 
-    @rule(which=st.integers(0, 100), value=st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+    @rule(
+        which=st.integers(0, 100),
+        value=st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+    )
     def a_weight_goes_nonfinite(self, which, value):
         params = list(self.model.parameters())
         p = params[which % len(params)]
@@ -199,8 +216,12 @@ class AveragerMachine(RuleBasedStateMachine):
         assert self.averager.num_skipped == skipped + expected_skips
 
     def _close(self, actual, expected):
-        torch.testing.assert_close(actual.double(), _rounded(expected, actual.dtype), equal_nan=True,
-                                   **{k: 4 * v for k, v in tolerance(actual.dtype).items()})
+        torch.testing.assert_close(
+            actual.double(),
+            _rounded(expected, actual.dtype),
+            equal_nan=True,
+            **{k: 4 * v for k, v in tolerance(actual.dtype).items()},
+        )
 
     @rule()
     def evaluate_averaged(self):
@@ -236,7 +257,12 @@ class AveragerMachine(RuleBasedStateMachine):
         averaged = self.averager._averaged_values()
         targets = dict(target.named_parameters())
         for name, value in zip(self.averager.names(), averaged):
-            assert torch.equal(targets[name].detach().double(), value.detach().to(targets[name].dtype).double()) or value.isnan().any()
+            assert (
+                torch.equal(
+                    targets[name].detach().double(), value.detach().to(targets[name].dtype).double()
+                )
+                or value.isnan().any()
+            )
 
     # (TwoPoint's steps between snapshots touch nothing, so have nothing to refuse)
     @precondition(lambda self: self.averager.num_steps > 0 and self.method != "TwoPoint")
@@ -280,7 +306,18 @@ def tensor_args(draw, n_rows):
     """Each row's tensors, from good ones to every kind of bad one, some sharing memory."""
     n = draw(st.integers(1, 40))
     buf = torch.randn(4 * n + 8, dtype=torch.float64)
-    kinds = ["good"] * 6 + ["expanded", "slice", "int", "short", "meta", "strided", "fp16", "bf16", "fp64", "same"]
+    kinds = ["good"] * 6 + [
+        "expanded",
+        "slice",
+        "int",
+        "short",
+        "meta",
+        "strided",
+        "fp16",
+        "bf16",
+        "fp64",
+        "same",
+    ]
     made = []
 
     def one():
@@ -302,7 +339,11 @@ def tensor_args(draw, n_rows):
             return torch.randn(2 * n)[::2]
         if kind == "same" and made:
             return draw(st.sampled_from(made))
-        return torch.randn(n).to({"fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}.get(kind, torch.float32))
+        return torch.randn(n).to(
+            {"fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}.get(
+                kind, torch.float32
+            )
+        )
 
     rows = []
     for _ in range(n_rows):
@@ -319,10 +360,14 @@ HPARAMS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.integers(-3, 3),
     st.sampled_from([10**30, -(10**30), 2**63 - 1, 2**63 - 2, True, "0.5", None]),
-    st.builds(lambda v, shape, dtype: torch.full(shape, v).to(dtype),
-              st.floats(-2, 2) | st.just(float("nan")),
-              st.sampled_from([(), (1,), (1, 1), (2,)]),
-              st.sampled_from([torch.float32, torch.float64, torch.int64, torch.int32, torch.bool, torch.float16])),
+    st.builds(
+        lambda v, shape, dtype: torch.full(shape, v).to(dtype),
+        st.floats(-2, 2) | st.just(float("nan")),
+        st.sampled_from([(), (1,), (1, 1), (2,)]),
+        st.sampled_from(
+            [torch.float32, torch.float64, torch.int64, torch.int32, torch.bool, torch.float16]
+        ),
+    ),
 )
 
 
@@ -334,10 +379,16 @@ def bad_calls(draw):
     columns = [list(c) for c in zip(*rows)]
     args = columns if as_list else [c[0] for c in columns]
     skipped = draw(st.sampled_from([None, "good", "float", "shaped"]))
-    skipped = {None: None, "good": torch.zeros((), dtype=torch.int64), "float": torch.zeros(()),
-               "shaped": torch.zeros(2, dtype=torch.int64)}[skipped]
+    skipped = {
+        None: None,
+        "good": torch.zeros((), dtype=torch.int64),
+        "float": torch.zeros(()),
+        "shaped": torch.zeros(2, dtype=torch.int64),
+    }[skipped]
     common = dict(backend=draw(st.sampled_from(["auto", "bogus"] + BACKENDS)))
-    update = dict(common, nonfinite=draw(st.sampled_from(["skip", "propagate", "drop"])), skipped=skipped)
+    update = dict(
+        common, nonfinite=draw(st.sampled_from(["skip", "propagate", "drop"])), skipped=skipped
+    )
     h1, h2 = draw(HPARAMS), draw(HPARAMS)
     if op == "ema":
         return ops.ema_update_, args[:2], dict(update, decay=h1)
@@ -357,7 +408,9 @@ def test_bad_input_is_refused_before_anything_is_written():
         def check(call):
             COUNTS["bad-input cases"] += 1
             fn, args, kwargs = call
-            real = [t for t in Snapshot(args, list(kwargs.values())).tensors if t.device.type != "meta"]
+            real = [
+                t for t in Snapshot(args, list(kwargs.values())).tensors if t.device.type != "meta"
+            ]
             snap = Snapshot(real)
             try:
                 fn(*args, **kwargs)

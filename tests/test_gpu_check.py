@@ -14,8 +14,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
 
 def run(*args):
     env = dict(os.environ, PYTHON=sys.executable)
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_dry_run_lists_every_step_and_check():

@@ -93,7 +93,9 @@ def test_bad_averager_is_refused_before_training():
         WeightAveraging("EMA")
     callback = WeightAveraging(lambda module: module)
     with pytest.raises(bk.BelayInputError, match="not a belay_kernels averager"):
-        cases.trainer(callbacks=[callback], limit_val_batches=0).fit(cases.Net(), cases.loaders()[0])
+        cases.trainer(callbacks=[callback], limit_val_batches=0).fit(
+            cases.Net(), cases.loaders()[0]
+        )
 
 
 def test_the_lightning_spelling_works_too():
@@ -118,8 +120,13 @@ def test_the_lightning_spelling_works_too():
 
     callback, module = WeightAveraging(bk.EMA, decay=0.5), Net()
     t = L.Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
-        enable_checkpointing=False, enable_model_summary=False, callbacks=[callback],
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[callback],
     )
     t.fit(module, *cases.loaders())
     assert callback.averager.num_steps == t.global_step == 8
@@ -142,14 +149,28 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     root = Path(__file__).parents[1]
     out = tmp_path / "result.json"
     base = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", NODE_RANK="0",
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE="2",
+        NODE_RANK="0",
     )
-    script = [sys.executable, str(root / "tests" / "lightning_ddp_script.py"), str(out), str(tmp_path / "ckpt")]
+    script = [
+        sys.executable,
+        str(root / "tests" / "lightning_ddp_script.py"),
+        str(out),
+        str(tmp_path / "ckpt"),
+    ]
     procs = [
         subprocess.Popen(
-            script, cwd=tmp_path, env=dict(base, LOCAL_RANK=str(rank), RANK=str(rank)),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            script,
+            cwd=tmp_path,
+            env=dict(base, LOCAL_RANK=str(rank), RANK=str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         for rank in range(2)
     ]
@@ -167,4 +188,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert result["world_size"] == 2
     assert result["matches_lightning"]["steps"] == 8  # 4 batches per rank per epoch
     assert result["matches_lightning_accumulate_4"]["steps"] == 2
-    assert result["validation_and_resume"]["val_loss_averaged"] != result["validation_and_resume"]["val_loss_live"]
+    assert (
+        result["validation_and_resume"]["val_loss_averaged"]
+        != result["validation_and_resume"]["val_loss_live"]
+    )

@@ -19,8 +19,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 def tiny_gpt2():
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=64,
+        n_positions=16,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return transformers.GPT2LMHeadModel(config)
 
@@ -50,21 +56,40 @@ EVAL = Tokens(8, seed=2)
 
 def make_trainer(tmp_path, callbacks, **overrides):
     settings = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=8,
-        gradient_accumulation_steps=2, max_steps=8, learning_rate=1e-2, lr_scheduler_type="constant",
-        save_strategy="steps", save_steps=4, eval_strategy="steps", eval_steps=4, logging_steps=100,
-        report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        gradient_accumulation_steps=2,
+        max_steps=8,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        save_strategy="steps",
+        save_steps=4,
+        eval_strategy="steps",
+        eval_steps=4,
+        logging_steps=100,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     settings.update(overrides)
     args = transformers.TrainingArguments(**settings)
     model = tiny_gpt2()
     return model, transformers.Trainer(
-        model=model, args=args, train_dataset=Tokens(64, seed=1), eval_dataset=EVAL, callbacks=callbacks
+        model=model,
+        args=args,
+        train_dataset=Tokens(64, seed=1),
+        eval_dataset=EVAL,
+        callbacks=callbacks,
     )
 
 
 def eval_loss(model):
-    batch = {k: torch.stack([EVAL[i][k] for i in range(len(EVAL))]) for k in ("input_ids", "labels")}
+    batch = {
+        k: torch.stack([EVAL[i][k] for i in range(len(EVAL))]) for k in ("input_ids", "labels")
+    }
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -148,7 +173,9 @@ def test_steps_per_optimizer_step_evaluates_on_the_average_and_resumes_bit_exact
 
 def test_evaluate_after_training_and_save_pretrained_the_average(tmp_path):
     ours = AveragingCallback(bk.EMA, decay=DECAY, save_pretrained_to=tmp_path / "averaged")
-    model, trainer = make_trainer(tmp_path, [ours], eval_strategy="no", save_strategy="no", max_steps=4)
+    model, trainer = make_trainer(
+        tmp_path, [ours], eval_strategy="no", save_strategy="no", max_steps=4
+    )
     trainer.train()
     live_before = live(model)
     with ours.averaged():

@@ -105,20 +105,35 @@ def _run(case: Case, backend: str, device: str, sizes) -> None:
     fused = [_fresh(sizes, shadow_dtype, generator, device) for _ in range(case.k)]
     separate = [[t.clone() for t in profile] for profile in fused]
     spec = [[t.cpu().clone() for t in profile] for profile in fused]
-    counters = {name: torch.zeros((), dtype=torch.int64, device=device)
-                for name in ("fused", "separate")}
+    counters = {
+        name: torch.zeros((), dtype=torch.int64, device=device) for name in ("fused", "separate")
+    }
     skip = case.policy == "skip"
     as_arg = (lambda ts: ts[0]) if case.layout == "flat" else list
     for step in range(STEPS):
-        for w, change in zip(weights, _fresh(sizes, weights_dtype, generator, device,
-                                             nonfinite=step == NONFINITE_STEP)):
+        for w, change in zip(
+            weights,
+            _fresh(sizes, weights_dtype, generator, device, nonfinite=step == NONFINITE_STEP),
+        ):
             w.add_(change * 1e-2)
         decays = step_decays(case, step)
-        ops.multi_ema_update_([as_arg(p) for p in fused], as_arg(weights), decays=decays,
-                              nonfinite=case.policy, skipped=counters["fused"], backend=backend)
+        ops.multi_ema_update_(
+            [as_arg(p) for p in fused],
+            as_arg(weights),
+            decays=decays,
+            nonfinite=case.policy,
+            skipped=counters["fused"],
+            backend=backend,
+        )
         for profile, decay in zip(separate, decays):
-            ops.ema_update_(as_arg(profile), as_arg(weights), decay=decay,
-                            nonfinite=case.policy, skipped=counters["separate"], backend=backend)
+            ops.ema_update_(
+                as_arg(profile),
+                as_arg(weights),
+                decay=decay,
+                nonfinite=case.policy,
+                skipped=counters["separate"],
+                backend=backend,
+            )
         for profile, decay in zip(spec, decays):
             decay = decay.cpu() if isinstance(decay, torch.Tensor) else decay
             for s, w in zip(profile, weights):

@@ -32,7 +32,10 @@ def test_1_an_expanded_output_is_refused_before_anything_is_written(backend):
     w = fresh(4)
     expanded = torch.tensor([9.0]).expand(4)
     snap = Snapshot(w, expanded)
-    with pytest.raises(BelayInputError, match=r"shadow \(shape \(4,\), strides \(0,\)\) has elements that share memory"):
+    with pytest.raises(
+        BelayInputError,
+        match=r"shadow \(shape \(4,\), strides \(0,\)\) has elements that share memory",
+    ):
         ops.swap_(w, expanded, backend=backend)
     snap.assert_unchanged()
 
@@ -76,7 +79,10 @@ def test_1_a_bad_late_row_leaves_the_earlier_rows_and_the_counter_untouched(back
 @pytest.mark.parametrize(
     "hparams, message",
     [
-        (dict(alpha=torch.tensor([[0.5]]), beta=0.5), r"alpha as a tensor must hold one floating-point value, shape \(\) or \(1,\), got shape \(1, 1\)"),
+        (
+            dict(alpha=torch.tensor([[0.5]]), beta=0.5),
+            r"alpha as a tensor must hold one floating-point value, shape \(\) or \(1,\), got shape \(1, 1\)",
+        ),
         (dict(alpha=0.5, beta=torch.tensor([0.5, 0.5])), r"beta as a tensor .* got shape \(2,\)"),
         (dict(alpha=torch.tensor(1), beta=0.5), r"alpha as a tensor .* dtype torch.int64"),
     ],
@@ -94,7 +100,10 @@ def test_1_malformed_counts_are_refused(backend):
     s, w = fresh(6), fresh(6, seed=1)
     snap = Snapshot(s, w)
     for count, message in [
-        (torch.tensor([[1]]), r"count as a tensor must hold one integer value, shape \(\) or \(1,\), got shape \(1, 1\)"),
+        (
+            torch.tensor([[1]]),
+            r"count as a tensor must hold one integer value, shape \(\) or \(1,\), got shape \(1, 1\)",
+        ),
         (torch.tensor(1.0), r"count as a tensor .* dtype torch.float32"),
         (torch.tensor(True), r"count as a tensor .* dtype torch.bool"),
     ]:
@@ -112,10 +121,13 @@ def _double_then_float():
 
 
 @needs_cpp
-@pytest.mark.parametrize("make", [
-    lambda m: bk.EMA(m, decay=0.5, shadow_dtype=torch.float64, backend="cpp"),
-    lambda m: bk.Belay(m, alpha=0.5, beta=0.5, shadow_dtype=torch.float64, backend="cpp"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: bk.EMA(m, decay=0.5, shadow_dtype=torch.float64, backend="cpp"),
+        lambda m: bk.Belay(m, alpha=0.5, beta=0.5, shadow_dtype=torch.float64, backend="cpp"),
+    ],
+)
 def test_2_the_constructor_refuses_a_backend_that_step_could_not_run(make):
     model = _double_then_float()
     addresses = [p.data_ptr() for p in model.parameters()]
@@ -141,12 +153,16 @@ def _flat_and_leftover():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("make", [
-    lambda m, b: bk.EMA(m, decay=0.5, backend=b),
-    lambda m, b: bk.SWA(m, backend=b),
-    lambda m, b: bk.Belay(m, alpha=0.3, beta=0.4, backend=b),
-    lambda m, b: bk.TwoPoint(m, gap=1, backend=b),
-], ids=["EMA", "SWA", "Belay", "TwoPoint"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, b: bk.EMA(m, decay=0.5, backend=b),
+        lambda m, b: bk.SWA(m, backend=b),
+        lambda m, b: bk.Belay(m, alpha=0.3, beta=0.4, backend=b),
+        lambda m, b: bk.TwoPoint(m, gap=1, backend=b),
+    ],
+    ids=["EMA", "SWA", "Belay", "TwoPoint"],
+)
 def test_2_a_failing_step_leaves_every_track_counter_and_weight_as_it_was(backend, make):
     model = _flat_and_leftover()
     averager = make(model, backend)
@@ -158,9 +174,13 @@ def test_2_a_failing_step_leaves_every_track_counter_and_weight_as_it_was(backen
     # the list track's tensor is replaced by one of another shape: its check fails, after
     # the flat track's has passed
     model.odd.data = torch.randn(5)
-    snap = Snapshot(list(model.parameters()), averager.shadow_params(), list(averager._skipped.values()))
+    snap = Snapshot(
+        list(model.parameters()), averager.shadow_params(), list(averager._skipped.values())
+    )
     counters = (averager.num_steps, averager.num_updates, averager.num_skipped)
-    with pytest.raises(BelayInputError, match=r"\[0\] has shape \((5,|3, 4)\) but \w+\[0\] has shape \((3, 4|5,)\)"):
+    with pytest.raises(
+        BelayInputError, match=r"\[0\] has shape \((5,|3, 4)\) but \w+\[0\] has shape \((3, 4|5,)\)"
+    ):
         averager.step()
     snap.assert_unchanged()
     assert (averager.num_steps, averager.num_updates, averager.num_skipped) == counters
@@ -259,7 +279,11 @@ def test_4_a_valid_tensor_hyperparameter_gives_what_the_number_gives(backend):
     for method, tensor_kwargs, number_kwargs in [
         ("ema", dict(decay=torch.tensor(0.75, dtype=torch.float64)), dict(decay=0.75)),
         ("swa", dict(count=torch.tensor([3])), dict(count=3)),
-        ("belay", dict(alpha=torch.tensor(0.25), beta=torch.tensor([0.5], dtype=torch.float64)), dict(alpha=0.25, beta=0.5)),
+        (
+            "belay",
+            dict(alpha=torch.tensor(0.25), beta=torch.tensor([0.5], dtype=torch.float64)),
+            dict(alpha=0.25, beta=0.5),
+        ),
     ]:
         w1, s1, w2, s2 = w.clone(), s.clone(), w.clone(), s.clone()
         _call(method, w1, s1, **tensor_kwargs, backend=backend)
@@ -274,7 +298,9 @@ def test_4_a_valid_tensor_hyperparameter_gives_what_the_number_gives(backend):
 def test_5_huge_and_out_of_range_python_numbers_get_a_clear_message(backend):
     s, w = fresh(), fresh(seed=1)
     snap = Snapshot(s, w)
-    with pytest.raises(BelayInputError, match=r"count is how many models .* in \[0, 2\*\*63 - 2\], got 10{30}"):
+    with pytest.raises(
+        BelayInputError, match=r"count is how many models .* in \[0, 2\*\*63 - 2\], got 10{30}"
+    ):
         ops.swa_update_(s, w, count=10**30, backend=backend)
     with pytest.raises(BelayInputError, match=r"got 9223372036854775807"):
         ops.swa_update_(s, w, count=2**63 - 1, backend=backend)
@@ -301,7 +327,9 @@ def test_5_mixed_layouts_are_all_resolved_before_any_runs():
     s_ok, w_ok = fresh(8), fresh(8, seed=1)
     s_odd, w_odd = fresh(12, seed=2).view(3, 4).t(), fresh(12, seed=3).view(4, 3)
     snap = Snapshot(s_ok, w_ok, s_odd, w_odd)
-    with pytest.raises(BelayInputError, match="backend 'cpp' cannot run ema_update_ on non-contiguous cpu tensors"):
+    with pytest.raises(
+        BelayInputError, match="backend 'cpp' cannot run ema_update_ on non-contiguous cpu tensors"
+    ):
         ops.ema_update_([s_ok, s_odd], [w_ok, w_odd], decay=0.5, backend="cpp")
     snap.assert_unchanged()
 
@@ -312,7 +340,14 @@ NONFINITE = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, float(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+@pytest.mark.parametrize(
+    "pair",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
 @pytest.mark.parametrize("as_tensor", [False, True], ids=["number", "tensor"])
 def test_6_a_weight_of_one_copies_over_a_nonfinite_shadow(backend, pair, as_tensor):
     w_dtype, s_dtype = pair
@@ -331,13 +366,17 @@ def test_6_a_weight_of_one_copies_over_a_nonfinite_shadow(backend, pair, as_tens
         assert torch.equal(s, expected), f"SWA count 0 ({nonfinite}): {s}"
         s = NONFINITE.to(s_dtype)
         w2 = w.clone()
-        ops.belay_step_(w2, s, alpha=value(1.0), beta=value(0.0), nonfinite=nonfinite, backend=backend)
+        ops.belay_step_(
+            w2, s, alpha=value(1.0), beta=value(0.0), nonfinite=nonfinite, backend=backend
+        )
         assert torch.equal(s, expected), f"Belay alpha 1 ({nonfinite}): {s}"
     # beta 1: the model takes the shadow exactly, whatever the model held
     s = w.to(s_dtype) * 3
     expected = s.to(w_dtype, copy=True)
     w2 = NONFINITE.to(w_dtype)
-    ops.belay_step_(w2, s, alpha=value(0.5), beta=value(1.0), nonfinite="propagate", backend=backend)
+    ops.belay_step_(
+        w2, s, alpha=value(0.5), beta=value(1.0), nonfinite="propagate", backend=backend
+    )
     assert torch.equal(w2, expected), f"Belay beta 1: {w2}"
 
 
@@ -371,18 +410,42 @@ def _nan_model(w_dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("w_dtype, s_dtype", [(torch.bfloat16, torch.float64), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    "w_dtype, s_dtype",
+    [
+        (torch.bfloat16, torch.float64),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+    ],
+)
 @pytest.mark.parametrize("method", ["Belay", "EMA", "TwoPoint"])
-def test_7_nan_results_have_the_same_bits_on_the_flat_and_the_list_path(backend, w_dtype, s_dtype, method):
+def test_7_nan_results_have_the_same_bits_on_the_flat_and_the_list_path(
+    backend, w_dtype, s_dtype, method
+):
     if backend == "cpp" and s_dtype == torch.float64:
         pytest.skip("cpp has no bf16/fp64 kernel")
     results = []
     for flatten in (True, False):
         model = _nan_model(w_dtype)
         if method == "Belay":
-            averager = bk.Belay(model, alpha=0.25, beta=0.5, shadow_dtype=s_dtype, nonfinite="propagate", backend=backend, flatten=flatten)
+            averager = bk.Belay(
+                model,
+                alpha=0.25,
+                beta=0.5,
+                shadow_dtype=s_dtype,
+                nonfinite="propagate",
+                backend=backend,
+                flatten=flatten,
+            )
         elif method == "EMA":
-            averager = bk.EMA(model, decay=0.5, shadow_dtype=s_dtype, nonfinite="propagate", backend=backend, flatten=flatten)
+            averager = bk.EMA(
+                model,
+                decay=0.5,
+                shadow_dtype=s_dtype,
+                nonfinite="propagate",
+                backend=backend,
+                flatten=flatten,
+            )
         else:
             averager = bk.TwoPoint(model, gap=2, backend=backend, flatten=flatten)
         with torch.no_grad():
@@ -408,12 +471,16 @@ def test_7_the_reference_stores_the_canonical_nan_into_16_bit_dtypes():
 # --- the mutations the older tests let through ---------------------------------------------
 
 
-@pytest.mark.parametrize("make", [
-    lambda m: bk.EMA(m, decay=0.9),
-    lambda m: bk.SWA(m, start=1),
-    lambda m: bk.Belay(m, alpha=0.2, beta=0.1),
-    lambda m: bk.TwoPoint(m, gap=3),
-], ids=["EMA", "SWA", "Belay", "TwoPoint"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: bk.EMA(m, decay=0.9),
+        lambda m: bk.SWA(m, start=1),
+        lambda m: bk.Belay(m, alpha=0.2, beta=0.1),
+        lambda m: bk.TwoPoint(m, gap=3),
+    ],
+    ids=["EMA", "SWA", "Belay", "TwoPoint"],
+)
 def test_resuming_restores_every_counter(make):
     """Kills load_state_dict forgetting num_skipped, and TwoPoint's forgetting snapshot_step."""
     torch.manual_seed(4)
@@ -477,7 +544,9 @@ def test_belay_averages_batchnorm_buffers_with_decay_one_minus_alpha():
     checked = 0
     for name, shadow in zip(names, belay.shadow_params()):
         if name in buffers and buffers[name].is_floating_point():
-            assert not torch.equal(buffers[name], shadow_before[name]), "the forward pass must move it"
+            assert not torch.equal(buffers[name], shadow_before[name]), (
+                "the forward pass must move it"
+            )
             expected = torch.lerp(shadow_before[name], buffers[name], alpha)
             torch.testing.assert_close(shadow, expected, atol=0, rtol=2**-22)
             checked += 1

@@ -20,28 +20,91 @@ def assert_untouched(tensors, before):
         assert torch.equal(t, b)
 
 
-
 CASES = [
-    ("shape", lambda s, w: ops.ema_update_(s, w[:-1], decay=0.9), r"weights has shape \(16,\) but shadow has shape \(17,\)"),
-    ("dtype", lambda s, w: ops.ema_update_(s, w.to(torch.int32), decay=0.9), "weights has dtype torch.int32"),
-    ("device", lambda s, w: ops.ema_update_(s, w.to("meta"), decay=0.9), "weights is on meta but shadow is on cpu"),
+    (
+        "shape",
+        lambda s, w: ops.ema_update_(s, w[:-1], decay=0.9),
+        r"weights has shape \(16,\) but shadow has shape \(17,\)",
+    ),
+    (
+        "dtype",
+        lambda s, w: ops.ema_update_(s, w.to(torch.int32), decay=0.9),
+        "weights has dtype torch.int32",
+    ),
+    (
+        "device",
+        lambda s, w: ops.ema_update_(s, w.to("meta"), decay=0.9),
+        "weights is on meta but shadow is on cpu",
+    ),
     ("alias", lambda s, w: ops.ema_update_(s, s[:], decay=0.9), "shadow and weights share memory"),
-    ("alias-belay", lambda s, w: ops.belay_step_(w, w, alpha=0.1, beta=0.1), "weights and shadow share memory"),
-    ("decay>1", lambda s, w: ops.ema_update_(s, w, decay=1.01), r"decay must be in \[0, 1\], got 1.01"),
-    ("decay-nan", lambda s, w: ops.ema_update_(s, w, decay=float("nan")), r"decay must be in \[0, 1\], got nan"),
+    (
+        "alias-belay",
+        lambda s, w: ops.belay_step_(w, w, alpha=0.1, beta=0.1),
+        "weights and shadow share memory",
+    ),
+    (
+        "decay>1",
+        lambda s, w: ops.ema_update_(s, w, decay=1.01),
+        r"decay must be in \[0, 1\], got 1.01",
+    ),
+    (
+        "decay-nan",
+        lambda s, w: ops.ema_update_(s, w, decay=float("nan")),
+        r"decay must be in \[0, 1\], got nan",
+    ),
     ("decay-str", lambda s, w: ops.ema_update_(s, w, decay="0.9"), "decay must be a number"),
-    ("alpha<0", lambda s, w: ops.belay_step_(w, s, alpha=-0.5, beta=0.1), r"alpha must be in \[0, 1\]"),
-    ("beta-nan", lambda s, w: ops.belay_step_(w, s, alpha=0.5, beta=float("nan")), r"beta must be in \[0, 1\]"),
+    (
+        "alpha<0",
+        lambda s, w: ops.belay_step_(w, s, alpha=-0.5, beta=0.1),
+        r"alpha must be in \[0, 1\]",
+    ),
+    (
+        "beta-nan",
+        lambda s, w: ops.belay_step_(w, s, alpha=0.5, beta=float("nan")),
+        r"beta must be in \[0, 1\]",
+    ),
     ("count", lambda s, w: ops.swa_update_(s, w, count=-1), "count is how many models"),
     ("count-float", lambda s, w: ops.swa_update_(s, w, count=1.5), "count is how many models"),
-    ("nonfinite", lambda s, w: ops.ema_update_(s, w, decay=0.9, nonfinite="drop"), "nonfinite must be one of"),
-    ("skipped", lambda s, w: ops.ema_update_(s, w, decay=0.9, skipped=torch.zeros(())), "skipped must be a one-element int64 tensor"),
-    ("backend", lambda s, w: ops.ema_update_(s, w, decay=0.9, backend="fortran"), "backend must be 'auto' or one of"),
-    ("list-length", lambda s, w: ops.ema_update_([s], [w, w.clone()], decay=0.9), r"the tensor lists differ in length \(shadow: 1, weights: 2\)"),
-    ("list-mixed", lambda s, w: ops.ema_update_([s], w, decay=0.9), "weights must be a tensor or a list of tensors"),
-    ("list-item", lambda s, w: ops.ema_update_([s, s.clone()], [w, w[:3]], decay=0.9), r"weights\[1\] has shape"),
-    ("two-point-out", lambda s, w: ops.two_point_average(w, s, out=w), "out and weights share memory"),
-    ("swap-pair", lambda s, w: ops.swap_(w.to(torch.float16), s), "no exact in-place swap for torch.float16 weights with a torch.float32 shadow"),
+    (
+        "nonfinite",
+        lambda s, w: ops.ema_update_(s, w, decay=0.9, nonfinite="drop"),
+        "nonfinite must be one of",
+    ),
+    (
+        "skipped",
+        lambda s, w: ops.ema_update_(s, w, decay=0.9, skipped=torch.zeros(())),
+        "skipped must be a one-element int64 tensor",
+    ),
+    (
+        "backend",
+        lambda s, w: ops.ema_update_(s, w, decay=0.9, backend="fortran"),
+        "backend must be 'auto' or one of",
+    ),
+    (
+        "list-length",
+        lambda s, w: ops.ema_update_([s], [w, w.clone()], decay=0.9),
+        r"the tensor lists differ in length \(shadow: 1, weights: 2\)",
+    ),
+    (
+        "list-mixed",
+        lambda s, w: ops.ema_update_([s], w, decay=0.9),
+        "weights must be a tensor or a list of tensors",
+    ),
+    (
+        "list-item",
+        lambda s, w: ops.ema_update_([s, s.clone()], [w, w[:3]], decay=0.9),
+        r"weights\[1\] has shape",
+    ),
+    (
+        "two-point-out",
+        lambda s, w: ops.two_point_average(w, s, out=w),
+        "out and weights share memory",
+    ),
+    (
+        "swap-pair",
+        lambda s, w: ops.swap_(w.to(torch.float16), s),
+        "no exact in-place swap for torch.float16 weights with a torch.float32 shadow",
+    ),
 ]
 
 

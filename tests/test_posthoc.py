@@ -89,8 +89,13 @@ def test_multi_ema_update_is_k_ema_updates(k, weights_dtype, shadow_dtype, nonfi
     for n in (1, 7, 1031):
         weights, shadows, decays = _case(k, n, weights_dtype, shadow_dtype, seed=n + k)
         expected = [s.clone() for s in shadows]
-        skipped_fused, skipped_each = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
-        ops.multi_ema_update_(shadows, weights, decays=decays, nonfinite=nonfinite, skipped=skipped_fused)
+        skipped_fused, skipped_each = (
+            torch.zeros((), dtype=torch.int64),
+            torch.zeros((), dtype=torch.int64),
+        )
+        ops.multi_ema_update_(
+            shadows, weights, decays=decays, nonfinite=nonfinite, skipped=skipped_fused
+        )
         for s, d in zip(expected, decays):
             ops.ema_update_(s, weights, decay=d, nonfinite=nonfinite, skipped=skipped_each)
         for got, want in zip(shadows, expected):
@@ -98,9 +103,10 @@ def test_multi_ema_update_is_k_ema_updates(k, weights_dtype, shadow_dtype, nonfi
         assert skipped_fused.item() == skipped_each.item()
         # the tensor-list path: each shadow a list, as for tensors outside a flat buffer
         weights, shadows, decays = _case(k, n, weights_dtype, shadow_dtype, seed=n + k)
-        lists = [[s[: n // 2], s[n // 2:].clone()] for s in shadows]
-        ops.multi_ema_update_(lists, [weights[: n // 2], weights[n // 2:]], decays=decays,
-                              nonfinite=nonfinite)
+        lists = [[s[: n // 2], s[n // 2 :].clone()] for s in shadows]
+        ops.multi_ema_update_(
+            lists, [weights[: n // 2], weights[n // 2 :]], decays=decays, nonfinite=nonfinite
+        )
         for got, want in zip(lists, expected):
             assert torch.equal(torch.cat(got).view(torch.uint8), want.view(torch.uint8))
 
@@ -115,16 +121,24 @@ def test_multi_ema_update_reference_reads_each_dtype_once():
         assert torch.equal(s, e)
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda s, w: ops.multi_ema_update_(s, w, decays=[0.9]), "one decay per shadow"),
-    (lambda s, w: ops.multi_ema_update_(s, w, decays=[0.9, 1.5]), r"decays\[1\] must be in \[0, 1\]"),
-    (lambda s, w: ops.multi_ema_update_([], w, decays=[]), "non-empty list"),
-    (lambda s, w: ops.multi_ema_update_([s[0], s[1][:5]], w, decays=[0.9, 0.9]), "has shape"),
-    (lambda s, w: ops.multi_ema_update_([s[0], s[0]], w, decays=[0.9, 0.9]), "share memory"),
-    (lambda s, w: ops.multi_ema_update_(s, w, decays=[0.9, 0.9], backend="bogus"),
-     "backend must be 'auto' or one of"),
-    (lambda s, w: ops.multi_ema_update_(s, w, decays=[0.9, 0.9], nonfinite="x"), "nonfinite"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda s, w: ops.multi_ema_update_(s, w, decays=[0.9]), "one decay per shadow"),
+        (
+            lambda s, w: ops.multi_ema_update_(s, w, decays=[0.9, 1.5]),
+            r"decays\[1\] must be in \[0, 1\]",
+        ),
+        (lambda s, w: ops.multi_ema_update_([], w, decays=[]), "non-empty list"),
+        (lambda s, w: ops.multi_ema_update_([s[0], s[1][:5]], w, decays=[0.9, 0.9]), "has shape"),
+        (lambda s, w: ops.multi_ema_update_([s[0], s[0]], w, decays=[0.9, 0.9]), "share memory"),
+        (
+            lambda s, w: ops.multi_ema_update_(s, w, decays=[0.9, 0.9], backend="bogus"),
+            "backend must be 'auto' or one of",
+        ),
+        (lambda s, w: ops.multi_ema_update_(s, w, decays=[0.9, 0.9], nonfinite="x"), "nonfinite"),
+    ],
+)
 def test_multi_ema_update_bad_input_writes_nothing(call, message):
     shadows, w = [torch.randn(9), torch.randn(9)], torch.randn(9)
     snap = Snapshot(*shadows, w)
@@ -139,14 +153,23 @@ def _walk(dims, steps, seed):
     gen = torch.Generator().manual_seed(seed)
     walk = torch.cumsum(0.01 * torch.randn(steps, dims, generator=gen, dtype=torch.float64), 0)
     t = torch.arange(1, steps + 1, dtype=torch.float64)[:, None]
-    freq = 2 * math.pi / (steps * (0.2 + 0.5 * torch.rand(dims, generator=gen, dtype=torch.float64)))
-    return (walk + 0.5 * torch.sin(freq * t + 6 * torch.rand(dims, generator=gen, dtype=torch.float64))).float()
+    freq = (
+        2 * math.pi / (steps * (0.2 + 0.5 * torch.rand(dims, generator=gen, dtype=torch.float64)))
+    )
+    return (
+        walk + 0.5 * torch.sin(freq * t + 6 * torch.rand(dims, generator=gen, dtype=torch.float64))
+    ).float()
 
 
 def _track(path, trajectory, *, snapshot_every, snapshot_dtype=torch.float16, extra=()):
     p = nn.Parameter(trajectory[0].clone())
-    phema = bk.PostHocEMA([p], sigma_rels=(0.05, 0.10), snapshot_every=snapshot_every,
-                          snapshot_dir=path, snapshot_dtype=snapshot_dtype)
+    phema = bk.PostHocEMA(
+        [p],
+        sigma_rels=(0.05, 0.10),
+        snapshot_every=snapshot_every,
+        snapshot_dir=path,
+        snapshot_dtype=snapshot_dtype,
+    )
     direct = [bk.PowerEMA([p], sigma_rel=s, shadow_dtype=torch.float64) for s in extra]
     for w in trajectory:
         with torch.no_grad():
@@ -160,8 +183,9 @@ def _track(path, trajectory, *, snapshot_every, snapshot_dtype=torch.float16, ex
 @pytest.mark.parametrize("snapshot_dtype", [torch.float32, torch.float16])
 def test_reconstruction_matches_directly_tracked_ema(tmp_path, snapshot_dtype):
     trajectory = _walk(1024, 2000, seed=1)
-    p, _, (direct,) = _track(tmp_path, trajectory, snapshot_every=125,
-                             snapshot_dtype=snapshot_dtype, extra=(0.07,))
+    p, _, (direct,) = _track(
+        tmp_path, trajectory, snapshot_every=125, snapshot_dtype=snapshot_dtype, extra=(0.07,)
+    )
     got = posthoc.reconstruct(tmp_path, sigma_rel=0.07)["0"].double()
     want = direct.shadow_params()[0]
     distance = (want - p.detach().double()).norm().item()
@@ -232,24 +256,33 @@ def test_resume_is_bit_exact(tmp_path):
         second.step()
     assert (second.num_steps, second.num_updates, second.num_snapshots) == (250, 250, 5)
     for k in (0.05, 0.10):
-        assert torch.equal(whole._profile(whole._index_of(k))[0], second._profile(second._index_of(k))[0])
+        assert torch.equal(
+            whole._profile(whole._index_of(k))[0], second._profile(second._index_of(k))[0]
+        )
     names = sorted(os.listdir(tmp_path / "a"))
     assert names == sorted(os.listdir(tmp_path / "b")) and len(names) == 5
     for name in names:
         a, b = (posthoc.read_snapshot(tmp_path / d / name) for d in ("a", "b"))
         assert a["step"] == b["step"] and a["index"] == b["index"]
-        assert all(torch.equal(x, y) for pa, pb in zip(a["profiles"], b["profiles"]) for x, y in zip(pa, pb))
+        assert all(
+            torch.equal(x, y)
+            for pa, pb in zip(a["profiles"], b["profiles"])
+            for x, y in zip(pa, pb)
+        )
 
 
 # ---- bad input ------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs,message", [
-    ({"sigma_rel": 0.3}, "sigma_rel must be in"),
-    ({"sigma_rel": 0.0}, "sigma_rel must be in"),
-    ({"sigma_rel": float("nan")}, "sigma_rel must be in"),
-    ({"gamma": -1.0}, "gamma must be a number > 0"),
-    ({}, "exactly one of sigma_rel and gamma"),
-    ({"sigma_rel": 0.05, "gamma": 5.0}, "exactly one of sigma_rel and gamma"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"sigma_rel": 0.3}, "sigma_rel must be in"),
+        ({"sigma_rel": 0.0}, "sigma_rel must be in"),
+        ({"sigma_rel": float("nan")}, "sigma_rel must be in"),
+        ({"gamma": -1.0}, "gamma must be a number > 0"),
+        ({}, "exactly one of sigma_rel and gamma"),
+        ({"sigma_rel": 0.05, "gamma": 5.0}, "exactly one of sigma_rel and gamma"),
+    ],
+)
 def test_power_ema_bad_hyperparameters(kwargs, message):
     model = nn.Linear(3, 2)
     snap = Snapshot(*model.parameters())
@@ -267,8 +300,14 @@ def test_posthoc_bad_construction_creates_nothing(tmp_path):
         ({"snapshot_dir": tmp_path / "file" / "sub"}, "cannot be written"),
         ({"snapshot_dir": tmp_path / "file"}, "is not a folder"),
         # more profiles than one compiled call takes (8)
-        ({"sigma_rels": tuple(0.02 + 0.02 * i for i in range(9)), "snapshot_dir": tmp_path / "d",
-          "backend": "cpp"}, "step\\(\\) could not run .*multi_ema_update_"),
+        (
+            {
+                "sigma_rels": tuple(0.02 + 0.02 * i for i in range(9)),
+                "snapshot_dir": tmp_path / "d",
+                "backend": "cpp",
+            },
+            "step\\(\\) could not run .*multi_ema_update_",
+        ),
     ]
     for kwargs, message in cases:
         with pytest.raises(BelayInputError, match=message):
@@ -310,12 +349,38 @@ def test_posthoc_command(snapshots, tmp_path, capsys):
     from belay_kernels.cli import main
 
     out, png = tmp_path / "w.pt", tmp_path / "p.png"
-    assert main(["posthoc", str(snapshots), "--sigma-rel", "0.07", "--step", "40",
-                 "--out", str(out), "--plot", str(png)]) == 0
-    assert torch.equal(torch.load(out)["0"], posthoc.reconstruct(snapshots, sigma_rel=0.07, step=40)["0"])
+    assert (
+        main(
+            [
+                "posthoc",
+                str(snapshots),
+                "--sigma-rel",
+                "0.07",
+                "--step",
+                "40",
+                "--out",
+                str(out),
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
+    assert torch.equal(
+        torch.load(out)["0"], posthoc.reconstruct(snapshots, sigma_rel=0.07, step=40)["0"]
+    )
     assert png.stat().st_size > 0
     with pytest.raises(SystemExit) as exit_:
-        main(["posthoc", str(tmp_path / "none"), "--sigma-rel", "0.07", "--out", str(tmp_path / "x.pt")])
+        main(
+            [
+                "posthoc",
+                str(tmp_path / "none"),
+                "--sigma-rel",
+                "0.07",
+                "--out",
+                str(tmp_path / "x.pt"),
+            ]
+        )
     assert exit_.value.code == 2 and "no snapshots" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
 
@@ -325,8 +390,12 @@ def _edm2_p_dot_p(t_a, gamma_a, t_b, gamma_b):
     """EDM2's eq. 151 as written in the paper: the integral over [0, min(t_a, t_b)] of
     (ga+1) tau^ga / t_a^(ga+1) * (gb+1) tau^gb / t_b^(gb+1)."""
     lo = np.minimum(t_a, t_b)
-    return ((gamma_a + 1) * (gamma_b + 1) * lo ** (gamma_a + gamma_b + 1)
-            / ((gamma_a + gamma_b + 1) * t_a ** (gamma_a + 1) * t_b ** (gamma_b + 1)))
+    return (
+        (gamma_a + 1)
+        * (gamma_b + 1)
+        * lo ** (gamma_a + gamma_b + 1)
+        / ((gamma_a + gamma_b + 1) * t_a ** (gamma_a + 1) * t_b ** (gamma_b + 1))
+    )
 
 
 def test_gram_matrix_matches_the_paper_formula():
@@ -335,8 +404,10 @@ def test_gram_matrix_matches_the_paper_formula():
     ours = power.profile_dot(t[:, None], g[:, None], t[None], g[None])
     assert np.allclose(ours, _edm2_p_dot_p(t[:, None], g[:, None], t[None], g[None]), rtol=1e-12)
     x = power.coefficients(t, g, 300, power.sigma_rel_to_gamma(0.07))
-    raw = np.linalg.solve(_edm2_p_dot_p(t[:, None], g[:, None], t[None], g[None]),
-                          _edm2_p_dot_p(t, g, 300.0, power.sigma_rel_to_gamma(0.07)))
+    raw = np.linalg.solve(
+        _edm2_p_dot_p(t[:, None], g[:, None], t[None], g[None]),
+        _edm2_p_dot_p(t, g, 300.0, power.sigma_rel_to_gamma(0.07)),
+    )
     assert np.allclose(x, raw / raw.sum(), rtol=1e-8) and x.sum() == pytest.approx(1)
 
 
@@ -349,6 +420,9 @@ def test_reproduction_reconstructs_the_directly_tracked_ema(tmp_path):
     assert checks["live_accuracy"] > 50
     # a quick run has 6 snapshots; the full run's errors are in docs/results/README.md
     for (sigma_rel, dtype), c in checks["control"].items():
-        assert c["distance_to_live_fraction"] < (0.05 if sigma_rel == 0.07 else 0.3), (sigma_rel, dtype)
+        assert c["distance_to_live_fraction"] < (0.05 if sigma_rel == 0.07 else 0.3), (
+            sigma_rel,
+            dtype,
+        )
         assert abs(c["accuracy_gap"]) <= 0.5, (sigma_rel, dtype)
     assert (tmp_path / "posthoc-ema.png").stat().st_size > 10_000

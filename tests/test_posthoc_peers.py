@@ -34,7 +34,7 @@ def edm2_exp_to_std(exp):
 
 
 def edm2_std_to_exp(std):
-    t = std ** -2  # eq. 126, Algorithm 2: the largest real part of the cubic's roots
+    t = std**-2  # eq. 126, Algorithm 2: the largest real part of the cubic's roots
     return np.roots([1, 7, 16 - t, 12 - t]).real.max()
 
 
@@ -47,7 +47,12 @@ def edm2_correlation(a_ofs, a_exp, b_ofs, b_exp):
     else to minus a's."""
     ratio = a_ofs / b_ofs
     exponent = np.where(a_ofs < b_ofs, b_exp, -a_exp)
-    return (a_exp + 1) * (b_exp + 1) * ratio**exponent / ((a_exp + b_exp + 1) * np.maximum(a_ofs, b_ofs))
+    return (
+        (a_exp + 1)
+        * (b_exp + 1)
+        * ratio**exponent
+        / ((a_exp + b_exp + 1) * np.maximum(a_ofs, b_ofs))
+    )
 
 
 def edm2_solve(in_ofs, in_std, out_ofs, out_std):
@@ -89,8 +94,12 @@ def test_coefficients_match_edm2():
         in_ofs = np.repeat(steps, 2).astype(float)
         in_std = np.tile(stds, count)
         target, out_std = float(steps[-1]), float(rng.choice(SIGMA_RELS[:-1]))
-        ours = power.coefficients(in_ofs, [power.sigma_rel_to_gamma(s) for s in in_std],
-                                  target, power.sigma_rel_to_gamma(out_std))
+        ours = power.coefficients(
+            in_ofs,
+            [power.sigma_rel_to_gamma(s) for s in in_std],
+            target,
+            power.sigma_rel_to_gamma(out_std),
+        )
         # EDM2 works in images, we in steps: the coefficients do not depend on the unit
         theirs = edm2_solve(in_ofs * 512, in_std, target * 512, out_std)[:, 0]
         scale = np.abs(theirs).max()
@@ -114,9 +123,14 @@ def _peer_posthoc(ema_pytorch, trajectory, folder, *, update_every=1, every=125)
     model = nn.Linear(trajectory.shape[1], 1, bias=False)
     with torch.no_grad():
         model.weight.copy_(trajectory[0])
-    peer = ema_pytorch.PostHocEMA(model, sigma_rels=(0.05, 0.10), update_every=update_every,
-                                  checkpoint_every_num_steps=every,
-                                  checkpoint_dtype=torch.float32, checkpoint_folder=str(folder))
+    peer = ema_pytorch.PostHocEMA(
+        model,
+        sigma_rels=(0.05, 0.10),
+        update_every=update_every,
+        checkpoint_every_num_steps=every,
+        checkpoint_dtype=torch.float32,
+        checkpoint_folder=str(folder),
+    )
     for w in trajectory:
         with torch.no_grad():
             model.weight.copy_(w)
@@ -160,8 +174,16 @@ def test_ema_pytorch_coefficients_are_edm2_without_normalisation():
     steps = np.repeat(np.arange(1, 17) * 125.0, 2)
     stds = np.tile([0.05, 0.10], 16)
     gammas = [power.sigma_rel_to_gamma(s) for s in stds]
-    theirs = solve_weights(torch.tensor(steps), torch.tensor(gammas), torch.tensor([2000.0]),
-                           torch.tensor([power.sigma_rel_to_gamma(0.07)])).squeeze(-1).numpy()
+    theirs = (
+        solve_weights(
+            torch.tensor(steps),
+            torch.tensor(gammas),
+            torch.tensor([2000.0]),
+            torch.tensor([power.sigma_rel_to_gamma(0.07)]),
+        )
+        .squeeze(-1)
+        .numpy()
+    )
     ours = power.coefficients(steps, gammas, 2000.0, power.sigma_rel_to_gamma(0.07))
     assert theirs.sum() != pytest.approx(1, abs=1e-6)  # a least-squares fit misses 1 a little
     assert np.allclose(ours, theirs / theirs.sum(), rtol=1e-6, atol=1e-9)
@@ -170,8 +192,13 @@ def test_ema_pytorch_coefficients_are_edm2_without_normalisation():
 def test_reconstructions_against_ema_pytorch(tmp_path):
     ema_pytorch = pytest.importorskip("ema_pytorch")
     trajectory = _walk(1024, 2000, seed=1)
-    p, _, (direct,) = _track(tmp_path / "ours", trajectory, snapshot_every=125,
-                             snapshot_dtype=torch.float32, extra=(0.07,))
+    p, _, (direct,) = _track(
+        tmp_path / "ours",
+        trajectory,
+        snapshot_every=125,
+        snapshot_dtype=torch.float32,
+        extra=(0.07,),
+    )
     peer = _peer_posthoc(ema_pytorch, trajectory, tmp_path / "peer")
     theirs = peer.synthesize_ema_model(sigma_rel=0.07).ema_model.weight.detach()[0].double()
     ours = posthoc.reconstruct(tmp_path / "ours", sigma_rel=0.07)["0"].double()
@@ -203,4 +230,3 @@ def test_ema_pytorch_update_every_lengthens_the_profile(tmp_path):
     assert (ours.shadow_params()[0] - want).norm().item() < 0.05 * distance
     # ... the per-update decay of the step count averages over a far longer window
     assert (theirs - want).norm().item() > 0.5 * distance
-

@@ -14,7 +14,9 @@ def test_step_after_load_state_dict_assign_raises_and_changes_nothing():
     shadow = [s.clone() for s in ema.shadow_params()]
     state = {k: v.clone() + 1 for k, v in model.state_dict().items()}
     model.load_state_dict(state, assign=True)  # new Parameter objects
-    with pytest.raises(bk.BelayInputError, match=r"0\.weight, 0\.bias.*not the ones the averager was built on"):
+    with pytest.raises(
+        bk.BelayInputError, match=r"0\.weight, 0\.bias.*not the ones the averager was built on"
+    ):
         ema.step()
     assert all(torch.equal(a, b) for a, b in zip(shadow, ema.shadow_params()))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

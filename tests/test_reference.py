@@ -67,7 +67,12 @@ def check_one_rounding(actual, exact, weight, diff, opmath, where=""):
 def drift_tolerance(dtype, steps):
     """One storage rounding per step, and the oracle stays exact: rounding errors add up
     at most linearly over steps (each step contracts old errors), relative to the data."""
-    ulp = {torch.float64: 2**-52, torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-10}[dtype]
+    ulp = {
+        torch.float64: 2**-52,
+        torch.float32: 2**-23,
+        torch.bfloat16: 2**-8,
+        torch.float16: 2**-10,
+    }[dtype]
     return dict(atol=steps * ulp * 8, rtol=steps * ulp * 2)
 
 
@@ -101,8 +106,14 @@ def test_ema_matches_oracle_over_many_steps(n, pair):
         decay = (0.9, 0.75, 0.999, 0.25)[t % 4]  # weights on either side of lerp's 0.5 switch
         before = shadow.to(torch.float64, copy=True)
         ops.ema_update_(shadow, weights, decay=decay, backend="torch")
-        check_one_rounding(shadow, oracle_ema(before, weights.double(), decay), 1 - decay,
-                           weights.double() - before, op, f"step {t}")
+        check_one_rounding(
+            shadow,
+            oracle_ema(before, weights.double(), decay),
+            1 - decay,
+            weights.double() - before,
+            op,
+            f"step {t}",
+        )
         exact = oracle_ema(exact, weights.double(), decay)
     _check(shadow, exact, s_dtype)
 
@@ -119,8 +130,14 @@ def test_swa_matches_oracle_over_many_steps(n, pair):
         weights = path[t].to(w_dtype)
         before = shadow.to(torch.float64, copy=True)
         ops.swa_update_(shadow, weights, count=t, backend="torch")
-        check_one_rounding(shadow, oracle_swa(before, weights.double(), t), 1 / (t + 1),
-                           weights.double() - before, op, f"step {t}")
+        check_one_rounding(
+            shadow,
+            oracle_swa(before, weights.double(), t),
+            1 / (t + 1),
+            weights.double() - before,
+            op,
+            f"step {t}",
+        )
         exact = oracle_swa(exact, weights.double(), t)
         if t == 0:
             assert torch.equal(shadow, weights.to(s_dtype)), "the first SWA update must copy"
@@ -173,7 +190,9 @@ def test_two_point_average_matches_oracle(n, pair):
 
 
 @pytest.mark.parametrize("n", ODD_SIZES)
-@pytest.mark.parametrize("pair", [(torch.float32,) * 2, (torch.float16,) * 2, (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "pair", [(torch.float32,) * 2, (torch.float16,) * 2, (torch.bfloat16, torch.float32)]
+)
 def test_swap_and_inverse_restore_both_tensors_bit_exactly(n, pair):
     w_dtype, s_dtype = pair
     w, s = _fresh(n, w_dtype, 5), _fresh(n, s_dtype, 6)

@@ -23,7 +23,9 @@ CASES = list(_cases())
 
 @pytest.mark.parametrize("listed", [False, True], ids=["flat", "list"])
 @pytest.mark.parametrize("name, call, value", CASES, ids=[c[0] for c in CASES])
-def test_a_scalar_on_another_device_is_refused_before_anything_is_written(name, call, value, listed):
+def test_a_scalar_on_another_device_is_refused_before_anything_is_written(
+    name, call, value, listed
+):
     shadow, weights = torch.linspace(0, 1, 37), torch.linspace(1, 2, 37)
     before = (shadow.clone(), weights.clone())
     scalar = torch.tensor(value, device=OTHER)

@@ -54,7 +54,11 @@ def test_nan_stays_nan_inside_averaged(backend):
     model = torch.nn.Sequential(torch.nn.Linear(8, 3), torch.nn.Linear(3, 2)).to(torch.bfloat16)
     ema = bk.EMA(model, decay=0.9, backend=backend)
     words = {  # first elements of the first weight's shadow
-        0: 0x7FFFFFFF, 1: 0xFFFFFFFF, 2: 0x7F800001, 3: 0x7FC00000, 4: 0x7F800000,
+        0: 0x7FFFFFFF,
+        1: 0xFFFFFFFF,
+        2: 0x7F800001,
+        3: 0x7FC00000,
+        4: 0x7F800000,
     }
     shadow = ema.shadow_params()[0].view(-1).view(torch.int32)
     for i, word in words.items():

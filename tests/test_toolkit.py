@@ -53,14 +53,16 @@ def test_a_symlinked_nvcc_is_resolved(tmp_path):
 
 def test_the_reason_names_what_each_candidate_lacks(tmp_path):
     root = _fake_toolkit(tmp_path / "cuda", headers=False)
-    _executable(tmp_path / "bin" / "nvcc", f"#!/bin/sh\nexec {root}/bin/nvcc \"$@\"\n")
+    _executable(tmp_path / "bin" / "nvcc", f'#!/bin/sh\nexec {root}/bin/nvcc "$@"\n')
     found = find_toolkit({"PATH": str(tmp_path / "bin")}, usual_roots=())
     assert found.root is None
     text = found.describe()
     assert text.startswith("no CUDA toolkit found") and f"{root} (" in text
     assert "include/cuda_runtime.h" in text
-    assert "no nvcc on PATH" in find_toolkit({"PATH": str(tmp_path / "none")},
-                                             usual_roots=()).describe()
+    assert (
+        "no nvcc on PATH"
+        in find_toolkit({"PATH": str(tmp_path / "none")}, usual_roots=()).describe()
+    )
 
 
 def test_usual_roots_are_probed_newest_first(tmp_path):
@@ -72,12 +74,14 @@ def test_usual_roots_are_probed_newest_first(tmp_path):
 
 def test_a_set_cuda_home_is_taken_at_its_word(tmp_path):
     good = _fake_toolkit(tmp_path / "good")
-    _executable(tmp_path / "bin" / "nvcc", f"#!/bin/sh\nexec {good}/bin/nvcc \"$@\"\n")
+    _executable(tmp_path / "bin" / "nvcc", f'#!/bin/sh\nexec {good}/bin/nvcc "$@"\n')
     environ = {"PATH": str(tmp_path / "bin"), "CUDA_HOME": str(tmp_path)}
     found = find_toolkit(environ, usual_roots=())
     assert found.root is None
-    assert found.describe() == (f"no CUDA toolkit found: CUDA_HOME={tmp_path} is not a toolkit "
-                                "root (no include/cuda_runtime.h)")
+    assert found.describe() == (
+        f"no CUDA toolkit found: CUDA_HOME={tmp_path} is not a toolkit "
+        "root (no include/cuda_runtime.h)"
+    )
     environ["CUDA_HOME"] = str(good)
     assert find_toolkit(environ, usual_roots=()).root == str(good)
 
@@ -101,22 +105,31 @@ def build_record(monkeypatch):
 
 
 def test_backends_shows_why_cuda_was_not_built_and_how_to_rebuild(build_record, monkeypatch):
-    build_record({"parts": {"belay_kernels._C_cuda": {
-        "built": False,
-        "reason": "no CUDA toolkit found: /usr/local (nvcc at /usr/local/bin/nvcc) has no "
-                  "include/cuda_runtime.h",
-        "rebuild": "CUDA_HOME=/path/to/cuda-toolkit python -m pip install -e .",
-    }}})
+    build_record(
+        {
+            "parts": {
+                "belay_kernels._C_cuda": {
+                    "built": False,
+                    "reason": "no CUDA toolkit found: /usr/local (nvcc at /usr/local/bin/nvcc) has no "
+                    "include/cuda_runtime.h",
+                    "rebuild": "CUDA_HOME=/path/to/cuda-toolkit python -m pip install -e .",
+                }
+            }
+        }
+    )
     monkeypatch.setitem(sys.modules, "belay_kernels._C_cuda", None)  # import fails
     reason = _library.cuda_unavailable_reason()
-    assert reason.startswith("belay_kernels._C_cuda was not built at install time: no CUDA "
-                             "toolkit found: /usr/local")
-    assert reason.endswith("Rebuild with: CUDA_HOME=/path/to/cuda-toolkit python -m pip "
-                           "install -e .")
+    assert reason.startswith(
+        "belay_kernels._C_cuda was not built at install time: no CUDA toolkit found: /usr/local"
+    )
+    assert reason.endswith(
+        "Rebuild with: CUDA_HOME=/path/to/cuda-toolkit python -m pip install -e ."
+    )
 
 
 def test_without_a_gpu_backends_says_the_kernels_are_built_and_no_device_is_present(
-        build_record, monkeypatch):
+    build_record, monkeypatch
+):
     build_record({})
     try:
         importlib.import_module("belay_kernels._C_cuda")
@@ -125,7 +138,8 @@ def test_without_a_gpu_backends_says_the_kernels_are_built_and_no_device_is_pres
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _library.cuda_unavailable_reason() == (
         "the CUDA kernels are built, but no CUDA device is present here "
-        "(torch.cuda.is_available() is False); they run on a machine with an NVIDIA GPU")
+        "(torch.cuda.is_available() is False); they run on a machine with an NVIDIA GPU"
+    )
 
 
 def test_the_record_file_is_git_ignored():
@@ -133,4 +147,6 @@ def test_the_record_file_is_git_ignored():
     record = ROOT / "belay_kernels" / "_build_info.json"
     if record.exists():  # written by the build that made this checkout's extension
         assert set(json.loads(record.read_text())["parts"]) == {
-            "belay_kernels._C", "belay_kernels._C_cuda"}
+            "belay_kernels._C",
+            "belay_kernels._C_cuda",
+        }

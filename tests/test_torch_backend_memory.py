@@ -102,17 +102,33 @@ for name in names:
 print(json.dumps(growth))
 """
 
-TORCH_CASES = ["ema", "ema-propagate", "ema-bf16", "swa", "belay", "belay-bf16", "two_point",
-               "swap", "multi", "multi-bf16"]
+TORCH_CASES = [
+    "ema",
+    "ema-propagate",
+    "ema-bf16",
+    "swa",
+    "belay",
+    "belay-bf16",
+    "two_point",
+    "swap",
+    "multi",
+    "multi-bf16",
+]
 
 
-def peak_growth(backend: str, names: list[str], layouts=("flat", "list"), numel: int = NUMEL) -> dict[str, int]:
+def peak_growth(
+    backend: str, names: list[str], layouts=("flat", "list"), numel: int = NUMEL
+) -> dict[str, int]:
     """Bytes by which one call of each case grew the peak resident memory."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-c", _SCRIPT, backend, str(numel), ",".join(names), ",".join(layouts)],
-        capture_output=True, text=True, env=env, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -16,15 +16,19 @@ CASES = aot.fast_cases() + aot.fast_cases(foreach=True) + aot.graph_cases()
 # Per-program scalar loads a kernel may make: the table entries of the list kernels
 # (block owner, size, first block, one offset per tensor column) and, in the graph
 # configuration, each device-side scalar, the step and the skip flag.
-_SCALAR_POINTERS = {"decay_ptr": "DECAY_FROM_PTR", "alpha_ptr": "ALPHA_FROM_PTR",
-                    "beta_ptr": "BETA_FROM_PTR", "count_ptr": "COUNT_FROM_PTR",
-                    "step_ptr": "HAS_STEP", "skip_ptr": "HAS_SKIP"}
+_SCALAR_POINTERS = {
+    "decay_ptr": "DECAY_FROM_PTR",
+    "alpha_ptr": "ALPHA_FROM_PTR",
+    "beta_ptr": "BETA_FROM_PTR",
+    "count_ptr": "COUNT_FROM_PTR",
+    "step_ptr": "HAS_STEP",
+    "skip_ptr": "HAS_SKIP",
+}
 
 
 def allowed_scalar_loads(case: aot.Case) -> int:
     names = case.kernel.arg_names
-    loads = sum(1 for name, flag in _SCALAR_POINTERS.items()
-                if name in names and case.flags[flag])
+    loads = sum(1 for name, flag in _SCALAR_POINTERS.items() if name in names and case.flags[flag])
     if case.foreach:
         columns = len(set(case.method.inputs) | set(case.method.outputs))
         loads += 3 + columns
@@ -45,19 +49,30 @@ def test_fast_path_moves_each_element_once_with_128_bit_accesses(case, arch):
     assert report.scalar_loads <= allowed_scalar_loads(case), report.fast_loads
 
 
-@pytest.mark.parametrize("case", [c for c in aot.graph_cases() if c.method.name == "ema_update_"],
-                         ids=lambda c: c.label.replace(" ", "-"))
+@pytest.mark.parametrize(
+    "case",
+    [c for c in aot.graph_cases() if c.method.name == "ema_update_"],
+    ids=lambda c: c.label.replace(" ", "-"),
+)
 def test_warmup_weight_is_fp64_math(case):
     """The EMA warmup's weight: an IEEE fp64 division and fp64 exp2/log2, none of the
     approximate fp32 instructions (so inv_gamma = power = 1 is the SWA's 1 / (k + 1))."""
     ptx = aot.compile_case(case, 90).asm["ptx"]
     assert "div.rn.f64" in ptx
-    for approximate in ("ex2.approx.f32", "lg2.approx.f32", "div.full.f32", "rcp.approx.f32",
-                        "ex2.approx.ftz.f32", "lg2.approx.ftz.f32"):
+    for approximate in (
+        "ex2.approx.f32",
+        "lg2.approx.f32",
+        "div.full.f32",
+        "rcp.approx.f32",
+        "ex2.approx.ftz.f32",
+        "lg2.approx.ftz.f32",
+    ):
         assert approximate not in ptx, approximate
 
 
-MULTI_CASES = aot.multi_ema_cases() + aot.multi_ema_cases(foreach=True) + aot.multi_ema_graph_cases()
+MULTI_CASES = (
+    aot.multi_ema_cases() + aot.multi_ema_cases(foreach=True) + aot.multi_ema_graph_cases()
+)
 
 
 @pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")

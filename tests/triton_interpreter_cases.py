@@ -139,12 +139,19 @@ def test_measure_counts_bytes_explicitly(monkeypatch):
     """The GPU measurement's bookkeeping (timing replaced: no GPU here)."""
     from belay_kernels.triton import measure
 
-    monkeypatch.setattr(measure, "time_cuda", lambda fn, runs, warmup: (
-        fn(), {"median_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0})[1])
+    monkeypatch.setattr(
+        measure,
+        "time_cuda",
+        lambda fn, runs, warmup: (fn(), {"median_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0})[1],
+    )
     rows = measure.kernel_bandwidth("cpu", 4099, 1, 0, measure.METHODS, DTYPE_PAIRS)
     assert len(rows) == 5 * len(DTYPE_PAIRS) - 1  # swap has no fp16/fp32 pair
-    ema_mixed = next(r for r in rows if r["kernel"] == "ema_update_"
-                     and (r["weights_dtype"], r["shadow_dtype"]) == ("bfloat16", "float32"))
+    ema_mixed = next(
+        r
+        for r in rows
+        if r["kernel"] == "ema_update_"
+        and (r["weights_dtype"], r["shadow_dtype"]) == ("bfloat16", "float32")
+    )
     assert ema_mixed["bytes_per_element"] == 2 + 4 + 4  # read weights and shadow, write shadow
     assert ema_mixed["gbps"] == 10 * 4099 / 2.0 / 1e6
 
@@ -194,8 +201,9 @@ def test_a_weight_of_one_copies_over_a_nonfinite_shadow(as_tensor):
         ops.swa_update_(s, w, count=value(0, torch.int64), nonfinite=nonfinite, backend="triton")
         assert torch.equal(s, w.float())
         s, w2 = bad.clone(), w.clone()
-        ops.belay_step_(w2, s, alpha=value(1.0), beta=value(0.0), nonfinite=nonfinite,
-                        backend="triton")
+        ops.belay_step_(
+            w2, s, alpha=value(1.0), beta=value(0.0), nonfinite=nonfinite, backend="triton"
+        )
         assert torch.equal(s, w.float())
 
 
@@ -210,8 +218,9 @@ def test_packed_swap_keeps_nan_and_restores_bits(foreach):
         if foreach:  # unaligned pieces of the same words
             cuts = [0, 5, 6, 3000, w.numel()]
             pieces = [(w[a:b], s[a:b]) for a, b in zip(cuts, cuts[1:])]
-            ops.swap_([p[0] for p in pieces], [p[1] for p in pieces], inverse=inverse,
-                      backend="triton")
+            ops.swap_(
+                [p[0] for p in pieces], [p[1] for p in pieces], inverse=inverse, backend="triton"
+            )
         else:
             ops.swap_(w, s, inverse=inverse, backend="triton")
 
@@ -234,8 +243,13 @@ def test_pointer_tables_live_as_long_as_their_tensors():
     import gc
 
     gen = torch.Generator().manual_seed(23)
-    lists = [([fresh(3 + i, torch.float32, gen) for _ in range(2)],
-              [fresh(3 + i, torch.float32, gen) for _ in range(2)]) for i in range(40)]
+    lists = [
+        (
+            [fresh(3 + i, torch.float32, gen) for _ in range(2)],
+            [fresh(3 + i, torch.float32, gen) for _ in range(2)],
+        )
+        for i in range(40)
+    ]
     for pair in lists:
         ops.ema_update_(*pair, decay=0.9, backend="triton")
     del pair
@@ -299,11 +313,15 @@ def test_building_a_table_during_capture_is_refused_before_anything_is_written(m
     from belay_kernels.triton import _launch
 
     gen = torch.Generator().manual_seed(37)
-    built = ([fresh(9, torch.float32, gen) for _ in range(2)],
-             [fresh(9, torch.float32, gen) for _ in range(2)])
+    built = (
+        [fresh(9, torch.float32, gen) for _ in range(2)],
+        [fresh(9, torch.float32, gen) for _ in range(2)],
+    )
     ops.ema_update_(*built, decay=0.5, backend="triton")  # the warm-up step builds it
-    fresh_lists = ([fresh(9, torch.float32, gen) for _ in range(2)],
-                   [fresh(9, torch.float32, gen) for _ in range(2)])
+    fresh_lists = (
+        [fresh(9, torch.float32, gen) for _ in range(2)],
+        [fresh(9, torch.float32, gen) for _ in range(2)],
+    )
     monkeypatch.setattr(_launch, "_capturing", lambda device: True)
     ops.ema_update_(*built, decay=0.5, backend="triton")  # its table exists: fine
     saved = [t.clone() for t in fresh_lists[0]]
@@ -380,8 +398,9 @@ def _multi_case(k, pair, foreach, nonfinite, tensors, seed):
         if foreach:
             triton_multi.multi_ema_update_foreach_(shadows, weights, decays, skip, counters[0])
         else:
-            triton_multi.multi_ema_update_([p[0] for p in shadows], weights[0], decays, skip,
-                                           counters[0])
+            triton_multi.multi_ema_update_(
+                [p[0] for p in shadows], weights[0], decays, skip, counters[0]
+            )
         for i, decay in enumerate(decays):
             for j, w in enumerate(weights):
                 triton_ema.ema_update_(by_ema[i][j], w, decay, skip, counters[1])
@@ -453,8 +472,9 @@ def test_multi_ema_refuses_a_profile_count_it_does_not_cover_before_writing(k):
     with pytest.raises(BelayInputError, match="1 to 8 shadows"):
         triton_multi.multi_ema_update_(shadows, weights, [0.9] * k, True, None)
     with pytest.raises(BelayInputError, match="1 to 8 shadows"):
-        triton_multi.multi_ema_update_foreach_([[s] for s in shadows], [weights], [0.9] * k,
-                                               True, None)
+        triton_multi.multi_ema_update_foreach_(
+            [[s] for s in shadows], [weights], [0.9] * k, True, None
+        )
     assert all(torch.equal(s, t) for s, t in zip(shadows, saved))
 
 
@@ -466,8 +486,9 @@ def test_multi_ema_refuses_mismatched_decays_and_lists():
     with pytest.raises(BelayInputError, match="one decay per shadow"):
         triton_multi.multi_ema_update_foreach_(shadows, weights, [0.9], True, None)
     with pytest.raises(BelayInputError, match="one tensor per weights tensor"):
-        triton_multi.multi_ema_update_foreach_([shadows[0], shadows[1][:1]], weights,
-                                               [0.9, 0.8], True, None)
+        triton_multi.multi_ema_update_foreach_(
+            [shadows[0], shadows[1][:1]], weights, [0.9, 0.8], True, None
+        )
     assert all(torch.equal(t, s) for t, s in zip((t for p in shadows for t in p), saved))
 
 

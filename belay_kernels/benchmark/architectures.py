@@ -16,7 +16,12 @@ class GPT2SmallLike(nn.Module):
         self.token_embedding = nn.Embedding(vocab, width)
         self.position_embedding = nn.Embedding(context, width)
         block = nn.TransformerEncoderLayer(
-            width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
+            width,
+            heads,
+            4 * width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
             norm_first=True,
         )
         self.blocks = nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
@@ -25,7 +30,9 @@ class GPT2SmallLike(nn.Module):
     def forward(self, tokens):
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.token_embedding(tokens) + self.position_embedding(positions)
-        causal = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=tokens.device)
+        causal = nn.Transformer.generate_square_subsequent_mask(
+            tokens.shape[1], device=tokens.device
+        )
         x = self.final_norm(self.blocks(x, mask=causal, is_causal=True))
         return x @ self.token_embedding.weight.T
 

@@ -80,50 +80,107 @@ def parse_args(argv):
         "run's files. The committed bench/results/ is regenerated only by naming it: "
         "--out bench/results.",
     )
-    p.add_argument("--quick", action="store_true",
-                   help=f"a short run: sizes {', '.join(f'{n:.0e}' for n in QUICK_SIZES)}, "
-                   "short timing, the sweep only")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda (default: cuda when a GPU is present, else cpu)")
-    p.add_argument("--mode", choices=("sweep", "models", "multi", "all", "distributed"),
-                   default=None,
-                   help="sweep (flat buffers), models (real model shapes), multi (K post-hoc "
-                   "EMA profiles in one pass against K passes, torch.compile and ema-pytorch's "
-                   "PostHocEMA), all, or distributed (an FSDP2-sharded GPT-2-like model on gloo "
-                   "ranks) (default: all; sweep with --quick)")
-    p.add_argument("--profiles", type=_sizes, default=None,
-                   help="profile counts K for --mode multi (default: 2,4)")
-    p.add_argument("--multi-size", type=float, default=None,
-                   help="elements of --mode multi's flat buffer (default: 64M, 1M with --quick)")
-    p.add_argument("--ranks", type=int, default=2,
-                   help="processes for --mode distributed (threads per rank: --threads, default 1)")
-    p.add_argument("--sizes", type=_sizes, default=None,
-                   help="the sweep's buffer sizes in elements, e.g. 1e5,1e6,1e7 (default: "
-                   "1e5 upward, as far as an eighth of the free memory allows)")
-    p.add_argument("--methods", type=_csv("method", METHODS), default=list(METHODS),
-                   help=f"comma list of methods (default: all of {','.join(METHODS)})")
-    p.add_argument("--dtypes", type=_csv("dtype pair", DTYPE_PAIRS), default=list(DTYPE_PAIRS),
-                   help="comma list of weights/shadow dtype pairs (default: all of "
-                   f"{','.join(DTYPE_PAIRS)})")
-    p.add_argument("--peers", type=_csv("peer", ALL_PEERS), default=list(ALL_PEERS),
-                   help="comma list of peer libraries to compare with, '' for none "
-                   f"(default: all of {','.join(ALL_PEERS)}; the torch.compile peers, "
-                   "the formula compiled by Inductor, run in the sweep only)")
-    p.add_argument("--backends", type=_csv("backend", None), default=None,
-                   help="comma list of our backends to time (default: every one that runs "
-                   "on the device)")
-    p.add_argument("--models", type=_csv("model", ARCHITECTURES), default=list(ARCHITECTURES),
-                   help="comma list of model shapes for the model-level mode (default: all of "
-                   f"{','.join(ARCHITECTURES)})")
-    p.add_argument("--min-run-time", type=float, default=None,
-                   help="seconds of timing per point (default 0.3, 0.05 with --quick)")
-    p.add_argument("--stream-size", type=float, default=None,
-                   help="elements of the streaming copy that %%stream is relative to "
-                   "(default: 64M, 16M with --quick)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's own choice)")
-    p.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="folder for the result files (default: ./belay-results/bench)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short run: sizes {', '.join(f'{n:.0e}' for n in QUICK_SIZES)}, "
+        "short timing, the sweep only",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda when a GPU is present, else cpu)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("sweep", "models", "multi", "all", "distributed"),
+        default=None,
+        help="sweep (flat buffers), models (real model shapes), multi (K post-hoc "
+        "EMA profiles in one pass against K passes, torch.compile and ema-pytorch's "
+        "PostHocEMA), all, or distributed (an FSDP2-sharded GPT-2-like model on gloo "
+        "ranks) (default: all; sweep with --quick)",
+    )
+    p.add_argument(
+        "--profiles",
+        type=_sizes,
+        default=None,
+        help="profile counts K for --mode multi (default: 2,4)",
+    )
+    p.add_argument(
+        "--multi-size",
+        type=float,
+        default=None,
+        help="elements of --mode multi's flat buffer (default: 64M, 1M with --quick)",
+    )
+    p.add_argument(
+        "--ranks",
+        type=int,
+        default=2,
+        help="processes for --mode distributed (threads per rank: --threads, default 1)",
+    )
+    p.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=None,
+        help="the sweep's buffer sizes in elements, e.g. 1e5,1e6,1e7 (default: "
+        "1e5 upward, as far as an eighth of the free memory allows)",
+    )
+    p.add_argument(
+        "--methods",
+        type=_csv("method", METHODS),
+        default=list(METHODS),
+        help=f"comma list of methods (default: all of {','.join(METHODS)})",
+    )
+    p.add_argument(
+        "--dtypes",
+        type=_csv("dtype pair", DTYPE_PAIRS),
+        default=list(DTYPE_PAIRS),
+        help=f"comma list of weights/shadow dtype pairs (default: all of {','.join(DTYPE_PAIRS)})",
+    )
+    p.add_argument(
+        "--peers",
+        type=_csv("peer", ALL_PEERS),
+        default=list(ALL_PEERS),
+        help="comma list of peer libraries to compare with, '' for none "
+        f"(default: all of {','.join(ALL_PEERS)}; the torch.compile peers, "
+        "the formula compiled by Inductor, run in the sweep only)",
+    )
+    p.add_argument(
+        "--backends",
+        type=_csv("backend", None),
+        default=None,
+        help="comma list of our backends to time (default: every one that runs on the device)",
+    )
+    p.add_argument(
+        "--models",
+        type=_csv("model", ARCHITECTURES),
+        default=list(ARCHITECTURES),
+        help="comma list of model shapes for the model-level mode (default: all of "
+        f"{','.join(ARCHITECTURES)})",
+    )
+    p.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help="seconds of timing per point (default 0.3, 0.05 with --quick)",
+    )
+    p.add_argument(
+        "--stream-size",
+        type=float,
+        default=None,
+        help="elements of the streaming copy that %%stream is relative to "
+        "(default: 64M, 16M with --quick)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder for the result files (default: ./belay-results/bench)",
+    )
     p.add_argument("--no-plot", action="store_true", help="do not write sweep.png")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
@@ -156,8 +213,9 @@ def main(argv=None) -> int:
     log(header(machine))
 
     def stream():
-        gbps, timing = streaming_bandwidth(args.device, numel=args.stream_size,
-                                           min_run_time=args.min_run_time)
+        gbps, timing = streaming_bandwidth(
+            args.device, numel=args.stream_size, min_run_time=args.min_run_time
+        )
         log(f"streaming copy of {args.stream_size:.1e} fp32: {gbps:.1f} GB/s")
         return gbps
 
@@ -168,24 +226,42 @@ def main(argv=None) -> int:
     def save():
         best = max(stream_runs)
         add_stream_fraction(rows, best)
-        info = {"gbps": best, "runs_gbps": stream_runs, "numel": args.stream_size,
-                "dtype": "float32", "bytes_counted": "read + write"}
+        info = {
+            "gbps": best,
+            "runs_gbps": stream_runs,
+            "numel": args.stream_size,
+            "dtype": "float32",
+            "bytes_counted": "read + write",
+        }
         write_json(args.out / "results.json", machine, info, rows)
         write_csv(args.out / "results.csv", machine, info, rows)
-        write_markdown(args.out / "results.md", machine, info, rows,
-                       "belay-kernels bench " + " ".join(raw_argv))
+        write_markdown(
+            args.out / "results.md",
+            machine,
+            info,
+            rows,
+            "belay-kernels bench " + " ".join(raw_argv),
+        )
         return best
 
     from .sweep import points_per_case
 
     def per_case(mode):
-        return points_per_case(device=args.device, methods=args.methods, peers=args.peers,
-                               backends=args.backends, mode=mode)
+        return points_per_case(
+            device=args.device,
+            methods=args.methods,
+            peers=args.peers,
+            backends=args.backends,
+            mode=mode,
+        )
 
-    points = {"sweep": len(args.dtypes) * len(args.sizes) * per_case("sweep"),
-              "models": len(args.dtypes) * len(args.models) * per_case("models")}
+    points = {
+        "sweep": len(args.dtypes) * len(args.sizes) * per_case("sweep"),
+        "models": len(args.dtypes) * len(args.models) * per_case("models"),
+    }
     total = sum(n for mode, n in points.items() if args.mode in (mode, "all"))
     with progress(total, "bench", enabled=not args.quick) as bar:
+
         def point(text):
             bar.write(text)
             bar.set_postfix_str(text.strip()[:60])
@@ -194,29 +270,51 @@ def main(argv=None) -> int:
         if args.mode in ("sweep", "all"):
             from .sweep import run_sweep
 
-            rows += run_sweep(device=args.device, sizes=args.sizes, methods=args.methods,
-                              pairs=args.dtypes, peers=args.peers, backends=args.backends,
-                              min_run_time=args.min_run_time, log=point)
+            rows += run_sweep(
+                device=args.device,
+                sizes=args.sizes,
+                methods=args.methods,
+                pairs=args.dtypes,
+                peers=args.peers,
+                backends=args.backends,
+                min_run_time=args.min_run_time,
+                log=point,
+            )
             save()
         if args.mode in ("models", "all"):
             from .model_level import run_models
 
-            rows += run_models(device=args.device, models=args.models, methods=args.methods,
-                               pairs=args.dtypes, peers=args.peers, backends=args.backends,
-                               min_run_time=max(args.min_run_time, 0.5), log=point)
+            rows += run_models(
+                device=args.device,
+                models=args.models,
+                methods=args.methods,
+                pairs=args.dtypes,
+                peers=args.peers,
+                backends=args.backends,
+                min_run_time=max(args.min_run_time, 0.5),
+                log=point,
+            )
         if args.mode in ("multi", "all"):
             from .multi_profile import run_multi
 
-            rows += run_multi(device=args.device, numel=args.multi_size, profiles=args.profiles,
-                              backends=args.backends, peers=args.peers,
-                              models=[m for m in args.models if m == "gpt2_small_like"],
-                              min_run_time=args.min_run_time, log=bar.write)
+            rows += run_multi(
+                device=args.device,
+                numel=args.multi_size,
+                profiles=args.profiles,
+                backends=args.backends,
+                peers=args.peers,
+                models=[m for m in args.models if m == "gpt2_small_like"],
+                min_run_time=args.min_run_time,
+                log=bar.write,
+            )
             save()
     stream_runs.append(stream())  # the machine may be busier now than at the start
     best = save()
     print(header(machine))
-    print(f"streaming copy: {best:.1f} GB/s (best of {len(stream_runs)} runs); %stream is "
-          "each point's GB/s as a share of it")
+    print(
+        f"streaming copy: {best:.1f} GB/s (best of {len(stream_runs)} runs); %stream is "
+        "each point's GB/s as a share of it"
+    )
     for mode in ("sweep", "model"):
         part = [r for r in rows if r["mode"] == mode]
         if part:
@@ -234,11 +332,15 @@ def main(argv=None) -> int:
         else:
             plotted = True
             plot_sweep(
-                rows, best, args.out / "sweep.png",
+                rows,
+                best,
+                args.out / "sweep.png",
                 f"{machine['cpu']} x{machine['cores']}"
                 f"{', ' + machine['gpu'] if machine['gpu'] else ''}, "
                 f"torch {machine['versions']['torch']}, {machine['date']}",
             )
-    log(f"wrote results.json, results.csv, results.md{', sweep.png' if plotted else ''} "
-        f"to {args.out}/")
+    log(
+        f"wrote results.json, results.csv, results.md{', sweep.png' if plotted else ''} "
+        f"to {args.out}/"
+    )
     return 0

@@ -50,8 +50,13 @@ def _two_point(out, weights, snapshot, math):
     out.copy_((weights.to(math) + snapshot.to(math)) * 0.5)
 
 
-_FORMULAS = {"ema": _shadow_update, "swa": _shadow_update, "belay": _belay,
-             "two_point": _two_point, "swap": reference.swap_}
+_FORMULAS = {
+    "ema": _shadow_update,
+    "swa": _shadow_update,
+    "belay": _belay,
+    "two_point": _two_point,
+    "swap": reference.swap_,
+}
 _compiled = {}
 
 
@@ -79,8 +84,9 @@ def compiled_step(peer: str, method: str, t: dict, skipped: torch.Tensor | None 
         rate = 1 / (SWA_COUNT + 1)
         return lambda: fn(t["shadow"], t["weights"], skipped, rate, math, counted)
     if method == "belay":
-        return lambda: fn(t["weights"], t["shadow"], skipped, BELAY_ALPHA, BELAY_BETA, math,
-                          counted)
+        return lambda: fn(
+            t["weights"], t["shadow"], skipped, BELAY_ALPHA, BELAY_BETA, math, counted
+        )
     if method == "two_point":
         return lambda: fn(t["out"], t["weights"], t["snapshot"], math)
 
@@ -113,8 +119,9 @@ def checked_first_call(step, method: str, t: dict, device: torch.device) -> floa
     seconds = first_call(step, device)
     reference_step(method, expected)
     for role, tensor in t.items():
-        if not torch.allclose(tensor.double(), expected[role].double(), rtol=2e-2, atol=1e-5,
-                              equal_nan=True):
+        if not torch.allclose(
+            tensor.double(), expected[role].double(), rtol=2e-2, atol=1e-5, equal_nan=True
+        ):
             raise Unsupported(f"torch.compile's result differs from the reference ({role})")
     return seconds
 

@@ -47,8 +47,13 @@ def _rank_main(rank, world, store_path, threads, min_run_time, model_name, resul
     from .architectures import build
 
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
-                            world_size=world, timeout=timedelta(seconds=600))
+    dist.init_process_group(
+        "gloo",
+        store=dist.FileStore(store_path, world),
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=600),
+    )
     try:
         model = build(model_name, torch.float32, torch.device("cpu"))
         for block in model.blocks.layers:
@@ -64,20 +69,28 @@ def _rank_main(rank, world, store_path, threads, min_run_time, model_name, resul
         # the same op without the averager around it: the rest of step() is its checks
         shadow_views = ema.shadow_params()[: len(local)]
         rows["ours ops.ema_update_ on the local lists"] = _median_seconds(
-            lambda: bk.ops.ema_update_(shadow_views, local, decay=DECAY), min_run_time)  # noqa: F821 (freed below)
+            lambda: bk.ops.ema_update_(shadow_views, local, decay=DECAY),
+            min_run_time,
+        )
         del ema, shadow_views
         with torch.no_grad():
             dt_shadows = [p.detach().clone() for p in params]
             rows["torch._foreach_lerp_ over DTensors"] = _median_seconds(
-                lambda: torch._foreach_lerp_(dt_shadows, params, 1 - DECAY), min_run_time)  # noqa: F821
+                lambda: torch._foreach_lerp_(dt_shadows, params, 1 - DECAY),
+                min_run_time,
+            )
             del dt_shadows
             shadows = [t.clone() for t in local]
             rows["torch._foreach_lerp_ over local shards"] = _median_seconds(
-                lambda: torch._foreach_lerp_(shadows, local, 1 - DECAY), min_run_time)  # noqa: F821
+                lambda: torch._foreach_lerp_(shadows, local, 1 - DECAY),
+                min_run_time,
+            )
             del shadows
         for backend in ("auto", "torch"):
             belay = bk.Belay(model, alpha=1e-3, beta=1e-4, backend=backend)
-            rows[f"ours BELAY step(), backend={backend}"] = _median_seconds(belay.step, min_run_time, warmup=1)
+            rows[f"ours BELAY step(), backend={backend}"] = _median_seconds(
+                belay.step, min_run_time, warmup=1
+            )
             del belay
         results.put((rank, {"elements": elements, "rows": rows}))
     finally:
@@ -91,15 +104,21 @@ def run_distributed(*, ranks: int, threads: int, min_run_time: float, model: str
     results = ctx.Queue()
     store_dir = tempfile.mkdtemp(prefix="belay-bench-ranks-")
     store = os.path.join(store_dir, "store")
-    procs = [ctx.Process(target=_rank_main, args=(r, ranks, store, threads, min_run_time, model, results))
-             for r in range(ranks)]
+    procs = [
+        ctx.Process(
+            target=_rank_main, args=(r, ranks, store, threads, min_run_time, model, results)
+        )
+        for r in range(ranks)
+    ]
     for p in procs:
         p.start()
     per_rank = {}
     try:
         while len(per_rank) < ranks:
             if all(p.exitcode is not None for p in procs) and results.empty():
-                raise RuntimeError(f"a benchmark rank exited early (exit codes {[p.exitcode for p in procs]})")
+                raise RuntimeError(
+                    f"a benchmark rank exited early (exit codes {[p.exitcode for p in procs]})"
+                )
             try:
                 rank, value = results.get(timeout=5)
             except Exception:
@@ -113,14 +132,23 @@ def run_distributed(*, ranks: int, threads: int, min_run_time: float, model: str
     names = list(per_rank[0]["rows"])
     slowest = {n: max(per_rank[r]["rows"][n][0] for r in per_rank) for n in names}
     report = {
-        "model": model, "ranks": ranks, "threads_per_rank": threads,
+        "model": model,
+        "ranks": ranks,
+        "threads_per_rank": threads,
         "local_elements": [per_rank[r]["elements"] for r in sorted(per_rank)],
-        "per_rank_median_s": {r: {n: v[0] for n, v in per_rank[r]["rows"].items()} for r in sorted(per_rank)},
+        "per_rank_median_s": {
+            r: {n: v[0] for n, v in per_rank[r]["rows"].items()} for r in sorted(per_rank)
+        },
         "slowest_rank_median_s": slowest,
         "ratios": {
-            "EMA vs _foreach_lerp_ over DTensors": slowest["torch._foreach_lerp_ over DTensors"] / slowest["ours EMA step()"],
-            "EMA vs _foreach_lerp_ over local shards": slowest["torch._foreach_lerp_ over local shards"] / slowest["ours EMA step()"],
-            "BELAY auto vs torch reference": slowest["ours BELAY step(), backend=torch"] / slowest["ours BELAY step(), backend=auto"],
+            "EMA vs _foreach_lerp_ over DTensors": slowest["torch._foreach_lerp_ over DTensors"]
+            / slowest["ours EMA step()"],
+            "EMA vs _foreach_lerp_ over local shards": slowest[
+                "torch._foreach_lerp_ over local shards"
+            ]
+            / slowest["ours EMA step()"],
+            "BELAY auto vs torch reference": slowest["ours BELAY step(), backend=torch"]
+            / slowest["ours BELAY step(), backend=auto"],
         },
     }
     return report
@@ -134,7 +162,9 @@ def format_report(report: dict) -> str:
         "|---|---:|---|",
     ]
     for name, seconds in report["slowest_rank_median_s"].items():
-        per = ", ".join(f"{report['per_rank_median_s'][r][name] * 1e3:.1f}" for r in report["per_rank_median_s"])
+        per = ", ".join(
+            f"{report['per_rank_median_s'][r][name] * 1e3:.1f}" for r in report["per_rank_median_s"]
+        )
         lines.append(f"| {name} | {seconds * 1e3:.1f} | {per} |")
     for name, ratio in report["ratios"].items():
         lines.append(f"{name}: {ratio:.2f}x")
@@ -142,8 +172,13 @@ def format_report(report: dict) -> str:
 
 
 def main_distributed(args, log) -> int:
-    report = run_distributed(ranks=args.ranks, threads=args.threads or 1,
-                             min_run_time=args.min_run_time, model="gpt2_small_like", log=log)
+    report = run_distributed(
+        ranks=args.ranks,
+        threads=args.threads or 1,
+        min_run_time=args.min_run_time,
+        model="gpt2_small_like",
+        log=log,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "distributed.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))

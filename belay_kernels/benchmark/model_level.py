@@ -26,6 +26,7 @@ def model_step_bytes(method, numel, weights_dtype, shadow_dtype) -> int:
         )
     return bytes_per_step(method, numel, weights_dtype, shadow_dtype)
 
+
 TWO_POINT_GAP = 100
 TORCH_REFERENCE = "belay_kernels[torch]"
 
@@ -71,8 +72,7 @@ def _checked(build):
     return step
 
 
-def run_models(*, device, models, methods, pairs, peers, min_run_time, log=print,
-               backends=None):
+def run_models(*, device, models, methods, pairs, peers, min_run_time, log=print, backends=None):
     rows = []
     backends = chosen_backends(device, backends)
     for name in models:
@@ -84,22 +84,41 @@ def run_models(*, device, models, methods, pairs, peers, min_run_time, log=print
             for method in methods:
                 nbytes = model_step_bytes(method, numel, weights_dtype, shadow_dtype)
                 impls = [
-                    (f"belay_kernels[{b}]", "ours",
-                     lambda b=b: our_averager_step(method, b, copy.deepcopy(model), shadow_dtype))  # noqa: F821
+                    (
+                        f"belay_kernels[{b}]",
+                        "ours",
+                        lambda b=b: our_averager_step(
+                            method,
+                            b,
+                            copy.deepcopy(model),
+                            shadow_dtype,
+                        ),
+                    )
                     for b in backends
                 ] + [
                     # every library gets its own copy: our averagers move the model's
                     # tensors into flat buffers, which must not leak into the next one
-                    (peer, "peer",
-                     lambda p=peer: peer_step(p, method, copy.deepcopy(model), shadow_dtype))  # noqa: F821
+                    (
+                        peer,
+                        "peer",
+                        lambda p=peer: peer_step(p, method, copy.deepcopy(model), shadow_dtype),
+                    )
                     # the torch.compile peer is timed in the sweep only
-                    for peer in peers if method in PEER_METHODS.get(peer, ())
+                    for peer in peers
+                    if method in PEER_METHODS.get(peer, ())
                 ]
                 for impl, kind, build in impls:
                     row = {
-                        "mode": "model", "model": name, "tensors": len(params), "numel": numel,
-                        "method": method, "dtypes": pair, "impl": impl, "kind": kind,
-                        "bytes": nbytes, "note": "",
+                        "mode": "model",
+                        "model": name,
+                        "tensors": len(params),
+                        "numel": numel,
+                        "method": method,
+                        "dtypes": pair,
+                        "impl": impl,
+                        "kind": kind,
+                        "bytes": nbytes,
+                        "note": "",
                     }
                     try:
                         step = _checked(build)
@@ -108,18 +127,27 @@ def run_models(*, device, models, methods, pairs, peers, min_run_time, log=print
                         rows.append(row)
                         log(f"  {name} {pair} {method} {impl}: -- ({exc})")
                         continue
-                    timing = time_step(lambda: step, device=device, state_bytes=nbytes,  # noqa: F821
-                                       min_run_time=min_run_time, rotate=False)
+                    timing = time_step(
+                        lambda: step,
+                        device=device,
+                        state_bytes=nbytes,
+                        min_run_time=min_run_time,
+                        rotate=False,
+                    )
                     row.update(
-                        median_ms=timing.median_s * 1e3, p20_ms=timing.p20_s * 1e3,
-                        p80_ms=timing.p80_s * 1e3, samples=timing.samples,
+                        median_ms=timing.median_s * 1e3,
+                        p20_ms=timing.p20_s * 1e3,
+                        p80_ms=timing.p80_s * 1e3,
+                        samples=timing.samples,
                         gbps=nbytes / timing.median_s / 1e9,
                         ops_per_step=count_op_calls(step),
                         kernels_per_step=count_kernel_launches(step),
                     )
                     rows.append(row)
-                    log(f"  {name} {pair} {method} {impl}: {row['median_ms']:.2f} ms, "
-                        f"{row['ops_per_step']} op calls")
+                    log(
+                        f"  {name} {pair} {method} {impl}: {row['median_ms']:.2f} ms, "
+                        f"{row['ops_per_step']} op calls"
+                    )
                     del step
                     gc.collect()
             del model, params
@@ -133,7 +161,8 @@ def add_speedup_vs_reference(rows) -> None:
     """``speedup_vs_torch_reference``: our pure-PyTorch backend's time / this row's."""
     reference = {
         (r["model"], r["method"], r["dtypes"]): r["median_ms"]
-        for r in rows if r["impl"] == TORCH_REFERENCE and "median_ms" in r
+        for r in rows
+        if r["impl"] == TORCH_REFERENCE and "median_ms" in r
     }
     for row in rows:
         key = (row["model"], row["method"], row["dtypes"])

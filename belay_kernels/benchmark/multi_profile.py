@@ -90,11 +90,20 @@ def _row(**fields) -> dict:
 
 
 def _timed(row, step, device, min_run_time, rotate=True):
-    timing = time_step(lambda: step, device=device, state_bytes=row["bytes"],
-                       min_run_time=min_run_time, rotate=rotate)
-    row.update(median_ms=timing.median_s * 1e3, p20_ms=timing.p20_s * 1e3,
-               p80_ms=timing.p80_s * 1e3, samples=timing.samples,
-               gbps=row["bytes"] / timing.median_s / 1e9)
+    timing = time_step(
+        lambda: step,
+        device=device,
+        state_bytes=row["bytes"],
+        min_run_time=min_run_time,
+        rotate=rotate,
+    )
+    row.update(
+        median_ms=timing.median_s * 1e3,
+        p20_ms=timing.p20_s * 1e3,
+        p80_ms=timing.p80_s * 1e3,
+        samples=timing.samples,
+        gbps=row["bytes"] / timing.median_s / 1e9,
+    )
     return row
 
 
@@ -109,11 +118,21 @@ def run_flat(*, device, numel, profiles, backends, compiled, min_run_time, log) 
         for backend in backends:
             reason = multi_backend_reason(backend, device)
             for kind, step in flat_steps(backend, shadows, weights, decays).items():
-                name = (f"belay_kernels[{backend}] multi_ema_update_" if kind == "fused"
-                        else f"belay_kernels[{backend}] {k} x ema_update_")
+                name = (
+                    f"belay_kernels[{backend}] multi_ema_update_"
+                    if kind == "fused"
+                    else f"belay_kernels[{backend}] {k} x ema_update_"
+                )
                 nbytes = fused_bytes(numel, k) if kind == "fused" else separate_bytes(numel, k)
-                row = _row(method=method, numel=numel, impl=name, kind="ours", backend=backend,
-                           pass_kind=kind, bytes=nbytes)
+                row = _row(
+                    method=method,
+                    numel=numel,
+                    impl=name,
+                    kind="ours",
+                    backend=backend,
+                    pass_kind=kind,
+                    bytes=nbytes,
+                )
                 if reason and kind == "fused":
                     row["note"] = reason
                     rows.append(row)
@@ -129,10 +148,17 @@ def run_flat(*, device, numel, profiles, backends, compiled, min_run_time, log) 
                 rows.append(_timed(row, step, device, min_run_time))
                 log(f"  {method} {name}: {row['median_ms']:.2f} ms, {row['gbps']:.1f} GB/s")
         if compiled:
-            row = _row(method=method, numel=numel, impl=COMPILED, kind="peer",
-                       pass_kind="compiled", bytes=fused_bytes(numel, k))
-            fn = _compiled.setdefault(k, torch.compile(_k_profile_formula, fullgraph=True,
-                                                       dynamic=False))
+            row = _row(
+                method=method,
+                numel=numel,
+                impl=COMPILED,
+                kind="peer",
+                pass_kind="compiled",
+                bytes=fused_bytes(numel, k),
+            )
+            fn = _compiled.setdefault(
+                k, torch.compile(_k_profile_formula, fullgraph=True, dynamic=False)
+            )
             rates = [1 - d for d in decays]
 
             def step(fn=fn, shadows=shadows, weights=weights, rates=rates):
@@ -146,8 +172,10 @@ def run_flat(*, device, numel, profiles, backends, compiled, min_run_time, log) 
                 log(f"  {method} {COMPILED}: -- ({exc})")
             else:
                 rows.append(_timed(row, step, device, min_run_time))
-                log(f"  {method} {COMPILED}: {row['median_ms']:.2f} ms "
-                    f"(compiled in {row['compile_s']:.1f} s)")
+                log(
+                    f"  {method} {COMPILED}: {row['median_ms']:.2f} ms "
+                    f"(compiled in {row['compile_s']:.1f} s)"
+                )
         del weights, shadows
         gc.collect()
     add_ratios(rows)
@@ -157,8 +185,9 @@ def run_flat(*, device, numel, profiles, backends, compiled, min_run_time, log) 
 def _ours_posthoc(model, k, folder):
     from ..posthoc import PostHocEMA
 
-    return PostHocEMA(model, sigma_rels=SIGMA_RELS[:k], snapshot_every=NEVER,
-                      snapshot_dir=folder).step
+    return PostHocEMA(
+        model, sigma_rels=SIGMA_RELS[:k], snapshot_every=NEVER, snapshot_dir=folder
+    ).step
 
 
 def _ema_pytorch_posthoc(model, k, folder):
@@ -166,8 +195,13 @@ def _ema_pytorch_posthoc(model, k, folder):
         from ema_pytorch import PostHocEMA
     except ImportError as exc:
         raise Unsupported(f"not installed ({one_phrase(exc)})") from exc
-    peer = PostHocEMA(model, sigma_rels=SIGMA_RELS[:k], update_every=1,
-                      checkpoint_every_num_steps=NEVER, checkpoint_folder=folder)
+    peer = PostHocEMA(
+        model,
+        sigma_rels=SIGMA_RELS[:k],
+        update_every=1,
+        checkpoint_every_num_steps=NEVER,
+        checkpoint_folder=folder,
+    )
     peer.update()  # the first update only copies the model into each profile
     return peer.update
 
@@ -181,8 +215,15 @@ def run_model(*, device, model_name, profiles, min_run_time, log, peers=True) ->
         builders.append((EMA_PYTORCH + ".update", "peer", _ema_pytorch_posthoc))
     for k in profiles:
         for impl, kind, build in builders:
-            row = _row(method=f"multi_ema K={k}", model=model_name, numel=numel, impl=impl,
-                       kind=kind, pass_kind="model", bytes=fused_bytes(numel, k))
+            row = _row(
+                method=f"multi_ema K={k}",
+                model=model_name,
+                numel=numel,
+                impl=impl,
+                kind=kind,
+                pass_kind="model",
+                bytes=fused_bytes(numel, k),
+            )
             with tempfile.TemporaryDirectory() as folder:
                 try:
                     step = build(copy.deepcopy(model), k, folder)
@@ -210,8 +251,11 @@ def add_ratios(rows) -> None:
     for r in timed:
         same = [o for o in timed if o["method"] == r["method"] and o.get("model") == r.get("model")]
         if r.get("pass_kind") == "fused":
-            sep = [o for o in same if o.get("pass_kind") == "separate"
-                   and o.get("backend") == r["backend"]]
+            sep = [
+                o
+                for o in same
+                if o.get("pass_kind") == "separate" and o.get("backend") == r["backend"]
+            ]
             if sep:
                 r["vs_separate"] = sep[0]["median_ms"] / r["median_ms"]
         if r["kind"] == "ours":
@@ -223,8 +267,19 @@ def add_ratios(rows) -> None:
 
 
 def format_table(rows) -> str:
-    head = ["case", "size", "impl", "median_ms", "p20", "p80", "bytes/elem", "GB/s",
-            "vs_separate", "vs_compile", "vs_ema_pytorch"]
+    head = [
+        "case",
+        "size",
+        "impl",
+        "median_ms",
+        "p20",
+        "p80",
+        "bytes/elem",
+        "GB/s",
+        "vs_separate",
+        "vs_compile",
+        "vs_ema_pytorch",
+    ]
     fmt = lambda v, d=2: "" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines = []
     for r in rows:
@@ -233,13 +288,21 @@ def format_table(rows) -> str:
         if "median_ms" not in r:
             lines.append(cells + ["-- " + r["note"]])
             continue
-        cells += [fmt(r["median_ms"]), fmt(r["p20_ms"]), fmt(r["p80_ms"]),
-                  str(r["bytes"] // r["numel"]), fmt(r["gbps"], 1),
-                  fmt(r.get("vs_separate")), fmt(r.get("vs_compile")),
-                  fmt(r.get("vs_ema_pytorch"))]
+        cells += [
+            fmt(r["median_ms"]),
+            fmt(r["p20_ms"]),
+            fmt(r["p80_ms"]),
+            str(r["bytes"] // r["numel"]),
+            fmt(r["gbps"], 1),
+            fmt(r.get("vs_separate")),
+            fmt(r.get("vs_compile")),
+            fmt(r.get("vs_ema_pytorch")),
+        ]
         lines.append(cells)
-    widths = [max(len(c[i]) for c in [head] + [x for x in lines if len(x) == len(head)])
-              for i in range(len(head))]
+    widths = [
+        max(len(c[i]) for c in [head] + [x for x in lines if len(x) == len(head)])
+        for i in range(len(head))
+    ]
     out = ["  ".join(c.ljust(w) for c, w in zip(head, widths))]
     out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in lines]
     return "\n".join(line.rstrip() for line in out)
@@ -247,11 +310,22 @@ def format_table(rows) -> str:
 
 def run_multi(*, device, numel, profiles, backends, peers, models, min_run_time, log):
     """The flat cases at ``numel`` elements, then the model cases on ``models``."""
-    rows = run_flat(device=device, numel=numel, profiles=profiles, backends=backends,
-                    compiled=COMPILED in peers or "torch.compile" in peers,
-                    min_run_time=min_run_time, log=log)
+    rows = run_flat(
+        device=device,
+        numel=numel,
+        profiles=profiles,
+        backends=backends,
+        compiled=COMPILED in peers or "torch.compile" in peers,
+        min_run_time=min_run_time,
+        log=log,
+    )
     for name in models:
-        rows += run_model(device=device, model_name=name, profiles=profiles,
-                          min_run_time=max(min_run_time, 0.5), log=log,
-                          peers=any(p.startswith("ema-pytorch") for p in peers))
+        rows += run_model(
+            device=device,
+            model_name=name,
+            profiles=profiles,
+            min_run_time=max(min_run_time, 0.5),
+            log=log,
+            peers=any(p.startswith("ema-pytorch") for p in peers),
+        )
     return rows

@@ -35,6 +35,4 @@ def count_kernel_launches(step) -> int | None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    return sum(
-        1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA
-    )
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)

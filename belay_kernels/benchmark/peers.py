@@ -21,8 +21,12 @@ class Unsupported(Exception):
     """This peer cannot run this method or dtype pair through its API."""
 
 
-SHORT_DTYPE = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
-               torch.float16: "fp16"}
+SHORT_DTYPE = {
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+}
 
 
 def _short(dtype: torch.dtype) -> str:
@@ -34,8 +38,10 @@ def _require_dtype(name: str, tensors, shadow_dtype: torch.dtype) -> None:
     if found != {shadow_dtype}:
         kept = "/".join(sorted(map(_short, found)))
         # these peers copy the model, so what they keep is the weights' dtype
-        raise Unsupported(f"no {_short(shadow_dtype)} shadow for {kept} weights ({name} "
-                          "keeps the shadow in the weights' dtype)")
+        raise Unsupported(
+            f"no {_short(shadow_dtype)} shadow for {kept} weights ({name} "
+            "keeps the shadow in the weights' dtype)"
+        )
 
 
 def one_phrase(exc: Exception) -> str:
@@ -62,8 +68,9 @@ def _lerp_operands(name: str, method: str, model: nn.Module, shadow_dtype: torch
     kinds = {p.dtype for p in weights}
     if kinds != {shadow_dtype}:  # torch's lerp_ takes its operands in one dtype
         kept = "/".join(sorted(map(_short, kinds)))
-        raise Unsupported(f"no {_short(shadow_dtype)} shadow for {kept} weights "
-                          "(lerp_ needs one dtype)")
+        raise Unsupported(
+            f"no {_short(shadow_dtype)} shadow for {kept} weights (lerp_ needs one dtype)"
+        )
     return weight, weights, [p.detach().to(shadow_dtype, copy=True) for p in weights]
 
 
@@ -116,8 +123,14 @@ def ema_pytorch_foreach(method: str, model: nn.Module, shadow_dtype: torch.dtype
     # and let it cast the model's values on the fly.
     ema_model = copy.deepcopy(model).to(shadow_dtype) if mixed else None
     ema = EMA(
-        model, ema_model=ema_model, beta=DECAY, update_after_step=0, update_every=1,
-        use_foreach=True, coerce_dtype=mixed, include_online_model=False,
+        model,
+        ema_model=ema_model,
+        beta=DECAY,
+        update_after_step=0,
+        update_every=1,
+        use_foreach=True,
+        coerce_dtype=mixed,
+        include_online_model=False,
     )
     _require_dtype("ema-pytorch", ema.ema_model.parameters(), shadow_dtype)
     ema.update()  # the first update only copies the model into the shadow

@@ -7,10 +7,29 @@ import json
 from pathlib import Path
 
 COLUMNS = (
-    "mode", "model", "method", "dtypes", "numel", "tensors", "impl", "kind", "median_ms",
-    "p20_ms", "p80_ms", "samples", "bytes", "gbps", "pct_stream", "ops_per_step",
-    "kernels_per_step", "best_peer", "speedup_vs_best_peer", "speedup_vs_torch_reference",
-    "speedup_vs_torch_compile", "compile_s", "note",
+    "mode",
+    "model",
+    "method",
+    "dtypes",
+    "numel",
+    "tensors",
+    "impl",
+    "kind",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "samples",
+    "bytes",
+    "gbps",
+    "pct_stream",
+    "ops_per_step",
+    "kernels_per_step",
+    "best_peer",
+    "speedup_vs_best_peer",
+    "speedup_vs_torch_reference",
+    "speedup_vs_torch_compile",
+    "compile_s",
+    "note",
 )
 
 
@@ -23,22 +42,30 @@ def add_stream_fraction(rows, stream_gbps: float) -> None:
 def header(machine: dict) -> str:
     """Where the numbers come from, one fact per line."""
     backends = machine["backends"]
-    timed = [name for name, status in backends.items()
-             if status.startswith("available") and machine["device_type"] in status]
-    absent = [f"{name} ({status.removeprefix('unavailable: ')})"
-              if status.startswith("unavailable") else
-              f"{name} (runs on {status.removeprefix('available (').rstrip(')')} only)"
-              for name, status in backends.items() if name not in timed]
+    timed = [
+        name
+        for name, status in backends.items()
+        if status.startswith("available") and machine["device_type"] in status
+    ]
+    absent = [
+        f"{name} ({status.removeprefix('unavailable: ')})"
+        if status.startswith("unavailable")
+        else f"{name} (runs on {status.removeprefix('available (').rstrip(')')} only)"
+        for name, status in backends.items()
+        if name not in timed
+    ]
     gpu = f", {machine['gpu']}" if machine["gpu"] else ""
-    return "\n".join([
-        f"belay-kernels bench, {machine['date']}",
-        f"  machine   {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB"
-        f"{gpu}; last-level cache {machine['cache_bytes'] / 2**20:.0f} MiB",
-        f"  threads   {machine['torch_threads']} torch CPU threads; device {machine['device']}",
-        f"  versions  torch {machine['versions']['torch']}, python {machine['python']}",
-        f"  backends  timed: {', '.join(timed)}"
-        + (f"; not timed: {'; '.join(absent)}" if absent else ""),
-    ])
+    return "\n".join(
+        [
+            f"belay-kernels bench, {machine['date']}",
+            f"  machine   {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB"
+            f"{gpu}; last-level cache {machine['cache_bytes'] / 2**20:.0f} MiB",
+            f"  threads   {machine['torch_threads']} torch CPU threads; device {machine['device']}",
+            f"  versions  torch {machine['versions']['torch']}, python {machine['python']}",
+            f"  backends  timed: {', '.join(timed)}"
+            + (f"; not timed: {'; '.join(absent)}" if absent else ""),
+        ]
+    )
 
 
 def _fmt(value, digits=2):
@@ -51,13 +78,21 @@ def format_table(rows) -> str:
     """One line per measured point; empty cells where a peer has no such method."""
     model_mode = any(r["mode"] == "model" for r in rows)
     head = ("model " if model_mode else "") + "method dtypes size impl median p20 p80 GB/s %stream"
-    header = head.split() + (["ops/step", "vs_torch"] if model_mode else [
-        "compile_s", "vs_compile"]) + ["vs_best_peer"]
+    header = (
+        head.split()
+        + (["ops/step", "vs_torch"] if model_mode else ["compile_s", "vs_compile"])
+        + ["vs_best_peer"]
+    )
     lines = []
     for r in rows:
         cells = ([r.get("model", "")] if model_mode else []) + [
-            r["method"], r["dtypes"], f"{r['numel']:.1e}", r["impl"],
-            _fmt(r.get("median_ms"), 3), _fmt(r.get("p20_ms"), 3), _fmt(r.get("p80_ms"), 3),
+            r["method"],
+            r["dtypes"],
+            f"{r['numel']:.1e}",
+            r["impl"],
+            _fmt(r.get("median_ms"), 3),
+            _fmt(r.get("p20_ms"), 3),
+            _fmt(r.get("p80_ms"), 3),
             _fmt(r.get("gbps"), 1),
             _fmt(r.get("pct_stream"), 0) + ("*" if r.get("fits_in_cache") and "gbps" in r else ""),
         ]
@@ -65,7 +100,9 @@ def format_table(rows) -> str:
             cells += [str(r.get("ops_per_step", "")), _fmt(r.get("speedup_vs_torch_reference"))]
         else:
             cells += [_fmt(r.get("compile_s"), 1), _fmt(r.get("speedup_vs_torch_compile"))]
-        cells.append(_fmt(r.get("speedup_vs_best_peer")) + ("x" if "speedup_vs_best_peer" in r else ""))
+        cells.append(
+            _fmt(r.get("speedup_vs_best_peer")) + ("x" if "speedup_vs_best_peer" in r else "")
+        )
         if "median_ms" not in r:
             cells[-1] = "-- " + r["note"]
         lines.append(cells)
@@ -118,8 +155,10 @@ def markdown_model_table(rows) -> str:
         if r["mode"] != "model":
             continue
         if "median_ms" not in r:
-            lines.append(f"| {r['model']} | {r['dtypes']} | {r['method']} | {r['impl']} | "
-                         f"— ({r['note']}) | | | | |")
+            lines.append(
+                f"| {r['model']} | {r['dtypes']} | {r['method']} | {r['impl']} | "
+                f"— ({r['note']}) | | | | |"
+            )
             continue
         lines.append(
             f"| {r['model']} | {r['dtypes']} | {r['method']} | {r['impl']} | {_ms(r)} | "
@@ -144,24 +183,49 @@ def target_ratios(rows, reference_impl="belay_kernels[torch]") -> list[dict]:
         if method == "ema":
             target, goal, field = "EMA on ResNet-50 vs fastest peer", 1.4, "speedup_vs_best_peer"
         else:
-            target, goal, field = f"BELAY on {model} vs torch reference", 2.0, "speedup_vs_torch_reference"
+            target, goal, field = (
+                f"BELAY on {model} vs torch reference",
+                2.0,
+                "speedup_vs_torch_reference",
+            )
         if not ours:
-            results.append({"target": target, "dtypes": pair, "ours": "no compiled backend",
-                            "against": "", "ratio": None, "goal": goal})
+            results.append(
+                {
+                    "target": target,
+                    "dtypes": pair,
+                    "ours": "no compiled backend",
+                    "against": "",
+                    "ratio": None,
+                    "goal": goal,
+                }
+            )
             continue
         best = min(ours, key=lambda r: r["median_ms"])
         against = best.get("best_peer", "") if method == "ema" else reference_impl
-        results.append({"target": target, "dtypes": pair, "ours": best["impl"],
-                        "against": against, "ratio": best.get(field), "goal": goal})
+        results.append(
+            {
+                "target": target,
+                "dtypes": pair,
+                "ours": best["impl"],
+                "against": against,
+                "ratio": best.get(field),
+                "goal": goal,
+            }
+        )
     return results
 
 
 def markdown_targets(rows) -> str:
-    lines = ["| target | dtypes | ours | against | measured | goal | met |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| target | dtypes | ours | against | measured | goal | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for t in target_ratios(rows):
         met = "" if t["ratio"] is None else ("yes" if t["ratio"] >= t["goal"] else "NO")
-        lines.append(f"| {t['target']} | {t['dtypes']} | {t['ours']} | {t['against']} | "
-                     f"{_ratio(t['ratio'])} | {t['goal']}x | {met} |")
+        lines.append(
+            f"| {t['target']} | {t['dtypes']} | {t['ours']} | {t['against']} | "
+            f"{_ratio(t['ratio'])} | {t['goal']}x | {met} |"
+        )
     return "\n".join(lines)
 
 
@@ -176,8 +240,9 @@ def markdown_sweep_summary(rows, numel: int) -> str:
         if r["mode"] != "sweep" or r["numel"] != numel:
             continue
         if "median_ms" not in r:
-            lines.append(f"| {r['method']} | {r['dtypes']} | {r['impl']} | — ({r['note']}) "
-                         "| | | | | |")
+            lines.append(
+                f"| {r['method']} | {r['dtypes']} | {r['impl']} | — ({r['note']}) | | | | | |"
+            )
             continue
         lines.append(
             f"| {r['method']} | {r['dtypes']} | {r['impl']} | {_ms(r)} | {r['gbps']:.1f} | "
@@ -203,10 +268,22 @@ def write_markdown(path: Path, machine: dict, stream: dict, rows, command: str) 
         f"{stream['gbps']:.1f} GB/s (best of {stream['runs_gbps']})",
     ]
     if any(r["mode"] == "model" for r in rows):
-        parts += ["", "### Targets", "", markdown_targets(rows),
-                  "", "### Model level", "", markdown_model_table(rows)]
+        parts += [
+            "",
+            "### Targets",
+            "",
+            markdown_targets(rows),
+            "",
+            "### Model level",
+            "",
+            markdown_model_table(rows),
+        ]
     sizes = sorted({r["numel"] for r in rows if r["mode"] == "sweep"})
     if sizes:
-        parts += ["", f"### Sweep at {sizes[-1]:.0e} elements", "",
-                  markdown_sweep_summary(rows, sizes[-1])]
+        parts += [
+            "",
+            f"### Sweep at {sizes[-1]:.0e} elements",
+            "",
+            markdown_sweep_summary(rows, sizes[-1]),
+        ]
     path.write_text("\n".join(parts) + "\n")

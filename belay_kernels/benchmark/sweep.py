@@ -20,15 +20,23 @@ DTYPE_PAIRS = {
 
 def _record(method, pair, numel, impl, kind, nbytes, timing=None, note="", compile_s=None):
     row = {
-        "mode": "sweep", "method": method, "dtypes": pair, "numel": numel, "impl": impl,
-        "kind": kind, "bytes": nbytes, "note": note,
+        "mode": "sweep",
+        "method": method,
+        "dtypes": pair,
+        "numel": numel,
+        "impl": impl,
+        "kind": kind,
+        "bytes": nbytes,
+        "note": note,
     }
     if compile_s is not None:
         row["compile_s"] = compile_s
     if timing is not None:
         row.update(
-            median_ms=timing.median_s * 1e3, p20_ms=timing.p20_s * 1e3,
-            p80_ms=timing.p80_s * 1e3, samples=timing.samples,
+            median_ms=timing.median_s * 1e3,
+            p20_ms=timing.p20_s * 1e3,
+            p80_ms=timing.p80_s * 1e3,
+            samples=timing.samples,
             gbps=nbytes / timing.median_s / 1e9,
         )
     return row
@@ -52,24 +60,39 @@ def run_sweep(*, device, sizes, methods, pairs, peers, min_run_time, log=print, 
                 for backend in backends:
                     impl = f"belay_kernels[{backend}]"
                     if reasons[backend]:
-                        rows.append(_record(method, pair, numel, impl, "ours", nbytes,
-                                            note=reasons[backend]))
+                        rows.append(
+                            _record(
+                                method, pair, numel, impl, "ours", nbytes, note=reasons[backend]
+                            )
+                        )
                         log(_progress(rows[-1]))
                         continue
                     make = lambda b=backend: our_step(  # noqa: E731
-                        method, b,
+                        method,
+                        b,
                         make_operands(method, numel, weights_dtype, shadow_dtype, device),
                     )
-                    timing = time_step(make, device=device, state_bytes=state,
-                                       min_run_time=min_run_time)
+                    timing = time_step(
+                        make, device=device, state_bytes=state, min_run_time=min_run_time
+                    )
                     rows.append(_record(method, pair, numel, impl, "ours", nbytes, timing))
                     log(_progress(rows[-1]))
                 for peer in peers:
                     if method not in peer_methods(peer):
                         continue
                     time_peer = _time_compiled if peer in compiled.COMPILED_PEERS else _time_peer
-                    row = time_peer(peer, method, pair, numel, nbytes, state, device,
-                                    weights_dtype, shadow_dtype, min_run_time)
+                    row = time_peer(
+                        peer,
+                        method,
+                        pair,
+                        numel,
+                        nbytes,
+                        state,
+                        device,
+                        weights_dtype,
+                        shadow_dtype,
+                        min_run_time,
+                    )
                     rows.append(row)
                     log(_progress(row))
                 for row in rows[first:]:
@@ -100,8 +123,9 @@ def points_per_case(*, device, methods, peers, backends=None, mode="sweep") -> i
     return sum(ours + sum(method in peer_methods(p) for p in peers) for method in methods)
 
 
-def _time_peer(peer, method, pair, numel, nbytes, state, device, weights_dtype,
-               shadow_dtype, min_run_time):
+def _time_peer(
+    peer, method, pair, numel, nbytes, state, device, weights_dtype, shadow_dtype, min_run_time
+):
     def make():
         weights = make_operands("ema", numel, weights_dtype, weights_dtype, device)["weights"]
         return peer_step(peer, method, FlatModel(weights), shadow_dtype)
@@ -113,8 +137,9 @@ def _time_peer(peer, method, pair, numel, nbytes, state, device, weights_dtype,
     return _record(method, pair, numel, peer, "peer", nbytes, timing)
 
 
-def _time_compiled(peer, method, pair, numel, nbytes, state, device, weights_dtype,
-                   shadow_dtype, min_run_time):
+def _time_compiled(
+    peer, method, pair, numel, nbytes, state, device, weights_dtype, shadow_dtype, min_run_time
+):
     """The torch.compile peer on our operands, compiled afresh for this point; the first
     call's time is its ``compile_s``, timed apart from the steps."""
     compile_s = []
@@ -134,8 +159,9 @@ def _time_compiled(peer, method, pair, numel, nbytes, state, device, weights_dty
     return _record(method, pair, numel, peer, "peer", nbytes, timing, compile_s=compile_s[0])
 
 
-def add_speedups(rows, key=("mode", "method", "dtypes", "numel"),
-                 field="speedup_vs_best_peer", only=None) -> None:
+def add_speedups(
+    rows, key=("mode", "method", "dtypes", "numel"), field="speedup_vs_best_peer", only=None
+) -> None:
     """Each timed row of ours gets ``field``: the best peer's time / ours for the same
     point (only the peer ``only``, if given), and for the best peer, its name."""
     best = {}

@@ -158,7 +158,9 @@ def streaming_bandwidth(
         return lambda: destination.copy_(source)
 
     timing = time_step(
-        make_copy, device=device, state_bytes=copy_bytes(numel, torch.float32),
+        make_copy,
+        device=device,
+        state_bytes=copy_bytes(numel, torch.float32),
         min_run_time=min_run_time,
     )
     return copy_bytes(numel, torch.float32) / timing.median_s / 1e9, timing

@@ -55,38 +55,55 @@ def run(name: str, *, quick: bool = False, out_dir: Path | str | None = None):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        prog="belay-kernels reproduce", description=DESCRIPTION, epilog=EPILOG,
+        prog="belay-kernels reproduce",
+        description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("name", choices=[*EXPERIMENTS, "all"], metavar="NAME",
-                        help="one experiment (" + ", ".join(EXPERIMENTS) + ") or all")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer seeds and steps: a smoke run of seconds per experiment, "
-                        "whose numbers are not the documented ones")
+    parser.add_argument(
+        "name",
+        choices=[*EXPERIMENTS, "all"],
+        metavar="NAME",
+        help="one experiment (" + ", ".join(EXPERIMENTS) + ") or all",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer seeds and steps: a smoke run of seconds per experiment, "
+        "whose numbers are not the documented ones",
+    )
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", default=None, metavar="DIR",
-                       help="folder for the figures and tables (default: "
-                       "./belay-results/reproduce)")
-    where.add_argument("--update-docs", action="store_true",
-                       help="regenerate the committed docs/results/ of this source checkout "
-                       "(not with --quick)")
+    where.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="folder for the figures and tables (default: ./belay-results/reproduce)",
+    )
+    where.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="regenerate the committed docs/results/ of this source checkout (not with --quick)",
+    )
     args = parser.parse_args(argv)
     if args.update_docs:
         if args.quick:
-            parser.error("--update-docs regenerates the documented full-run results; "
-                         "drop --quick (a quick run writes to belay-results/reproduce/quick)")
+            parser.error(
+                "--update-docs regenerates the documented full-run results; "
+                "drop --quick (a quick run writes to belay-results/reproduce/quick)"
+            )
         docs = checkout_docs_results()
         if docs is None:
-            parser.error("--update-docs needs a source checkout (an editable install with "
-                         "its docs/results/); this copy of belay_kernels has none")
+            parser.error(
+                "--update-docs needs a source checkout (an editable install with "
+                "its docs/results/); this copy of belay_kernels has none"
+            )
         args.out = docs
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    folder = Path(args.out) if args.update_docs else output_dir("reproduce", args.out,
-                                                                args.quick)
+    folder = Path(args.out) if args.update_docs else output_dir("reproduce", args.out, args.quick)
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     total = time.perf_counter()
     with progress(len(names), "reproduce", enabled=len(names) > 1) as bar:
@@ -98,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
     if len(names) > 1:
         print(f"[all: {time.perf_counter() - total:.1f} s]")
-    files = ", ".join(f"{n}.png, {n}.md" for n in names) if len(names) == 1 else \
-        "NAME.png and NAME.md for each experiment"
+    files = (
+        ", ".join(f"{n}.png, {n}.md" for n in names)
+        if len(names) == 1
+        else "NAME.png and NAME.md for each experiment"
+    )
     print(f"wrote {files} to {folder}/", file=sys.stderr)
     return 0

@@ -127,8 +127,14 @@ class RowOptimizer:
     """SGD or Adam (torch's defaults: betas 0.9, 0.999, eps 1e-8) with one learning rate
     and one choice of algorithm per row, so arms with different settings share a tensor."""
 
-    def __init__(self, param: torch.Tensor, lrs: torch.Tensor, adam: torch.Tensor,
-                 betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(
+        self,
+        param: torch.Tensor,
+        lrs: torch.Tensor,
+        adam: torch.Tensor,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+    ):
         self.param, self.lrs, self.adam = param, lrs.unsqueeze(1), adam.unsqueeze(1)
         self.betas, self.eps, self.steps = betas, eps, 0
         self.first = torch.zeros_like(param)
@@ -146,9 +152,17 @@ class RowOptimizer:
         self.param.data.sub_(self.lrs * direction)
 
 
-def run_arms(function: TestFunction, arms: list[Arm], *, seeds: int, steps: int, noise: float,
-             gen: torch.Generator, record_every: int = 10, make_averager=_make_averager
-             ) -> ArmResults:
+def run_arms(
+    function: TestFunction,
+    arms: list[Arm],
+    *,
+    seeds: int,
+    steps: int,
+    noise: float,
+    gen: torch.Generator,
+    record_every: int = 10,
+    make_averager=_make_averager,
+) -> ArmResults:
     """Train every arm for ``steps`` steps from ``function.start`` (``seeds`` rows each)."""
     groups: dict[tuple, list[int]] = {}
     for i, arm in enumerate(arms):
@@ -159,8 +173,11 @@ def run_arms(function: TestFunction, arms: list[Arm], *, seeds: int, steps: int,
         start = torch.tensor(function.start, dtype=torch.float64).expand(len(idx) * seeds, 2)
         param = parameter(start)
         per_row = lambda values: torch.tensor(values, dtype=torch.float64).repeat_interleave(seeds)
-        optimizer = RowOptimizer(param, per_row([arms[i].lr for i in idx]),
-                                 per_row([arms[i].optimizer == "adam" for i in idx]).bool())
+        optimizer = RowOptimizer(
+            param,
+            per_row([arms[i].lr for i in idx]),
+            per_row([arms[i].optimizer == "adam" for i in idx]).bool(),
+        )
         trainers.append((param, optimizer, make_averager(method, [param], alpha, beta)))
     evaluated_views = [a.shadow_params()[0] if a is not None else p for p, _, a in trainers]
     data = [p.data for p, _, _ in trainers]
@@ -189,7 +206,17 @@ def run_arms(function: TestFunction, arms: list[Arm], *, seeds: int, steps: int,
                 far = (xs.abs().amax(-1) > DIVERGED) | (ev.abs().amax(-1) > DIVERGED)
                 far |= ~torch.isfinite(xs).all(-1)
                 diverged |= far.reshape(len(arms), seeds).numpy()[unsort]
-    final = lambda tensors: torch.cat([t.detach() for t in tensors]).reshape(
-        len(arms), seeds, 2)[torch.from_numpy(unsort)].clone()
-    return ArmResults(arms, evaluated, live, diverged, record_every * np.arange(1, records + 1),
-                      final(data), final(evaluated_views))
+    final = lambda tensors: (
+        torch.cat([t.detach() for t in tensors])
+        .reshape(len(arms), seeds, 2)[torch.from_numpy(unsort)]
+        .clone()
+    )
+    return ArmResults(
+        arms,
+        evaluated,
+        live,
+        diverged,
+        record_every * np.arange(1, records + 1),
+        final(data),
+        final(evaluated_views),
+    )

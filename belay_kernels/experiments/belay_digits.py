@@ -31,10 +31,15 @@ def load_data():
 
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
-        x / 16.0, y, test_size=0.25, random_state=0, stratify=y)
+        x / 16.0, y, test_size=0.25, random_state=0, stratify=y
+    )
     as_t = lambda a, dtype: torch.tensor(a, dtype=dtype)
-    return (as_t(x_train, torch.float32), as_t(y_train, torch.long),
-            as_t(x_test, torch.float32), as_t(y_test, torch.long))
+    return (
+        as_t(x_train, torch.float32),
+        as_t(y_train, torch.long),
+        as_t(x_test, torch.float32),
+        as_t(y_test, torch.long),
+    )
 
 
 def make_model(seed: int) -> nn.Module:
@@ -52,7 +57,7 @@ def sgd_epoch(model, optimizer, x_train, y_train, order, averagers) -> None:
     steps after each optimizer step."""
     perm = torch.randperm(len(x_train), generator=order)
     for start in range(0, len(perm), BATCH):
-        idx = perm[start:start + BATCH]
+        idx = perm[start : start + BATCH]
         loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -68,9 +73,9 @@ def train(seed, epochs, data, averagers_for):
     model = make_model(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0 / (2.0 * M1))
     averagers = averagers_for(model)
-    acc = {"live": [accuracy(model, x_test, y_test)]} | {n: [acc_] for n, acc_ in
-                                                         ((n, accuracy(model, x_test, y_test))
-                                                          for n in averagers)}
+    acc = {"live": [accuracy(model, x_test, y_test)]} | {
+        n: [acc_] for n, acc_ in ((n, accuracy(model, x_test, y_test)) for n in averagers)
+    }
     order = torch.Generator().manual_seed(1000 + seed)  # the same batches for every run
     for _ in range(epochs):
         sgd_epoch(model, optimizer, x_train, y_train, order, averagers.values())
@@ -89,23 +94,49 @@ def run(quick: bool, out_dir) -> Result:
     curves: dict[str, list] = {}
     with torch_threads():
         for seed in seeds:
-            acc = train(seed, epochs, data, lambda model: {
-                f"EMA decay {1 - alphas[m2]:g}": EMA(model, decay=1 - alphas[m2]) for m2 in MASSES})
+            acc = train(
+                seed,
+                epochs,
+                data,
+                lambda model: {
+                    f"EMA decay {1 - alphas[m2]:g}": EMA(model, decay=1 - alphas[m2])
+                    for m2 in MASSES
+                },
+            )
             curves.setdefault("SGD, no averaging (live)", []).append(acc.pop("live"))
             for name, values in acc.items():
                 curves.setdefault(name, []).append(values)
             for m2 in MASSES:
-                acc = train(seed, epochs, data, lambda model, m2=m2: {
-                    "shadow": Belay.from_physics(model, k=K, m1=M1, m2=m2)})
+                acc = train(
+                    seed,
+                    epochs,
+                    data,
+                    lambda model, m2=m2: {"shadow": Belay.from_physics(model, k=K, m1=M1, m2=m2)},
+                )
                 curves.setdefault(f"BELAY m2={m2:g} (shadow)", []).append(acc["shadow"])
                 curves.setdefault(f"BELAY m2={m2:g} (live)", []).append(acc["live"])
     arrays = {name: 100 * np.array(v) for name, v in curves.items()}  # (seeds, epochs + 1)
     early = min(3, epochs)
-    rows = [[name, mean_std(a[:, 1], "{:.1f}"), mean_std(a[:, early], "{:.1f}"),
-             mean_std(a[:, -1], "{:.2f}"), mean_std(a.max(1), "{:.2f}")]
-            for name, a in arrays.items()]
-    table = markdown_table(["weights", "test acc. % after 1 epoch", f"after {early} epochs",
-                            f"after {epochs} epochs", "best epoch"], rows)
+    rows = [
+        [
+            name,
+            mean_std(a[:, 1], "{:.1f}"),
+            mean_std(a[:, early], "{:.1f}"),
+            mean_std(a[:, -1], "{:.2f}"),
+            mean_std(a.max(1), "{:.2f}"),
+        ]
+        for name, a in arrays.items()
+    ]
+    table = markdown_table(
+        [
+            "weights",
+            "test acc. % after 1 epoch",
+            f"after {early} epochs",
+            f"after {epochs} epochs",
+            "best epoch",
+        ],
+        rows,
+    )
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
     epochs_axis = np.arange(epochs + 1)
@@ -116,20 +147,28 @@ def run(quick: bool, out_dir) -> Result:
             name = f"BELAY m2={m2:g} ({'shadow' if kind == 'averaged' else 'live'})"
             a = arrays[name]
             ax.plot(epochs_axis, a.mean(0), "-", color=f"C{j}", label=name)
-            ax.fill_between(epochs_axis, a.mean(0) - a.std(0), a.mean(0) + a.std(0),
-                            color=f"C{j}", alpha=0.15)
+            ax.fill_between(
+                epochs_axis, a.mean(0) - a.std(0), a.mean(0) + a.std(0), color=f"C{j}", alpha=0.15
+            )
             if kind == "averaged":
                 e = arrays[f"EMA decay {1 - alphas[m2]:g}"]
-                ax.plot(epochs_axis, e.mean(0), "--", color=f"C{j}",
-                        label=f"EMA decay {1 - alphas[m2]:g} (same alpha)")
-        ax.set(xlabel="epoch", ylim=(80, 100), title=f"{kind} weights (mean ± std, {len(seeds)} seeds)")
+                ax.plot(
+                    epochs_axis,
+                    e.mean(0),
+                    "--",
+                    color=f"C{j}",
+                    label=f"EMA decay {1 - alphas[m2]:g} (same alpha)",
+                )
+        ax.set(
+            xlabel="epoch", ylim=(80, 100), title=f"{kind} weights (mean ± std, {len(seeds)} seeds)"
+        )
         ax.legend(fontsize=7, loc="lower right")
     axes[0].set_ylabel("test accuracy (%)")
     fig.tight_layout()
     intro = f"""sklearn digits (1347 train / 450 test, 8x8), MLP 64-64-10, SGD lr = eta = 1/(2 m1) = {1 / (2 * M1):g},
 batch {BATCH}, {epochs} epochs, {len(seeds)} seeds (init and batch order fixed per seed, shared by all
 runs of a seed). BELAY via Belay.from_physics(k={K}, m1={M1}, m2) -> beta = {K / (2 * M1):g},
-alpha = k/(2 m2) = {', '.join(f'{alphas[m]:g}' for m in MASSES)} for m2 = {', '.join(f'{m:g}' for m in MASSES)};
+alpha = k/(2 m2) = {", ".join(f"{alphas[m]:g}" for m in MASSES)} for m2 = {", ".join(f"{m:g}" for m in MASSES)};
 each EMA uses decay = 1 - alpha."""
     files = write_outputs(NAME, out_dir, fig, table, intro)
     checks = {name: float(a[:, -1].mean()) for name, a in arrays.items()}

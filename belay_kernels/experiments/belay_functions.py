@@ -60,30 +60,52 @@ def run(quick: bool, out_dir) -> Result:
         for f_index, function in enumerate(functions):
             arms = grid("sgd") + grid("adam")
             if quick:
-                arms = grid("sgd", (3e-3,), (0.05,), (0.1,)) + grid("adam", (3e-2,), (0.05,), (0.1,))
-            results = run_arms(function, arms, seeds=len(SEEDS), steps=steps, noise=NOISE,
-                               gen=generator(f_index), record_every=5)
+                arms = grid("sgd", (3e-3,), (0.05,), (0.1,)) + grid(
+                    "adam", (3e-2,), (0.05,), (0.1,)
+                )
+            results = run_arms(
+                function,
+                arms,
+                seeds=len(SEEDS),
+                steps=steps,
+                noise=NOISE,
+                gen=generator(f_index),
+                record_every=5,
+            )
             best, mean_gap = best_arms(results, function.threshold)
             for opt in ("sgd", "adam"):
                 crossed = [best[opt, m][1] for m in METHOD_NAMES if best[opt, m][1] is not None]
                 stop = min(crossed) if crossed else None
-                stop_index = (np.searchsorted(results.record_steps, stop) if stop is not None
-                              else len(results.record_steps) - 1)
+                stop_index = (
+                    np.searchsorted(results.record_steps, stop)
+                    if stop is not None
+                    else len(results.record_steps) - 1
+                )
                 row = [function.name, opt, stop if stop is not None else f"none by {steps}"]
                 for method in METHOD_NAMES:
                     i, s = best[opt, method]
                     arm = results.arms[i]
-                    setting = f"lr {arm.lr:g}" + ("" if method == "none" else f", a {arm.alpha:g}") \
+                    setting = (
+                        f"lr {arm.lr:g}"
+                        + ("" if method == "none" else f", a {arm.alpha:g}")
                         + (f", b {arm.beta:g}" if method == "belay" else "")
-                    row += [f"{s if s is not None else '>' + str(steps)} ({setting})",
-                            f"{mean_gap[i, stop_index]:.3g}"]
+                    )
+                    row += [
+                        f"{s if s is not None else '>' + str(steps)} ({setting})",
+                        f"{mean_gap[i, stop_index]:.3g}",
+                    ]
                     checks[function.name, opt, method] = s
                     curves.append((function, opt, method, results.record_steps, mean_gap[i], stop))
                 tail = len(results.record_steps) // 4  # the noise floor: last quarter
-                floor_rows.append([function.name, opt] + [
-                    f"{mean_gap[best[opt, m][0], -tail:].mean():.2g}" for m in METHOD_NAMES])
-                winners = [METHOD_NAMES[m] for m in METHOD_NAMES if best[opt, m][1] == stop
-                           and stop is not None]
+                floor_rows.append(
+                    [function.name, opt]
+                    + [f"{mean_gap[best[opt, m][0], -tail:].mean():.2g}" for m in METHOD_NAMES]
+                )
+                winners = [
+                    METHOD_NAMES[m]
+                    for m in METHOD_NAMES
+                    if best[opt, m][1] == stop and stop is not None
+                ]
                 row.append(", ".join(winners) if winners else "none")
                 rows.append(row)
     headers = ["function", "optimizer", "stopped at step"]
@@ -92,12 +114,17 @@ def run(quick: bool, out_dir) -> Result:
     headers.append("first to cross")
     table = markdown_table(headers, rows)
 
-    floor_table = markdown_table(["function", "optimizer"] + list(METHOD_NAMES.values()),
-                                 floor_rows)
+    floor_table = markdown_table(
+        ["function", "optimizer"] + list(METHOD_NAMES.values()), floor_rows
+    )
     n = len(functions)
     cols = 4
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.6 * ((n + cols - 1) // cols)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        (n + cols - 1) // cols,
+        cols,
+        figsize=(4.2 * cols, 3.6 * ((n + cols - 1) // cols)),
+        squeeze=False,
+    )
     for ax in axes.flat[n:]:
         ax.axis("off")
     for f_index, function in enumerate(functions):
@@ -106,17 +133,27 @@ def run(quick: bool, out_dir) -> Result:
             if function_ is not function:
                 continue
             color = {"none": "C0", "ema": "C1", "belay": "C2"}[method]
-            ax.plot(record_steps, np.maximum(gap, 1e-8), "-" if opt == "sgd" else "--",
-                    color=color, lw=1.2, label=f"{opt.upper()} {METHOD_NAMES[method]}")
+            ax.plot(
+                record_steps,
+                np.maximum(gap, 1e-8),
+                "-" if opt == "sgd" else "--",
+                color=color,
+                lw=1.2,
+                label=f"{opt.upper()} {METHOD_NAMES[method]}",
+            )
         ax.axhline(function.threshold, color="gray", ls=":", lw=0.8)
-        ax.set(yscale="log", xlabel="step", ylabel="mean f - f* (evaluated weights)",
-               title=function.name)
+        ax.set(
+            yscale="log",
+            xlabel="step",
+            ylabel="mean f - f* (evaluated weights)",
+            title=function.name,
+        )
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     intro = f"""Additive gradient noise N(0, {NOISE}^2), {steps} steps at most, 5 seeds. Grid per method: lr in
-{LRS['sgd']} (SGD) or {LRS['adam']} (Adam); EMA alpha in {ALPHAS}; BELAY alpha in {ALPHAS},
+{LRS["sgd"]} (SGD) or {LRS["adam"]} (Adam); EMA alpha in {ALPHAS}; BELAY alpha in {ALPHAS},
 beta in {BETAS}. Start points and thresholds on f - f*:
-{'; '.join(f'{f.name} from {f.start}, {f.threshold:g}' for f in functions)}.
+{"; ".join(f"{f.name} from {f.start}, {f.threshold:g}" for f in functions)}.
 Each "steps" cell is that method's own first crossing with its best setting ('>N': never);
 "f - f* at stop" is its mean gap when the first method crossed (the poster's stopping rule).
 The figure shows every best setting's full curve (solid SGD, dashed Adam); the dotted line

@@ -43,11 +43,13 @@ def cell(final, diverged, converged):
 def run(quick: bool, out_dir) -> Result:
     steps = 400 if quick else 3000
     lrs = (1e-4, 1e-2, 0.15) if quick else LRS
-    arms = [Arm(opt, lr, m, a, b) for opt in ("sgd", "adam") for lr in lrs
-            for m, a, b in settings()]
+    arms = [
+        Arm(opt, lr, m, a, b) for opt in ("sgd", "adam") for lr in lrs for m, a, b in settings()
+    ]
     with torch_threads():
-        results = run_arms(ROSENBROCK, arms, seeds=len(SEEDS), steps=steps, noise=NOISE,
-                           gen=generator(0))
+        results = run_arms(
+            ROSENBROCK, arms, seeds=len(SEEDS), steps=steps, noise=NOISE, gen=generator(0)
+        )
     final, diverged, converged = summarize(results, ROSENBROCK.threshold)
     labels = [Arm("sgd", 0, m, a, b).label() for m, a, b in settings()]
     per = len(settings())
@@ -56,19 +58,33 @@ def run(quick: bool, out_dir) -> Result:
     for o, opt in enumerate(("sgd", "adam")):
         for j, lr in enumerate(lrs):
             base = (o * len(lrs) + j) * per
-            rows.append([opt, f"{lr:g}"] + [cell(final[base + s], diverged[base + s],
-                                                 converged[base + s]) for s in range(per)])
+            rows.append(
+                [opt, f"{lr:g}"]
+                + [
+                    cell(final[base + s], diverged[base + s], converged[base + s])
+                    for s in range(per)
+                ]
+            )
         for s, label in enumerate(labels):
             idx = [(o * len(lrs) + j) * per + s for j in range(len(lrs))]
             robust[opt, label] = dict(
                 converged_lrs=int(sum(converged[i].sum() >= 3 for i in idx)),
-                stable_lrs=int(sum(not diverged[i].any() for i in idx)))
+                stable_lrs=int(sum(not diverged[i].any() for i in idx)),
+            )
     table = markdown_table(["optimizer", "lr"] + labels, rows)
     summary = markdown_table(
-        ["optimizer", "method", f"lrs converged (>=3/5 seeds), of {len(lrs)}",
-         f"lrs with no divergence, of {len(lrs)}"],
-        [[o, label, robust[o, label]["converged_lrs"], robust[o, label]["stable_lrs"]]
-         for o in ("sgd", "adam") for label in labels])
+        [
+            "optimizer",
+            "method",
+            f"lrs converged (>=3/5 seeds), of {len(lrs)}",
+            f"lrs with no divergence, of {len(lrs)}",
+        ],
+        [
+            [o, label, robust[o, label]["converged_lrs"], robust[o, label]["stable_lrs"]]
+            for o in ("sgd", "adam")
+            for label in labels
+        ],
+    )
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     for o, (ax, opt) in enumerate(zip(axes, ("SGD", "Adam"))):
@@ -78,13 +94,23 @@ def run(quick: bool, out_dir) -> Result:
             style = "-o" if s < 2 else "--."
             ax.plot(lrs, med, style, lw=2 if s < 2 else 1, label=label)
             div = [lr for lr, i in zip(lrs, idx) if diverged[i].any()]
-            ax.plot(div, [DIVERGED_Y * (1 + 0.3 * s)] * len(div), "x", color=f"C{s}",
-                    label="diverged (some seed)" if s == 0 else None)
+            ax.plot(
+                div,
+                [DIVERGED_Y * (1 + 0.3 * s)] * len(div),
+                "x",
+                color=f"C{s}",
+                label="diverged (some seed)" if s == 0 else None,
+            )
         ax.axhline(ROSENBROCK.threshold, color="gray", lw=0.8, ls=":")
-        ax.set(xscale="log", yscale="log", xlabel="learning rate",
-               title=f"{opt}: Rosenbrock, noise std {NOISE}, {steps} steps")
-    axes[0].set_ylabel("final f - f* at evaluated weights (median of 5 seeds)\n"
-                       "x at top: some seed diverged")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="learning rate",
+            title=f"{opt}: Rosenbrock, noise std {NOISE}, {steps} steps",
+        )
+    axes[0].set_ylabel(
+        "final f - f* at evaluated weights (median of 5 seeds)\nx at top: some seed diverged"
+    )
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     intro = f"""Rosenbrock from {ROSENBROCK.start}, gradient noise N(0, {NOISE}^2) per coordinate, {steps} steps,

@@ -80,51 +80,84 @@ def run(quick: bool, out_dir) -> Result:
         ou = ou_stationary_covariance(HESSIAN, NOISE_COV, x)
         exact = sgd_stationary_covariance(HESSIAN, NOISE_COV, x)
         for (a, b), label in (((0, 0), "S11"), ((0, 1), "S12"), ((1, 1), "S22")):
-            cov_rows.append([x, label, mean_std(cov[i, :, a, b], "{:.4f}"), f"{ou[a, b]:.4f}",
-                             f"{exact[a, b]:.4f}"])
+            cov_rows.append(
+                [
+                    x,
+                    label,
+                    mean_std(cov[i, :, a, b], "{:.4f}"),
+                    f"{ou[a, b]:.4f}",
+                    f"{exact[a, b]:.4f}",
+                ]
+            )
         checks["cov_rel_error"][x] = dict(
             ou=float(np.linalg.norm(cov[i].mean(0) - ou) / np.linalg.norm(ou)),
-            exact=float(np.linalg.norm(cov[i].mean(0) - exact) / np.linalg.norm(exact)))
-        predicted = [np.trace(exact), np.trace(sgd_window_mean_covariance(HESSIAN, NOISE_COV, x,
-                                                                          window)),
-                     np.trace(sgd_ema_stationary_covariance(HESSIAN, NOISE_COV, x, DECAY))]
+            exact=float(np.linalg.norm(cov[i].mean(0) - exact) / np.linalg.norm(exact)),
+        )
+        predicted = [
+            np.trace(exact),
+            np.trace(sgd_window_mean_covariance(HESSIAN, NOISE_COV, x, window)),
+            np.trace(sgd_ema_stationary_covariance(HESSIAN, NOISE_COV, x, DECAY)),
+        ]
         for k, label in enumerate(("iterate", f"SWA over {window} steps", f"EMA decay {DECAY}")):
-            dist_rows.append([x, label, mean_std(rms[k, -1, i], "{:.4f}"),
-                              f"{np.sqrt(predicted[k]):.4f}"])
-        checks["final_rms"][x] = dict(zip(("iterate", "swa", "ema"),
-                                          (float(rms[k, -1, i].mean()) for k in range(3))))
+            dist_rows.append(
+                [x, label, mean_std(rms[k, -1, i], "{:.4f}"), f"{np.sqrt(predicted[k]):.4f}"]
+            )
+        checks["final_rms"][x] = dict(
+            zip(("iterate", "swa", "ema"), (float(rms[k, -1, i].mean()) for k in range(3)))
+        )
         checks["final_rms"][x]["predicted"] = [float(np.sqrt(p)) for p in predicted]
-    cov_table = markdown_table(["lr", "entry", "measured", "OU (continuous)", "exact discrete"],
-                               cov_rows)
-    table = markdown_table(["lr", "point", "RMS distance to centre", "predicted (exact linear)"],
-                           dist_rows)
+    cov_table = markdown_table(
+        ["lr", "entry", "measured", "OU (continuous)", "exact discrete"], cov_rows
+    )
+    table = markdown_table(
+        ["lr", "point", "RMS distance to centre", "predicted (exact linear)"], dist_rows
+    )
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     ax = axes[0]
     x = LRS[0]
     pts = torch.stack([p[0] for p in path]).numpy()
     swa_path = torch.stack([p[1] for p in path]).numpy()
-    ax.plot(pts[:, 0], pts[:, 1], ".", ms=2, alpha=0.4, color="tab:blue",
-            label=f"SGD iterates (lr={x})")
-    ax.plot(swa_path[:, 0], swa_path[:, 1], "-", color="tab:orange", lw=1.5, label="SWA running mean")
+    ax.plot(
+        pts[:, 0], pts[:, 1], ".", ms=2, alpha=0.4, color="tab:blue", label=f"SGD iterates (lr={x})"
+    )
+    ax.plot(
+        swa_path[:, 0], swa_path[:, 1], "-", color="tab:orange", lw=1.5, label="SWA running mean"
+    )
     ou = ou_stationary_covariance(HESSIAN, NOISE_COV, x)
     values, vectors = np.linalg.eigh(ou)
     for n_std in (1, 2):
-        ax.add_patch(Ellipse((0, 0), *(2 * n_std * np.sqrt(values)), fill=False, ls="--",
-                             angle=np.degrees(np.arctan2(vectors[1, 1], vectors[0, 1])) + 90,
-                             color="k", label="OU 1 and 2 std" if n_std == 1 else None))
+        ax.add_patch(
+            Ellipse(
+                (0, 0),
+                *(2 * n_std * np.sqrt(values)),
+                fill=False,
+                ls="--",
+                angle=np.degrees(np.arctan2(vectors[1, 1], vectors[0, 1])) + 90,
+                color="k",
+                label="OU 1 and 2 std" if n_std == 1 else None,
+            )
+        )
     ax.plot(0, 0, "k*", ms=12, label="centre (minimum)")
-    ax.set(xlabel=r"$\theta_1$", ylabel=r"$\theta_2$", aspect="equal",
-           title="one chain after burn-in; OU stationary ellipses")
+    ax.set(
+        xlabel=r"$\theta_1$",
+        ylabel=r"$\theta_2$",
+        aspect="equal",
+        title="one chain after burn-in; OU stationary ellipses",
+    )
     ax.legend(fontsize=8, loc="upper left")
     ax = axes[1]
     steps = np.arange(1, window + 1)
     for i, x in enumerate(LRS):
         for k, (label, style) in enumerate((("iterate", "-"), ("SWA", "--"), ("EMA", ":"))):
             ax.plot(steps, rms[k, :, i].mean(-1), style, color=f"C{i}", label=f"{label}, lr={x}")
-    ax.set(xscale="log", yscale="log", xlabel="steps since averaging started",
-           ylabel="RMS distance to centre (mean of 5 seeds)",
-           title=f"distance to the centre ({chains} chains per seed)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="steps since averaging started",
+        ylabel="RMS distance to centre (mean of 5 seeds)",
+        title=f"distance to the centre ({chains} chains per seed)",
+    )
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     intro = f"""H = R diag(1, 0.1) R^T (R: 30 degrees), Sigma = diag(1, 0.5); {chains} chains per lr and

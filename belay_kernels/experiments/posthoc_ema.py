@@ -36,8 +36,10 @@ SNAPSHOT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 def evaluate(model, x, y) -> tuple[float, float]:
     """(test accuracy in %, test cross-entropy)."""
     logits = model(x)
-    return (100 * (logits.argmax(-1) == y).float().mean().item(),
-            nn.functional.cross_entropy(logits, y).item())
+    return (
+        100 * (logits.argmax(-1) == y).float().mean().item(),
+        nn.functional.cross_entropy(logits, y).item(),
+    )
 
 
 def flat(tensors) -> torch.Tensor:
@@ -51,9 +53,16 @@ def train(seed: int, epochs: int, data, folders: dict):
     model = make_model(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     steps_per_epoch = -(-len(x_train) // BATCH)
-    phemas = [PostHocEMA(model, sigma_rels=TRACKED, snapshot_every=steps_per_epoch,
-                         snapshot_dir=folders[name], snapshot_dtype=dtype)
-              for name, dtype in SNAPSHOT_DTYPES.items()]
+    phemas = [
+        PostHocEMA(
+            model,
+            sigma_rels=TRACKED,
+            snapshot_every=steps_per_epoch,
+            snapshot_dir=folders[name],
+            snapshot_dtype=dtype,
+        )
+        for name, dtype in SNAPSHOT_DTYPES.items()
+    ]
     controls = {s: PowerEMA(model, sigma_rel=s) for s in CONTROLS}
     order = torch.Generator().manual_seed(1000 + seed)
     for _ in range(epochs):
@@ -91,12 +100,14 @@ def run(quick: bool, out_dir) -> Result:
             live_loss.append(lo)
             for j, epoch in enumerate(times):
                 for k, s in enumerate(grid):
-                    weights = posthoc.reconstruct(folders["fp16"], sigma_rel=float(s),
-                                                  step=epoch * steps_per_epoch)
+                    weights = posthoc.reconstruct(
+                        folders["fp16"], sigma_rel=float(s), step=epoch * steps_per_epoch
+                    )
                     acc[i, j, k], loss[i, j, k] = evaluated(seed, weights, data)
             for s in TRACKED:  # the tracked profiles themselves, as saved at the end
-                tracked_acc[s].append(evaluated(seed, posthoc.reconstruct(
-                    folders["fp16"], sigma_rel=s), data)[0])
+                tracked_acc[s].append(
+                    evaluated(seed, posthoc.reconstruct(folders["fp16"], sigma_rel=s), data)[0]
+                )
             live_flat = flat(live.values())
             for s in CONTROLS:
                 want = flat(direct[s].values())
@@ -104,64 +115,114 @@ def run(quick: bool, out_dir) -> Result:
                 for name in SNAPSHOT_DTYPES:
                     got = posthoc.reconstruct(folders[name], sigma_rel=s)
                     error = (flat(got.values()) - want).norm().item()
-                    control[s, name].append((
-                        *evaluated(seed, got, data), error / (want - live_flat).norm().item(),
-                        error / want.norm().item()))
+                    control[s, name].append(
+                        (
+                            *evaluated(seed, got, data),
+                            error / (want - live_flat).norm().item(),
+                            error / want.norm().item(),
+                        )
+                    )
     control = {key: np.array(v) for key, v in control.items()}  # (seeds, 4)
 
     end = acc[:, -1]  # (seeds, grid)
     best = grid[end.mean(0).argmax()]
-    rows = [[f"{s:.2f}", mean_std(end[:, k], "{:.2f}"), mean_std(loss[:, -1, k], "{:.4f}")]
-            for k, s in enumerate(grid)]
+    rows = [
+        [f"{s:.2f}", mean_std(end[:, k], "{:.2f}"), mean_std(loss[:, -1, k], "{:.4f}")]
+        for k, s in enumerate(grid)
+    ]
     grid_table = markdown_table(
-        ["sigma_rel (reconstructed, fp16 snapshots)", f"test acc. % after {epochs} epochs",
-         "test cross-entropy"], rows)
+        [
+            "sigma_rel (reconstructed, fp16 snapshots)",
+            f"test acc. % after {epochs} epochs",
+            "test cross-entropy",
+        ],
+        rows,
+    )
     control_rows = []
     for s in CONTROLS:
         d = control[s, "direct"]
-        control_rows.append([f"{s:.2f}", "PowerEMA, tracked directly",
-                             mean_std(d[:, 0], "{:.2f}"), mean_std(d[:, 1], "{:.4f}"), "", ""])
+        control_rows.append(
+            [
+                f"{s:.2f}",
+                "PowerEMA, tracked directly",
+                mean_std(d[:, 0], "{:.2f}"),
+                mean_std(d[:, 1], "{:.4f}"),
+                "",
+                "",
+            ]
+        )
         for name in SNAPSHOT_DTYPES:
             r = control[s, name]
-            control_rows.append([
-                f"{s:.2f}", f"reconstructed ({name} snapshots)", mean_std(r[:, 0], "{:.2f}"),
-                mean_std(r[:, 1], "{:.4f}"), mean_std(r[:, 2], "{:.2g}"),
-                mean_std(r[:, 3], "{:.2g}")])
+            control_rows.append(
+                [
+                    f"{s:.2f}",
+                    f"reconstructed ({name} snapshots)",
+                    mean_std(r[:, 0], "{:.2f}"),
+                    mean_std(r[:, 1], "{:.4f}"),
+                    mean_std(r[:, 2], "{:.2g}"),
+                    mean_std(r[:, 3], "{:.2g}"),
+                ]
+            )
     control_table = markdown_table(
-        ["sigma_rel", "weights", "test acc. %", "test cross-entropy",
-         "‖reconstructed − direct‖ / ‖direct − live‖", "‖reconstructed − direct‖ / ‖direct‖"],
-        control_rows)
+        [
+            "sigma_rel",
+            "weights",
+            "test acc. %",
+            "test cross-entropy",
+            "‖reconstructed − direct‖ / ‖direct − live‖",
+            "‖reconstructed − direct‖ / ‖direct‖",
+        ],
+        control_rows,
+    )
     summary = markdown_table(
         ["weights", f"test acc. % after {epochs} epochs"],
         [["live (SGD, no averaging)", mean_std(live_acc, "{:.2f}")]]
-        + [[f"tracked profile sigma_rel {s:.2f}", mean_std(tracked_acc[s], "{:.2f}")]
-           for s in TRACKED]
-        + [[f"best reconstructed sigma_rel ({best:.2f})",
-            mean_std(end[:, list(grid).index(best)], "{:.2f}")]])
+        + [
+            [f"tracked profile sigma_rel {s:.2f}", mean_std(tracked_acc[s], "{:.2f}")]
+            for s in TRACKED
+        ]
+        + [
+            [
+                f"best reconstructed sigma_rel ({best:.2f})",
+                mean_std(end[:, list(grid).index(best)], "{:.2f}"),
+            ]
+        ],
+    )
     table = "\n\n".join([summary, control_table, grid_table])
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
-    for ax, values, label in ((axes[0], acc, "test accuracy (%)"),
-                              (axes[1], loss, "test cross-entropy")):
+    for ax, values, label in (
+        (axes[0], acc, "test accuracy (%)"),
+        (axes[1], loss, "test cross-entropy"),
+    ):
         for j, epoch in enumerate(times):
             m, sd = values[:, j].mean(0), values[:, j].std(0)
             ax.plot(grid, m, "-", color=f"C{j}", label=f"reconstructed, after {epoch} epochs")
             ax.fill_between(grid, m - sd, m + sd, color=f"C{j}", alpha=0.15)
         column = 0 if values is acc else 1
         d = np.array([control[s, "direct"][:, column].mean() for s in CONTROLS])
-        ax.plot(CONTROLS, d, "k^", ms=8, mfc="none",
-                label=f"PowerEMA tracked directly, after {epochs} epochs")
+        ax.plot(
+            CONTROLS,
+            d,
+            "k^",
+            ms=8,
+            mfc="none",
+            label=f"PowerEMA tracked directly, after {epochs} epochs",
+        )
         live = np.mean(live_acc if values is acc else live_loss)
         ax.axhline(live, color="gray", ls=":", label=f"live weights, after {epochs} epochs")
         for s in TRACKED:
             ax.axvline(s, color="gray", lw=0.6, ls="--")
         ax.set(xlabel="sigma_rel", ylabel=label)
         ax.legend(fontsize=7)
-    axes[0].set_title(f"post-hoc EMA from profiles {TRACKED} (dashed), mean ± std over "
-                      f"{len(seeds)} seed{'s' * (len(seeds) > 1)}", fontsize=9)
+    axes[0].set_title(
+        f"post-hoc EMA from profiles {TRACKED} (dashed), mean ± std over "
+        f"{len(seeds)} seed{'s' * (len(seeds) > 1)}",
+        fontsize=9,
+    )
     fig.tight_layout()
     intro = f"""sklearn digits (1347 train / 450 test, 8x8), MLP 64-64-10, SGD lr {LR} (constant), batch
-{BATCH}, {epochs} epochs ({steps_per_epoch} steps each), {len(seeds)} seed{'s' * (len(seeds) > 1)}
+{BATCH}, {epochs} epochs ({steps_per_epoch} steps each), {len(seeds)} seed{"s" * (len(seeds) > 1)}
 (init and batch order per seed). `PostHocEMA(sigma_rels={TRACKED}, snapshot_every={steps_per_epoch})`
 writes one snapshot per epoch; `posthoc.reconstruct` rebuilds each sigma_rel from the snapshots
 at or before the chosen step. Controls: `PowerEMA(sigma_rel=s)` (fp32 shadow) for s in
@@ -171,9 +232,13 @@ at or before the chosen step. Controls: `PowerEMA(sigma_rel=s)` (fp32 shadow) fo
         "live_accuracy": float(np.mean(live_acc)),
         "best_sigma_rel": float(best),
         "best_accuracy": float(end.mean(0).max()),
-        "control": {(s, name): {"accuracy_gap": float(np.mean(control[s, name][:, 0]
-                                                               - control[s, "direct"][:, 0])),
-                                "distance_to_live_fraction": float(control[s, name][:, 2].mean())}
-                    for s in CONTROLS for name in SNAPSHOT_DTYPES},
+        "control": {
+            (s, name): {
+                "accuracy_gap": float(np.mean(control[s, name][:, 0] - control[s, "direct"][:, 0])),
+                "distance_to_live_fraction": float(control[s, name][:, 2].mean()),
+            }
+            for s in CONTROLS
+            for name in SNAPSHOT_DTYPES
+        },
     }
     return Result(NAME, table, checks, files)

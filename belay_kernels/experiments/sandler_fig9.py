@@ -76,29 +76,54 @@ def run(quick: bool, out_dir) -> Result:
     total = history.sum(axis=1)  # run, seed, step
     stationary = total[:, :, -tail:].mean(-1)  # run, seed
     parts = history[:, :, :, -tail:].mean(-1)  # run, part, seed
-    reach = np.array([[steps_to_reach(total[r, s], stationary[r, s]) for s in range(seeds)]
-                      for r in range(3)])
-    reach_slow = np.array([[steps_to_reach(history[r, 1, s], parts[r, 1, s]) for s in range(seeds)]
-                           for r in range(3)])
-    predicted = [predicted_stationary_loss(LR0), predicted_stationary_loss(LR1),
-                 predicted_stationary_loss(LR0, 1.0 - 1.0 / TAU)]
+    reach = np.array(
+        [[steps_to_reach(total[r, s], stationary[r, s]) for s in range(seeds)] for r in range(3)]
+    )
+    reach_slow = np.array(
+        [[steps_to_reach(history[r, 1, s], parts[r, 1, s]) for s in range(seeds)] for r in range(3)]
+    )
+    predicted = [
+        predicted_stationary_loss(LR0),
+        predicted_stationary_loss(LR1),
+        predicted_stationary_loss(LR0, 1.0 - 1.0 / TAU),
+    ]
     rows = []
     for r, name in enumerate(RUNS):
-        rows.append([name, mean_std(stationary[r], "{:.3f}"), f"{sum(predicted[r]):.3f}",
-                     mean_std(parts[r, 0], "{:.3f}"), mean_std(parts[r, 1], "{:.3f}"),
-                     mean_std(reach[r], "{:.0f}"), mean_std(reach_slow[r], "{:.0f}")])
-    headers = ["run", "stationary loss", "predicted (S_lambda, eq. 19)", "fast part", "slow part",
-               "steps to within 10% (total)", "steps to within 10% (slow part)"]
+        rows.append(
+            [
+                name,
+                mean_std(stationary[r], "{:.3f}"),
+                f"{sum(predicted[r]):.3f}",
+                mean_std(parts[r, 0], "{:.3f}"),
+                mean_std(parts[r, 1], "{:.3f}"),
+                mean_std(reach[r], "{:.0f}"),
+                mean_std(reach_slow[r], "{:.0f}"),
+            ]
+        )
+    headers = [
+        "run",
+        "stationary loss",
+        "predicted (S_lambda, eq. 19)",
+        "fast part",
+        "slow part",
+        "steps to within 10% (total)",
+        "steps to within 10% (slow part)",
+    ]
     table = markdown_table(headers, rows)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=False)
     t = np.arange(1, steps + 1)
-    for ax, (title, data) in zip(axes, (("total loss", total), ("fast part", history[:, 0]),
-                                        ("slow part", history[:, 1]))):
+    for ax, (title, data) in zip(
+        axes, (("total loss", total), ("fast part", history[:, 0]), ("slow part", history[:, 1]))
+    ):
         for r, name in enumerate(RUNS):
             ax.plot(t, data[r].mean(0), lw=1, label=name)
-        ax.set(yscale="log", xlabel="step", ylabel=r"loss $u^T\Omega u/2$ (mean of 5 seeds)",
-               title=f"{title} ({N_FAST} fast, {N_SLOW} slow coordinates)")
+        ax.set(
+            yscale="log",
+            xlabel="step",
+            ylabel=r"loss $u^T\Omega u/2$ (mean of 5 seeds)",
+            title=f"{title} ({N_FAST} fast, {N_SLOW} slow coordinates)",
+        )
         ax.legend(fontsize=8)
     fig.tight_layout()
     intro = f"""Fast (Omega = {FAST}) and slow (Omega = {SLOW}) coordinates, {N_FAST} each, all starting at

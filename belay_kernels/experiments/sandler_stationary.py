@@ -59,8 +59,9 @@ def averages_on_linear_model(lr, kappas, gaps, decays, steps, width, gen):
     averagers attached; return per-seed variances of iterates, two-point and EMA."""
     kappa = torch.tensor(kappas, dtype=torch.float64).repeat_interleave(width)
     start_std = torch.from_numpy(sgd_stationary_variance(lr, kappa.numpy())).sqrt()
-    u = parameter(torch.randn(len(SEEDS), len(kappa), generator=gen, dtype=torch.float64)
-                  * start_std)
+    u = parameter(
+        torch.randn(len(SEEDS), len(kappa), generator=gen, dtype=torch.float64) * start_std
+    )
     two_points = {gap: TwoPoint([u], gap=gap + 1) for gap in gaps}
     emas = {decay: EMA([u], decay=decay) for decay in decays}
 
@@ -89,14 +90,16 @@ def run(quick: bool, out_dir) -> Result:
     width = 1000 if quick else 2000
     with torch_threads():
         gen = generator(0)
-        radius, predicted = radius_vs_lr(lrs, 3000 if quick else 12000, 300 if quick else 2000,
-                                         gen)
+        radius, predicted = radius_vs_lr(lrs, 3000 if quick else 12000, 300 if quick else 2000, gen)
         two_point_var, iterate_var, ema_var, final_var = averages_on_linear_model(
-            lr, kappas, gaps, decays, max(gaps[-1], 1500 if quick else 4000), width, gen)
+            lr, kappas, gaps, decays, max(gaps[-1], 1500 if quick else 4000), width, gen
+        )
 
     ratio = radius / predicted[:, None]
-    rows13 = [[f"{x:g}", mean_std(r, "{:.4f}"), f"{p:.4f}", mean_std(q, "{:.3f}")]
-              for x, r, p, q in zip(lrs, radius, predicted, ratio)]
+    rows13 = [
+        [f"{x:g}", mean_std(r, "{:.4f}"), f"{p:.4f}", mean_std(q, "{:.3f}")]
+        for x, r, p, q in zip(lrs, radius, predicted, ratio)
+    ]
     table13 = markdown_table(["lr", "measured ||theta||", "||c|| sqrt(lr/2)", "ratio"], rows13)
 
     measured_lr = {g: lr * two_point_var[g] / iterate_var[g] for g in gaps}  # (seeds, kappas)
@@ -104,8 +107,10 @@ def run(quick: bool, out_dir) -> Result:
     for g in gaps:
         row = [g]
         for j, kappa in enumerate(kappas):
-            row += [mean_std(measured_lr[g][:, j] / lr, "{:.3f}"),
-                    f"{two_point_effective_lr(lr, kappa, g) / lr:.3f}"]
+            row += [
+                mean_std(measured_lr[g][:, j] / lr, "{:.3f}"),
+                f"{two_point_effective_lr(lr, kappa, g) / lr:.3f}",
+            ]
         rows20.append(row)
     headers20 = ["gap"] + [h for k in kappas for h in (f"kappa={k}: measured lr^/lr", "eq. 20")]
     table20 = markdown_table(headers20, rows20)
@@ -114,27 +119,48 @@ def run(quick: bool, out_dir) -> Result:
     for d in decays:
         for j, kappa in enumerate(kappas):
             measured = ema_var[d][:, j] / final_var[:, j].mean()
-            rows19.append([d, kappa, mean_std(measured, "{:.4f}"),
-                           f"{ema_variance_factor(d, lr, kappa):.4f}"])
+            rows19.append(
+                [d, kappa, mean_std(measured, "{:.4f}"), f"{ema_variance_factor(d, lr, kappa):.4f}"]
+            )
     table19 = markdown_table(["EMA decay", "kappa", "measured Var(EMA)/Var(u)", "eq. 19"], rows19)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
     ax.errorbar(lrs, radius.mean(1), radius.std(1), fmt="o", capsize=3, label="measured (5 seeds)")
     ax.plot(lrs, predicted, "k--", label=r"eq. 13: $\|c\|\sqrt{\lambda/2}$")
-    ax.set(xscale="log", yscale="log", xlabel=r"learning rate $\lambda$",
-           ylabel=r"stationary $\|\theta\|$", title="Lemma 1 / eq. 13 (eq. 5 model, d=10, B=8)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel=r"learning rate $\lambda$",
+        ylabel=r"stationary $\|\theta\|$",
+        title="Lemma 1 / eq. 13 (eq. 5 model, d=10, B=8)",
+    )
     ax.legend()
     ax = axes[1]
     fine_gaps = np.logspace(0, np.log10(gaps[-1]), 100)
     for j, kappa in enumerate(kappas):
         vals = np.array([measured_lr[g][:, j] / lr for g in gaps])
-        line = ax.errorbar(gaps, vals.mean(1), vals.std(1), fmt="o", capsize=3,
-                           label=f"measured, $\\kappa$={kappa}")
-        ax.plot(fine_gaps, two_point_effective_lr(lr, kappa, fine_gaps) / lr, "--",
-                color=line[0].get_color(), label=f"eq. 20, $\\kappa$={kappa}")
-    ax.set(xscale="log", xlabel=r"gap $\Delta$ (steps)", ylabel=r"$\hat\lambda / \lambda$",
-           title=f"Two-point average, eq. 20 ($\\lambda$={lr})")
+        line = ax.errorbar(
+            gaps,
+            vals.mean(1),
+            vals.std(1),
+            fmt="o",
+            capsize=3,
+            label=f"measured, $\\kappa$={kappa}",
+        )
+        ax.plot(
+            fine_gaps,
+            two_point_effective_lr(lr, kappa, fine_gaps) / lr,
+            "--",
+            color=line[0].get_color(),
+            label=f"eq. 20, $\\kappa$={kappa}",
+        )
+    ax.set(
+        xscale="log",
+        xlabel=r"gap $\Delta$ (steps)",
+        ylabel=r"$\hat\lambda / \lambda$",
+        title=f"Two-point average, eq. 20 ($\\lambda$={lr})",
+    )
     ax.legend(fontsize=7)
     ax = axes[2]
     for j, kappa in enumerate(kappas):
@@ -143,8 +169,13 @@ def run(quick: bool, out_dir) -> Result:
         ax.errorbar(pred, meas.mean(1), meas.std(1), fmt="o", capsize=3, label=f"$\\kappa$={kappa}")
     lims = [1e-3, 1.2]
     ax.plot(lims, lims, "k--", label="measured = predicted")
-    ax.set(xscale="log", yscale="log", xlabel="eq. 19 prediction of Var(EMA)/Var(u)",
-           ylabel="measured Var(EMA)/Var(u)", title=f"EMA kernel, eq. 19 (decays {decays})")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="eq. 19 prediction of Var(EMA)/Var(u)",
+        ylabel="measured Var(EMA)/Var(u)",
+        title=f"EMA kernel, eq. 19 (decays {decays})",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
 
@@ -163,11 +194,16 @@ lr^/lr = Var(average) / Var(iterate)."""
     files = write_outputs(NAME, out_dir, fig, table20, intro)
     checks = {
         "eq13_ratio": {x: float(r.mean()) for x, r in zip(lrs, ratio)},
-        "eq20_ratio_large_gap": {k: float(measured_lr[gaps[-1]][:, j].mean()
-                                          / two_point_effective_lr(lr, k, gaps[-1]))
-                                 for j, k in enumerate(kappas)},
-        "eq19_ratio": {(d, k): float((ema_var[d][:, j] / final_var[:, j].mean()).mean()
-                                     / ema_variance_factor(d, lr, k))
-                       for d in decays for j, k in enumerate(kappas)},
+        "eq20_ratio_large_gap": {
+            k: float(measured_lr[gaps[-1]][:, j].mean() / two_point_effective_lr(lr, k, gaps[-1]))
+            for j, k in enumerate(kappas)
+        },
+        "eq19_ratio": {
+            (d, k): float(
+                (ema_var[d][:, j] / final_var[:, j].mean()).mean() / ema_variance_factor(d, lr, k)
+            )
+            for d in decays
+            for j, k in enumerate(kappas)
+        },
     }
     return Result(NAME, table20, checks, files)

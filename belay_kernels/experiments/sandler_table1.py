@@ -85,16 +85,18 @@ def _experiment(gradient_fn, sample_batch, theta_init, windows, burn_in, gen):
     out = {}
     for method in ("swa", "two_point", "ema"):
         for k in windows:
-            side = _side_trip(gradient_fn, theta_t1, batches[:k], equivalent_lr_schedule(
-                method, k, decay=DECAY))
+            side = _side_trip(
+                gradient_fn, theta_t1, batches[:k], equivalent_lr_schedule(method, k, decay=DECAY)
+            )
             avg = read[method][k]
             out[method, k] = dict(
                 error=_relative(avg, side, avg - theta_t1),
                 loss_ratio=(side.norm(dim=-1) ** 2 / avg.norm(dim=-1) ** 2).numpy(),
             )
     for k in windows:
-        side = _side_trip(gradient_fn, theta_t1, batches[:k], equivalent_lr_schedule(
-            "ema", k, decay=DECAY))
+        side = _side_trip(
+            gradient_fn, theta_t1, batches[:k], equivalent_lr_schedule("ema", k, decay=DECAY)
+        )
         avg = read["ema_long"][k]
         predicted = side + DECAY**k * (shadow_t1 - theta_t1)
         out["ema_long", k] = dict(
@@ -116,14 +118,18 @@ def run(quick: bool, out_dir) -> Result:
             lambda g, theta: g,
             lambda gen: torch.randn(runs, dim, generator=gen, dtype=torch.float64),
             torch.randn(runs, dim, generator=gen, dtype=torch.float64),
-            windows, burn_in, gen,
+            windows,
+            burn_in,
+            gen,
         )
         model = LinearRegressionBatches(dim=dim, batch_size=4)
         quadratic = _experiment(
             lambda batch, theta: batch.gradient(theta),
             lambda gen: model.sample(runs, gen),
             torch.randn(runs, dim, generator=gen, dtype=torch.float64),
-            windows, burn_in, gen,
+            windows,
+            burn_in,
+            gen,
         )
 
     rows = []
@@ -136,35 +142,67 @@ def run(quick: bool, out_dir) -> Result:
         for method in ("swa", "two_point", "ema"):
             row.append(mean_std(quadratic[method, k]["error"], "{:.2f}"))
         rows.append(row)
-    headers = ["k", "A: SWA max rel. err", "A: two-point", "A: EMA from t1",
-               "A: EMA from t0 rel. err", "A: EMA t0 minus predicted term",
-               "B: SWA rel. drift", "B: two-point", "B: EMA from t1"]
+    headers = [
+        "k",
+        "A: SWA max rel. err",
+        "A: two-point",
+        "A: EMA from t1",
+        "A: EMA from t0 rel. err",
+        "A: EMA t0 minus predicted term",
+        "B: SWA rel. drift",
+        "B: two-point",
+        "B: EMA from t1",
+    ]
     table = markdown_table(headers, rows)
-    loss_rows = [[k] + [mean_std(quadratic[m, k]["loss_ratio"], "{:.2f}") for m in
-                        ("swa", "two_point", "ema")] for k in windows]
+    loss_rows = [
+        [k]
+        + [mean_std(quadratic[m, k]["loss_ratio"], "{:.2f}") for m in ("swa", "two_point", "ema")]
+        for k in windows
+    ]
     loss_table = markdown_table(["k", "SWA", "two-point", "EMA (from t1)"], loss_rows)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ax = axes[0]
     ks = np.array(windows)
     for method, marker in (("swa", "o"), ("two_point", "s"), ("ema", "^")):
-        ax.plot(ks, [max(constant[method, k]["error"].max(), 1e-18) for k in windows],
-                marker=marker, label=METHOD_LABELS[method])
-    ax.plot(ks, [constant["ema_long", k]["error"].mean() for k in windows], "v-",
-            label="EMA from t0 (measured)")
-    ax.plot(ks, [constant["ema_long", k]["predicted_error"].mean() for k in windows], "k--",
-            label=r"predicted $decay^k\,\|s_{t1}-\theta_{t1}\|$")
-    ax.set(xscale="log", yscale="log", xlabel="window k (steps)",
-           ylabel=r"$\|\bar\theta - \theta_{side}\| / \|\bar\theta - \theta_{t1}\|$",
-           title="A: constant batch gradients (Lemma 2)")
+        ax.plot(
+            ks,
+            [max(constant[method, k]["error"].max(), 1e-18) for k in windows],
+            marker=marker,
+            label=METHOD_LABELS[method],
+        )
+    ax.plot(
+        ks,
+        [constant["ema_long", k]["error"].mean() for k in windows],
+        "v-",
+        label="EMA from t0 (measured)",
+    )
+    ax.plot(
+        ks,
+        [constant["ema_long", k]["predicted_error"].mean() for k in windows],
+        "k--",
+        label=r"predicted $decay^k\,\|s_{t1}-\theta_{t1}\|$",
+    )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="window k (steps)",
+        ylabel=r"$\|\bar\theta - \theta_{side}\| / \|\bar\theta - \theta_{t1}\|$",
+        title="A: constant batch gradients (Lemma 2)",
+    )
     ax.legend(fontsize=8)
     ax = axes[1]
     for method, marker in (("swa", "o"), ("two_point", "s"), ("ema", "^")):
         err = np.array([quadratic[method, k]["error"] for k in windows])
-        ax.errorbar(ks, err.mean(1), err.std(1), marker=marker, capsize=3,
-                    label=METHOD_LABELS[method])
-    ax.set(xscale="log", xlabel="window k (steps)", ylabel="relative drift (mean ± std, 5 seeds)",
-           title=f"B: quadratic of eq. 5, lr={LR}")
+        ax.errorbar(
+            ks, err.mean(1), err.std(1), marker=marker, capsize=3, label=METHOD_LABELS[method]
+        )
+    ax.set(
+        xscale="log",
+        xlabel="window k (steps)",
+        ylabel="relative drift (mean ± std, 5 seeds)",
+        title=f"B: quadratic of eq. 5, lr={LR}",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
 
@@ -180,11 +218,16 @@ Part B, loss of the side-trip over the loss of the average (||theta||^2 ratio; 1
 Lemma 2 table:"""
     files = write_outputs(NAME, out_dir, fig, table, intro)
     checks = {
-        "exact_max_error": {m: max(constant[m, k]["error"].max() for k in windows)
-                            for m in ("swa", "two_point", "ema")},
+        "exact_max_error": {
+            m: max(constant[m, k]["error"].max() for k in windows)
+            for m in ("swa", "two_point", "ema")
+        },
         "ema_long_residual": max(constant["ema_long", k]["residual"].max() for k in windows),
         "ema_long_error": {k: float(constant["ema_long", k]["error"].mean()) for k in windows},
-        "quadratic_drift": {(m, k): float(quadratic[m, k]["error"].mean())
-                            for m in ("swa", "two_point", "ema") for k in windows},
+        "quadratic_drift": {
+            (m, k): float(quadratic[m, k]["error"].mean())
+            for m in ("swa", "two_point", "ema")
+            for k in windows
+        },
     }
     return Result(NAME, table, checks, files)

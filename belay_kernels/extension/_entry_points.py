@@ -89,7 +89,9 @@ def _entry_points(method):
     defaults = ["skip_nonfinite=True", "skipped=None"] if method.counts_skipped else []
     namespace: dict = {}
     for name, like in ((method.op, "{0}"), (method.foreach, "{0}[0] if len({0}) else None")):
-        tensors = list(method.tensors) if name == method.op else [f"{r}_list" for r in method.tensors]
+        tensors = (
+            list(method.tensors) if name == method.op else [f"{r}_list" for r in method.tensors]
+        )
         values = "(" + "".join(f"{n}, " for n in scalars) + ")"
         source = (
             f"def {name}({', '.join(tensors + scalars + defaults)}):\n"
@@ -109,15 +111,17 @@ def _rates(decays, like):
 
 
 def multi_ema_update_(shadows, weights, decays, skip_nonfinite=True, skipped=None):
-    _ops.multi_ema_update_(list(shadows), weights, *_rates(decays, weights), skip_nonfinite,
-                           skipped)
+    _ops.multi_ema_update_(
+        list(shadows), weights, *_rates(decays, weights), skip_nonfinite, skipped
+    )
 
 
 def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True, skipped=None):
     flat = [t for profile in shadows for t in profile]  # profile after profile
     like = weights[0] if len(weights) else None
-    _ops.multi_ema_update_foreach_(flat, list(weights), *_rates(decays, like), skip_nonfinite,
-                                   skipped)
+    _ops.multi_ema_update_foreach_(
+        flat, list(weights), *_rates(decays, like), skip_nonfinite, skipped
+    )
 
 
 for _method in METHODS:

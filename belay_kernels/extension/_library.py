@@ -62,7 +62,8 @@ def _load(module_name: str) -> tuple[ModuleType | None, str]:
         return importlib.import_module(module_name), ""
     except Exception as exc:  # ImportError, or an undefined symbol from a stale build
         return None, _not_built_reason(module_name) or (
-            f"{module_name} is not importable ({type(exc).__name__}: {exc})")
+            f"{module_name} is not importable ({type(exc).__name__}: {exc})"
+        )
 
 
 @functools.cache
@@ -121,7 +122,7 @@ def _arch_mismatch(module) -> str:
         return (
             f"cuda:{current} (compute capability {major}.{minor}) cannot load the CUDA "
             f"kernels built for {listed}: {error}; rebuild with "
-            f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}+PTX\""
+            f'TORCH_CUDA_ARCH_LIST="{major}.{minor}+PTX"'
         )
     return ""
 

@@ -68,7 +68,9 @@ class AveragingCallback(TrainerCallback):
     def averaged(self):
         """The average swapped into the model, for an evaluation outside ``train()``."""
         if self.averager is None:
-            raise BelayInputError("there is no average yet: run trainer.train() with this callback first.")
+            raise BelayInputError(
+                "there is no average yet: run trainer.train() with this callback first."
+            )
         with self.averager.averaged() as model:
             yield model
 
@@ -130,7 +132,9 @@ def _resumed_state_file(args, state) -> str:
     candidates = []
     if isinstance(args.resume_from_checkpoint, (str, os.PathLike)):
         candidates.append(os.path.join(args.resume_from_checkpoint, STATE_FILE))
-    candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_FILE))
+    candidates.append(
+        os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_FILE)
+    )
     for path in candidates:
         if os.path.isfile(path):
             return path

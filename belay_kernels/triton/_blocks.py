@@ -43,8 +43,9 @@ def _lerp(a, b, t):
     of exactly 1 copies ``b`` even over a non-finite ``a``. The explicit fma pins the
     rounding to ATen's vectorized lerp (one rounding per branch)."""
     diff = b - a
-    return tl.where(t == 1, b,
-                    tl.where(tl.abs(t) < 0.5, tl.fma(t, diff, a), tl.fma(t - 1, diff, b)))
+    return tl.where(
+        t == 1, b, tl.where(tl.abs(t) < 0.5, tl.fma(t, diff, a), tl.fma(t - 1, diff, b))
+    )
 
 
 @triton.jit
@@ -60,9 +61,18 @@ def _keep_where_nonfinite(new, old, incoming, skipped_ptr, HAS_SKIPPED: tl.const
 
 
 @triton.jit
-def _lerp_into(shadow_ptr, offs, n, weights, weight, skipped_ptr, MASKED: tl.constexpr,
-               SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-               COMPUTE: tl.constexpr):
+def _lerp_into(
+    shadow_ptr,
+    offs,
+    n,
+    weights,
+    weight,
+    skipped_ptr,
+    MASKED: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_SKIPPED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
     """The EMA/SWA element update of one shadow from weights already loaded (in their
     storage dtype): ``shadow <- lerp(shadow, weights, weight)`` under the non-finite
     policy. One EMA and the K EMAs of multi_ema share it, so they round alike."""
@@ -75,28 +85,78 @@ def _lerp_into(shadow_ptr, offs, n, weights, weight, skipped_ptr, MASKED: tl.con
 
 
 @triton.jit
-def _lerp_shadow_block(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr,
-                       MASKED: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
-                       HAS_SKIPPED: tl.constexpr, COMPUTE: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _lerp_shadow_block(
+    shadow_ptr,
+    weights_ptr,
+    start,
+    n,
+    weight,
+    skipped_ptr,
+    MASKED: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_SKIPPED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = _offsets(start, BLOCK)
     weights = _load(weights_ptr, offs, n, MASKED)
-    _lerp_into(shadow_ptr, offs, n, weights, weight, skipped_ptr, MASKED, SKIP_NONFINITE,
-               HAS_SKIPPED, COMPUTE)
+    _lerp_into(
+        shadow_ptr,
+        offs,
+        n,
+        weights,
+        weight,
+        skipped_ptr,
+        MASKED,
+        SKIP_NONFINITE,
+        HAS_SKIPPED,
+        COMPUTE,
+    )
 
 
 @triton.jit
-def _lerp_shadow(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr,
-                 SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-                 COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+def _lerp_shadow(
+    shadow_ptr,
+    weights_ptr,
+    start,
+    n,
+    weight,
+    skipped_ptr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_SKIPPED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """``shadow <- lerp(shadow, weights, weight)`` on the block at ``start``, under the
     non-finite policy: the update of EMA and of SWA, which differ only in ``weight``."""
     if start + BLOCK <= n:
-        _lerp_shadow_block(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr, False,
-                           SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+        _lerp_shadow_block(
+            shadow_ptr,
+            weights_ptr,
+            start,
+            n,
+            weight,
+            skipped_ptr,
+            False,
+            SKIP_NONFINITE,
+            HAS_SKIPPED,
+            COMPUTE,
+            BLOCK,
+        )
     else:
-        _lerp_shadow_block(shadow_ptr, weights_ptr, start, n, weight, skipped_ptr, True,
-                           SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+        _lerp_shadow_block(
+            shadow_ptr,
+            weights_ptr,
+            start,
+            n,
+            weight,
+            skipped_ptr,
+            True,
+            SKIP_NONFINITE,
+            HAS_SKIPPED,
+            COMPUTE,
+            BLOCK,
+        )
 
 
 @triton.jit
@@ -150,8 +210,7 @@ def _rate(bits, ptr, FROM_PTR: tl.constexpr, ONE_MINUS: tl.constexpr, COMPUTE: t
 
 
 @triton.jit
-def _table_block(table_ptr, owner_ptr, num_tensors, NUM_COLUMNS: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def _table_block(table_ptr, owner_ptr, num_tensors, NUM_COLUMNS: tl.constexpr, BLOCK: tl.constexpr):
     """(tensor index, first element of this program's block, size of that tensor)."""
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(owner_ptr + pid).to(tl.int64)
@@ -161,8 +220,14 @@ def _table_block(table_ptr, owner_ptr, num_tensors, NUM_COLUMNS: tl.constexpr,
 
 
 @triton.jit
-def _locate(table_ptr, owner_ptr, size, NUM_COLUMNS: tl.constexpr, IS_LIST: tl.constexpr,
-            BLOCK: tl.constexpr):
+def _locate(
+    table_ptr,
+    owner_ptr,
+    size,
+    NUM_COLUMNS: tl.constexpr,
+    IS_LIST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """(tensor index, first element of this program's block, size of that tensor), for a
     flat launch (``size`` is the tensor's) or a list launch (``size`` is the table's)."""
     if IS_LIST:
@@ -175,8 +240,15 @@ def _locate(table_ptr, owner_ptr, size, NUM_COLUMNS: tl.constexpr, IS_LIST: tl.c
 
 
 @triton.jit
-def _column(table_ptr, ptr, column: tl.constexpr, tensor, num_tensors, IS_LIST: tl.constexpr,
-            ALIGNED: tl.constexpr):
+def _column(
+    table_ptr,
+    ptr,
+    column: tl.constexpr,
+    tensor,
+    num_tensors,
+    IS_LIST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """The pointer of a column's tensor: ``ptr`` itself in a flat launch."""
     if IS_LIST:
         ptr = _table_pointer(table_ptr, ptr, column, tensor, num_tensors, ALIGNED)
@@ -184,8 +256,15 @@ def _column(table_ptr, ptr, column: tl.constexpr, tensor, num_tensors, IS_LIST: 
 
 
 @triton.jit
-def _place(table_ptr, owner_ptr, size, ptrs, IS_LIST: tl.constexpr, ALIGNED: tl.constexpr,
-           BLOCK: tl.constexpr):
+def _place(
+    table_ptr,
+    owner_ptr,
+    size,
+    ptrs,
+    IS_LIST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """The prologue of every kernel: (first element of this program's block, size of its
     tensor, then the pointer of each of the columns ``ptrs`` to that tensor)."""
     tensor, start, n = _locate(table_ptr, owner_ptr, size, len(ptrs), IS_LIST, BLOCK)
@@ -193,19 +272,26 @@ def _place(table_ptr, owner_ptr, size, ptrs, IS_LIST: tl.constexpr, ALIGNED: tl.
 
 
 @triton.jit
-def _columns(table_ptr, ptrs, FIRST: tl.constexpr, tensor, num_tensors, IS_LIST: tl.constexpr,
-             ALIGNED: tl.constexpr):
+def _columns(
+    table_ptr,
+    ptrs,
+    FIRST: tl.constexpr,
+    tensor,
+    num_tensors,
+    IS_LIST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """_column for a tuple of pointers, the columns FIRST, FIRST + 1, ..."""
     out = ()
     for k in tl.static_range(len(ptrs)):
-        out = out + (_column(table_ptr, ptrs[k], FIRST + k, tensor, num_tensors, IS_LIST,
-                             ALIGNED),)
+        out = out + (_column(table_ptr, ptrs[k], FIRST + k, tensor, num_tensors, IS_LIST, ALIGNED),)
     return out
 
 
 @triton.jit
-def _table_pointer(table_ptr, base_ptr, column: tl.constexpr, tensor, num_tensors,
-                   ALIGNED: tl.constexpr):
+def _table_pointer(
+    table_ptr, base_ptr, column: tl.constexpr, tensor, num_tensors, ALIGNED: tl.constexpr
+):
     offset = tl.load(table_ptr + column * num_tensors + tensor)
     if ALIGNED:
         # The launcher put only 16-byte-aligned tensors in this table, and the base (the

@@ -102,15 +102,30 @@ def launch(kernel, columns, args, flags, owners=None, tuple_columns: int = 0) ->
         n = columns[0].numel()
         if n:
             with on_device(columns[0].device):
-                kernel[grid(n, flags["BLOCK"])](columns[0], columns[0], n, *pointers(columns),
-                                                *args, IS_LIST=False, ALIGNED=True, **flags)
+                kernel[grid(n, flags["BLOCK"])](
+                    columns[0],
+                    columns[0],
+                    n,
+                    *pointers(columns),
+                    *args,
+                    IS_LIST=False,
+                    ALIGNED=True,
+                    **flags,
+                )
         return
     tables = PointerTable.of(columns, owners if owners is not None else columns)
     with on_device(columns[0][0].device):
         for table in tables:
-            kernel[(table.num_blocks,)](table.table, table.owner, table.num_tensors,
-                                        *pointers(table.bases), *args, IS_LIST=True,
-                                        ALIGNED=table.aligned, **flags)
+            kernel[(table.num_blocks,)](
+                table.table,
+                table.owner,
+                table.num_tensors,
+                *pointers(table.bases),
+                *args,
+                IS_LIST=True,
+                ALIGNED=table.aligned,
+                **flags,
+            )
 
 
 def scalar_args(value, device: torch.device, one_minus: bool = False) -> tuple[int, object, bool]:
@@ -167,8 +182,9 @@ class PointerTable:
 
     _tables: dict = {}
 
-    def __init__(self, columns: list[list[torch.Tensor]], pieces: list[tuple[int, int, int]],
-                 aligned: bool):
+    def __init__(
+        self, columns: list[list[torch.Tensor]], pieces: list[tuple[int, int, int]], aligned: bool
+    ):
         self.block = block_size(*(column[0].dtype for column in columns))
         sizes = [length for _, _, length in pieces]
         blocks = [triton.cdiv(n, self.block) for n in sizes]
@@ -176,8 +192,7 @@ class PointerTable:
         for b in blocks[:-1]:
             first.append(first[-1] + b)
         device = columns[0][0].device
-        self.table = torch.empty((len(columns) + 2) * len(pieces), dtype=torch.int64,
-                                 device=device)
+        self.table = torch.empty((len(columns) + 2) * len(pieces), dtype=torch.int64, device=device)
         offsets = []
         for column in columns:
             size = column[0].element_size()
@@ -231,5 +246,8 @@ class PointerTable:
                 good, bad = _aligned_pieces([c[i] for c in columns])
                 aligned += [(i, start, n) for start, n in good]
                 misaligned += [(i, start, n) for start, n in bad]
-        return [cls(columns, pieces, flag)
-                for pieces, flag in ((aligned, True), (misaligned, False)) if pieces]
+        return [
+            cls(columns, pieces, flag)
+            for pieces, flag in ((aligned, True), (misaligned, False))
+            if pieces
+        ]

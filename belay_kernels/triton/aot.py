@@ -50,40 +50,77 @@ _INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # Scalar and bookkeeping parameters, the same in every kernel that has them.
 _COMMON_TYPES = {
-    "n": "i32", "num_tensors": "i32", "size": "i32", "first_step": "i32", "every": "i32", "count": "i64",
-    "weight_bits": "i64", "alpha_bits": "i64", "beta_bits": "i64",
-    "gamma_bits": "i64", "power_bits": "i64", "min_decay_bits": "i64", "decay_bits": "i64",
-    "decay_ptr": "*fp32", "alpha_ptr": "*fp32", "beta_ptr": "*fp32", "count_ptr": "*i64",
-    "skipped_ptr": "*i64", "step_ptr": "*i64", "skip_ptr": "*fp32",
-    "table_ptr": "*i64", "owner_ptr": "*i32",
+    "n": "i32",
+    "num_tensors": "i32",
+    "size": "i32",
+    "first_step": "i32",
+    "every": "i32",
+    "count": "i64",
+    "weight_bits": "i64",
+    "alpha_bits": "i64",
+    "beta_bits": "i64",
+    "gamma_bits": "i64",
+    "power_bits": "i64",
+    "min_decay_bits": "i64",
+    "decay_bits": "i64",
+    "decay_ptr": "*fp32",
+    "alpha_ptr": "*fp32",
+    "beta_ptr": "*fp32",
+    "count_ptr": "*i64",
+    "skipped_ptr": "*i64",
+    "step_ptr": "*i64",
+    "skip_ptr": "*fp32",
+    "table_ptr": "*i64",
+    "owner_ptr": "*i32",
 }
 
 # The flags of the common call: host scalars, no gate, non-finite skip without a counter.
-FAST_FLAGS = dict(DECAY_FROM_PTR=False, WARMUP=False, COUNT_FROM_PTR=False,
-                  ALPHA_FROM_PTR=False, BETA_FROM_PTR=False, HAS_STEP=False, HAS_SKIP=False,
-                  SKIP_NONFINITE=True, HAS_SKIPPED=False)
+FAST_FLAGS = dict(
+    DECAY_FROM_PTR=False,
+    WARMUP=False,
+    COUNT_FROM_PTR=False,
+    ALPHA_FROM_PTR=False,
+    BETA_FROM_PTR=False,
+    HAS_STEP=False,
+    HAS_SKIP=False,
+    SKIP_NONFINITE=True,
+    HAS_SKIPPED=False,
+)
 # Everything on: device scalars, warmup, step gate, skip flag, counted non-finite skips.
-GRAPH_FLAGS = dict(DECAY_FROM_PTR=True, WARMUP=True, COUNT_FROM_PTR=True,
-                   ALPHA_FROM_PTR=True, BETA_FROM_PTR=True, HAS_STEP=True, HAS_SKIP=True,
-                   SKIP_NONFINITE=True, HAS_SKIPPED=True)
+GRAPH_FLAGS = dict(
+    DECAY_FROM_PTR=True,
+    WARMUP=True,
+    COUNT_FROM_PTR=True,
+    ALPHA_FROM_PTR=True,
+    BETA_FROM_PTR=True,
+    HAS_STEP=True,
+    HAS_SKIP=True,
+    SKIP_NONFINITE=True,
+    HAS_SKIPPED=True,
+)
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    kernel: object            # one kernel, flat or list by its IS_LIST flag
-    inputs: tuple[str, ...]   # tensor roles read
+    kernel: object  # one kernel, flat or list by its IS_LIST flag
+    inputs: tuple[str, ...]  # tensor roles read
     outputs: tuple[str, ...]  # tensor roles written
-    bits_only: bool = False   # swap: sees integer views
-    profiles: int = 0         # multi-EMA: K shadows in tuple arguments (roles repeat K times)
+    bits_only: bool = False  # swap: sees integer views
+    profiles: int = 0  # multi-EMA: K shadows in tuple arguments (roles repeat K times)
 
 
 def _table_method(method: methods.Method) -> Method:
     """A method of the table, its kernel found by name: ``_<op>kernel`` in the module
     named after the method."""
     module = importlib.import_module(f".{method.name}", __package__)
-    return Method(method.op, getattr(module, f"_{method.op}kernel"), method.read,
-                  method.written, bits_only=method.exact)
+    return Method(
+        method.op,
+        getattr(module, f"_{method.op}kernel"),
+        method.read,
+        method.written,
+        bits_only=method.exact,
+    )
 
 
 METHODS = tuple(_table_method(m) for m in methods.METHODS)
@@ -122,8 +159,9 @@ class Case:
 
     @property
     def label(self) -> str:
-        pair = "/".join(str(d).removeprefix("torch.")
-                        for d in (self.weights_dtype, self.shadow_dtype))
+        pair = "/".join(
+            str(d).removeprefix("torch.") for d in (self.weights_dtype, self.shadow_dtype)
+        )
         variant = "foreach" if self.foreach else "flat"
         if self.flags == GRAPH_FLAGS:
             variant += "+graph"
@@ -135,8 +173,12 @@ def fast_cases(foreach: bool = False) -> list[Case]:
     from ..methods import DTYPE_PAIRS
     from ..reference import swap_supported
 
-    return [Case(m, w, s, foreach) for m in METHODS for w, s in DTYPE_PAIRS
-            if not m.bits_only or swap_supported(w, s)]
+    return [
+        Case(m, w, s, foreach)
+        for m in METHODS
+        for w, s in DTYPE_PAIRS
+        if not m.bits_only or swap_supported(w, s)
+    ]
 
 
 MULTI_EMA_PROFILES = (1, 3, 8)
@@ -144,23 +186,32 @@ MULTI_EMA_PROFILES = (1, 3, 8)
 
 def multi_ema_method(k: int) -> Method:
     """The multi-EMA kernel with ``k`` shadows: K shadow reads and writes, one weights read."""
-    return Method(f"multi_ema_update_x{k}", _multi_ema_update_kernel,
-                  ("shadow",) * k + ("weights",), ("shadow",) * k, profiles=k)
+    return Method(
+        f"multi_ema_update_x{k}",
+        _multi_ema_update_kernel,
+        ("shadow",) * k + ("weights",),
+        ("shadow",) * k,
+        profiles=k,
+    )
 
 
 def multi_ema_cases(foreach: bool = False) -> list[Case]:
     """The multi-EMA kernel for each K of MULTI_EMA_PROFILES and every dtype pair."""
     from ..methods import DTYPE_PAIRS
 
-    return [Case(multi_ema_method(k), w, s, foreach)
-            for k in MULTI_EMA_PROFILES for w, s in DTYPE_PAIRS]
+    return [
+        Case(multi_ema_method(k), w, s, foreach) for k in MULTI_EMA_PROFILES for w, s in DTYPE_PAIRS
+    ]
 
 
 def multi_ema_graph_cases() -> list[Case]:
     """The multi-EMA kernel with every decay a device tensor and a skipped counter."""
     pairs = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32))
-    return [Case(multi_ema_method(k), w, s, False, dict(GRAPH_FLAGS))
-            for k in MULTI_EMA_PROFILES for w, s in pairs]
+    return [
+        Case(multi_ema_method(k), w, s, False, dict(GRAPH_FLAGS))
+        for k in MULTI_EMA_PROFILES
+        for w, s in pairs
+    ]
 
 
 # The methods whose kernels take a StepGate, so a captured graph can replay them: the
@@ -171,8 +222,12 @@ GATED_METHODS = tuple(m.op for m in methods.METHODS if m.counts_skipped)
 def graph_cases() -> list[Case]:
     """The graph-capturable configuration of the methods that have one."""
     pairs = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32))
-    return [Case(m, w, s, False, dict(GRAPH_FLAGS)) for m in METHODS
-            if m.name in GATED_METHODS for w, s in pairs]
+    return [
+        Case(m, w, s, False, dict(GRAPH_FLAGS))
+        for m in METHODS
+        if m.name in GATED_METHODS
+        for w, s in pairs
+    ]
 
 
 def _signature(case: Case):
@@ -182,11 +237,15 @@ def _signature(case: Case):
     compute = _launch.compute_dtype(case.weights_dtype, case.shadow_dtype)
     k = case.method.profiles
     scalar_dtype = torch.float64 if compute == tl.float64 else torch.float32
-    tuples = {"shadow_ptrs": ("*" + _TRITON_TYPES[case.role_dtype("shadow")],) * k,
-              "words": ("i64",) * (2 * k),
-              "decay_ptrs": ("*" + _TRITON_TYPES[scalar_dtype],) * k}
-    tuple_constexprs = {"DECAY_FROM_PTR": (case.flags["DECAY_FROM_PTR"],) * k,
-                        "COMPUTES": (compute,) * k}
+    tuples = {
+        "shadow_ptrs": ("*" + _TRITON_TYPES[case.role_dtype("shadow")],) * k,
+        "words": ("i64",) * (2 * k),
+        "decay_ptrs": ("*" + _TRITON_TYPES[scalar_dtype],) * k,
+    }
+    tuple_constexprs = {
+        "DECAY_FROM_PTR": (case.flags["DECAY_FROM_PTR"],) * k,
+        "COMPUTES": (compute,) * k,
+    }
     for index, name in enumerate(fn.arg_names):
         if name in tuples and k:
             signature[name] = tuples[name]
@@ -203,9 +262,15 @@ def _signature(case: Case):
         elif name in _COMMON_TYPES:
             signature[name] = _COMMON_TYPES[name]
         else:
-            value = {**case.flags, "COMPUTE": compute, "BLOCK": case.block,
-                     "ALIGNED": True, "INVERSE": False, "IS_LIST": case.foreach,
-                     "PACKED": case.weights_dtype != case.shadow_dtype}[name]
+            value = {
+                **case.flags,
+                "COMPUTE": compute,
+                "BLOCK": case.block,
+                "ALIGNED": True,
+                "INVERSE": False,
+                "IS_LIST": case.foreach,
+                "PACKED": case.weights_dtype != case.shadow_dtype,
+            }[name]
             signature[name] = "constexpr"
             constexprs[name] = value
         if signature[name].startswith("*"):
@@ -216,8 +281,9 @@ def _signature(case: Case):
 def compile_case(case: Case, arch: int):
     signature, constexprs, attrs = _signature(case)
     source = ASTSource(case.kernel, signature, constexprs, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": _launch.NUM_WARPS})
+    return triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": _launch.NUM_WARPS}
+    )
 
 
 _GLOBAL = re.compile(r"^\s*(@!?%p\d+\s+)?(ld|st)\.global(\.[\w:]+)*?\s")
@@ -240,11 +306,17 @@ def ptxas_usage(ptx: str) -> dict[str, int]:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        report = subprocess.run([ptxas, "-v", f"-arch={arch}", path, "-o", os.devnull],
-                                capture_output=True, text=True, check=True).stderr
+        report = subprocess.run(
+            [ptxas, "-v", f"-arch={arch}", path, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+
     def number(pattern):
         match = re.search(pattern, report)
         return int(match.group(1)) if match else 0
+
     return {
         "registers": number(r"Used (\d+) registers"),
         "stack_bytes": number(r"(\d+) bytes stack frame"),
@@ -256,10 +328,10 @@ def ptxas_usage(ptx: str) -> dict[str, int]:
 class PtxReport:
     case: Case
     arch: int
-    fast_loads: list[int]     # bits of each unpredicated global load (the fast path)
+    fast_loads: list[int]  # bits of each unpredicated global load (the fast path)
     fast_stores: list[int]
-    local_ops: int            # ld.local / st.local instructions
-    shared_ops: int           # ld/st.shared (layout conversions, reductions)
+    local_ops: int  # ld.local / st.local instructions
+    shared_ops: int  # ld/st.shared (layout conversions, reductions)
     usage: dict[str, int]
 
     @property

@@ -23,9 +23,20 @@ from .device_step import StepGate, _gate, gate_args
 
 
 @triton.jit
-def _belay_block(weights_ptr, shadow_ptr, start, n, alpha, beta, skipped_ptr,
-                 MASKED: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
-                 HAS_SKIPPED: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+def _belay_block(
+    weights_ptr,
+    shadow_ptr,
+    start,
+    n,
+    alpha,
+    beta,
+    skipped_ptr,
+    MASKED: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_SKIPPED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = _offsets(start, BLOCK)
     weights = _load(weights_ptr, offs, n, MASKED).to(COMPUTE)
     shadow = _load(shadow_ptr, offs, n, MASKED).to(COMPUTE)
@@ -38,26 +49,70 @@ def _belay_block(weights_ptr, shadow_ptr, start, n, alpha, beta, skipped_ptr,
 
 
 @triton.jit(do_not_specialize=["alpha_bits", "beta_bits"])
-def _belay_step_kernel(table_ptr, owner_ptr, size, weights_ptr, shadow_ptr, alpha_bits,
-                       alpha_ptr, beta_bits, beta_ptr, skipped_ptr, step_ptr, skip_ptr,
-                       first_step, every, IS_LIST: tl.constexpr, ALIGNED: tl.constexpr,
-                       ALPHA_FROM_PTR: tl.constexpr, BETA_FROM_PTR: tl.constexpr,
-                       HAS_STEP: tl.constexpr, HAS_SKIP: tl.constexpr,
-                       SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+def _belay_step_kernel(
+    table_ptr,
+    owner_ptr,
+    size,
+    weights_ptr,
+    shadow_ptr,
+    alpha_bits,
+    alpha_ptr,
+    beta_bits,
+    beta_ptr,
+    skipped_ptr,
+    step_ptr,
+    skip_ptr,
+    first_step,
+    every,
+    IS_LIST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    ALPHA_FROM_PTR: tl.constexpr,
+    BETA_FROM_PTR: tl.constexpr,
+    HAS_STEP: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_SKIPPED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     start, n, weights_ptr, shadow_ptr = _place(
-        table_ptr, owner_ptr, size, (weights_ptr, shadow_ptr), IS_LIST, ALIGNED, BLOCK)
+        table_ptr, owner_ptr, size, (weights_ptr, shadow_ptr), IS_LIST, ALIGNED, BLOCK
+    )
     active, k = _gate(step_ptr, skip_ptr, first_step, every, HAS_STEP, HAS_SKIP)
     if active:
         alpha, alpha_valid = _rate(alpha_bits, alpha_ptr, ALPHA_FROM_PTR, False, COMPUTE)
         beta, beta_valid = _rate(beta_bits, beta_ptr, BETA_FROM_PTR, False, COMPUTE)
         if alpha_valid & beta_valid:
             if start + BLOCK <= n:
-                _belay_block(weights_ptr, shadow_ptr, start, n, alpha, beta, skipped_ptr,
-                             False, SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+                _belay_block(
+                    weights_ptr,
+                    shadow_ptr,
+                    start,
+                    n,
+                    alpha,
+                    beta,
+                    skipped_ptr,
+                    False,
+                    SKIP_NONFINITE,
+                    HAS_SKIPPED,
+                    COMPUTE,
+                    BLOCK,
+                )
             else:
-                _belay_block(weights_ptr, shadow_ptr, start, n, alpha, beta, skipped_ptr,
-                             True, SKIP_NONFINITE, HAS_SKIPPED, COMPUTE, BLOCK)
+                _belay_block(
+                    weights_ptr,
+                    shadow_ptr,
+                    start,
+                    n,
+                    alpha,
+                    beta,
+                    skipped_ptr,
+                    True,
+                    SKIP_NONFINITE,
+                    HAS_SKIPPED,
+                    COMPUTE,
+                    BLOCK,
+                )
         else:
             _skip_block(start, n, skipped_ptr, HAS_SKIPPED, BLOCK)
 
@@ -72,22 +127,44 @@ def _common_args(alpha, beta, skip_nonfinite, skipped, gate, placeholder, dtypes
         placeholder if skipped is None else skipped,
         *gate_positional,
     )
-    flags = dict(ALPHA_FROM_PTR=alpha_from_ptr, BETA_FROM_PTR=beta_from_ptr, **gate_flags,
-                 **_launch.update_flags(skip_nonfinite, skipped, dtypes))
+    flags = dict(
+        ALPHA_FROM_PTR=alpha_from_ptr,
+        BETA_FROM_PTR=beta_from_ptr,
+        **gate_flags,
+        **_launch.update_flags(skip_nonfinite, skipped, dtypes),
+    )
     return args, flags
 
 
-def belay_step_(weights: torch.Tensor, shadow: torch.Tensor, alpha, beta, skip_nonfinite=True,
-                skipped=None, *, gate: StepGate | None = None):
-    args, flags = _common_args(alpha, beta, skip_nonfinite, skipped, gate, weights,
-                               (weights.dtype, shadow.dtype))
+def belay_step_(
+    weights: torch.Tensor,
+    shadow: torch.Tensor,
+    alpha,
+    beta,
+    skip_nonfinite=True,
+    skipped=None,
+    *,
+    gate: StepGate | None = None,
+):
+    args, flags = _common_args(
+        alpha, beta, skip_nonfinite, skipped, gate, weights, (weights.dtype, shadow.dtype)
+    )
     _launch.launch(_belay_step_kernel, (weights, shadow), args, flags)
     return weights, shadow
 
 
-def belay_step_foreach_(weights, shadows, alpha, beta, skip_nonfinite=True, skipped=None, *,
-                       gate: StepGate | None = None):
-    args, flags = _common_args(alpha, beta, skip_nonfinite, skipped, gate, weights[0],
-                               (weights[0].dtype, shadows[0].dtype))
+def belay_step_foreach_(
+    weights,
+    shadows,
+    alpha,
+    beta,
+    skip_nonfinite=True,
+    skipped=None,
+    *,
+    gate: StepGate | None = None,
+):
+    args, flags = _common_args(
+        alpha, beta, skip_nonfinite, skipped, gate, weights[0], (weights[0].dtype, shadows[0].dtype)
+    )
     _launch.launch(_belay_step_kernel, [weights, shadows], args, flags)
     return weights, shadows

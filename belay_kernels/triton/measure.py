@@ -41,8 +41,10 @@ def time_cuda(fn: Callable[[], object], runs: int, warmup: int) -> dict[str, flo
     """Median, p20 and p80 in milliseconds of ``fn`` on the current stream (CUDA events)."""
     for _ in range(warmup):
         fn()
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-             for _ in range(runs)]
+    pairs = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(runs)
+    ]
     for start, end in pairs:
         start.record()
         fn()
@@ -74,8 +76,14 @@ def _step_fn(op: str, weights: torch.Tensor, shadow: torch.Tensor, extra: torch.
     return lambda: function(*arguments)
 
 
-def kernel_bandwidth(device, numel: int, runs: int, warmup: int, methods: Sequence[str],
-                     pairs: Sequence[tuple[torch.dtype, torch.dtype]]) -> list[dict]:
+def kernel_bandwidth(
+    device,
+    numel: int,
+    runs: int,
+    warmup: int,
+    methods: Sequence[str],
+    pairs: Sequence[tuple[torch.dtype, torch.dtype]],
+) -> list[dict]:
     rows = []
     generator = torch.Generator().manual_seed(0)
     for method in methods:
@@ -83,23 +91,26 @@ def kernel_bandwidth(device, numel: int, runs: int, warmup: int, methods: Sequen
             if method_table.BY_OP[method].exact and not swap_supported(weights_dtype, shadow_dtype):
                 continue
             case = aot.Case(_METHOD[method], weights_dtype, shadow_dtype)
-            per_element = (case.bytes_per_element(case.method.inputs)
-                           + case.bytes_per_element(case.method.outputs))
+            per_element = case.bytes_per_element(case.method.inputs) + case.bytes_per_element(
+                case.method.outputs
+            )
             sample = random_like_model(min(numel, 1 << 20), torch.float32, generator=generator)
             sample = sample.to(device)
             weights = sample.repeat(numel // sample.numel() + 1)[:numel].to(weights_dtype)
             shadow = (weights.float() * 0.5).to(shadow_dtype)
             extra = torch.empty_like(weights)
             timing = time_cuda(_step_fn(method, weights, shadow, extra), runs, warmup)
-            rows.append({
-                "kernel": method,
-                "weights_dtype": str(weights_dtype).removeprefix("torch."),
-                "shadow_dtype": str(shadow_dtype).removeprefix("torch."),
-                "numel": numel,
-                "bytes_per_element": per_element,
-                **timing,
-                "gbps": per_element * numel / timing["median_ms"] / 1e6,
-            })
+            rows.append(
+                {
+                    "kernel": method,
+                    "weights_dtype": str(weights_dtype).removeprefix("torch."),
+                    "shadow_dtype": str(shadow_dtype).removeprefix("torch."),
+                    "numel": numel,
+                    "bytes_per_element": per_element,
+                    **timing,
+                    "gbps": per_element * numel / timing["median_ms"] / 1e6,
+                }
+            )
             del weights, shadow, extra
     return rows
 
@@ -113,8 +124,7 @@ def count_launches(fn: Callable[[], object]) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for event in prof.events()
-               if event.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def launches_per_step(device, num_tensors: int = 64) -> list[dict]:
@@ -132,14 +142,23 @@ def launches_per_step(device, num_tensors: int = 64) -> list[dict]:
         advance_step_(gate)
 
     return [
-        {"step": "EMA, one flat buffer",
-         "launches": count_launches(lambda: ema_update_(shadow, weights, 0.999))},
-        {"step": f"EMA, a list of {num_tensors} tensors",
-         "launches": count_launches(lambda: ema_update_foreach_(shadows, weight_list, 0.999))},
-        {"step": f"EMA gated on a step tensor and found_inf, a list of {num_tensors} "
-                 "tensors, + advance_step_", "launches": count_launches(gated_step)},
-        {"step": "the gated step, captured in a CUDA graph",
-         "graph_capture": _graph_capture_check(gated_step, gate)},
+        {
+            "step": "EMA, one flat buffer",
+            "launches": count_launches(lambda: ema_update_(shadow, weights, 0.999)),
+        },
+        {
+            "step": f"EMA, a list of {num_tensors} tensors",
+            "launches": count_launches(lambda: ema_update_foreach_(shadows, weight_list, 0.999)),
+        },
+        {
+            "step": f"EMA gated on a step tensor and found_inf, a list of {num_tensors} "
+            "tensors, + advance_step_",
+            "launches": count_launches(gated_step),
+        },
+        {
+            "step": "the gated step, captured in a CUDA graph",
+            "graph_capture": _graph_capture_check(gated_step, gate),
+        },
     ]
 
 
@@ -163,14 +182,22 @@ def _graph_capture_check(step: Callable[[], object], gate: StepGate) -> str:
         return f"failed: {type(exc).__name__}: {exc}"
 
 
-def measure(device: str | torch.device = "cuda", *, numel: int = 1 << 27, runs: int = 50,
-            warmup: int = 5, methods: Sequence[str] = METHODS,
-            pairs: Sequence[tuple[torch.dtype, torch.dtype]] = DTYPE_PAIRS) -> dict:
+def measure(
+    device: str | torch.device = "cuda",
+    *,
+    numel: int = 1 << 27,
+    runs: int = 50,
+    warmup: int = 5,
+    methods: Sequence[str] = METHODS,
+    pairs: Sequence[tuple[torch.dtype, torch.dtype]] = DTYPE_PAIRS,
+) -> dict:
     """Copy bandwidth, per-kernel bandwidth and launches per step on a CUDA ``device``."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise ValueError(f"measure() needs a CUDA device, got {device} "
-                         f"(torch.cuda.is_available() = {torch.cuda.is_available()}).")
+        raise ValueError(
+            f"measure() needs a CUDA device, got {device} "
+            f"(torch.cuda.is_available() = {torch.cuda.is_available()})."
+        )
     with torch.cuda.device(device):
         copy = copy_bandwidth(device, numel, runs, warmup)
         kernels = kernel_bandwidth(device, numel, runs, warmup, methods, pairs)
@@ -198,9 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     copy = results["copy"]
     print(f"{results['device']}: device copy {copy['gbps']:.0f} GB/s")
     for row in results["kernels"]:
-        print(f"{row['kernel']:20s} {row['weights_dtype']:>8s}/{row['shadow_dtype']:<8s} "
-              f"{row['median_ms']:8.3f} ms  {row['gbps']:7.0f} GB/s  "
-              f"{row['fraction_of_copy']:5.0%} of copy")
+        print(
+            f"{row['kernel']:20s} {row['weights_dtype']:>8s}/{row['shadow_dtype']:<8s} "
+            f"{row['median_ms']:8.3f} ms  {row['gbps']:7.0f} GB/s  "
+            f"{row['fraction_of_copy']:5.0%} of copy"
+        )
     for row in results["launches"]:
         print(row)
     if args.json:

@@ -33,10 +33,21 @@ MAX_PROFILES = 8
 
 
 @triton.jit
-def _multi_ema_block(shadow_ptrs, weights_ptr, start, n, words, decay_ptrs, skipped_ptr,
-                     DECAY_FROM_PTR: tl.constexpr, MASKED: tl.constexpr,
-                     SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-                     COMPUTES: tl.constexpr, BLOCK: tl.constexpr):
+def _multi_ema_block(
+    shadow_ptrs,
+    weights_ptr,
+    start,
+    n,
+    words,
+    decay_ptrs,
+    skipped_ptr,
+    DECAY_FROM_PTR: tl.constexpr,
+    MASKED: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_SKIPPED: tl.constexpr,
+    COMPUTES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = _offsets(start, BLOCK)
     weights = _load(weights_ptr, offs, n, MASKED)
     for k in tl.static_range(len(shadow_ptrs)):
@@ -45,28 +56,76 @@ def _multi_ema_block(shadow_ptrs, weights_ptr, start, n, words, decay_ptrs, skip
         bits = _odd_words_bits(words[2 * k], words[2 * k + 1])
         rate, valid = _rate(bits, decay_ptrs[k], DECAY_FROM_PTR[k], True, COMPUTES[k])
         if valid:
-            _lerp_into(shadow_ptrs[k], offs, n, weights, rate, skipped_ptr, MASKED,
-                       SKIP_NONFINITE, HAS_SKIPPED, COMPUTES[k])
+            _lerp_into(
+                shadow_ptrs[k],
+                offs,
+                n,
+                weights,
+                rate,
+                skipped_ptr,
+                MASKED,
+                SKIP_NONFINITE,
+                HAS_SKIPPED,
+                COMPUTES[k],
+            )
         else:
             _skip_block(start, n, skipped_ptr, HAS_SKIPPED, BLOCK)
 
 
 @triton.jit
-def _multi_ema_update_kernel(table_ptr, owner_ptr, size, shadow_ptrs, weights_ptr, words,
-                             decay_ptrs, skipped_ptr, IS_LIST: tl.constexpr,
-                             ALIGNED: tl.constexpr, DECAY_FROM_PTR: tl.constexpr,
-                             SKIP_NONFINITE: tl.constexpr, HAS_SKIPPED: tl.constexpr,
-                             COMPUTES: tl.constexpr, BLOCK: tl.constexpr):
+def _multi_ema_update_kernel(
+    table_ptr,
+    owner_ptr,
+    size,
+    shadow_ptrs,
+    weights_ptr,
+    words,
+    decay_ptrs,
+    skipped_ptr,
+    IS_LIST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    DECAY_FROM_PTR: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_SKIPPED: tl.constexpr,
+    COMPUTES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     K: tl.constexpr = len(shadow_ptrs)
     tensor, start, n = _locate(table_ptr, owner_ptr, size, K + 1, IS_LIST, BLOCK)
     shadow_ptrs = _columns(table_ptr, shadow_ptrs, 0, tensor, size, IS_LIST, ALIGNED)
     weights_ptr = _column(table_ptr, weights_ptr, K, tensor, size, IS_LIST, ALIGNED)
     if start + BLOCK <= n:
-        _multi_ema_block(shadow_ptrs, weights_ptr, start, n, words, decay_ptrs, skipped_ptr,
-                         DECAY_FROM_PTR, False, SKIP_NONFINITE, HAS_SKIPPED, COMPUTES, BLOCK)
+        _multi_ema_block(
+            shadow_ptrs,
+            weights_ptr,
+            start,
+            n,
+            words,
+            decay_ptrs,
+            skipped_ptr,
+            DECAY_FROM_PTR,
+            False,
+            SKIP_NONFINITE,
+            HAS_SKIPPED,
+            COMPUTES,
+            BLOCK,
+        )
     else:
-        _multi_ema_block(shadow_ptrs, weights_ptr, start, n, words, decay_ptrs, skipped_ptr,
-                         DECAY_FROM_PTR, True, SKIP_NONFINITE, HAS_SKIPPED, COMPUTES, BLOCK)
+        _multi_ema_block(
+            shadow_ptrs,
+            weights_ptr,
+            start,
+            n,
+            words,
+            decay_ptrs,
+            skipped_ptr,
+            DECAY_FROM_PTR,
+            True,
+            SKIP_NONFINITE,
+            HAS_SKIPPED,
+            COMPUTES,
+            BLOCK,
+        )
 
 
 def _check_profiles(k: int, decays) -> None:
@@ -89,25 +148,30 @@ def _args_and_flags(decays, skip_nonfinite, skipped, placeholder, weights_dtype,
         pointers.append(pointer)
         from_ptr.append(on_device)
     args = (tuple(words), tuple(pointers), placeholder if skipped is None else skipped)
-    flags = dict(DECAY_FROM_PTR=tuple(from_ptr), SKIP_NONFINITE=bool(skip_nonfinite),
-                 HAS_SKIPPED=skipped is not None,
-                 COMPUTES=tuple(_launch.compute_dtype(weights_dtype, d) for d in shadow_dtypes),
-                 **_launch.shape_flags(weights_dtype, *shadow_dtypes))
+    flags = dict(
+        DECAY_FROM_PTR=tuple(from_ptr),
+        SKIP_NONFINITE=bool(skip_nonfinite),
+        HAS_SKIPPED=skipped is not None,
+        COMPUTES=tuple(_launch.compute_dtype(weights_dtype, d) for d in shadow_dtypes),
+        **_launch.shape_flags(weights_dtype, *shadow_dtypes),
+    )
     return args, flags
 
 
-def multi_ema_update_(shadows, weights: torch.Tensor, decays, skip_nonfinite=True,
-                      skipped=None) -> None:
+def multi_ema_update_(
+    shadows, weights: torch.Tensor, decays, skip_nonfinite=True, skipped=None
+) -> None:
     """``shadows``: K tensors shaped like ``weights``; ``decays``: K numbers or 0-d tensors."""
     _check_profiles(len(shadows), decays)
-    args, flags = _args_and_flags(decays, skip_nonfinite, skipped, weights, weights.dtype,
-                                  [s.dtype for s in shadows])
-    _launch.launch(_multi_ema_update_kernel, (*shadows, weights), args, flags,
-                   tuple_columns=len(shadows))
+    args, flags = _args_and_flags(
+        decays, skip_nonfinite, skipped, weights, weights.dtype, [s.dtype for s in shadows]
+    )
+    _launch.launch(
+        _multi_ema_update_kernel, (*shadows, weights), args, flags, tuple_columns=len(shadows)
+    )
 
 
-def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True,
-                              skipped=None) -> None:
+def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True, skipped=None) -> None:
     """``shadows``: K lists, each laid out like the list ``weights``, in one launch."""
     _check_profiles(len(shadows), decays)
     if any(len(profile) != len(weights) for profile in shadows):
@@ -117,7 +181,9 @@ def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True,
         )
     if not weights:
         return
-    args, flags = _args_and_flags(decays, skip_nonfinite, skipped, weights[0], weights[0].dtype,
-                                  [p[0].dtype for p in shadows])
-    _launch.launch(_multi_ema_update_kernel, [*shadows, weights], args, flags,
-                   tuple_columns=len(shadows))
+    args, flags = _args_and_flags(
+        decays, skip_nonfinite, skipped, weights[0], weights[0].dtype, [p[0].dtype for p in shadows]
+    )
+    _launch.launch(
+        _multi_ema_update_kernel, [*shadows, weights], args, flags, tuple_columns=len(shadows)
+    )

@@ -32,8 +32,7 @@ def _swap_bits(model_bits, slot_bits, INVERSE: tl.constexpr):
         restored = tl.where(
             magnitude > INF,
             tl.where(magnitude == SPARE_NAN, sign | INF, model_bits),
-            tl.where(magnitude == INF * (1 - rounds_up), sign | SPARE_NAN,
-                     model_bits - rounds_up),
+            tl.where(magnitude == INF * (1 - rounds_up), sign | SPARE_NAN, model_bits - rounds_up),
         )
         shadow_high = tl.where(low != 0, restored, model_bits) & 0xFFFF
         new_model = high
@@ -53,8 +52,16 @@ def _swap_bits(model_bits, slot_bits, INVERSE: tl.constexpr):
 
 
 @triton.jit
-def _swap_block(weights_ptr, shadow_ptr, start, n, PACKED: tl.constexpr,
-                INVERSE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+def _swap_block(
+    weights_ptr,
+    shadow_ptr,
+    start,
+    n,
+    PACKED: tl.constexpr,
+    INVERSE: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = _offsets(start, BLOCK)
     model = _load(weights_ptr, offs, n, MASKED)
     slot = _load(shadow_ptr, offs, n, MASKED)
@@ -70,11 +77,21 @@ def _swap_block(weights_ptr, shadow_ptr, start, n, PACKED: tl.constexpr,
 
 
 @triton.jit
-def _swap_kernel(table_ptr, owner_ptr, size, weights_ptr, shadow_ptr, IS_LIST: tl.constexpr,
-                 ALIGNED: tl.constexpr, PACKED: tl.constexpr, INVERSE: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def _swap_kernel(
+    table_ptr,
+    owner_ptr,
+    size,
+    weights_ptr,
+    shadow_ptr,
+    IS_LIST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    PACKED: tl.constexpr,
+    INVERSE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     start, n, weights_ptr, shadow_ptr = _place(
-        table_ptr, owner_ptr, size, (weights_ptr, shadow_ptr), IS_LIST, ALIGNED, BLOCK)
+        table_ptr, owner_ptr, size, (weights_ptr, shadow_ptr), IS_LIST, ALIGNED, BLOCK
+    )
     if start + BLOCK <= n:
         _swap_block(weights_ptr, shadow_ptr, start, n, PACKED, INVERSE, False, BLOCK)
     else:
@@ -89,8 +106,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _flags(weights, shadow, inverse):
-    return {"PACKED": weights.dtype != shadow.dtype, "INVERSE": bool(inverse),
-            **_launch.shape_flags(weights.dtype, shadow.dtype)}
+    return {
+        "PACKED": weights.dtype != shadow.dtype,
+        "INVERSE": bool(inverse),
+        **_launch.shape_flags(weights.dtype, shadow.dtype),
+    }
 
 
 def swap_(weights: torch.Tensor, shadow: torch.Tensor, inverse: bool = False) -> None:

@@ -11,8 +11,16 @@ from ._blocks import _load, _offsets, _place, _store
 
 
 @triton.jit
-def _two_point_block(out_ptr, weights_ptr, snapshot_ptr, start, n, MASKED: tl.constexpr,
-                     COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+def _two_point_block(
+    out_ptr,
+    weights_ptr,
+    snapshot_ptr,
+    start,
+    n,
+    MASKED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = _offsets(start, BLOCK)
     weights = _load(weights_ptr, offs, n, MASKED).to(COMPUTE)
     snapshot = _load(snapshot_ptr, offs, n, MASKED).to(COMPUTE)
@@ -20,11 +28,21 @@ def _two_point_block(out_ptr, weights_ptr, snapshot_ptr, start, n, MASKED: tl.co
 
 
 @triton.jit
-def _two_point_average_kernel(table_ptr, owner_ptr, size, out_ptr, weights_ptr, snapshot_ptr,
-                              IS_LIST: tl.constexpr, ALIGNED: tl.constexpr,
-                              COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+def _two_point_average_kernel(
+    table_ptr,
+    owner_ptr,
+    size,
+    out_ptr,
+    weights_ptr,
+    snapshot_ptr,
+    IS_LIST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     start, n, out_ptr, weights_ptr, snapshot_ptr = _place(
-        table_ptr, owner_ptr, size, (out_ptr, weights_ptr, snapshot_ptr), IS_LIST, ALIGNED, BLOCK)
+        table_ptr, owner_ptr, size, (out_ptr, weights_ptr, snapshot_ptr), IS_LIST, ALIGNED, BLOCK
+    )
     if start + BLOCK <= n:
         _two_point_block(out_ptr, weights_ptr, snapshot_ptr, start, n, False, COMPUTE, BLOCK)
     else:
