@@ -50,6 +50,7 @@ class Method:
     foreach: str  # the list variant, same name in Python and C++
     tensors: tuple[str, ...]
     written: tuple[str, ...]
+    output_only: tuple[str, ...] = ()  # written roles it never reads (a pure output)
     scalars: tuple[Scalar, ...] = ()
     counts_skipped: bool = False  # takes skip_nonfinite and the skipped counter
     calls_per_step: int = 1  # op calls in one timed benchmark step
@@ -72,7 +73,7 @@ class Method:
     @property
     def read(self) -> tuple[str, ...]:
         """The roles whose values the op reads: all but a pure output."""
-        return tuple(r for r in self.tensors if r not in _OUTPUT_ONLY.get(self.name, ()))
+        return tuple(r for r in self.tensors if r not in self.output_only)
 
     def storage(self, role: str) -> str:
         """``"weights"`` or ``"shadow"``: the dtype a role is stored in."""
@@ -81,9 +82,6 @@ class Method:
     def dtype_of(self, role: str, weights_dtype: torch.dtype, shadow_dtype: torch.dtype):
         return shadow_dtype if self.storage(role) == "shadow" else weights_dtype
 
-
-# Roles an op writes without reading them first.
-_OUTPUT_ONLY = {"two_point": ("out",)}
 
 METHODS = (
     Method(
@@ -119,6 +117,7 @@ METHODS = (
         foreach="two_point_average_foreach_",
         tensors=("out", "weights", "snapshot"),
         written=("out",),
+        output_only=("out",),
         public="two_point_average",
         kernel_pair=("weights", "snapshot"),
     ),

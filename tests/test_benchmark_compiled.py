@@ -14,7 +14,7 @@ from belay_kernels.benchmark import compiled
 from belay_kernels.benchmark.flat_cases import make_operands
 from belay_kernels.benchmark.report import format_table
 from belay_kernels.benchmark.sweep import run_sweep
-from belay_kernels.methods import NAMES
+from belay_kernels.methods import BY_NAME, NAMES
 from belay_kernels.testing import assert_close
 
 N = 1031  # no multiple of any vector width: the compiled loop's tail runs too
@@ -29,7 +29,7 @@ CASES = [(compiled.COUNTED, m, torch.float32) for m in NAMES if m != "swap"] + [
 def _operands(method, weights_dtype):
     torch.manual_seed(0)
     t = make_operands(method, N, weights_dtype, torch.float32, CPU)
-    if method in ("ema", "swa", "belay"):
+    if BY_NAME[method].counts_skipped:
         t["weights"][[5, 77, 1030]] = torch.tensor(
             [float("nan"), float("inf"), -float("inf")], dtype=weights_dtype
         )
@@ -57,7 +57,7 @@ def test_compiled_formula_matches_the_reference(peer, method, weights_dtype):
             )
             for r, t in expected.items()
         )
-    counts = peer == compiled.COUNTED and method in ("ema", "swa", "belay")
+    counts = peer == compiled.COUNTED and BY_NAME[method].counts_skipped
     assert skipped.item() == (expected_skipped.item() if counts else 0) == (6 if counts else 0)
 
 

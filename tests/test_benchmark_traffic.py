@@ -12,14 +12,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from belay_kernels import reference
+from belay_kernels.benchmark.compiled import reference_calls
 from belay_kernels.benchmark.traffic import (
     CALLS_PER_STEP,
     METHODS,
+    OPERAND_KIND,
     TRAFFIC,
     bytes_per_call,
     bytes_per_step,
     copy_bytes,
+    operand_dtype,
 )
 from belay_kernels.testing import random_like_model
 
@@ -57,33 +59,16 @@ class _Traffic(TorchDispatchMode):
 def _operands(weights_dtype, shadow_dtype):
     g = torch.Generator().manual_seed(1)
     return {
-        "weights": random_like_model(N, weights_dtype, generator=g),
-        "shadow": random_like_model(N, shadow_dtype, generator=g),
-        # the two-point snapshot and output live in the weights' dtype
-        "snapshot": random_like_model(N, weights_dtype, generator=g),
-        "out": random_like_model(N, weights_dtype, generator=g),
+        role: random_like_model(N, operand_dtype(role, weights_dtype, shadow_dtype), generator=g)
+        for role in OPERAND_KIND
     }
-
-
-def _calls(method, t):
-    """The reference calls making one timed step of ``method``."""
-    return {
-        "ema": [lambda: reference.ema_update_(t["shadow"], t["weights"], 0.99, True, None)],
-        "swa": [lambda: reference.swa_update_(t["shadow"], t["weights"], 3, True, None)],
-        "belay": [lambda: reference.belay_step_(t["weights"], t["shadow"], 0.01, 0.1, True, None)],
-        "two_point": [lambda: reference.two_point_average_(t["out"], t["weights"], t["snapshot"])],
-        "swap": [
-            lambda: reference.swap_(t["weights"], t["shadow"], False),
-            lambda: reference.swap_(t["weights"], t["shadow"], True),
-        ],
-    }[method]
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=["fp32-fp32", "bf16-fp32"])
 @pytest.mark.parametrize("method", METHODS)
 def test_counted_bytes_are_what_the_spec_reads_and_writes_once(method, pair):
     t = _operands(*pair)
-    calls = _calls(method, t)
+    calls = reference_calls(method, t)
     assert len(calls) == CALLS_PER_STEP[method]
     observed_total = 0
     for call in calls:

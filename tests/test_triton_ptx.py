@@ -13,22 +13,12 @@ from belay_kernels.triton import aot  # noqa: E402
 
 CASES = aot.fast_cases() + aot.fast_cases(foreach=True) + aot.graph_cases()
 
-# Per-program scalar loads a kernel may make: the table entries of the list kernels
-# (block owner, size, first block, one offset per tensor column) and, in the graph
-# configuration, each device-side scalar, the step and the skip flag.
-_SCALAR_POINTERS = {
-    "decay_ptr": "DECAY_FROM_PTR",
-    "alpha_ptr": "ALPHA_FROM_PTR",
-    "beta_ptr": "BETA_FROM_PTR",
-    "count_ptr": "COUNT_FROM_PTR",
-    "step_ptr": "HAS_STEP",
-    "skip_ptr": "HAS_SKIP",
-}
-
 
 def allowed_scalar_loads(case: aot.Case) -> int:
-    names = case.kernel.arg_names
-    loads = sum(1 for name, flag in _SCALAR_POINTERS.items() if name in names and case.flags[flag])
+    """Per-program loads of one value a kernel may make: in the graph configuration each
+    device-side scalar, the step and the skip flag; in the list kernels the table entries
+    (block owner, size, first block, one offset per tensor column)."""
+    loads = len(aot.scalar_pointers(case.kernel)) if case.graph else 0
     if case.foreach:
         columns = len(set(case.method.inputs) | set(case.method.outputs))
         loads += 3 + columns
@@ -56,7 +46,7 @@ def test_fast_path_moves_each_element_once_with_128_bit_accesses(case, arch):
 )
 def test_warmup_weight_is_fp64_math(case):
     """The EMA warmup's weight: an IEEE fp64 division and fp64 exp2/log2, none of the
-    approximate fp32 instructions (so inv_gamma = power = 1 is the SWA's 1 / (k + 1))."""
+    approximate fp32 instructions (so a Warmup of gamma = power = 1 is the SWA's 1 / (k + 1))."""
     ptx = aot.compile_case(case, 90).asm["ptx"]
     assert "div.rn.f64" in ptx
     for approximate in (
@@ -94,6 +84,6 @@ def test_multi_ema_loads_the_weights_once_and_each_shadow_once(case, arch):
     assert len(report.streaming_loads) == (k * shadow + weights) * per_thread // 16
     # each device decay: one load in the full-block and one in the tail-block branch (only
     # one of which runs in a program)
-    decay_loads = 2 * k if case.flags["DECAY_FROM_PTR"] else 0
+    decay_loads = 2 * k if case.graph else 0
     table_loads = 3 + k + 1 if case.foreach else 0
     assert report.scalar_loads <= decay_loads + table_loads, report.fast_loads

@@ -5,18 +5,20 @@ fused loop (C++ on the CPU, Triton on CUDA), run on the same flat operands as ou
 Two variants of the ops that skip non-finite weights: ``torch.compile`` counts the skipped
 elements, the same work as ours; ``torch.compile (uncounted)`` only skips them.
 The swap compiles the reference's own code (an exchange, or for bf16 weights with an fp32
-shadow the exact bit packing), since that code is the formula.
+shadow the exact bit packing), since that code is the formula; so does any op of the method
+table without a formula here.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 
 from .. import reference
-from ..methods import METHODS, NAMES
-from .flat_cases import BELAY_ALPHA, BELAY_BETA, DECAY, SWA_COUNT
+from ..methods import BY_NAME, METHODS, NAMES, Method
+from .flat_cases import step_calls
 from .peers import Unsupported, one_phrase
 
 COUNTED = "torch.compile"
@@ -28,7 +30,7 @@ COMPILED_PEERS = {
 }
 
 
-def _shadow_update(shadow, weights, skipped, rate, math, counted):
+def _shadow_update(shadow, weights, rate, skipped, math, counted):
     s, w = shadow.to(math), weights.to(math)
     keep = ~torch.isfinite(w)
     shadow.copy_(torch.where(keep, s, torch.lerp(s, w, rate)))
@@ -36,7 +38,7 @@ def _shadow_update(shadow, weights, skipped, rate, math, counted):
         skipped.add_(keep.sum())
 
 
-def _belay(weights, shadow, skipped, alpha, beta, math, counted):
+def _belay(weights, shadow, alpha, beta, skipped, math, counted):
     w, s = weights.to(math), shadow.to(math)
     keep = ~torch.isfinite(w)
     new_shadow = torch.where(keep, s, torch.lerp(s, w, alpha))
@@ -46,25 +48,59 @@ def _belay(weights, shadow, skipped, alpha, beta, math, counted):
         skipped.add_(keep.sum())
 
 
-def _two_point(out, weights, snapshot, math):
+def _two_point(out, weights, snapshot, skipped, math, counted):
     out.copy_((weights.to(math) + snapshot.to(math)) * 0.5)
 
 
+def _swap(weights, shadow, inverse, skipped, math, counted):
+    reference.swap_(weights, shadow, inverse)
+
+
+# The obvious torch code of the original ops. Each takes the method table's tensors in
+# order, its scalars (as _HOST_SCALARS turns them into rates, on the host), the counter,
+# the math dtype and whether to count.
 _FORMULAS = {
     "ema": _shadow_update,
     "swa": _shadow_update,
     "belay": _belay,
     "two_point": _two_point,
-    "swap": reference.swap_,
+    "swap": _swap,
 }
+_HOST_SCALARS = {
+    "ema": lambda decay: (reference.one_minus(decay),),
+    "swa": lambda count: (1 / (count + 1),),
+}
+
+
+def _reference_formula(method: Method):
+    """Any other op: its reference, whose torch code is the formula."""
+    op = getattr(reference, method.op)
+
+    def formula(*args):
+        *arguments, skipped, math, counted = args
+        if method.counts_skipped:
+            return op(*arguments, True, skipped if counted else None)
+        return op(*arguments)
+
+    return formula
+
+
 _compiled = {}
 
 
 def _compiled_formula(method: str):
     # one wrapper per formula: dynamo keeps its compiled code per function
     if method not in _compiled:
-        _compiled[method] = torch.compile(_FORMULAS[method], fullgraph=True, dynamic=False)
+        formula = _FORMULAS.get(method) or _reference_formula(BY_NAME[method])
+        _compiled[method] = torch.compile(formula, fullgraph=True, dynamic=False)
     return _compiled[method]
+
+
+def _calls(method: str, t: dict) -> tuple[tuple, list[tuple]]:
+    """The tensors of one timed step, by the table's order, and each call's scalars."""
+    m = BY_NAME[method]
+    tensors = tuple(t[role] for role in m.tensors)
+    return tensors, [tuple(c.values()) for c in step_calls(method)]
 
 
 def compiled_step(peer: str, method: str, t: dict, skipped: torch.Tensor | None = None):
@@ -77,39 +113,30 @@ def compiled_step(peer: str, method: str, t: dict, skipped: torch.Tensor | None 
     counted = peer == COUNTED
     if skipped is None:
         skipped = torch.zeros((), dtype=torch.int64, device=next(iter(t.values())).device)
-    if method == "ema":
-        rate = reference.one_minus(DECAY)
-        return lambda: fn(t["shadow"], t["weights"], skipped, rate, math, counted)
-    if method == "swa":
-        rate = 1 / (SWA_COUNT + 1)
-        return lambda: fn(t["shadow"], t["weights"], skipped, rate, math, counted)
-    if method == "belay":
-        return lambda: fn(
-            t["weights"], t["shadow"], skipped, BELAY_ALPHA, BELAY_BETA, math, counted
-        )
-    if method == "two_point":
-        return lambda: fn(t["out"], t["weights"], t["snapshot"], math)
+    tensors, calls = _calls(method, t)
+    host = _HOST_SCALARS.get(method)
+    calls = [host(*scalars) for scalars in calls] if host else calls
 
-    def round_trip():  # as our timed swap: in, then back
-        fn(t["weights"], t["shadow"], False)
-        fn(t["weights"], t["shadow"], True)
+    def step():  # a swap's step is as ours: in, then back
+        for scalars in calls:
+            fn(*tensors, *scalars, skipped, math, counted)
 
-    return round_trip
+    return step
+
+
+def reference_calls(method: str, t: dict, skipped: torch.Tensor | None = None) -> list:
+    """The reference's op calls making one timed step of ``method``, each a callable."""
+    m = BY_NAME[method]
+    op = getattr(reference, m.op)
+    tensors, calls = _calls(method, t)
+    counter = (True, skipped) if m.counts_skipped else ()
+    return [functools.partial(op, *tensors, *scalars, *counter) for scalars in calls]
 
 
 def reference_step(method: str, t: dict, skipped: torch.Tensor | None = None) -> None:
     """What one timed step of ``method`` does, by the reference."""
-    if method == "ema":
-        reference.ema_update_(t["shadow"], t["weights"], DECAY, True, skipped)
-    elif method == "swa":
-        reference.swa_update_(t["shadow"], t["weights"], SWA_COUNT, True, skipped)
-    elif method == "belay":
-        reference.belay_step_(t["weights"], t["shadow"], BELAY_ALPHA, BELAY_BETA, True, skipped)
-    elif method == "two_point":
-        reference.two_point_average_(t["out"], t["weights"], t["snapshot"])
-    else:
-        reference.swap_(t["weights"], t["shadow"])
-        reference.swap_(t["weights"], t["shadow"], inverse=True)
+    for call in reference_calls(method, t, skipped):
+        call()
 
 
 def checked_first_call(step, method: str, t: dict, device: torch.device) -> float:

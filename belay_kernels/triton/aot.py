@@ -22,7 +22,7 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -48,56 +48,54 @@ _TRITON_TYPES = {
 }
 _INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-# Scalar and bookkeeping parameters, the same in every kernel that has them.
-_COMMON_TYPES = {
+# The bookkeeping parameters, the same in every kernel that has them. A scalar of the
+# method table passes as ``<name>`` (a count), ``<name>_bits`` (a rate's float64 bits, as
+# every ``*_bits`` parameter) and ``<name>_ptr`` (the same scalar on the device).
+_BOOKKEEPING_TYPES = {
     "n": "i32",
     "num_tensors": "i32",
     "size": "i32",
     "first_step": "i32",
     "every": "i32",
-    "count": "i64",
-    "weight_bits": "i64",
-    "alpha_bits": "i64",
-    "beta_bits": "i64",
-    "gamma_bits": "i64",
-    "power_bits": "i64",
-    "min_decay_bits": "i64",
-    "decay_bits": "i64",
-    "decay_ptr": "*fp32",
-    "alpha_ptr": "*fp32",
-    "beta_ptr": "*fp32",
-    "count_ptr": "*i64",
     "skipped_ptr": "*i64",
     "step_ptr": "*i64",
     "skip_ptr": "*fp32",
     "table_ptr": "*i64",
     "owner_ptr": "*i32",
 }
+_SCALAR_TYPES = {"rate": ("i64", "*fp32"), "count": ("i64", "*i64")}
 
-# The flags of the common call: host scalars, no gate, non-finite skip without a counter.
-FAST_FLAGS = dict(
-    DECAY_FROM_PTR=False,
-    WARMUP=False,
-    COUNT_FROM_PTR=False,
-    ALPHA_FROM_PTR=False,
-    BETA_FROM_PTR=False,
-    HAS_STEP=False,
-    HAS_SKIP=False,
-    SKIP_NONFINITE=True,
-    HAS_SKIPPED=False,
-)
-# Everything on: device scalars, warmup, step gate, skip flag, counted non-finite skips.
-GRAPH_FLAGS = dict(
-    DECAY_FROM_PTR=True,
-    WARMUP=True,
-    COUNT_FROM_PTR=True,
-    ALPHA_FROM_PTR=True,
-    BETA_FROM_PTR=True,
-    HAS_STEP=True,
-    HAS_SKIP=True,
-    SKIP_NONFINITE=True,
-    HAS_SKIPPED=True,
-)
+
+def _scalar_type(name: str) -> str | None:
+    if name in _BOOKKEEPING_TYPES:
+        return _BOOKKEEPING_TYPES[name]
+    if name.endswith("_bits"):
+        return "i64"
+    for scalar in (s for m in (*methods.METHODS, methods.MULTI_EMA) for s in m.scalars):
+        host, device = _SCALAR_TYPES.get(scalar.kind, (None, None))
+        if name == scalar.name:
+            return host
+        if name == f"{scalar.name}_ptr":
+            return device
+    return None
+
+
+# The flags that the graph-capturable configuration turns on (with every ``*_FROM_PTR``):
+# the decay warmup, the step gate, the skip flag and a skipped counter. The common call
+# has none of them: host scalars, no gate, non-finite skip without a counter.
+_GRAPH_ONLY_FLAGS = ("WARMUP", "HAS_STEP", "HAS_SKIP", "HAS_SKIPPED")
+
+
+def scalar_pointers(kernel) -> list[str]:
+    """The kernel's pointers to one device value: each scalar that a ``*_FROM_PTR`` flag
+    reads from the device, and the gate's step and skip flag."""
+    names = kernel.arg_names
+    return [
+        name
+        for name in names
+        if name in ("step_ptr", "skip_ptr")
+        or (name.endswith("_ptr") and f"{name[:-4].upper()}_FROM_PTR" in names)
+    ]
 
 
 @dataclass(frozen=True)
@@ -132,11 +130,18 @@ class Case:
     weights_dtype: torch.dtype
     shadow_dtype: torch.dtype
     foreach: bool = False
-    flags: dict = field(default_factory=lambda: dict(FAST_FLAGS))
+    graph: bool = False  # the graph-capturable configuration: every flag on
 
     @property
     def kernel(self):
         return self.method.kernel
+
+    def flag(self, name: str) -> bool:
+        if name == "SKIP_NONFINITE":
+            return True
+        if name in _GRAPH_ONLY_FLAGS or name.endswith("_FROM_PTR"):
+            return self.graph
+        raise KeyError(name)
 
     def role_dtype(self, role: str) -> torch.dtype:
         # two-point: out is like the weights, the snapshot has the "shadow" dtype
@@ -163,7 +168,7 @@ class Case:
             str(d).removeprefix("torch.") for d in (self.weights_dtype, self.shadow_dtype)
         )
         variant = "foreach" if self.foreach else "flat"
-        if self.flags == GRAPH_FLAGS:
+        if self.graph:
             variant += "+graph"
         return f"{self.method.name} {variant} {pair}"
 
@@ -208,26 +213,21 @@ def multi_ema_graph_cases() -> list[Case]:
     """The multi-EMA kernel with every decay a device tensor and a skipped counter."""
     pairs = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32))
     return [
-        Case(multi_ema_method(k), w, s, False, dict(GRAPH_FLAGS))
+        Case(multi_ema_method(k), w, s, False, graph=True)
         for k in MULTI_EMA_PROFILES
         for w, s in pairs
     ]
 
 
-# The methods whose kernels take a StepGate, so a captured graph can replay them: the
-# shadow updates (those that count skipped elements).
-GATED_METHODS = tuple(m.op for m in methods.METHODS if m.counts_skipped)
+def gated(method: Method) -> bool:
+    """Whether the kernel takes a StepGate (device_step), so a captured graph can replay it."""
+    return "step_ptr" in method.kernel.arg_names
 
 
 def graph_cases() -> list[Case]:
-    """The graph-capturable configuration of the methods that have one."""
+    """The graph-capturable configuration of the methods whose kernels take a gate."""
     pairs = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32))
-    return [
-        Case(m, w, s, False, dict(GRAPH_FLAGS))
-        for m in METHODS
-        if m.name in GATED_METHODS
-        for w, s in pairs
-    ]
+    return [Case(m, w, s, False, graph=True) for m in METHODS if gated(m) for w, s in pairs]
 
 
 def _signature(case: Case):
@@ -243,7 +243,7 @@ def _signature(case: Case):
         "decay_ptrs": ("*" + _TRITON_TYPES[scalar_dtype],) * k,
     }
     tuple_constexprs = {
-        "DECAY_FROM_PTR": (case.flags["DECAY_FROM_PTR"],) * k,
+        "DECAY_FROM_PTR": (case.flag("DECAY_FROM_PTR"),) * k,
         "COMPUTES": (compute,) * k,
     }
     for index, name in enumerate(fn.arg_names):
@@ -259,18 +259,19 @@ def _signature(case: Case):
             continue
         if name in roles_dtype:
             signature[name] = "*" + _TRITON_TYPES[roles_dtype[name]]
-        elif name in _COMMON_TYPES:
-            signature[name] = _COMMON_TYPES[name]
+        elif _scalar_type(name):
+            signature[name] = _scalar_type(name)
         else:
             value = {
-                **case.flags,
                 "COMPUTE": compute,
                 "BLOCK": case.block,
                 "ALIGNED": True,
                 "INVERSE": False,
                 "IS_LIST": case.foreach,
                 "PACKED": case.weights_dtype != case.shadow_dtype,
-            }[name]
+            }.get(name)
+            if value is None:
+                value = case.flag(name)
             signature[name] = "constexpr"
             constexprs[name] = value
         if signature[name].startswith("*"):
