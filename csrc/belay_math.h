@@ -90,8 +90,12 @@ constexpr uint32_t kBf16Sign = 0x8000u;
 constexpr uint32_t kBf16Inf = 0x7F80u;       // a magnitude above it is a NaN
 constexpr uint32_t kBf16SpareNan = 0x7F81u;  // the NaN high half that lends its code
 
+// Whether the shadow's low half ``low`` (below 0x10000) rounds its high half up, low > 0x8000,
+// in arithmetic: GCC 12 does not vectorize the swap's loop with the unsigned comparison.
+BK_HD uint32_t rounds_up_of(uint32_t low) { return (low + 0x7FFFu) >> 16; }
+
 BK_HD uint32_t packed_model_bits(uint32_t high, uint32_t low) {
-  const uint32_t rounds_up = low > 0x8000u ? 1u : 0u;
+  const uint32_t rounds_up = rounds_up_of(low);
   const uint32_t sign = high & kBf16Sign;
   const uint32_t magnitude = high & 0x7FFFu;
   const uint32_t traded = magnitude == kBf16Inf        ? (sign | kBf16SpareNan)
@@ -102,7 +106,7 @@ BK_HD uint32_t packed_model_bits(uint32_t high, uint32_t low) {
 }
 
 BK_HD uint32_t packed_shadow_high(uint32_t model, uint32_t low) {
-  const uint32_t rounds_up = low > 0x8000u ? 1u : 0u;
+  const uint32_t rounds_up = rounds_up_of(low);
   const uint32_t sign = model & kBf16Sign;
   const uint32_t magnitude = model & 0x7FFFu;
   const uint32_t restored =

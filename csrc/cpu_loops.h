@@ -247,6 +247,15 @@ BK_HD int64_t cpu_loop(const Op& op_in, int64_t begin, int64_t end) {
     op.skip_nonfinite = false;
     return plain_loop<kAvx2>(op, begin, end);
   }
+  // The swap's direction likewise, so each direction's loop vectorizes.
+  if constexpr (requires { op.inverse; }) {
+    if (op.inverse) {
+      op.inverse = true;
+      return plain_loop<kAvx2>(op, begin, end);
+    }
+    op.inverse = false;
+    return plain_loop<kAvx2>(op, begin, end);
+  }
   return plain_loop<kAvx2>(op, begin, end);
 }
 
