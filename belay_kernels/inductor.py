@@ -30,7 +30,7 @@ import types
 import torch
 
 from . import fast_torch, reference
-from .methods import BY_OP
+from .methods import BY_OP, METHODS
 
 DEVICE_TYPES = reference.DEVICE_TYPES - {"meta"}
 REQUIRES_CONTIGUOUS = True
@@ -107,27 +107,26 @@ def _run(op: str, tensors, scalars, flags) -> None:
         _compile_s[key] = time.perf_counter() - started
 
 
-def ema_update_(shadow, weights, decay, skip_nonfinite=True, skipped=None):
-    _run("ema_update_", (shadow, weights), (decay,), (skip_nonfinite, skipped))
-    return shadow
+def _op_function(method):
+    """The backend function of a table op, with the table's positional signature."""
+    n, k = len(method.tensors), len(method.scalars)
+    defaults = (True, None) if method.counts_skipped else ()
+
+    def run_op(*args):
+        flags = (*args[n + k :], *defaults[len(args) - n - k :])
+        _run(method.op, args[:n], args[n : n + k], flags)
+        written = tuple(args[i] for i in method.written_columns)
+        return written[0] if len(written) == 1 else written
+
+    run_op.__name__ = run_op.__qualname__ = method.op
+    return run_op
 
 
-def swa_update_(shadow, weights, count, skip_nonfinite=True, skipped=None):
-    _run("swa_update_", (shadow, weights), (count,), (skip_nonfinite, skipped))
-    return shadow
-
-
-def belay_step_(weights, shadow, alpha, beta, skip_nonfinite=True, skipped=None):
-    _run("belay_step_", (weights, shadow), (alpha, beta), (skip_nonfinite, skipped))
-    return weights, shadow
-
-
-def two_point_average_(out, weights, snapshot):
-    _run("two_point_average_", (out, weights, snapshot), (), ())
-    return out
-
-
-swap_ = fast_torch.swap_
+# Exact ops (the swap) run the eager torch backend: they move memory and compute nothing.
+for _method in METHODS:
+    globals()[_method.op] = (
+        getattr(fast_torch, _method.op) if _method.exact else _op_function(_method)
+    )
 
 
 # --- whether auto should take it ---------------------------------------------------------
@@ -163,8 +162,8 @@ def faster_than_eager(op: str, device_type: str, dtypes) -> tuple[bool, str]:
     """Whether auto takes this backend for ``op``, and why: the compiled op must measure
     faster than the eager ``torch`` backend here, on ``MEASURE_ELEMENTS`` elements (once
     per op, device type and dtypes; the first call compiles)."""
-    if op == "swap_":
-        return False, "a swap runs the eager torch backend either way"
+    if BY_OP[op].exact:
+        return False, "an exact op (the swap) runs the eager torch backend either way"
     key = (op, device_type, tuple(dtypes))
     if key not in _verdicts:
         device = torch.device(device_type)

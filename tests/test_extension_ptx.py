@@ -74,8 +74,37 @@ def test_no_register_spills(compiled):
     assert all(stores == "0" and loads == "0" for stores, loads in spills), report
 
 
-# Element functors of the fp32 and bf16 fast paths, as their demangled names read.
-FAST_PATHS = [
+# The fp32 and bf16 fast paths: every element functor compiled for these (weights, shadow)
+# pairs, as their demangled names read, found in the PTX (so a new op is covered).
+FAST_PAIRS = ["float, float", "c10::BFloat16, c10::BFloat16", "c10::BFloat16, float"]
+_FUNCTOR = re.compile(r"flat_kernel<belay::(\w+)<([^<>]*)>\s*>")
+
+
+def fast_paths(kernels, pair: str) -> list[str]:
+    functors = set()
+    for name in kernels:
+        match = _FUNCTOR.search(name)
+        if match and (match.group(2) == pair or match.group(2).startswith(pair + ", ")):
+            functors.add(f"{match.group(1)}<{match.group(2)}>")
+    return sorted(functors)
+
+
+@pytest.mark.parametrize("kernel", ["flat_kernel", "list_kernel"])
+@pytest.mark.parametrize("pair", FAST_PAIRS, ids=lambda p: p.replace("c10::", ""))
+def test_fast_paths_use_128_bit_accesses(compiled, kernel, pair):
+    _, kernels = compiled
+    functors = fast_paths(kernels, pair)
+    # every table op but the swap (integer bits), the multi-EMA for each K
+    assert len({f.split("<")[0] for f in functors}) >= 4, functors
+    for op in functors:
+        (body,) = [b for name, b in kernels.items() if kernel in name and op in name]
+        assert re.search(r"ld\.global(\.\w+)*\.v4\.", body), f"{op}: no 128-bit global load"
+        assert re.search(r"st\.global(\.\w+)*\.v4\.", body), f"{op}: no 128-bit global store"
+
+
+# The lerping ops: on the device too, a weight of exactly 1 copies (a compare with 1.0,
+# 0f3F800000 in PTX, then a select), so a non-finite shadow is overwritten.
+LERPING = [
     "ShadowUpdateOp<float, float, belay::EmaRule>",
     "ShadowUpdateOp<c10::BFloat16, c10::BFloat16, belay::EmaRule>",
     "ShadowUpdateOp<c10::BFloat16, float, belay::EmaRule>",
@@ -84,25 +113,7 @@ FAST_PATHS = [
     "BelayOp<float, float>",
     "BelayOp<c10::BFloat16, c10::BFloat16>",
     "BelayOp<c10::BFloat16, float>",
-    "TwoPointOp<float, float>",
-    "TwoPointOp<c10::BFloat16, float>",
 ]
-
-
-@pytest.mark.parametrize("kernel", ["flat_kernel", "list_kernel"])
-@pytest.mark.parametrize(
-    "op", FAST_PATHS, ids=lambda v: v.replace("c10::", "").replace("belay::", "")
-)
-def test_fast_paths_use_128_bit_accesses(compiled, kernel, op):
-    _, kernels = compiled
-    (body,) = [b for name, b in kernels.items() if kernel in name and op in name]
-    assert re.search(r"ld\.global(\.\w+)*\.v4\.", body), "no 128-bit global load"
-    assert re.search(r"st\.global(\.\w+)*\.v4\.", body), "no 128-bit global store"
-
-
-# The lerping ops: on the device too, a weight of exactly 1 copies (a compare with 1.0,
-# 0f3F800000 in PTX, then a select), so a non-finite shadow is overwritten.
-LERPING = [op for op in FAST_PATHS if "TwoPoint" not in op]
 
 
 @pytest.mark.parametrize("op", LERPING, ids=lambda v: v.replace("c10::", "").replace("belay::", ""))

@@ -145,7 +145,7 @@ def test_measure_counts_bytes_explicitly(monkeypatch):
         lambda fn, runs, warmup: (fn(), {"median_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0})[1],
     )
     rows = measure.kernel_bandwidth("cpu", 4099, 1, 0, measure.METHODS, DTYPE_PAIRS)
-    assert len(rows) == 5 * len(DTYPE_PAIRS) - 1  # swap has no fp16/fp32 pair
+    assert len(rows) == len(measure.METHODS) * len(DTYPE_PAIRS) - 1  # swap: no fp16/fp32
     ema_mixed = next(
         r
         for r in rows

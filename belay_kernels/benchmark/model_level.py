@@ -58,7 +58,7 @@ def our_averager_step(method: str, backend: str, model, shadow_dtype: torch.dtyp
                 pass
 
         return round_trip
-    raise ValueError(f"unknown method {method!r}")
+    raise Unsupported(f"no averager class runs {method}: the model level times averagers")
 
 
 def _checked(build):

@@ -12,6 +12,7 @@ from .traffic import METHODS
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 
+# Panel titles; a method not named here is titled by its short name.
 TITLES = {
     "ema": "EMA",
     "swa": "SWA",
@@ -61,7 +62,7 @@ def plot_sweep(rows, stream_gbps: float, path: Path, title: str) -> None:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.25)
-            ax.set_title(f"{TITLES[method]}  {pair}", fontsize=10)
+            ax.set_title(f"{TITLES.get(method, method)}  {pair}", fontsize=10)
             if j == 0:
                 ax.set_ylabel("GB/s (counted bytes)")
             if i == len(pairs) - 1:
