@@ -40,6 +40,10 @@ def main(result_path, ckpt_dir):
     if dist.get_rank() == 0:
         with open(result_path, "w") as f:
             json.dump(results, f)
+    # Leave together and close the group: a rank that exits with gloo's threads still
+    # running can abort ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
