@@ -4,7 +4,8 @@ A backend is a module that implements the reference's functions with the same
 positional signatures (see :mod:`belay_kernels.reference`), one per op of the method
 table (:mod:`belay_kernels.methods`): the tensors, the scalars, then ``skip_nonfinite,
 skipped`` for an op that counts skipped elements, for example
-``ema_update_(shadow, weights, decay, skip_nonfinite, skipped)``; and it declares ``DEVICE_TYPES`` (the tensor device types it runs on). Optionally it has
+``ema_update_(shadow, weights, decay, skip_nonfinite, skipped)``; and it declares
+``DEVICE_TYPES`` (the tensor device types it runs on). Optionally it has
 ``unavailable_reason()`` (a string when it cannot run on this machine), ``supports(op,
 dtypes)`` (False sends ``auto`` to the next backend), ``REQUIRES_CONTIGUOUS`` and
 foreach variants that take lists of tensors in one launch, named as

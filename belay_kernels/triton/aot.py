@@ -259,8 +259,8 @@ def _signature(case: Case):
             continue
         if name in roles_dtype:
             signature[name] = "*" + _TRITON_TYPES[roles_dtype[name]]
-        elif _scalar_type(name):
-            signature[name] = _scalar_type(name)
+        elif scalar_type := _scalar_type(name):
+            signature[name] = scalar_type
         else:
             value = {
                 "COMPUTE": compute,
