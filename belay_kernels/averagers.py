@@ -19,9 +19,10 @@ results.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -436,8 +437,20 @@ class Averager:
         return int(sum(int(c.item()) for c in self._skipped.values()))
 
     def shadow_params(self) -> list[torch.Tensor]:
-        """The shadow of each averaged tensor, shaped like it (views, not copies), in the
-        order of :meth:`names`."""
+        """The shadow of each averaged tensor, laid out like it (views, not copies), in the
+        order of :meth:`names`.
+
+        Where the averaged tensor is sharded (an FSDP2 parameter, or any parameter under
+        ``shard_shadow=True``), its shadow is a DTensor with the parameter's global shape
+        and placements over this rank's local piece, as ``state_dict()`` holds it:
+        ``full_tensor()`` gathers it (a collective) and ``to_local()`` is the local view."""
+        return [
+            spec.wrap(view) if spec is not None else view
+            for view, spec in zip(self._local_shadow_views(), self._specs_in_order())
+        ]
+
+    def _local_shadow_views(self) -> list[torch.Tensor]:
+        """The shadow per averaged tensor as plain views of this rank's memory."""
         return self._in_caller_order([track.shadow_views for track in self._tracks])
 
     def names(self) -> list[str]:
@@ -557,7 +570,7 @@ class Averager:
                     f"copy_to: got {len(ordered)} tensors, the averager holds {len(names)}."
                 )
         plan, bad = [], []
-        local_shapes = {n: s.shape for n, s in zip(names, self.shadow_params())}
+        local_shapes = {n: s.shape for n, s in zip(names, self._local_shadow_views())}
         for n, d, spec in zip(names, ordered, self._specs_in_order()):
             shape = spec.shape if spec is not None else local_shapes[n]
             if spec is not None and spec.same_layout(d):  # sharded alike: local to local
@@ -612,7 +625,7 @@ class Averager:
 
     def _saved_tensors(self) -> dict[str, list[torch.Tensor]]:
         """Tensor state by kind, each list in ``names()`` order."""
-        return {"shadow": self.shadow_params()}
+        return {"shadow": self._local_shadow_views()}
 
     def state_dict(self) -> dict:
         """The shadow (views, no copy), the counters and the hyperparameters.
@@ -658,10 +671,18 @@ class Averager:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict`. Everything is checked before anything is written."""
+        """Restore from :meth:`state_dict`. Everything it reads is checked first (keys,
+        types, the range of every counter and hyperparameter, every tensor's shape and
+        dtype): a bad state raises :class:`BelayInputError` naming the field, and the
+        averager is left as it was."""
         self._check_ready("load_state_dict()")
-        if not isinstance(state, dict) or state.get("method") != self.method:
-            got = state.get("method") if isinstance(state, dict) else type(state).__name__
+        self._restore(self._checked_state(state))
+
+    def _checked_state(self, state: object) -> dict:
+        """What load_state_dict() will write, each field checked; nothing is written here.
+        Subclasses add their own fields to the dict this returns."""
+        if not isinstance(state, Mapping) or state.get("method") != self.method:
+            got = state.get("method") if isinstance(state, Mapping) else type(state).__name__
             raise BelayInputError(
                 f"this averager is {self.method}, but the state is from {got!r}; load a "
                 f"state saved by {self.method}.state_dict()."
@@ -673,13 +694,37 @@ class Averager:
         absent = [k for k in self._STATE_KEYS if k not in state]
         if absent:
             raise BelayInputError(f"the state lacks {absent}; pass what state_dict() returned.")
+        hparams = type(self._hparams).from_state(state["hparams"])
+        try:
+            nonfinite = state["nonfinite"]
+            check_nonfinite(nonfinite)
+        except BelayInputError as exc:
+            raise BelayInputError(f"the state's nonfinite is bad: {exc}") from None
+        steps = check_saved_count(state, "num_steps")
+        updates = check_saved_count(state, "num_updates")
+        if updates > steps:
+            raise BelayInputError(
+                f"the state's num_updates ({updates}) exceeds its num_steps ({steps}): a "
+                "shadow is updated at most once per step."
+            )
+        return {
+            "tensors": self._checked_tensors(state),
+            "hparams": hparams,
+            "nonfinite": nonfinite,
+            "num_steps": steps,
+            "num_updates": updates,
+            "num_skipped": check_saved_count(state, "num_skipped"),
+        }
+
+    def _checked_tensors(self, state: Mapping) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(destination, this rank's value) for every saved tensor, shapes and dtypes checked.
+        A sharded value is cut to this rank's piece here, before anything is written."""
         names = self.names()
-        mine = self._saved_tensors()
         specs = self._specs_in_order()
-        problems = []
-        for kind, tensors in mine.items():
+        problems, plan = [], []
+        for kind, tensors in self._saved_tensors().items():
             theirs = state.get(kind)
-            if not isinstance(theirs, dict):
+            if not isinstance(theirs, Mapping):
                 problems.append(f"no {kind!r} tensors in the state")
                 continue
             missing = [n for n in names if n not in theirs]
@@ -689,38 +734,58 @@ class Averager:
             if unexpected:
                 problems.append(f"{kind} unexpected: {unexpected[:5]}")
             for name, t, spec in zip(names, tensors, specs):
-                other = theirs.get(name)
+                if name not in theirs:
+                    continue
+                other = theirs[name]
                 shape = spec.shape if spec is not None else t.shape
-                if other is not None and tuple(other.shape) != tuple(shape):
+                if not isinstance(other, torch.Tensor):
+                    problems.append(f"{kind} {name}: a {type(other).__name__}, not a tensor")
+                elif not other.is_floating_point() or other.is_meta:
+                    problems.append(
+                        f"{kind} {name}: saved as a {other.dtype} tensor on {other.device}; "
+                        "expected floating-point values"
+                    )
+                elif tuple(other.shape) != tuple(shape):
                     problems.append(
                         f"{kind} {name}: saved shape {tuple(other.shape)}, model shape {tuple(shape)}"
                     )
+                else:
+                    plan.append((t, spec.local_of(other) if spec is not None else other))
         if problems:
             raise BelayInputError(
                 "the state does not fit this model (was it saved from a different one?): "
                 + "; ".join(problems[:8])
             )
-        hparams = type(self._hparams).from_state(state["hparams"])
-        check_nonfinite(state["nonfinite"])
+        return plan
+
+    def _restore(self, checked: dict) -> None:
+        """Write what _checked_state() returned."""
         with torch.no_grad():
-            for kind, tensors in mine.items():
-                for name, t, spec in zip(names, tensors, specs):
-                    value = state[kind][name]
-                    t.copy_(spec.local_of(value) if spec is not None else value)
-        self._hparams = hparams
-        self.nonfinite = state["nonfinite"]
-        self._steps = int(state["num_steps"])
-        self._updates = int(state["num_updates"])
-        counters = list(self._skipped.values())
-        first = distributed.is_first_rank() if any(s is not None for s in specs) else True
-        for i, c in enumerate(counters):
-            c.fill_(int(state["num_skipped"]) if i == 0 and first else 0)
+            for dest, value in checked["tensors"]:
+                dest.copy_(value)
+        self._hparams = checked["hparams"]
+        self.nonfinite = checked["nonfinite"]
+        self._steps = checked["num_steps"]
+        self._updates = checked["num_updates"]
+        # state_dict() saves the count summed over the ranks: one rank holds it again
+        sharded = any(s is not None for s in self._specs_in_order())
+        first = distributed.is_first_rank() if sharded else True
+        for i, counter in enumerate(self._skipped.values()):
+            counter.fill_(checked["num_skipped"] if i == 0 and first else 0)
 
     _STATE_KEYS = ("hparams", "nonfinite", "num_steps", "num_updates", "num_skipped")
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
         return f"{self.method}({settings}, tracks={len(self._tracks)}, steps={self._steps})"
+
+
+def check_saved_count(state: Mapping, key: str) -> int:
+    """A counter of a saved state: an int >= 0 (a float or a bool is refused, not rounded)."""
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise BelayInputError(f"the state's {key} must be an int >= 0, got {value!r}.")
+    return int(value)
 
 
 def _as_list(t: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
@@ -913,13 +978,25 @@ class TwoPoint(Averager):
         return [t.average for t in self._tracks]
 
     def _saved_tensors(self) -> dict[str, list[torch.Tensor]]:
-        return {"snapshot": self.shadow_params()}
+        return {"snapshot": self._local_shadow_views()}
 
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["snapshot_step"] = self._snapshot_step
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self._snapshot_step = int(state["snapshot_step"])
+    _STATE_KEYS = Averager._STATE_KEYS + ("snapshot_step",)
+
+    def _checked_state(self, state: object) -> dict:
+        checked = super()._checked_state(state)
+        snapshot_step = check_saved_count(state, "snapshot_step")
+        if snapshot_step > checked["num_steps"]:
+            raise BelayInputError(
+                f"the state's snapshot_step ({snapshot_step}) is after its num_steps "
+                f"({checked['num_steps']}): a snapshot is taken at a step already made."
+            )
+        return {**checked, "snapshot_step": snapshot_step}
+
+    def _restore(self, checked: dict) -> None:
+        super()._restore(checked)
+        self._snapshot_step = checked["snapshot_step"]

@@ -45,7 +45,9 @@ class Hparams:
             if not isinstance(state, Mapping):
                 raise TypeError(f"expected a dict, got {type(state).__name__}")
             return cls(**cls._decode(state))
-        except (TypeError, KeyError) as exc:
+        except BelayInputError as exc:
+            raise BelayInputError(f"the saved hyperparameters are bad: {exc}") from None
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
             raise BelayInputError(
                 f"the saved hyperparameters {state!r} are malformed: {exc}"
             ) from None

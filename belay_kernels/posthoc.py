@@ -28,7 +28,7 @@ import torch
 
 from . import ops, power
 from ._checks import BelayInputError
-from .averagers import Averager
+from .averagers import Averager, check_saved_count
 from .hparams import HparamAttribute, Hparams, check_every, set_converted
 
 SNAPSHOT_KIND = "belay_kernels.posthoc snapshot"
@@ -317,14 +317,20 @@ class PostHocEMA(Averager):
         state["num_snapshots"] = self._snapshots
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        count = state.get("num_snapshots") if isinstance(state, dict) else None
-        if count is not None and (
-            isinstance(count, bool) or not isinstance(count, int) or count < 0
-        ):
-            raise BelayInputError(f"num_snapshots must be an int >= 0, got {count!r}.")
-        super().load_state_dict(state)
-        self._snapshots = int(state["num_snapshots"])
+    def _checked_state(self, state: object) -> dict:
+        checked = super()._checked_state(state)
+        saved = len(checked["hparams"].gammas)
+        if saved != len(self.gammas):
+            raise BelayInputError(
+                f"the state holds {saved} profiles (sigma_rels "
+                f"{[round(power.gamma_to_sigma_rel(g), 6) for g in checked['hparams'].gammas]}), "
+                f"this PostHocEMA tracks {len(self.gammas)}; build it with the saved sigma_rels."
+            )
+        return {**checked, "num_snapshots": check_saved_count(state, "num_snapshots")}
+
+    def _restore(self, checked: dict) -> None:
+        super()._restore(checked)
+        self._snapshots = checked["num_snapshots"]
 
 
 def _atomic_save(obj, path: Path) -> None:

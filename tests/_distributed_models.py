@@ -116,3 +116,50 @@ class Oracle:
         elif (t + 1) % self.settings["gap"] == 0:  # two_point: the snapshot is retaken
             self.state = {n: w[n].clone() for n in self.names}
         return pulled
+
+
+def check_shadow_params_like_the_parameters(averager, model, kind: str, what: str) -> None:
+    """``shadow_params()`` under sharding: each sharded tensor's shadow is a DTensor over
+    the averager's own local view (no copy), with its parameter's global shape and the
+    placements state_dict() saves, so ``full_tensor()`` gathers what state_dict() holds;
+    a tensor that is not sharded (a buffer) keeps a plain shadow."""
+    from belay_kernels import distributed as bkd
+
+    whole = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    saved = averager.state_dict()[kind]
+    sharded = 0
+    for n, shadow, view in zip(
+        averager.names(), averager.shadow_params(), averager._local_shadow_views()
+    ):
+        if not bkd.is_dtensor(saved[n]):
+            assert not bkd.is_dtensor(shadow) and shadow.data_ptr() == view.data_ptr(), n
+            continue
+        sharded += 1
+        assert bkd.is_dtensor(shadow), f"{what}: {n}'s shadow is a {type(shadow).__name__}"
+        assert shadow.shape == whole[n].shape == saved[n].shape, f"{what}: {n} shape"
+        assert shadow.stride() == saved[n].stride(), f"{what}: {n} stride"
+        assert shadow.placements == saved[n].placements, f"{what}: {n} placements"
+        assert shadow.to_local().data_ptr() == view.data_ptr(), f"{what}: {n} was copied"
+        assert torch.equal(shadow.full_tensor(), saved[n].full_tensor()), f"{what}: {n} gathered"
+    assert sharded, f"{what}: nothing is sharded"
+
+
+def check_bad_state_refused_untouched(averager, kind: str, what: str) -> None:
+    """A sharded averager refuses a bad state on every rank before writing anything: a
+    negative counter, and a tensor of another shape."""
+    import pytest
+
+    import belay_kernels as bk
+
+    for field, corrupt in (
+        ("num_updates", lambda s: s.__setitem__("num_updates", -1)),
+        ("saved shape", lambda s: s[kind].__setitem__(next(iter(s[kind])), torch.ones(3))),
+    ):
+        state = averager.state_dict()
+        corrupt(state)
+        before = [local(s).clone() for s in averager.shadow_params()]
+        counters = (averager.num_steps, averager.num_updates, averager.num_skipped)
+        with pytest.raises(bk.BelayInputError, match=field):
+            averager.load_state_dict(state)
+        assert all(torch.equal(a, local(b)) for a, b in zip(before, averager.shadow_params()))
+        assert counters == (averager.num_steps, averager.num_updates, averager.num_skipped), what

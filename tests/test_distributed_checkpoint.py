@@ -9,7 +9,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from _distributed import run_ranks
-from _distributed_models import batch, named_local, tiny, train_step
+from _distributed_models import (
+    batch,
+    check_bad_state_refused_untouched,
+    check_shadow_params_like_the_parameters,
+    named_local,
+    tiny,
+    train_step,
+)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -65,6 +72,8 @@ def ddp_checks(rank, world):
         assert_equal(
             full_shadows(sharded, kind), full_shadows(plain, kind), f"{key} sharded vs unsharded"
         )
+        check_shadow_params_like_the_parameters(sharded, model, kind, f"{key} sharded")
+        check_bad_state_refused_untouched(sharded, kind, f"{key} sharded")
         live = {n: v.clone() for n, v in named_local(model).items()}
         with plain.averaged():
             expected = {n: v.clone() for n, v in named_local(model).items()}

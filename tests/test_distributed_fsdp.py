@@ -11,7 +11,18 @@ import pytest
 import torch
 import torch.distributed as dist
 from _distributed import run_ranks
-from _distributed_models import AVERAGERS, KIND, STEPS, Oracle, named_local, tiny, train_step
+from _distributed_models import (
+    AVERAGERS,
+    KIND,
+    STEPS,
+    Oracle,
+    check_bad_state_refused_untouched,
+    check_shadow_params_like_the_parameters,
+    local,
+    named_local,
+    tiny,
+    train_step,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import belay_kernels as bk
@@ -45,7 +56,9 @@ def check_averager_against_oracle_and_single_process(key, rank):
     # FSDP2 leaves whole and so live in a flat buffer
     assert avg.launches_per_step == 2
     for n, s in zip(names, avg.shadow_params()):
-        assert_close(s, oracle.state[n], f"{key} rank {rank} local shadow {n}")
+        assert_close(local(s), oracle.state[n], f"{key} rank {rank} local shadow {n}")
+    check_shadow_params_like_the_parameters(avg, model, KIND[key], f"{key} rank {rank}")
+    check_bad_state_refused_untouched(avg, KIND[key], f"{key} rank {rank}")
     state = avg.state_dict()
     single_shadow = dict(zip(names, avg_single.shadow_params()))
     for n in names:
@@ -122,7 +135,7 @@ def check_swap_export_and_copy_to(rank, tmp):
     target = tiny(seed=3, shard=True)
     ema.copy_to(target)
     for n, s in zip(ema.names(), ema.shadow_params()):
-        assert torch.equal(named_local(target)[n], s), f"copy_to sharded {n}"
+        assert torch.equal(named_local(target)[n], local(s)), f"copy_to sharded {n}"
     whole = tiny(seed=4)
     ema.copy_to(whole)
     for n, t in whole.state_dict().items():
@@ -146,7 +159,7 @@ def check_mixed_precision(rank):
     for n, s in zip(ema.names(), ema.shadow_params()):
         if n in params:
             assert params[n].dtype == torch.float32 and s.dtype == torch.float32
-        assert_close(s, oracle[n], f"mixed precision shadow {n}")
+        assert_close(local(s), oracle[n], f"mixed precision shadow {n}")
 
 
 def check_bad_input(rank, tmp):
@@ -196,13 +209,13 @@ def check_bad_input(rank, tmp):
     dcp.save({"ema": bk.EMA(other)}, checkpoint_id=str(tmp / "other"))
     model = tiny(shard=True)
     ema = bk.EMA(model)
-    before = [s.clone() for s in ema.shadow_params()]
+    before = [local(s).clone() for s in ema.shadow_params()]
     with pytest.raises(
         bk.BelayInputError,
         match=r"missing: .*shadow\.embed\.weight \(11, 8\).*unexpected: shadow\.0\.weight \(5, 8\)",
     ):
         bkd.check_checkpoint(ema, tmp / "other", "ema")
-    assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow_params()))
+    assert all(torch.equal(a, local(b)) for a, b in zip(before, ema.shadow_params()))
 
     # shard_shadow on an FSDP2 model: already sharded
     with pytest.raises(bk.BelayInputError, match="already sharded"):

@@ -67,7 +67,7 @@ def _rank_main(rank, world, store_path, threads, min_run_time, model_name, resul
         ema = bk.EMA(model, decay=DECAY)
         rows["ours EMA step()"] = _median_seconds(ema.step, min_run_time)
         # the same op without the averager around it: the rest of step() is its checks
-        shadow_views = ema.shadow_params()[: len(local)]
+        shadow_views = [s.to_local() for s in ema.shadow_params()[: len(local)]]
         rows["ours ops.ema_update_ on the local lists"] = _median_seconds(
             lambda: bk.ops.ema_update_(shadow_views, local, decay=DECAY),
             min_run_time,
