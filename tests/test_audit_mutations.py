@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import shutil
 
@@ -46,7 +47,13 @@ def _generator(seed: int) -> torch.Generator:
 
 # "reference" is the spec itself; "grid" runs the compiled CUDA bodies (belay_math.h) on a
 # simulated grid on the CPU, so the CUDA kernels' arithmetic is covered without a GPU.
+# Under TRITON_INTERPRET=1 (set before triton is imported) the Triton kernel joins them.
 TWO_POINT_BACKENDS = ["reference"] + CPU_BACKENDS + (["grid"] if "cpp" in CPU_BACKENDS else [])
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import _triton_interpreter
+
+    _triton_interpreter.round_bf16_like_the_gpu()  # the GPU's rounding, not truncation
+    TWO_POINT_BACKENDS.append("triton")
 SIZES = (1, 3, 31, 1009, 70_001)
 
 
