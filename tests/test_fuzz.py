@@ -1,7 +1,11 @@
 """Fuzzing the promises with hypothesis: a state machine drives the averagers through random
 sequences (steps, optimizer moves, non-finite weights, ``averaged()``, checkpoint round
-trips, ``copy_to``) against a float64 oracle; a bad-input fuzzer calls the ops with random
-good and bad arguments, snapshots every tensor before, and asserts that any refusal is a
+trips that carry on with the restored averager, ``copy_to``, models with BatchNorm whose
+running statistics move) against a float64 oracle: each update from docs/methods.md in
+float64, the decay from the schedule's formula written here (not the library's
+``decay_at``), and the counters (steps, updates, skipped elements, the snapshot's age) kept
+by the machine itself; a bad-input fuzzer calls the ops with random good and bad
+arguments, snapshots every tensor before, and asserts that any refusal is a
 BelayInputError that left every tensor bit for bit as it was.
 
 In CI each test is bounded: derandomized (a fixed seed) and a few hundred examples. For a
@@ -12,6 +16,7 @@ runs fresh random batches until the time is spent, and prints how many cases and
 from __future__ import annotations
 
 import copy
+import io
 import os
 import time
 
@@ -66,10 +71,19 @@ def _run(test, ci_settings, long_batch):
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _model(specs, seed):
-    """A module with one parameter per (shape, dtype, layout) spec."""
+BN_FEATURES = 5
+
+
+def _model(specs, seed, bn_dtype=None):
+    """A module with one parameter per (shape, dtype, layout) spec, and a BatchNorm of
+    ``bn_dtype`` (when given) whose running statistics are floating buffers."""
     g = torch.Generator().manual_seed(seed)
     module = nn.Module()
+    if bn_dtype is not None:
+        module.bn = nn.BatchNorm1d(BN_FEATURES, dtype=bn_dtype)
+        with torch.no_grad():  # not the zeros and ones a fresh BatchNorm starts from
+            module.bn.running_mean.copy_(torch.randn(BN_FEATURES, generator=g))
+            module.bn.running_var.copy_(torch.rand(BN_FEATURES, generator=g) + 0.5)
     for i, (n, dtype, layout) in enumerate(specs):
         data = torch.randn(n, 3, generator=g, dtype=torch.float64).to(dtype)
         if layout == "transposed":  # not contiguous: the tensor-list path
@@ -84,6 +98,11 @@ def _model(specs, seed):
 
 def _rounded(x, dtype):
     return x.to(dtype).double()
+
+
+def _warmup_decay(t, decay, gamma, power, min_decay):
+    """docs/methods.md: ``1 - (1 + t / gamma)^(-power)``, clamped to ``[min_decay, decay]``."""
+    return min(max(1.0 - (1.0 + t / gamma) ** -power, min_decay), decay)
 
 
 class AveragerMachine(RuleBasedStateMachine):
@@ -106,13 +125,25 @@ class AveragerMachine(RuleBasedStateMachine):
             st.sampled_from([0.0, 0.1, 0.5, 0.75, 0.999, 1.0]),
             st.sampled_from([0.0, 0.3, 0.5, 1.0]),
         ),
+        # (gamma, power, min_decay) of the Warmup schedule
+        warmup=st.tuples(
+            st.sampled_from([0.5, 3.0, 10.0]),
+            st.sampled_from([0.5, 0.75, 1.0, 2 / 3]),
+            st.sampled_from([0.0, 0.2, 0.45]),
+        ),
+        bn_dtype=st.sampled_from([None, None, torch.float32, torch.float64]),
     )
-    def build(self, method, specs, backend, flatten, nonfinite, seed, rates):
+    def build(self, method, specs, backend, flatten, nonfinite, seed, rates, warmup, bn_dtype):
         COUNTS["machine cases"] += 1
-        self.model = _model(specs, seed)
+        self.model = _model(specs, seed, bn_dtype)
+        self.buffer_names = {n for n, b in self.model.named_buffers() if b.is_floating_point()}
         self.method = method
         self.nonfinite = nonfinite
         self.rates = rates
+        gamma, power, min_decay = warmup
+        self.warmup = dict(decay=max(rates[0], 0.5), gamma=gamma, power=power, min_decay=min_decay)
+        # the oracle's own counters, never read back from an averager
+        self.steps = self.updates = self.skipped = self.snapshot_step = 0
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.options = dict(flatten=flatten, nonfinite=nonfinite)
         self.backend = backend
@@ -130,9 +161,7 @@ class AveragerMachine(RuleBasedStateMachine):
         if self.method == "EMA":
             return bk.EMA(model, decay=decay, **kwargs)
         if self.method == "Warmup":
-            return bk.EMA(
-                model, decay=bk.schedules.Warmup(decay=max(decay, 0.5), gamma=3.0), **kwargs
-            )
+            return bk.EMA(model, decay=bk.schedules.Warmup(**self.warmup), **kwargs)
         if self.method == "SWA":
             return bk.SWA(model, **kwargs)
         if self.method == "Belay":
@@ -141,8 +170,13 @@ class AveragerMachine(RuleBasedStateMachine):
 
     def _state(self):
         names = self.averager.names()
-        params = dict(self.model.named_parameters())
-        return names, [params[n] for n in names], self.averager.shadow_params()
+        tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        return names, [tensors[n] for n in names], self.averager.shadow_params()
+
+    def _averaged_tensors(self):
+        return list(self.model.parameters()) + [
+            b for n, b in self.model.named_buffers() if n in self.buffer_names
+        ]
 
     @rule(scale=st.sampled_from([1e-3, 0.1, 10.0]))
     def optimizer_moves(self, scale):
@@ -159,7 +193,7 @@ class AveragerMachine(RuleBasedStateMachine):
         value=st.sampled_from([float("nan"), float("inf"), -float("inf")]),
     )
     def a_weight_goes_nonfinite(self, which, value):
-        params = list(self.model.parameters())
+        params = self._averaged_tensors()
         p = params[which % len(params)]
         index = torch.unravel_index(torch.tensor(which % p.numel()), p.shape)
         with torch.no_grad():
@@ -168,34 +202,51 @@ class AveragerMachine(RuleBasedStateMachine):
     @rule()
     def heal(self):
         with torch.no_grad():
-            for p in self.model.parameters():
+            for p in self._averaged_tensors():
                 p.nan_to_num_(0.0, 0.0, 0.0)
             for s in self.averager.shadow_params():
                 s.nan_to_num_(0.0, 0.0, 0.0)
+
+    @precondition(lambda self: self.buffer_names)
+    @rule(shift=st.sampled_from([-2.0, 0.0, 3.0]))
+    def a_forward_moves_the_running_statistics(self, shift):
+        bn = self.model.bn
+        x = torch.randn(7, BN_FEATURES, generator=self.gen, dtype=torch.float64) * 2 + shift
+        bn.train()
+        with torch.no_grad():
+            bn(x.to(bn.running_mean.dtype))
 
     @rule()
     def step(self):
         COUNTS["machine steps"] += 1
         names, live, shadows = self._state()
-        t = self.averager.num_steps
-        w0 = [p.detach().double().clone() for p in live]
+        t = self.steps
+        raw0 = [p.detach().clone() for p in live]
+        w0 = [w.double() for w in raw0]
         s0 = [s.double().clone() for s in shadows]
-        updates, skipped = self.averager.num_updates, self.averager.num_skipped
         self.averager.step()
-        expected_skips = 0
-        if self.method == "TwoPoint":
+        self.steps += 1
+        if self.method == "TwoPoint":  # gap 2: the snapshot is retaken after odd steps
             if (t + 1) % 2 == 0:
+                self.updates += 1
+                self.snapshot_step = t + 1
                 for w, s in zip(w0, shadows):
                     assert torch.equal(bits(s.double()), bits(w)) or torch.equal(s.double(), w)
             return
-        if self.method in ("EMA", "Warmup"):
-            rate = 1 - self.averager.decay_at(t)
-        elif self.method == "SWA":
-            rate = 1 / (updates + 1)
-        else:
+        if self.method == "EMA":
             rate = 1 - self.rates[0]
-        for p, s, w, sb in zip(live, shadows, w0, s0):
-            if self.method == "Belay":
+        elif self.method == "Warmup":
+            rate = 1 - _warmup_decay(t, **self.warmup)
+        elif self.method == "SWA":
+            rate = 1 / (self.updates + 1)
+        else:  # Belay: alpha, for the parameters and the buffers alike
+            rate = 1 - self.rates[0]
+        self.updates += 1
+        for name, p, s, raw, w, sb in zip(names, live, shadows, raw0, w0, s0):
+            if self.method == "Belay" and name in self.buffer_names:
+                # running statistics are averaged, never pulled
+                assert torch.equal(bits(p.detach()), bits(raw)), f"buffer {name} was pulled"
+            elif self.method == "Belay":
                 beta = self.rates[1]
                 exp_w = sb.clone() if beta == 1 else w + beta * (sb - w)
                 if beta < 1:  # a non-finite weight stays non-finite (NaN or inf)
@@ -206,14 +257,13 @@ class AveragerMachine(RuleBasedStateMachine):
             exp_s = sb + rate * (w - sb) if rate != 1 else w.clone()
             bad = ~torch.isfinite(w)
             if self.nonfinite == "skip":
-                expected_skips += int(bad.sum())
+                self.skipped += int(bad.sum())
                 exp_s = torch.where(bad, sb, exp_s)
             else:  # propagate: a non-finite weight gives a non-finite shadow (NaN or inf)
                 if rate > 0:
                     assert not torch.isfinite(s.double()[bad]).any()
                 exp_s = torch.where(bad, s.double(), exp_s)
             self._close(s, exp_s)
-        assert self.averager.num_skipped == skipped + expected_skips
 
     def _close(self, actual, expected):
         torch.testing.assert_close(
@@ -240,22 +290,26 @@ class AveragerMachine(RuleBasedStateMachine):
 
     @rule()
     def checkpoint_round_trip(self):
+        # through bytes, as a checkpoint file would be, and loaded with weights_only=True
+        buffer = io.BytesIO()
+        torch.save(self.averager.state_dict(), buffer)
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=True)
         twin_model = copy.deepcopy(self.model)
         twin = self._make(twin_model, self.backend)
-        twin.load_state_dict(self.averager.state_dict())
+        twin.load_state_dict(state)
         for a, b in zip(self.averager.shadow_params(), twin.shadow_params()):
             assert torch.equal(bits(a), bits(b))
-        for name in ("num_steps", "num_updates", "num_skipped"):
-            assert getattr(twin, name) == getattr(self.averager, name)
-        if self.method == "TwoPoint":
-            assert twin.snapshot_age == self.averager.snapshot_age
+        # the rest of the run goes on with the restored averager: the oracle's counters
+        # (checked after every rule) must hold for it
+        self.model, self.averager = twin_model, twin
 
     @rule()
     def copy_to_a_twin(self):
         target = copy.deepcopy(self.model)
         self.averager.copy_to(target)
         averaged = self.averager._averaged_values()
-        targets = dict(target.named_parameters())
+        targets = dict(target.named_parameters()) | dict(target.named_buffers())
         for name, value in zip(self.averager.names(), averaged):
             assert (
                 torch.equal(
@@ -284,16 +338,24 @@ class AveragerMachine(RuleBasedStateMachine):
         assert (self.averager.num_steps, self.averager.num_updates) == counters
 
     @invariant()
-    def counters_are_consistent(self):
+    def counters_agree_with_the_oracle(self):
         if hasattr(self, "averager"):
-            assert 0 <= self.averager.num_updates <= self.averager.num_steps
+            averager = self.averager
+            assert averager.num_steps == self.steps
+            assert averager.num_updates == self.updates
+            assert averager.num_skipped == self.skipped
+            if self.method == "TwoPoint":
+                assert averager.snapshot_age == self.steps - self.snapshot_step
 
 
 def test_averagers_agree_with_a_float64_oracle_in_random_sequences():
+    # 250 runs of up to 25 rules: about 860 steps and 850 round trips in all, some 4.5 s on
+    # a 2-core machine. At 80 runs of up to 10 rules (1.2 s) only 53 steps ran, too few to
+    # meet a checkpoint after a skipped weight or a warm-up step past t = 0.
     def once(s):
-        run_state_machine_as_test(AveragerMachine, settings=settings(s, stateful_step_count=10))
+        run_state_machine_as_test(AveragerMachine, settings=settings(s, stateful_step_count=25))
 
-    _run(once, _bounded(80), long_batch=100)
+    _run(once, _bounded(250), long_batch=100)
 
 
 # --- bad input: refused with BelayInputError, nothing written ----------------------------
