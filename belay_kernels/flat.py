@@ -7,7 +7,8 @@ same objects, so an optimizer built before or after keeps working, and
 
 A tensor stays out of the buffers, on the tensor-list path, when moving it could change
 behaviour: it is not contiguous, it is a tensor subclass (a DTensor shard, say), or its
-storage holds more than this tensor (a view, or memory shared with something else).
+storage holds more than this tensor (a view, or memory shared with something else), or
+another of the tensors uses the same storage (two Parameters over one tensor).
 
 Every view starts on a 16-byte boundary, as a tensor of its own would: the user's
 optimizer (foreach and fused kernels), cuBLASLt and Inductor take slower paths for
@@ -77,6 +78,22 @@ def can_flatten(t: torch.Tensor) -> bool:
     )
 
 
+def _storage_of(t: torch.Tensor) -> tuple[torch.device, int]:
+    return t.device, t.data.untyped_storage().data_ptr()
+
+
+def _shared_storages(tensors: list[torch.Tensor]) -> set[tuple[torch.device, int]]:
+    """The storages that more than one of ``tensors`` uses (two Parameters over one tensor,
+    a buffer aliasing a parameter): moving either would break the sharing."""
+    seen, shared = set(), set()
+    for t in tensors:
+        key = _storage_of(t)
+        if t.numel() > 0 and key in seen:
+            shared.add(key)
+        seen.add(key)
+    return shared
+
+
 def _forget_stale_group(t: torch.Tensor) -> None:
     """A tensor whose .data was moved out of its group (model.to(...)) is free to join a
     new one: that is how an averager is rebuilt on a moved model."""
@@ -109,10 +126,12 @@ def flatten(
     """
     by_key: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
     leftovers = []
-    for name, t in named:
+    for _, t in named:
         _forget_stale_group(t)
+    shared = _shared_storages([t for _, t in named])
+    for name, t in named:
         in_a_group = getattr(t, "_belay_flat_group", None) is not None
-        if in_a_group or can_flatten(t):
+        if in_a_group or (can_flatten(t) and _storage_of(t) not in shared):
             by_key.setdefault((t.device, t.dtype), []).append((name, t))
         else:
             leftovers.append((name, t))

@@ -19,12 +19,21 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 
 
-@pytest.mark.parametrize("name", ["test_backends.py", "triton_interpreter_cases.py"])
-def test_triton_kernels_under_the_interpreter(name):
+# (file, the tests of it to run: all, or a -k expression)
+FILES = [
+    ("test_backends.py", None),
+    ("triton_interpreter_cases.py", None),
+    ("test_audit_mutations.py", "test_1_"),  # the two-point average's overflow
+]
+
+
+@pytest.mark.parametrize(("name", "selection"), FILES)
+def test_triton_kernels_under_the_interpreter(name, selection):
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / name)],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / name)]
+        + (["-k", selection] if selection else []),
         cwd=ROOT,
         env=env,
         capture_output=True,
