@@ -34,9 +34,11 @@ A hyperparameter held in a tensor is not read on the host; when it is out of ran
 NaN or negative decay, a negative count) the call leaves every tensor as it was and
 counts every element in ``skipped``, whatever the non-finite policy.
 
-A NaN stored into bf16 or fp16 is the canonical quiet NaN (0x7fc0, 0x7e00), as the
-compiled kernels store it, so its bits do not depend on where torch's conversion
-happened to run vectorized (the flat and the list path agree bit for bit).
+A NaN stored into bf16 or fp16 is the canonical quiet NaN (0x7fc0, 0x7e00), so its bits
+do not depend on where torch's conversion happened to run vectorized (the flat and the
+list path agree bit for bit). The compiled kernels store the same bf16 NaN; into fp16
+the CPU kernels keep the NaN's sign, and x86 arithmetic makes negative NaNs (0xfe00), so
+there a NaN matches the reference as a NaN, not in its sign bit.
 """
 
 from __future__ import annotations

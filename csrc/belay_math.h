@@ -6,6 +6,7 @@
 // torch.lerp's two-sided form, so a kernel rounds as the reference does.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -16,14 +17,36 @@
 
 namespace belay {
 
+// a * b + c rounded once. On the CPU it is written as fma rather than left to GCC's
+// contraction, which fuses only in the clones built for FMA instructions: so the baseline
+// and vector clones give the same bits (on a CPU without FMA, the C library's fma: exact,
+// not vectorized). nvcc contracts a * b + c into one fma itself (--fmad=true, its
+// default); left to it, the BELAY kernels keep their registers, where an explicit fmaf
+// made ptxas spill (tests/test_extension_ptx.py).
+BK_HD float multiply_add(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return a * b + c;
+#else
+  return fmaf(a, b, c);
+#endif
+}
+BK_HD double multiply_add(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return a * b + c;
+#else
+  return fma(a, b, c);
+#endif
+}
+
 // torch.lerp's two-sided form, except that a weight of exactly 1 copies ``end`` even over
 // a non-finite ``start`` (where torch.lerp gives NaN): the first SWA update and a zero
 // decay are copies. The copy is a select after the lerp, so both sides of the lerp stay
-// one fused multiply-add each.
+// one fused multiply-add each, as in ATen's vectorized lerp.
 template <typename T>
 BK_HD T lerp(T start, T end, T weight) {
-  const T blended = weight < T(0.5) ? start + weight * (end - start)
-                                    : end - (end - start) * (T(1) - weight);
+  const T difference = end - start;
+  const T blended = weight < T(0.5) ? multiply_add(weight, difference, start)
+                                    : multiply_add(-difference, T(1) - weight, end);
   return weight == T(1) ? end : blended;
 }
 
