@@ -40,13 +40,15 @@ BK_HD double multiply_add(double a, double b, double c) {
 
 // torch.lerp's two-sided form, except that a weight of exactly 1 copies ``end`` even over
 // a non-finite ``start`` (where torch.lerp gives NaN): the first SWA update and a zero
-// decay are copies. The copy is a select after the lerp, so both sides of the lerp stay
-// one fused multiply-add each, as in ATen's vectorized lerp.
+// decay are copies. Each side is one fused multiply-add, as in ATen's vectorized lerp.
+// Both sides are computed and then selected: GCC does not if-convert a branch between
+// two fma calls, and left as a branch the BELAY loops did not vectorize.
 template <typename T>
 BK_HD T lerp(T start, T end, T weight) {
   const T difference = end - start;
-  const T blended = weight < T(0.5) ? multiply_add(weight, difference, start)
-                                    : multiply_add(-difference, T(1) - weight, end);
+  const T from_start = multiply_add(weight, difference, start);
+  const T from_end = multiply_add(-difference, T(1) - weight, end);
+  const T blended = weight < T(0.5) ? from_start : from_end;
   return weight == T(1) ? end : blended;
 }
 
