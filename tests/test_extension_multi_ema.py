@@ -21,7 +21,7 @@ from _extension_cases import (  # noqa: F401 (cpp_backend, one_cpu_thread: fixtu
 from _fingerprints import lerp_rounding
 
 from belay_kernels import reference
-from belay_kernels.testing import DTYPE_PAIRS, assert_close, random_like_model
+from belay_kernels.testing import DTYPE_PAIRS, random_like_model
 
 pytestmark = pytest.mark.usefixtures("cpp_backend", "one_cpu_thread")
 
@@ -62,6 +62,11 @@ def _placed(t, offset):
     return storage[offset:].copy_(t)
 
 
+def _finite_max(t: torch.Tensor) -> float:
+    finite = t[torch.isfinite(t)]
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
 def _same_bits(got, want, message):
     assert got.dtype == want.dtype and got.shape == want.shape, message
     nan = torch.isnan(want)
@@ -93,10 +98,13 @@ def check_against_reference(
     skipped = torch.zeros((), dtype=torch.int64)
     skipped_ref = torch.zeros((), dtype=torch.int64)
     backend = _backend()
+    # the largest finite magnitude the lerps have blended so far
+    magnitude = max([_finite_max(s) for profile in shadows for s in profile], default=0.0)
     for step in range(steps):
         weights = [
             _placed(random_like_model(n, weights_dtype, generator=generator), offset) for n in sizes
         ]
+        magnitude = max([magnitude, *(_finite_max(w) for w in weights)])
         if step == NONFINITE_STEP:
             for w in weights:
                 _inject_nonfinite(w, generator)
@@ -114,7 +122,18 @@ def check_against_reference(
                 message = f"step {step} profile {p} tensor {i} ({got.numel()})"
                 if not exact:
                     _same_bits(got, separate[p][i], message)
-                    assert_close(got, want, msg=message)
+                    # each step's lerp may round differently, by at most a unit in the
+                    # last place of the larger value it blends, and the EMA carries that
+                    # on (times the decay): step + 1 such units apart at the most
+                    bound = (step + 1) * torch.finfo(got.dtype).eps * magnitude
+                    torch.testing.assert_close(
+                        got.double(),
+                        want.double(),
+                        rtol=0,
+                        atol=bound,
+                        equal_nan=True,
+                        msg=lambda m, message=message: f"{message}\n{m}",
+                    )
                 else:
                     _same_bits(got, want, message)
     assert int(skipped) == int(skipped_ref)
