@@ -34,7 +34,6 @@ import contextlib
 import torch
 
 from . import reference
-from .methods import METHODS
 from .reference import DEVICE_TYPES, one_minus, opmath_dtype, rounds_to_one, swa_weight
 
 __all__ = ["DEVICE_TYPES"]  # the backend API; the ops below complete it
@@ -238,25 +237,3 @@ def swap_(weights, shadow, inverse=False):
         return reference.swap_(weights, shadow, inverse)
     _per_chunk(reference.swap_, (weights, shadow), inverse)
     return None
-
-
-def _chunked_reference(method):
-    """A table op with no fast path above: the reference on cache-sized chunks, so the
-    torch backend runs every op and still allocates no full-size temporary."""
-    spec, roles = getattr(reference, method.op), len(method.tensors)
-
-    def op(*args):
-        tensors, rest = args[:roles], args[roles:]
-        if not _flat(*tensors):
-            return spec(*args)
-        _per_chunk(spec, tensors, *rest)
-        return None
-
-    op.__name__ = method.op
-    return op
-
-
-for _method in METHODS:
-    if _method.op not in globals():
-        globals()[_method.op] = _chunked_reference(_method)
-del _method

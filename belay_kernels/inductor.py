@@ -30,7 +30,7 @@ import types
 import torch
 
 from . import fast_torch, reference
-from .methods import BY_OP, METHODS
+from .methods import BY_OP
 
 DEVICE_TYPES = reference.DEVICE_TYPES - {"meta"}
 REQUIRES_CONTIGUOUS = True
@@ -107,26 +107,31 @@ def _run(op: str, tensors, scalars, flags) -> None:
         _compile_s[key] = time.perf_counter() - started
 
 
-def _op_function(method):
-    """The backend function of a table op, with the table's positional signature."""
-    n, k = len(method.tensors), len(method.scalars)
-    defaults = (True, None) if method.counts_skipped else ()
-
-    def run_op(*args):
-        flags = (*args[n + k :], *defaults[len(args) - n - k :])
-        _run(method.op, args[:n], args[n : n + k], flags)
-        written = tuple(args[i] for i in method.written_columns)
-        return written[0] if len(written) == 1 else written
-
-    run_op.__name__ = run_op.__qualname__ = method.op
-    return run_op
+# The backend functions, in the reference's argument order.
 
 
-# Exact ops (the swap) run the eager torch backend: they move memory and compute nothing.
-for _method in METHODS:
-    globals()[_method.op] = (
-        getattr(fast_torch, _method.op) if _method.exact else _op_function(_method)
-    )
+def ema_update_(shadow, weights, decay, skip_nonfinite=True, skipped=None):
+    _run("ema_update_", (shadow, weights), (decay,), (skip_nonfinite, skipped))
+    return shadow
+
+
+def swa_update_(shadow, weights, count, skip_nonfinite=True, skipped=None):
+    _run("swa_update_", (shadow, weights), (count,), (skip_nonfinite, skipped))
+    return shadow
+
+
+def belay_step_(weights, shadow, alpha, beta, skip_nonfinite=True, skipped=None):
+    _run("belay_step_", (weights, shadow), (alpha, beta), (skip_nonfinite, skipped))
+    return weights, shadow
+
+
+def two_point_average_(out, weights, snapshot):
+    _run("two_point_average_", (out, weights, snapshot), (), ())
+    return out
+
+
+# The swap moves memory and computes nothing: the eager torch backend runs it.
+swap_ = fast_torch.swap_
 
 
 # --- whether auto should take it ---------------------------------------------------------

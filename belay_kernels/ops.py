@@ -11,7 +11,6 @@ The math of each op is in :mod:`belay_kernels.reference`.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -150,67 +149,22 @@ def _run_or_defer(run) -> None:
         plans.append(run)
 
 
-# What each scalar kind of the method table accepts, checked before anything runs.
-_SCALAR_ANNOTATIONS = {"rate": float | torch.Tensor, "count": int | torch.Tensor, "flag": bool}
-
-
-def _check_scalar(scalar, value, device) -> None:
-    if scalar.kind == "rate":
-        check_unit_interval(scalar.name, value, device)
-    elif scalar.kind == "count":
-        check_count(value, device)
-
-
-def _shadow_op(method, doc: str):
-    """The public op of a table method that updates a shadow (it counts skipped elements):
-    its tensors positionally or by role, its scalars by name, then the non-finite policy,
-    the skipped counter and the backend. Returns the tensors it writes."""
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    parameters = [
-        inspect.Parameter(role, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=TensorOrList)
-        for role in method.tensors
-    ]
-    parameters += [
-        inspect.Parameter(s.name, keyword, annotation=_SCALAR_ANNOTATIONS[s.kind])
-        for s in method.scalars
-    ]
-    parameters += [
-        inspect.Parameter("nonfinite", keyword, default="skip", annotation=str),
-        inspect.Parameter("skipped", keyword, default=None, annotation=torch.Tensor | None),
-        inspect.Parameter("backend", keyword, default="auto", annotation=str),
-    ]
-    returns = (
-        TensorOrList if len(method.written) == 1 else tuple[(TensorOrList,) * len(method.written)]
+def ema_update_(
+    shadow: TensorOrList,
+    weights: TensorOrList,
+    *,
+    decay: float | torch.Tensor,
+    nonfinite: str = "skip",
+    skipped: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> TensorOrList:
+    """``shadow <- shadow + (1 - decay) (weights - shadow)``, in place."""
+    rows, device, skip = _checked(
+        ("shadow", "weights"), (shadow, weights), (0,), nonfinite, skipped
     )
-    signature = inspect.Signature(parameters, return_annotation=returns)
-    roles, names = method.tensors, tuple(s.name for s in method.scalars)
-    required, allowed = set(names), {*names, "nonfinite", "skipped", "backend"}
-
-    def op(*args, **kwargs):
-        args += tuple(kwargs.pop(role) for role in roles[len(args) :] if role in kwargs)
-        if len(args) != len(roles) or not required <= kwargs.keys() <= allowed:
-            signature.bind(*args, **kwargs)  # a bad call: Python's own TypeError
-            raise TypeError(f"{method.op}{signature}: bad arguments")
-        nonfinite, skipped = kwargs.get("nonfinite", "skip"), kwargs.get("skipped")
-        rows, device, skip = _checked(roles, args, method.written_columns, nonfinite, skipped)
-        for scalar in method.scalars:
-            _check_scalar(scalar, kwargs[scalar.name], device)
-        scalars = tuple(kwargs[name] for name in names)
-        _dispatch(method.op, rows, (*scalars, skip, skipped), kwargs.get("backend", "auto"))
-        written = tuple(args[j] for j in method.written_columns)
-        return written[0] if len(written) == 1 else written
-
-    op.__name__ = op.__qualname__ = method.op
-    op.__module__ = __name__
-    op.__doc__ = doc
-    op.__signature__ = signature
-    return op
-
-
-ema_update_ = _shadow_op(
-    BY_OP["ema_update_"],
-    """``shadow <- shadow + (1 - decay) (weights - shadow)``, in place.""",
-)
+    check_unit_interval("decay", decay, device)
+    _dispatch("ema_update_", rows, (decay, skip, skipped), backend)
+    return shadow
 
 
 def multi_ema_update_(
@@ -264,19 +218,46 @@ def multi_ema_update_(
     return shadows
 
 
-swa_update_ = _shadow_op(
-    BY_OP["swa_update_"],
+def swa_update_(
+    shadow: TensorOrList,
+    weights: TensorOrList,
+    *,
+    count: int | torch.Tensor,
+    nonfinite: str = "skip",
+    skipped: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> TensorOrList:
     """Equal running mean: ``shadow <- shadow + (weights - shadow) / (count + 1)``, where
     ``count`` is how many models the shadow already holds (0 copies). The caller
-    increments its count afterwards.""",
-)
+    increments its count afterwards."""
+    rows, device, skip = _checked(
+        ("shadow", "weights"), (shadow, weights), (0,), nonfinite, skipped
+    )
+    check_count(count, device)
+    _dispatch("swa_update_", rows, (count, skip, skipped), backend)
+    return shadow
 
-belay_step_ = _shadow_op(
-    BY_OP["belay_step_"],
+
+def belay_step_(
+    weights: TensorOrList,
+    shadow: TensorOrList,
+    *,
+    alpha: float | torch.Tensor,
+    beta: float | torch.Tensor,
+    nonfinite: str = "skip",
+    skipped: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[TensorOrList, TensorOrList]:
     """BELAY after the optimizer's step, both sides read before either write:
     ``weights <- weights + beta (shadow - weights)`` and
-    ``shadow <- shadow + alpha (weights_before - shadow)``.""",
-)
+    ``shadow <- shadow + alpha (weights_before - shadow)``."""
+    rows, device, skip = _checked(
+        ("weights", "shadow"), (weights, shadow), (0, 1), nonfinite, skipped
+    )
+    check_unit_interval("alpha", alpha, device)
+    check_unit_interval("beta", beta, device)
+    _dispatch("belay_step_", rows, (alpha, beta, skip, skipped), backend)
+    return weights, shadow
 
 
 def two_point_average(

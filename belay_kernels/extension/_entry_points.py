@@ -1,6 +1,6 @@
 """The backend functions (see belay_kernels._backends) on top of the compiled ops, shared
 by the ``cpp`` and ``cuda`` backends: the registered ops choose the CPU or CUDA kernel
-from the tensors' device. They are made from the method table, one pair per op.
+from the tensors' device. One flat and one foreach function per op, written out.
 
 The ops layer has already checked the arguments; this module only converts them to the
 ops' schema (csrc/op_entries.h): a hyperparameter is a number, or a one-element tensor
@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from ..methods import BY_OP, DTYPE_PAIRS, METHODS, MULTI_EMA
+from ..methods import BY_OP, DTYPE_PAIRS, MULTI_EMA
 from ..reference import swap_supported
 
 _PAIRS = frozenset(DTYPE_PAIRS)
@@ -64,50 +64,81 @@ def _number_or_tensor(value, like: torch.Tensor | None, dtype: torch.dtype):
     return value, None
 
 
-_KINDS = {"rate": (float, torch.float64), "count": (int, torch.int64)}
+def _rate(value, like: torch.Tensor | None) -> tuple[float, torch.Tensor | None]:
+    """A rate as the schema takes it: ``float x, Tensor? x_tensor``."""
+    number, tensor = _number_or_tensor(value, like, torch.float64)
+    return float(number), tensor
 
 
-def _schema_scalars(scalars, values, like) -> list:
-    """The table's scalar values as the schema takes them: numbers, tensors, flags."""
-    numbers, tensors, flags = [], [], []
-    for scalar, value in zip(scalars, values):
-        if scalar.kind == "flag":
-            flags.append(bool(value))
-            continue
-        cast, dtype = _KINDS[scalar.kind]
-        number, tensor = _number_or_tensor(value, like, dtype)
-        numbers.append(cast(number))
-        tensors.append(tensor)
-    return numbers + tensors + flags
+def _count(value, like: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
+    """A count as the schema takes it: ``int x, Tensor? x_tensor``."""
+    number, tensor = _number_or_tensor(value, like, torch.int64)
+    return int(number), tensor
 
 
-def _entry_points(method):
-    """The flat and foreach backend functions of a table-shaped op, with the table's
-    signature (tensors, scalars, then the skip policy), written as source once."""
-    scalars = [s.name for s in method.scalars]
-    policy = ["skip_nonfinite", "skipped"] if method.counts_skipped else []
-    defaults = ["skip_nonfinite=True", "skipped=None"] if method.counts_skipped else []
-    namespace: dict = {}
-    for name, like in ((method.op, "{0}"), (method.foreach, "{0}[0] if len({0}) else None")):
-        tensors = (
-            list(method.tensors) if name == method.op else [f"{r}_list" for r in method.tensors]
-        )
-        values = "(" + "".join(f"{n}, " for n in scalars) + ")"
-        source = (
-            f"def {name}({', '.join(tensors + scalars + defaults)}):\n"
-            f"    _ops.{name}({', '.join(tensors)}, *_schema_scalars("
-            f"BY_OP[{method.op!r}].scalars, {values}, {like.format(tensors[0])}), "
-            f"{', '.join(policy)})\n"
-        )
-        # In this module's globals, so that _ops is looked up as in hand-written code.
-        exec(source, globals(), namespace)  # noqa: S102 (source from the method table only)
-    return namespace[method.op], namespace[method.foreach]
+def _first(tensors) -> torch.Tensor | None:
+    """The tensor whose device a list's tensor hyperparameters move to."""
+    return tensors[0] if len(tensors) else None
+
+
+# The backend functions, one flat and one foreach per op, in the reference's argument
+# order; each converts its scalars to the schema's and calls the op.
+
+
+def ema_update_(shadow, weights, decay, skip_nonfinite=True, skipped=None):
+    _ops.ema_update_(shadow, weights, *_rate(decay, shadow), skip_nonfinite, skipped)
+
+
+def ema_update_foreach_(shadows, weights, decay, skip_nonfinite=True, skipped=None):
+    decay, decay_tensor = _rate(decay, _first(shadows))
+    _ops.ema_update_foreach_(shadows, weights, decay, decay_tensor, skip_nonfinite, skipped)
+
+
+def swa_update_(shadow, weights, count, skip_nonfinite=True, skipped=None):
+    _ops.swa_update_(shadow, weights, *_count(count, shadow), skip_nonfinite, skipped)
+
+
+def swa_update_foreach_(shadows, weights, count, skip_nonfinite=True, skipped=None):
+    count, count_tensor = _count(count, _first(shadows))
+    _ops.swa_update_foreach_(shadows, weights, count, count_tensor, skip_nonfinite, skipped)
+
+
+def belay_step_(weights, shadow, alpha, beta, skip_nonfinite=True, skipped=None):
+    alpha, alpha_tensor = _rate(alpha, weights)
+    beta, beta_tensor = _rate(beta, weights)
+    _ops.belay_step_(
+        weights, shadow, alpha, beta, alpha_tensor, beta_tensor, skip_nonfinite, skipped
+    )
+
+
+def belay_step_foreach_(weights, shadows, alpha, beta, skip_nonfinite=True, skipped=None):
+    alpha, alpha_tensor = _rate(alpha, _first(weights))
+    beta, beta_tensor = _rate(beta, _first(weights))
+    _ops.belay_step_foreach_(
+        weights, shadows, alpha, beta, alpha_tensor, beta_tensor, skip_nonfinite, skipped
+    )
+
+
+def two_point_average_(out, weights, snapshot):
+    _ops.two_point_average_(out, weights, snapshot)
+
+
+def two_point_average_foreach_(outs, weights, snapshots):
+    _ops.two_point_average_foreach_(outs, weights, snapshots)
+
+
+def swap_(weights, shadow, inverse=False):
+    _ops.swap_(weights, shadow, bool(inverse))
+
+
+def swap_foreach_(weights, shadows, inverse=False):
+    _ops.swap_foreach_(weights, shadows, bool(inverse))
 
 
 def _rates(decays, like):
     """The decays as the multi-EMA ops take them: numbers, and a tensor or None each."""
-    pairs = [_number_or_tensor(decay, like, torch.float64) for decay in decays]
-    return [float(number) for number, _ in pairs], [tensor for _, tensor in pairs]
+    pairs = [_rate(decay, like) for decay in decays]
+    return [number for number, _ in pairs], [tensor for _, tensor in pairs]
 
 
 def multi_ema_update_(shadows, weights, decays, skip_nonfinite=True, skipped=None):
@@ -118,17 +149,25 @@ def multi_ema_update_(shadows, weights, decays, skip_nonfinite=True, skipped=Non
 
 def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True, skipped=None):
     flat = [t for profile in shadows for t in profile]  # profile after profile
-    like = weights[0] if len(weights) else None
     _ops.multi_ema_update_foreach_(
-        flat, list(weights), *_rates(decays, like), skip_nonfinite, skipped
+        flat, list(weights), *_rates(decays, _first(weights)), skip_nonfinite, skipped
     )
 
 
-for _method in METHODS:
-    globals()[_method.op], globals()[_method.foreach] = _entry_points(_method)
-del _method
-
-__all__ = [name for m in (*METHODS, MULTI_EMA) for name in (m.op, m.foreach)]
+__all__ = [
+    "ema_update_",
+    "ema_update_foreach_",
+    "swa_update_",
+    "swa_update_foreach_",
+    "belay_step_",
+    "belay_step_foreach_",
+    "two_point_average_",
+    "two_point_average_foreach_",
+    "swap_",
+    "swap_foreach_",
+    "multi_ema_update_",
+    "multi_ema_update_foreach_",
+]
 
 
 @contextlib.contextmanager

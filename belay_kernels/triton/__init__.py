@@ -13,10 +13,8 @@ them on machines without a GPU.
 
 from __future__ import annotations
 
-import importlib
 import os
 
-from ..methods import METHODS, MULTI_EMA
 from ..reference import swap_supported
 
 try:
@@ -30,16 +28,15 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE_TYPES = frozenset({"cuda", "cpu"} if INTERPRETED else {"cuda"})
 REQUIRES_CONTIGUOUS = True
 
-_OPS = tuple(name for m in (*METHODS, MULTI_EMA) for name in (m.op, m.foreach))
-
 if _IMPORT_ERROR is None:
+    # Each method's kernels are in the module of its short name.
+    from .belay import belay_step_, belay_step_foreach_
     from .device_step import StepGate, advance_step_
-
-    # Each method's kernels are in the module of its short name (ema.py, belay.py, ...).
-    for _method in (*METHODS, MULTI_EMA):
-        _module = importlib.import_module(f".{_method.name}", __name__)
-        globals()[_method.op] = getattr(_module, _method.op)
-        globals()[_method.foreach] = getattr(_module, _method.foreach)
+    from .ema import ema_update_, ema_update_foreach_
+    from .multi_ema import multi_ema_update_, multi_ema_update_foreach_
+    from .swa import swa_update_, swa_update_foreach_
+    from .swap import swap_, swap_foreach_
+    from .two_point import two_point_average_, two_point_average_foreach_
 
 
 def unavailable_reason() -> str | None:
@@ -61,5 +58,16 @@ __all__ = [
     "advance_step_",
     "supports",
     "unavailable_reason",
-    *_OPS,
+    "ema_update_",
+    "ema_update_foreach_",
+    "swa_update_",
+    "swa_update_foreach_",
+    "belay_step_",
+    "belay_step_foreach_",
+    "two_point_average_",
+    "two_point_average_foreach_",
+    "swap_",
+    "swap_foreach_",
+    "multi_ema_update_",
+    "multi_ema_update_foreach_",
 ]
