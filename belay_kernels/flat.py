@@ -84,11 +84,12 @@ def _storage_of(t: torch.Tensor) -> tuple[torch.device, int]:
 
 def _shared_storages(tensors: list[torch.Tensor]) -> set[tuple[torch.device, int]]:
     """The storages that more than one of ``tensors`` uses (two Parameters over one tensor,
-    a buffer aliasing a parameter): moving either would break the sharing."""
+    a buffer aliasing a parameter): moving either would break the sharing. A storage at
+    address 0 holds no data (the meta device) and is shared by nothing."""
     seen, shared = set(), set()
     for t in tensors:
         key = _storage_of(t)
-        if t.numel() > 0 and key in seen:
+        if key[1] != 0 and t.numel() > 0 and key in seen:
             shared.add(key)
         seen.add(key)
     return shared

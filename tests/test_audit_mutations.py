@@ -235,6 +235,15 @@ def test_2_two_tensors_over_one_whole_storage_keep_sharing_it(alias):
     assert module.p.data_ptr() == other().data_ptr() == x.data_ptr()
 
 
+def test_2_tensors_on_the_meta_device_are_still_flattened():
+    """Every meta tensor reports storage address 0: the sharing check above must not take
+    them for tensors over one storage."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).to("meta")
+    ema = bk.EMA(model, decay=0.5)
+    assert ema.launches_per_step == 1
+    assert "flat buffer, 4 tensors" in ema.memory_report()
+
+
 # --- 3. the warm-up schedule -------------------------------------------------------------
 
 
