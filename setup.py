@@ -41,6 +41,7 @@ CPU_SOURCES = [
     "csrc/registration.cpp",
     *sorted(glob.glob("csrc/cpu_kernels*.cpp")),
     "csrc/cpu_module.cpp",
+    "csrc/bound_tensors.cpp",
 ]
 CUDA_SOURCES = ["csrc/cuda_kernels.cu", "csrc/cuda_module.cpp"]
 # -fno-trapping-math lets GCC turn the per-element choices (lerp's two sides, the

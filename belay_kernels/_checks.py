@@ -47,8 +47,9 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def tensors_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when ``a`` and ``b`` may share memory (conservative on strided views)."""
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+    """True when ``a`` and ``b`` may share memory (conservative on strided views). Meta
+    tensors hold no memory (all report address 0), so they share none."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.is_meta:
         return False
     a_lo, a_hi = _byte_span(a)
     b_lo, b_hi = _byte_span(b)
@@ -86,7 +87,7 @@ def check_rows_disjoint(
     spans = []
     for i, row in enumerate(rows):
         for j, t in enumerate(row):
-            if t.numel() > 0:
+            if t.numel() > 0 and not t.is_meta:
                 lo, hi = _byte_span(t)
                 spans.append((str(t.device), lo, hi, j in written, f"{names[j]}[{i}]"))
     spans.sort(key=lambda span: span[:2])

@@ -30,6 +30,7 @@ from torch import nn
 
 from . import _backends, distributed, flat, ops
 from ._checks import BelayInputError, check_nonfinite
+from .bound import BoundTensors
 from .hparams import (
     BelayHparams,
     EMAHparams,
@@ -39,6 +40,8 @@ from .hparams import (
     TwoPointHparams,
     decay_schedule,
 )
+from .methods import BY_OP, MULTI_EMA
+from .plan import Launch, checked_rows, launches
 from .reference import SWAP_PAIRS, swap_supported
 from .schedules import Constant, Warmup, every_k
 
@@ -310,8 +313,8 @@ class Averager:
                     "shadow of a sharded model is already sharded like it. Drop shard_shadow."
                 )
         self.nonfinite = nonfinite
-        self.backend = backend
-        shadow_dtype_for = self._shadow_dtype_rule(shadow_dtype)
+        self._backend = backend
+        shadow_dtype_for = self._shadow_dtype_for = self._shadow_dtype_rule(shadow_dtype)
         self._check_backend(params + named_buffers, named_buffers, shadow_dtype_for)
         if shard_mesh is not None:
             # Buffers stay whole on every rank: DDP keeps only the parameters identical
@@ -337,6 +340,33 @@ class Averager:
             t.device: torch.zeros((), dtype=torch.int64, device=t.device) for t in self._tracks
         }
         self._swapped = False
+        self._add_state()
+        self._plan()
+
+    def _add_state(self) -> None:
+        """Subclasses allocate their tensors beyond the shadow here (the tracks exist)."""
+
+    @property
+    def nonfinite(self) -> str:
+        """'skip' (a non-finite weight leaves its shadow element as it was) or 'propagate'."""
+        return self._nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, policy: str) -> None:
+        self._skip = check_nonfinite(policy)
+        self._nonfinite = policy
+
+    @property
+    def backend(self) -> str:
+        """The backend name the averager was built with ('auto' picks per track)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        _backends.check_name(name)
+        self._backend = name
+        if hasattr(self, "_launches"):  # not while the constructor sets it
+            self._plan()
 
     def _shadow_dtype_rule(self, shadow_dtype):
         if shadow_dtype is not None:
@@ -388,21 +418,64 @@ class Averager:
     # ---- the update -------------------------------------------------------------------
     def step(self) -> None:
         """Update the shadow (and for BELAY the weights). Call after ``optimizer.step()``.
-        Every track's call is checked before any runs: a refused step changes nothing."""
-        self._check_ready("step()")
-        with ops.all_checked_first():
-            self._update(self._steps)
+        Every check comes before the first write: a refused step changes nothing."""
+        self._ensure_bound("step()")
+        self._update(self._steps)
         self._steps += 1
 
     def _update(self, t: int) -> None:
+        """Run the planned launches for 0-based step ``t`` (only scalars are computed here)."""
         raise NotImplementedError
 
-    def _op_kwargs(self, track: Track) -> dict:
-        return {
-            "nonfinite": self.nonfinite,
-            "skipped": self._skipped[track.device],
-            "backend": self.backend,
-        }
+    def _plan(self) -> None:
+        """Check every track's tensors, choose each launch's kernel, and note the memory the
+        model keeps every tensor in, so that a step only has to compare it
+        (:mod:`belay_kernels.bound`). Runs when the averager is built, when its state or
+        options change, and when that memory changed in a way the full checks allow."""
+        planned = self._plan_launches()
+        self._bound = self._bind()
+        self._launches = planned
+
+    def _plan_launches(self):
+        """What ``_update`` launches, per op (subclasses)."""
+        raise NotImplementedError
+
+    def _track_launches(self, op: str, track: Track, columns: tuple) -> list[Launch]:
+        """``op``'s launches over one track's tensors: ``columns`` are the op's tensor roles
+        in its order, each a flat buffer or a list; lists of the model's tensors are taken
+        detached, so a launch needs no autograd mode."""
+        method = BY_OP[op]
+        if method is MULTI_EMA:
+            k = len(columns) - 1
+            names, written = (*(f"shadows[{p}]" for p in range(k)), "weights"), tuple(range(k))
+        else:
+            names, written = method.tensors, method.written_columns
+        rows = checked_rows(names, tuple(map(_detached, columns)), written)
+        return launches(op, rows, self.backend, self._skipped[track.device])
+
+    def _bind(self) -> BoundTensors:
+        """Where the model holds each averaged tensor now, for step()'s check."""
+        tensors = [t for track in self._tracks for t in track.live]
+        names = [n for track in self._tracks for n in track.names]
+        local = [track.dtensor for track in self._tracks for _ in track.live]
+        if self._binding is None:
+            tables, keys = [None] * len(tensors), [None] * len(tensors)
+        else:
+            tables, keys = self._binding.tables_and_keys(names)
+        return BoundTensors(tables, keys, tensors, local)
+
+    def _ensure_bound(self, what: str) -> None:
+        """Refuse ``what`` unless the model still holds the planned memory (one compare per
+        tensor, in C++ when the extension is built), planning again where that is sound."""
+        if self._swapped or self._bound.first_moved() >= 0:
+            self._rebind(what)
+
+    def _rebind(self, what: str) -> None:
+        """The model no longer holds the planned tensors where it did, or the shadow is
+        swapped in: the full checks explain what changed, or find it harmless (FSDP2's new
+        local shards, a module left unsharded after a forward), and the plan is redone."""
+        self._check_ready(what)
+        self._plan()
 
     def _check_ready(self, what: str) -> None:
         if self._swapped:
@@ -413,6 +486,20 @@ class Averager:
         flat.check_not_stale(self._groups(), self.method)
         if self._binding is not None:
             self._binding.check()
+        # A list of the model's own tensors may follow them to new memory, but not to
+        # another dtype: the shadow's dtype was chosen for theirs. (A new shape or device
+        # is refused by the row checks when the launches are planned again.)
+        flat.refuse_moved(
+            [
+                name
+                for track in self._tracks
+                if track.group is None and not track.dtensor and track.full_weights is None
+                for name, t, s in zip(track.names, track.live, track.shadow_views)
+                if self._shadow_dtype_for(t.dtype) != s.dtype
+            ],
+            self.method,
+            "in the dtype the averager was built for",
+        )
         for track in self._tracks:
             if track.dtensor:
                 track.weights = distributed.refresh_local_shards(
@@ -506,7 +593,7 @@ class Averager:
         """Swap the averaged weights into the model in place, and back on exit, bit-exactly.
 
         No copy of the model is made. Yields the module (or None for a parameter list)."""
-        self._check_ready("averaged()")
+        self._ensure_bound("averaged()")
         # the shadows' dtypes are the evaluation buffers', so refuse before any is computed
         for track in self._tracks:
             for w, s in zip(_as_list(track.weights), _as_list(track.shadow)):
@@ -552,7 +639,7 @@ class Averager:
     def copy_to(self, target: nn.Module | Iterable[torch.Tensor]) -> None:
         """Write the averaged weights into ``target``: a module with the same names (its
         other state is copied from the live model), or tensors in the averager's order."""
-        self._check_ready("copy_to()")
+        self._ensure_bound("copy_to()")
         names = self.names()
         if isinstance(target, nn.Module):
             target = _uncompiled(target)
@@ -677,6 +764,7 @@ class Averager:
         averager is left as it was."""
         self._check_ready("load_state_dict()")
         self._restore(self._checked_state(state))
+        self._plan()
 
     def _checked_state(self, state: object) -> dict:
         """What load_state_dict() will write, each field checked; nothing is written here.
@@ -788,6 +876,12 @@ def check_saved_count(state: Mapping, key: str) -> int:
     return int(value)
 
 
+def _detached(t: TensorOrList) -> TensorOrList:
+    """A flat buffer as it is (it is the averager's own); a list of the model's tensors as
+    detached aliases of the same memory."""
+    return t if isinstance(t, torch.Tensor) else [x.detach() for x in t]
+
+
 def _as_list(t: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
     return [t] if isinstance(t, torch.Tensor) else list(t)
 
@@ -834,12 +928,20 @@ class EMA(Averager):
         """The decay applied at step ``t`` (0 for steps that do not update)."""
         return every_k(self.schedule.decay_at(t), self.every)
 
+    def _plan_launches(self):
+        return [
+            launch
+            for track in self._tracks
+            for launch in self._track_launches("ema_update_", track, (track.shadow, track.weights))
+        ]
+
     def _update(self, t: int) -> None:
         if t % self.every:
             return
         decay = self.decay_at(t)
-        for track in self._tracks:
-            ops.ema_update_(track.shadow, track.weights, decay=decay, **self._op_kwargs(track))
+        skip = self._skip
+        for launch in self._launches:
+            launch.kernel(*launch.tensors, decay, skip, launch.skipped)
         self._updates += 1
 
 
@@ -857,13 +959,19 @@ class SWA(Averager):
     def _track_ops(self, weights_dtype, shadow_dtype, is_param):
         return [("swa_update_", (shadow_dtype, weights_dtype))]
 
+    def _plan_launches(self):
+        return [
+            launch
+            for track in self._tracks
+            for launch in self._track_launches("swa_update_", track, (track.shadow, track.weights))
+        ]
+
     def _update(self, t: int) -> None:
         if t < self.start or (t - self.start) % self.every:
             return
-        for track in self._tracks:
-            ops.swa_update_(
-                track.shadow, track.weights, count=self._updates, **self._op_kwargs(track)
-            )
+        count, skip = self._updates, self._skip
+        for launch in self._launches:
+            launch.kernel(*launch.tensors, count, skip, launch.skipped)
         self._updates += 1
 
 
@@ -912,15 +1020,23 @@ class Belay(Averager):
             return [("belay_step_", (weights_dtype, shadow_dtype))]
         return [("ema_update_", (shadow_dtype, weights_dtype))]
 
-    def _update(self, t: int) -> None:
+    def _plan_launches(self):
+        """(the parameters' BELAY launches, the floating buffers' EMA launches)"""
+        pulled, averaged = [], []
         for track in self._tracks:
-            kwargs = self._op_kwargs(track)
             if track.is_param:
-                ops.belay_step_(
-                    track.weights, track.shadow, alpha=self.alpha, beta=self.beta, **kwargs
-                )
+                pulled += self._track_launches("belay_step_", track, (track.weights, track.shadow))
             else:
-                ops.ema_update_(track.shadow, track.weights, decay=1 - self.alpha, **kwargs)
+                averaged += self._track_launches("ema_update_", track, (track.shadow, track.weights))
+        return pulled, averaged
+
+    def _update(self, t: int) -> None:
+        alpha, beta, skip = self.alpha, self.beta, self._skip
+        pulled, averaged = self._launches
+        for launch in pulled:
+            launch.kernel(*launch.tensors, alpha, beta, skip, launch.skipped)
+        for launch in averaged:
+            launch.kernel(*launch.tensors, 1 - alpha, skip, launch.skipped)
         self._updates += 1
 
 
@@ -939,11 +1055,13 @@ class TwoPoint(Averager):
 
     def __init__(self, module_or_params, *, gap: int, **options):
         self._hparams = TwoPointHparams(gap)
+        self._snapshot_step = 0
         super().__init__(module_or_params, **options)
+
+    def _add_state(self) -> None:
         # the shadow made by the base class is the snapshot
         for track in self._tracks:
             track.average = track.like_shadow(torch.empty_like)
-        self._snapshot_step = 0
 
     @property
     def snapshot_age(self) -> int:
@@ -953,20 +1071,21 @@ class TwoPoint(Averager):
         # what averaged() and copy_to() run; the average is laid out like the snapshot
         return [("two_point_average_", (shadow_dtype, weights_dtype, shadow_dtype))]
 
+    def _plan_launches(self):
+        """Per track, (snapshots, weights) as two lists for one ``torch._foreach_copy_``."""
+        planned = []
+        for track in self._tracks:
+            rows = checked_rows(
+                ("snapshot", "weights"), (track.shadow, _detached(track.weights)), (0,)
+            )
+            planned.append(tuple(list(column) for column in zip(*rows)))
+        return planned
+
     def _update(self, t: int) -> None:
         if (t + 1) % self.gap:
             return
-        # every track checked before any snapshot is written
-        rows = [
-            row
-            for track in self._tracks
-            for row in ops._checked_rows(
-                ("snapshot", "weights"), (track.shadow, track.weights), (0,)
-            )
-        ]
-        with torch.no_grad():
-            for snap, live in rows:
-                snap.copy_(live)
+        for snapshots, weights in self._launches:
+            torch._foreach_copy_(snapshots, weights)
         self._snapshot_step = t + 1
         self._updates += 1
 

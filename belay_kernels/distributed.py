@@ -219,6 +219,11 @@ class Binding:
             self._entries.append((name, table, attr, t))
         self._fsdp_modules = _fsdp_modules(module)
 
+    def tables_and_keys(self, names: list[str]) -> tuple[list[dict], list[str]]:
+        """For each of ``names``, the dict its module keeps it in and its key there."""
+        where = {name: (table, attr) for name, table, attr, _ in self._entries}
+        return [where[n][0] for n in names], [where[n][1] for n in names]
+
     def reshard(self) -> None:
         """Put every FSDP2 module back in its sharded state, so the module's attributes
         are the sharded parameters again and the next forward all-gathers the shards.

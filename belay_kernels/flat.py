@@ -188,16 +188,24 @@ def stale_names(groups: list[FlatGroup]) -> list[str]:
 
 
 def check_not_stale(groups: list[FlatGroup], method: str = "EMA") -> None:
-    stale = stale_names(groups)
-    if stale:
-        shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
-        raise BelayInputError(
-            f"the model's tensors {shown} no longer live in the averager's flat buffer: "
-            "their .data was replaced (model.to(), .cuda(), .half(), "
-            "load_state_dict(assign=True), or assigning .data). The averager would "
-            "update memory the model no longer uses. To keep the average accumulated so "
-            "far: (1) state = averager.state_dict(), which still works and warns that the "
-            f"views are stale; (2) averager = belay_kernels.{method}(model, ...) with the "
-            "same options, on the moved model; (3) averager.load_state_dict(state), which "
-            "copies the shadow to the model's new device and dtype."
-        )
+    refuse_moved(stale_names(groups), method)
+
+
+def refuse_moved(
+    names: list[str], method: str, where: str = "in the averager's flat buffer"
+) -> None:
+    """Refuse to go on when the model's tensors ``names`` no longer live ``where`` the
+    averager was built on them."""
+    if not names:
+        return
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise BelayInputError(
+        f"the model's tensors {shown} no longer live {where}: "
+        "their .data was replaced (model.to(), .cuda(), .half(), "
+        "load_state_dict(assign=True), or assigning .data). The averager would "
+        "update memory the model no longer uses. To keep the average accumulated so "
+        "far: (1) state = averager.state_dict(), which still works and warns that the "
+        f"views are stale; (2) averager = belay_kernels.{method}(model, ...) with the "
+        "same options, on the moved model; (3) averager.load_state_dict(state), which "
+        "copies the shadow to the model's new device and dtype."
+    )

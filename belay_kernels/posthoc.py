@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ops, power
+from . import power
 from ._checks import BelayInputError
 from .averagers import Averager, check_saved_count
 from .hparams import HparamAttribute, Hparams, check_every, set_converted
@@ -96,12 +96,19 @@ class PowerEMA(Averager):
     def _track_ops(self, weights_dtype, shadow_dtype, is_param):
         return [("ema_update_", (shadow_dtype, weights_dtype))]
 
+    def _plan_launches(self):
+        return [
+            launch
+            for track in self._tracks
+            for launch in self._track_launches("ema_update_", track, (track.shadow, track.weights))
+        ]
+
     def _update(self, t: int) -> None:
         if not _update_due(t, self.every):
             return
-        decay = power.decay(self._updates + 1, self.gamma)
-        for track in self._tracks:
-            ops.ema_update_(track.shadow, track.weights, decay=decay, **self._op_kwargs(track))
+        decay, skip = power.decay(self._updates + 1, self.gamma), self._skip
+        for launch in self._launches:
+            launch.kernel(*launch.tensors, decay, skip, launch.skipped)
         self._updates += 1
 
 
@@ -188,16 +195,18 @@ class PostHocEMA(Averager):
             gammas, snapshot_every, _dtype_name(snapshot_dtype), every
         )
         self.snapshot_dir = _check_snapshot_dir(snapshot_dir)
+        self._selected = 0
+        self._snapshots = 0
         super().__init__(module_or_params, **options)
+        module = self._module
+        self._buffer_names = {n for n, _ in module.named_buffers()} if module is not None else set()
+
+    def _add_state(self) -> None:
         if any(t.specs is not None for t in self._tracks):
             raise BelayInputError("PostHocEMA does not support DTensor (FSDP2) parameters yet.")
         # profile 0 is the base class's shadow; the others start as copies of it
         for track in self._tracks:
             track.extra_profiles = [track.like_shadow(torch.clone) for _ in self.gammas[1:]]
-        module = self._module
-        self._buffer_names = {n for n, _ in module.named_buffers()} if module is not None else set()
-        self._selected = 0
-        self._snapshots = 0
 
     @property
     def gammas(self) -> list[float]:
@@ -205,7 +214,14 @@ class PostHocEMA(Averager):
 
     @gammas.setter
     def gammas(self, gammas) -> None:
-        self._hparams = replace(self._hparams, gammas=gammas)
+        hparams = replace(self._hparams, gammas=gammas)
+        if len(hparams.gammas) != len(self._hparams.gammas):
+            raise BelayInputError(
+                f"this PostHocEMA keeps {len(self._hparams.gammas)} profiles, so it takes "
+                f"{len(self._hparams.gammas)} gammas, got {len(hparams.gammas)}; build a new "
+                "PostHocEMA for another number of profiles."
+            )
+        self._hparams = hparams
 
     @property
     def snapshot_dtype(self) -> torch.dtype:
@@ -226,13 +242,22 @@ class PostHocEMA(Averager):
     def _track_ops(self, weights_dtype, shadow_dtype, is_param):
         return [("multi_ema_update_", (shadow_dtype,) * len(self.gammas) + (weights_dtype,))]
 
+    def _plan_launches(self):
+        return [
+            launch
+            for track in self._tracks
+            for launch in self._track_launches(
+                "multi_ema_update_", track, (track.shadow, *track.extra_profiles, track.weights)
+            )
+        ]
+
     def _update(self, t: int) -> None:
         if not _update_due(t, self.every):
             return
-        decays = [power.decay(self._updates + 1, g) for g in self.gammas]
-        for track in self._tracks:
-            profiles = [track.shadow, *track.extra_profiles]
-            ops.multi_ema_update_(profiles, track.weights, decays=decays, **self._op_kwargs(track))
+        n = self._updates + 1
+        decays, skip = [power.decay(n, g) for g in self._hparams.gammas], self._skip
+        for launch in self._launches:
+            launch.kernel(*launch.tensors, decays, skip, launch.skipped)
         self._updates += 1
 
     def step(self) -> None:

@@ -322,7 +322,7 @@ def test_5_the_backend_name_is_checked_even_for_empty_lists():
 
 @needs_cpp
 def test_5_mixed_layouts_are_all_resolved_before_any_runs():
-    """Kills ``ops._dispatch`` resolving each group's backend only when it runs it: the
+    """Kills ``plan.launches`` resolving each group's backend only when it runs it: the
     contiguous group would be updated by cpp before the non-contiguous one is refused."""
     s_ok, w_ok = fresh(8), fresh(8, seed=1)
     s_odd, w_odd = fresh(12, seed=2).view(3, 4).t(), fresh(12, seed=3).view(4, 3)

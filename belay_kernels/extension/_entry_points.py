@@ -11,6 +11,7 @@ reads it). The schema takes the scalars' numbers, then their tensors, then the f
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 
@@ -148,9 +149,9 @@ def multi_ema_update_(shadows, weights, decays, skip_nonfinite=True, skipped=Non
 
 
 def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True, skipped=None):
-    flat = [t for profile in shadows for t in profile]  # profile after profile
     _ops.multi_ema_update_foreach_(
-        flat, list(weights), *_rates(decays, _first(weights)), skip_nonfinite, skipped
+        list(itertools.chain.from_iterable(shadows)),  # profile after profile
+        list(weights), *_rates(decays, _first(weights)), skip_nonfinite, skipped
     )
 
 
