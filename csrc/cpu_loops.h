@@ -341,13 +341,3 @@ struct SimulatedGridExec {
 }  // namespace
 
 }  // namespace belay
-
-// Registers the CPU kernels of the given ops (in namespace belay), and their simulated-grid
-// twins in the tests' belay_kernels_grid library. Each op is named in one kernel file.
-#define BELAY_CPU_KERNELS(...)                                                     \
-  TORCH_LIBRARY_IMPL(belay_kernels, CPU, m) {                                       \
-    ::belay::register_all<::belay::CpuExec, __VA_ARGS__>(m);                        \
-  }                                                                                 \
-  TORCH_LIBRARY_IMPL(belay_kernels_grid, CPU, m) {                                  \
-    ::belay::register_all<::belay::SimulatedGridExec, __VA_ARGS__>(m);              \
-  }
