@@ -293,10 +293,21 @@ struct CpuExec {
     });
     if (skipped != nullptr) *skipped += total.load();
   }
+  // A tensor of at most kGrain elements is one chunk, which parallel_for would run inline
+  // over the whole range; calling it directly spares the per-tensor parallel_for setup.
   template <typename Op>
   void run_list(const std::vector<Op>& ops, const std::vector<int64_t>& numels,
                 int64_t* skipped) const {
-    for (size_t t = 0; t < ops.size(); ++t) run(ops[t], numels[t], skipped);
+    int64_t small = 0;
+    for (size_t t = 0; t < ops.size(); ++t) {
+      if (numels[t] == 0) continue;
+      if (numels[t] <= kGrain) {
+        small += cpu_chunk(ops[t], 0, numels[t]);
+      } else {
+        run(ops[t], numels[t], skipped);
+      }
+    }
+    if (skipped != nullptr) *skipped += small;
   }
 };
 
