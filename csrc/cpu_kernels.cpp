@@ -13,4 +13,19 @@ void set_simulated_grid(int64_t blocks, int64_t threads, int64_t chunk) {
 
 }  // namespace belay
 
-BELAY_CPU_KERNELS(belay::EmaUpdate, belay::SwaUpdate)
+namespace {
+
+// The ops this file instantiates, for the CPU (CpuExec) and for the tests'
+// belay_kernels_grid (SimulatedGridExec, the CUDA kernels' bodies on a simulated grid).
+template <typename Exec>
+void register_kernels(torch::Library& m) {
+  m.impl("ema_update_", &belay::ema_update<Exec>);
+  m.impl("ema_update_foreach_", &belay::ema_update_foreach<Exec>);
+  m.impl("swa_update_", &belay::swa_update<Exec>);
+  m.impl("swa_update_foreach_", &belay::swa_update_foreach<Exec>);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(belay_kernels, CPU, m) { register_kernels<belay::CpuExec>(m); }
+TORCH_LIBRARY_IMPL(belay_kernels_grid, CPU, m) { register_kernels<belay::SimulatedGridExec>(m); }

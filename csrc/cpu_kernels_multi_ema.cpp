@@ -2,4 +2,16 @@
 // per profile count makes it the slowest to compile.
 #include "cpu_loops.h"
 
-BELAY_CPU_KERNELS(belay::MultiEmaUpdate)
+namespace {
+
+// As in cpu_kernels.cpp: the CPU kernels and their simulated-grid twins.
+template <typename Exec>
+void register_kernels(torch::Library& m) {
+  m.impl("multi_ema_update_", &belay::multi_ema_update<Exec>);
+  m.impl("multi_ema_update_foreach_", &belay::multi_ema_update_foreach<Exec>);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(belay_kernels, CPU, m) { register_kernels<belay::CpuExec>(m); }
+TORCH_LIBRARY_IMPL(belay_kernels_grid, CPU, m) { register_kernels<belay::SimulatedGridExec>(m); }

@@ -293,10 +293,21 @@ struct CpuExec {
     });
     if (skipped != nullptr) *skipped += total.load();
   }
+  // A tensor of at most kGrain elements is one chunk, which parallel_for would run inline
+  // over the whole range; calling it directly spares the per-tensor parallel_for setup.
   template <typename Op>
   void run_list(const std::vector<Op>& ops, const std::vector<int64_t>& numels,
                 int64_t* skipped) const {
-    for (size_t t = 0; t < ops.size(); ++t) run(ops[t], numels[t], skipped);
+    int64_t small = 0;
+    for (size_t t = 0; t < ops.size(); ++t) {
+      if (numels[t] == 0) continue;
+      if (numels[t] <= kGrain) {
+        small += cpu_chunk(ops[t], 0, numels[t]);
+      } else {
+        run(ops[t], numels[t], skipped);
+      }
+    }
+    if (skipped != nullptr) *skipped += small;
   }
 };
 
@@ -341,13 +352,3 @@ struct SimulatedGridExec {
 }  // namespace
 
 }  // namespace belay
-
-// Registers the CPU kernels of the given ops (in namespace belay), and their simulated-grid
-// twins in the tests' belay_kernels_grid library. Each op is named in one kernel file.
-#define BELAY_CPU_KERNELS(...)                                                     \
-  TORCH_LIBRARY_IMPL(belay_kernels, CPU, m) {                                       \
-    ::belay::register_all<::belay::CpuExec, __VA_ARGS__>(m);                        \
-  }                                                                                 \
-  TORCH_LIBRARY_IMPL(belay_kernels_grid, CPU, m) {                                  \
-    ::belay::register_all<::belay::SimulatedGridExec, __VA_ARGS__>(m);              \
-  }

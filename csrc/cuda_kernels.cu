@@ -159,7 +159,17 @@ const char* kernel_image_error(int device) {
 }  // namespace belay
 
 TORCH_LIBRARY_IMPL(belay_kernels, CUDA, m) {
-#define BELAY_REGISTER(Op) ::belay::register_impls<::belay::CudaExec, ::belay::Op>(m);
-  BELAY_OPS(BELAY_REGISTER)
-#undef BELAY_REGISTER
+  using belay::CudaExec;
+  m.impl("ema_update_", &belay::ema_update<CudaExec>);
+  m.impl("ema_update_foreach_", &belay::ema_update_foreach<CudaExec>);
+  m.impl("multi_ema_update_", &belay::multi_ema_update<CudaExec>);
+  m.impl("multi_ema_update_foreach_", &belay::multi_ema_update_foreach<CudaExec>);
+  m.impl("swa_update_", &belay::swa_update<CudaExec>);
+  m.impl("swa_update_foreach_", &belay::swa_update_foreach<CudaExec>);
+  m.impl("belay_step_", &belay::belay_step<CudaExec>);
+  m.impl("belay_step_foreach_", &belay::belay_step_foreach<CudaExec>);
+  m.impl("two_point_average_", &belay::two_point_average<CudaExec>);
+  m.impl("two_point_average_foreach_", &belay::two_point_average_foreach<CudaExec>);
+  m.impl("swap_", &belay::swap<CudaExec>);
+  m.impl("swap_foreach_", &belay::swap_foreach<CudaExec>);
 }

@@ -1,13 +1,14 @@
-// The ops' entry points, shared by the CPU and CUDA registrations: check every argument
-// (before any memory is touched), pick the storage dtypes, build the element functor and
-// hand it to an executor. An executor runs a functor over n elements:
+// The ops' entry points, shared by the CPU and CUDA registrations (cpu_kernels*.cpp,
+// cuda_kernels.cu): check every argument (before any memory is touched), pick the storage
+// dtypes, build the element functor and hand it to an executor. An executor runs a functor
+// over n elements:
 //   exec.run(op, numel, skipped)            one flat call
 //   exec.run_list(ops, numels, skipped)     a list of tensors, one launch where it can
 // where ``skipped`` is the int64 counter's address or nullptr.
 #pragma once
 
-#include <array>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -17,7 +18,8 @@
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
+#include <c10/util/SmallVector.h>
+#include <c10/util/StringUtil.h>
 
 #include "element_ops.h"
 
@@ -26,74 +28,140 @@ namespace belay {
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
 
-// --- checks ------------------------------------------------------------------------------
+// --- the rows of a call ---------------------------------------------------------------
+// A call's tensors as rows of one tensor per argument: one row for a flat op, one per list
+// entry for a foreach op. They are views of the arguments (no Tensor is copied, so no
+// reference count changes), and names for the error messages are built only when a check
+// fails: a call of 1000 small tensors otherwise spent most of its host time on them.
 
-inline void check_row(const char* op, const std::vector<std::string>& names,
-                      const std::vector<Tensor>& tensors) {
-  const Tensor& first = tensors[0];
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const Tensor& t = tensors[i];
-    const std::string& name = names[i];
-    TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is an undefined tensor.");
-    TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": ", name, " has layout ", t.layout(),
-                      "; the compiled kernels take dense tensors.");
-    TORCH_CHECK_VALUE(t.device() == first.device(), op, ": ", name, " is on ", t.device(),
-                      " but ", names[0], " is on ", first.device(),
+// One tensor argument: its tensors (a flat op's one tensor is a list of one), its name as
+// the messages spell it, and for the K-profile EMA's shadows its profile ("shadows[p]").
+struct Column {
+  at::TensorList tensors;
+  const char* name;
+  int64_t profile = -1;
+};
+
+class Rows;
+
+// Row i of Rows: row[c] is argument c's tensor.
+class Row {
+ public:
+  Row(const Rows& rows, size_t index) : rows_(rows), index_(index) {}
+  const Tensor& operator[](size_t c) const;
+  size_t size() const;
+
+ private:
+  const Rows& rows_;
+  size_t index_;
+};
+
+class Rows {
+ public:
+  // ``foreach``: the names in messages carry the row index ("weights[3]").
+  Rows(std::initializer_list<Column> columns, bool foreach)
+      : columns_(columns), foreach_(foreach) {}
+  Rows(c10::SmallVector<Column, kMaxProfiles + 1> columns, bool foreach)
+      : columns_(std::move(columns)), foreach_(foreach) {}
+
+  size_t size() const { return columns_[0].tensors.size(); }
+  bool empty() const { return size() == 0; }
+  Row operator[](size_t i) const { return Row(*this, i); }
+  const Tensor& at(size_t i, size_t c) const { return columns_[c].tensors[i]; }
+  size_t columns() const { return columns_.size(); }
+  const Column& column(size_t c) const { return columns_[c]; }
+
+  // Argument c's name ("weights"; "shadows[1]" for a profile), and its name in row i,
+  // which a foreach op's messages index ("weights[3]").
+  std::string name(size_t c) const {
+    const Column& column = columns_[c];
+    return column.profile < 0 ? std::string(column.name)
+                              : c10::str(column.name, "[", column.profile, "]");
+  }
+  std::string name(size_t c, size_t i) const {
+    return foreach_ ? c10::str(name(c), "[", i, "]") : name(c);
+  }
+
+ private:
+  // Up to kMaxProfiles shadows and the weights without a heap allocation; more (a call the
+  // K-profile EMA refuses later, with its own message) still fit.
+  c10::SmallVector<Column, kMaxProfiles + 1> columns_;
+  bool foreach_;
+};
+
+inline const Tensor& Row::operator[](size_t c) const { return rows_.at(index_, c); }
+inline size_t Row::size() const { return rows_.columns(); }
+
+// --- checks ------------------------------------------------------------------------------
+// The names are c10::str arguments of TORCH_CHECK_VALUE, which evaluates them only when
+// the check fails.
+
+inline void check_row(const char* op, const Rows& rows, size_t i) {
+  const Tensor& first = rows.at(i, 0);
+  const size_t columns = rows.columns();
+  for (size_t c = 0; c < columns; ++c) {
+    const Tensor& t = rows.at(i, c);
+    TORCH_CHECK_VALUE(t.defined(), op, ": ", rows.name(c, i), " is an undefined tensor.");
+    TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": ", rows.name(c, i), " has layout ",
+                      t.layout(), "; the compiled kernels take dense tensors.");
+    TORCH_CHECK_VALUE(t.device() == first.device(), op, ": ", rows.name(c, i), " is on ",
+                      t.device(), " but ", rows.name(0, i), " is on ", first.device(),
                       "; move them to one device.");
-    TORCH_CHECK_VALUE(t.numel() == first.numel(), op, ": ", name, " has ", t.numel(),
-                      " elements but ", names[0], " has ", first.numel(),
+    TORCH_CHECK_VALUE(t.numel() == first.numel(), op, ": ", rows.name(c, i), " has ",
+                      t.numel(), " elements but ", rows.name(0, i), " has ", first.numel(),
                       "; they must match element for element.");
-    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name,
+    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", rows.name(c, i),
                       " is not contiguous; the compiled kernels need contiguous storage "
                       "(pass .contiguous(), or use backend='torch').");
   }
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    for (size_t j = i + 1; j < tensors.size(); ++j) {
-      const auto* a = static_cast<const char*>(tensors[i].data_ptr());
-      const auto* b = static_cast<const char*>(tensors[j].data_ptr());
-      const bool overlap = tensors[i].numel() > 0 && tensors[j].numel() > 0 &&
-                           a < b + tensors[j].nbytes() && b < a + tensors[i].nbytes();
-      TORCH_CHECK_VALUE(!overlap, op, ": ", names[i], " and ", names[j],
+  for (size_t c = 0; c < columns; ++c) {
+    for (size_t d = c + 1; d < columns; ++d) {
+      const Tensor& first_tensor = rows.at(i, c);
+      const Tensor& second_tensor = rows.at(i, d);
+      const auto* a = static_cast<const char*>(first_tensor.data_ptr());
+      const auto* b = static_cast<const char*>(second_tensor.data_ptr());
+      const bool overlap = first_tensor.numel() > 0 && second_tensor.numel() > 0 &&
+                           a < b + second_tensor.nbytes() && b < a + first_tensor.nbytes();
+      TORCH_CHECK_VALUE(!overlap, op, ": ", rows.name(c, i), " and ", rows.name(d, i),
                         " share memory; the update would read what it already wrote. "
                         "Give each its own storage (e.g. .clone()).");
     }
   }
 }
 
-inline std::vector<std::string> indexed(const std::vector<std::string>& names, size_t i) {
-  std::vector<std::string> out;
-  for (const auto& n : names) out.push_back(n + "[" + std::to_string(i) + "]");
-  return out;
+// A flat op's one row, checked.
+inline Rows checked_row(const char* op, std::initializer_list<Column> columns) {
+  Rows rows(columns, /*foreach=*/false);
+  check_row(op, rows, 0);
+  return rows;
 }
 
-// Columns of equal-length tensor lists -> rows, each checked; one device and one dtype
-// combination for the whole list (the Python ops group rows that way).
-inline std::vector<std::vector<Tensor>> check_lists(
-    const char* op, const std::vector<std::string>& names,
-    const std::vector<std::vector<Tensor>>& columns) {
-  for (size_t c = 1; c < columns.size(); ++c) {
-    TORCH_CHECK_VALUE(columns[c].size() == columns[0].size(), op, ": ", names[c], " has ",
-                      columns[c].size(), " tensors but ", names[0], " has ",
-                      columns[0].size(), ".");
+// Equal-length tensor lists, each row checked; one device and one dtype combination for
+// the whole list (the Python ops group rows that way).
+inline Rows checked_lists(const char* op, Rows rows) {
+  for (size_t c = 1; c < rows.columns(); ++c) {
+    TORCH_CHECK_VALUE(rows.column(c).tensors.size() == rows.column(0).tensors.size(), op,
+                      ": ", rows.name(c), " has ", rows.column(c).tensors.size(),
+                      " tensors but ", rows.name(0), " has ", rows.column(0).tensors.size(),
+                      ".");
   }
-  std::vector<std::vector<Tensor>> rows;
-  for (size_t i = 0; i < columns[0].size(); ++i) {
-    std::vector<Tensor> row;
-    for (const auto& column : columns) row.push_back(column[i]);
-    check_row(op, indexed(names, i), row);
-    if (!rows.empty()) {
-      for (size_t c = 0; c < row.size(); ++c) {
-        TORCH_CHECK_VALUE(row[c].device() == rows[0][c].device() &&
-                              row[c].scalar_type() == rows[0][c].scalar_type(),
-                          op, ": ", names[c], "[", i, "] is ", row[c].scalar_type(), " on ",
-                          row[c].device(), " but ", names[c], "[0] is ",
-                          rows[0][c].scalar_type(), " on ", rows[0][c].device(),
-                          "; one call takes one device and one dtype per list.");
-      }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    check_row(op, rows, i);
+    if (i == 0) continue;
+    for (size_t c = 0; c < rows.columns(); ++c) {
+      const Tensor& t = rows.at(i, c);
+      const Tensor& first = rows.at(0, c);
+      TORCH_CHECK_VALUE(t.device() == first.device() && t.scalar_type() == first.scalar_type(),
+                        op, ": ", rows.name(c, i), " is ", t.scalar_type(), " on ",
+                        t.device(), " but ", rows.name(c, 0), " is ", first.scalar_type(),
+                        " on ", first.device(),
+                        "; one call takes one device and one dtype per list.");
     }
-    rows.push_back(std::move(row));
   }
   return rows;
+}
+inline Rows checked_lists(const char* op, std::initializer_list<Column> columns) {
+  return checked_lists(op, Rows(columns, /*foreach=*/true));
 }
 
 inline int64_t* skipped_address(const char* op, const OptionalTensor& skipped,
@@ -172,47 +240,31 @@ T* address(const Tensor& t) {
 
 // Runs make_op(row) for one tensor row or a whole list.
 template <typename Exec, typename MakeOp>
-void run_rows(const Exec& exec, const std::vector<std::vector<Tensor>>& rows,
-              int64_t* skipped, MakeOp&& make_op) {
-  typename Exec::DeviceGuard guard(rows[0][0].device());
+void run_rows(const Exec& exec, const Rows& rows, int64_t* skipped, MakeOp&& make_op) {
+  // One guard for the whole list (its rows share a device).
+  typename Exec::DeviceGuard guard(rows.at(0, 0).device());
   if (rows.size() == 1) {
-    exec.run(make_op(rows[0]), rows[0][0].numel(), skipped);
+    exec.run(make_op(rows[0]), rows.at(0, 0).numel(), skipped);
     return;
   }
   using Op = decltype(make_op(rows[0]));
   std::vector<Op> ops;
   std::vector<int64_t> numels;
-  for (const auto& row : rows) {
-    ops.push_back(make_op(row));
-    numels.push_back(row[0].numel());
+  ops.reserve(rows.size());
+  numels.reserve(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    ops.push_back(make_op(rows[i]));
+    numels.push_back(rows.at(i, 0).numel());
   }
   exec.run_list(ops, numels, skipped);
 }
 
 // --- the ops -----------------------------------------------------------------------------
-// Each op is a struct: its names (as belay_kernels/methods.py spells them), its tensor
-// roles in argument order, the schema text of its scalars, and rows(), which takes the
-// checked rows (one for the flat op, one per tensor for the foreach op) and the scalars.
-// Entry<> below turns that into the two registered functions, and BELAY_OPS lists them.
-
-using Rows = std::vector<std::vector<Tensor>>;
-
-// A tensor role: its name in the flat op, its name in the foreach op, and whether the op
-// writes it (which gives the schema its alias annotation).
-struct Role {
-  const char* name;
-  const char* list_name;
-  bool written;
-};
+// Each op is a struct whose rows() takes the checked rows (one for the flat op, one per
+// tensor for the foreach op; a tensor per argument, in schema order) and the scalars. The
+// registered entry points that call it are written out below the structs.
 
 struct EmaUpdate {
-  static constexpr const char* kName = "ema_update_";
-  static constexpr const char* kForeach = "ema_update_foreach_";
-  static constexpr std::array<Role, 2> kRoles{{{"shadow", "shadows", true},
-                                               {"weights", "weights", false}}};
-  static constexpr const char* kScalars = "float decay, Tensor? decay_tensor, bool skip_nonfinite";
-  static constexpr bool kCountsSkipped = true;
-
   template <typename Exec>
   static void rows(const Exec& exec, const Rows& rows, double decay,
                    const OptionalTensor& decay_tensor, bool skip_nonfinite,
@@ -225,7 +277,7 @@ struct EmaUpdate {
     dispatch_pair(op, rows[0][1].scalar_type(), rows[0][0].scalar_type(), [&](auto w, auto s) {
       using W = decltype(w);
       using S = decltype(s);
-      run_rows(exec, rows, skipped_at, [&](const std::vector<Tensor>& row) {
+      run_rows(exec, rows, skipped_at, [&](const Row& row) {
         return EmaOp<W, S>{address<S>(row[0]), address<const W>(row[1]), skip_nonfinite,
                            {decay_arg, 0}};
       });
@@ -234,13 +286,6 @@ struct EmaUpdate {
 };
 
 struct SwaUpdate {
-  static constexpr const char* kName = "swa_update_";
-  static constexpr const char* kForeach = "swa_update_foreach_";
-  static constexpr std::array<Role, 2> kRoles{{{"shadow", "shadows", true},
-                                               {"weights", "weights", false}}};
-  static constexpr const char* kScalars = "int count, Tensor? count_tensor, bool skip_nonfinite";
-  static constexpr bool kCountsSkipped = true;
-
   template <typename Exec>
   static void rows(const Exec& exec, const Rows& rows, int64_t count,
                    const OptionalTensor& count_tensor, bool skip_nonfinite,
@@ -253,7 +298,7 @@ struct SwaUpdate {
     dispatch_pair(op, rows[0][1].scalar_type(), rows[0][0].scalar_type(), [&](auto w, auto s) {
       using W = decltype(w);
       using S = decltype(s);
-      run_rows(exec, rows, skipped_at, [&](const std::vector<Tensor>& row) {
+      run_rows(exec, rows, skipped_at, [&](const Row& row) {
         return SwaOp<W, S>{address<S>(row[0]), address<const W>(row[1]), skip_nonfinite,
                            {models, 0}};
       });
@@ -262,14 +307,6 @@ struct SwaUpdate {
 };
 
 struct BelayStep {
-  static constexpr const char* kName = "belay_step_";
-  static constexpr const char* kForeach = "belay_step_foreach_";
-  static constexpr std::array<Role, 2> kRoles{{{"weights", "weights", true},
-                                               {"shadow", "shadows", true}}};
-  static constexpr const char* kScalars =
-      "float alpha, float beta, Tensor? alpha_tensor, Tensor? beta_tensor, bool skip_nonfinite";
-  static constexpr bool kCountsSkipped = true;
-
   template <typename Exec>
   static void rows(const Exec& exec, const Rows& rows, double alpha, double beta,
                    const OptionalTensor& alpha_tensor, const OptionalTensor& beta_tensor,
@@ -283,7 +320,7 @@ struct BelayStep {
     dispatch_pair(op, rows[0][0].scalar_type(), rows[0][1].scalar_type(), [&](auto w, auto s) {
       using W = decltype(w);
       using S = decltype(s);
-      run_rows(exec, rows, skipped_at, [&](const std::vector<Tensor>& row) {
+      run_rows(exec, rows, skipped_at, [&](const Row& row) {
         return BelayOp<W, S>{address<W>(row[0]), address<S>(row[1]), alpha_arg, beta_arg,
                              skip_nonfinite, 0, 0};
       });
@@ -292,14 +329,6 @@ struct BelayStep {
 };
 
 struct TwoPointAverage {
-  static constexpr const char* kName = "two_point_average_";
-  static constexpr const char* kForeach = "two_point_average_foreach_";
-  static constexpr std::array<Role, 3> kRoles{{{"out", "outs", true},
-                                               {"weights", "weights", false},
-                                               {"snapshot", "snapshots", false}}};
-  static constexpr const char* kScalars = "";
-  static constexpr bool kCountsSkipped = false;
-
   template <typename Exec>
   static void rows(const Exec& exec, const Rows& rows) {
     constexpr const char* op = "belay_kernels::two_point_average_";
@@ -311,7 +340,7 @@ struct TwoPointAverage {
     dispatch_pair(op, rows[0][1].scalar_type(), rows[0][2].scalar_type(), [&](auto w, auto s) {
       using W = decltype(w);
       using S = decltype(s);
-      run_rows(exec, rows, nullptr, [&](const std::vector<Tensor>& row) {
+      run_rows(exec, rows, nullptr, [&](const Row& row) {
         return TwoPointOp<W, S>{address<W>(row[0]), address<const W>(row[1]),
                                 address<const S>(row[2])};
       });
@@ -320,13 +349,6 @@ struct TwoPointAverage {
 };
 
 struct Swap {
-  static constexpr const char* kName = "swap_";
-  static constexpr const char* kForeach = "swap_foreach_";
-  static constexpr std::array<Role, 2> kRoles{{{"weights", "weights", true},
-                                               {"shadow", "shadows", true}}};
-  static constexpr const char* kScalars = "bool inverse";
-  static constexpr bool kCountsSkipped = false;
-
   template <typename Exec>
   static void rows(const Exec& exec, const Rows& rows, bool inverse) {
     constexpr const char* op = "belay_kernels::swap_";
@@ -334,7 +356,7 @@ struct Swap {
     const auto weights = rows[0][0].scalar_type();
     const auto shadow = rows[0][1].scalar_type();
     if (weights == at::kBFloat16 && shadow == at::kFloat) {
-      run_rows(exec, rows, nullptr, [&](const std::vector<Tensor>& row) {
+      run_rows(exec, rows, nullptr, [&](const Row& row) {
         return PackedSwapOp{address<uint16_t>(row[0]), address<uint32_t>(row[1]), inverse};
       });
       return;
@@ -349,7 +371,7 @@ struct Swap {
                       "float32 shadow. Use backend='torch' for other dtypes.");
     auto exchange = [&](auto bits) {
       using Bits = decltype(bits);
-      run_rows(exec, rows, nullptr, [&](const std::vector<Tensor>& row) {
+      run_rows(exec, rows, nullptr, [&](const Row& row) {
         return ExchangeOp<Bits>{address<Bits>(row[0]), address<Bits>(row[1])};
       });
     };
@@ -375,22 +397,9 @@ void dispatch_profiles(const char* op, int64_t k, F&& f) {
   }
 }
 
-// K shadows of one weights tensor. Its shadows role is a list of K tensors per row, so it
-// spells its own schemas and entry points (flat and foreach) instead of Entry's.
+// K shadows of one weights tensor: a row has K shadows (one per profile), then the
+// weights. decay_tensors is empty or has one entry per decay.
 struct MultiEmaUpdate {
-  static constexpr const char* kName = "multi_ema_update_";
-  static constexpr const char* kForeach = "multi_ema_update_foreach_";
-  static constexpr bool kOwnEntries = true;
-  // decay_tensors is empty or has one entry per decay; the list op takes the K profiles'
-  // shadow lists one after the other (shadows[p * N + i] for weights[i]).
-  static constexpr const char* kArgs =
-      "float[] decays, Tensor?[] decay_tensors, bool skip_nonfinite, Tensor(b!)? skipped) -> ()";
-  static std::string schema(bool list) {
-    return std::string(list ? kForeach : kName) +
-           (list ? "(Tensor(a!)[] shadows, Tensor[] weights, " : "(Tensor(a!)[] shadows, Tensor weights, ") +
-           kArgs;
-  }
-
   // Rows of (shadows[0], ..., shadows[K-1], weights); K = decays.size().
   template <typename Exec>
   static void rows(const Exec& exec, const Rows& rows, at::ArrayRef<double> decays,
@@ -427,7 +436,7 @@ struct MultiEmaUpdate {
       using S = decltype(s);
       dispatch_profiles(op, k, [&](auto profiles) {
         constexpr int K = decltype(profiles)::value;
-        run_rows(exec, rows, skipped_at, [&](const std::vector<Tensor>& row) {
+        run_rows(exec, rows, skipped_at, [&](const Row& row) {
           MultiEmaOp<W, S, K> multi{};
           for (int p = 0; p < K; ++p) {
             multi.shadows[p] = address<S>(row[p]);
@@ -440,124 +449,133 @@ struct MultiEmaUpdate {
       });
     });
   }
+};
 
-  template <typename Exec>
-  static void flat(at::TensorList shadows, const Tensor& weights, at::ArrayRef<double> decays,
-                   const c10::List<std::optional<Tensor>>& decay_tensors, bool skip_nonfinite,
-                   const OptionalTensor& skipped) {
-    constexpr const char* op = "belay_kernels::multi_ema_update_";
-    TORCH_CHECK_VALUE(shadows.size() == decays.size(), op, ": got ", shadows.size(),
-                      " shadows but ", decays.size(), " decays; pass one decay per shadow.");
-    std::vector<std::string> names;
-    for (size_t p = 0; p < shadows.size(); ++p) names.push_back("shadows[" + std::to_string(p) + "]");
-    names.push_back("weights");
-    std::vector<Tensor> row = shadows.vec();
-    row.push_back(weights);
-    check_row(op, names, row);
-    rows(Exec{}, Rows{std::move(row)}, decays, decay_tensors, skip_nonfinite, skipped);
-  }
+// --- the registered entry points -----------------------------------------------------------
+// One function per op, with the signature of its schema (registration.cpp), templated only
+// on the executor: CpuExec and SimulatedGridExec (cpu_loops.h), CudaExec (cuda_kernels.cu).
+// Each checks the tensors, then hands the rows to its op's rows(). A check failing here
+// names the op without its namespace, as the messages always have.
 
-  template <typename Exec>
-  static void foreach(at::TensorList shadows, at::TensorList weights, at::ArrayRef<double> decays,
+template <typename Exec>
+void ema_update(const Tensor& shadow, const Tensor& weights, double decay,
+                const OptionalTensor& decay_tensor, bool skip_nonfinite,
+                const OptionalTensor& skipped) {
+  EmaUpdate::rows(Exec{}, checked_row("ema_update_", {{shadow, "shadow"}, {weights, "weights"}}),
+                  decay, decay_tensor, skip_nonfinite, skipped);
+}
+
+template <typename Exec>
+void ema_update_foreach(at::TensorList shadows, at::TensorList weights, double decay,
+                        const OptionalTensor& decay_tensor, bool skip_nonfinite,
+                        const OptionalTensor& skipped) {
+  EmaUpdate::rows(Exec{},
+                  checked_lists("ema_update_foreach_",
+                                {{shadows, "shadows"}, {weights, "weights"}}),
+                  decay, decay_tensor, skip_nonfinite, skipped);
+}
+
+template <typename Exec>
+void swa_update(const Tensor& shadow, const Tensor& weights, int64_t count,
+                const OptionalTensor& count_tensor, bool skip_nonfinite,
+                const OptionalTensor& skipped) {
+  SwaUpdate::rows(Exec{}, checked_row("swa_update_", {{shadow, "shadow"}, {weights, "weights"}}),
+                  count, count_tensor, skip_nonfinite, skipped);
+}
+
+template <typename Exec>
+void swa_update_foreach(at::TensorList shadows, at::TensorList weights, int64_t count,
+                        const OptionalTensor& count_tensor, bool skip_nonfinite,
+                        const OptionalTensor& skipped) {
+  SwaUpdate::rows(Exec{},
+                  checked_lists("swa_update_foreach_",
+                                {{shadows, "shadows"}, {weights, "weights"}}),
+                  count, count_tensor, skip_nonfinite, skipped);
+}
+
+template <typename Exec>
+void belay_step(const Tensor& weights, const Tensor& shadow, double alpha, double beta,
+                const OptionalTensor& alpha_tensor, const OptionalTensor& beta_tensor,
+                bool skip_nonfinite, const OptionalTensor& skipped) {
+  BelayStep::rows(Exec{}, checked_row("belay_step_", {{weights, "weights"}, {shadow, "shadow"}}),
+                  alpha, beta, alpha_tensor, beta_tensor, skip_nonfinite, skipped);
+}
+
+template <typename Exec>
+void belay_step_foreach(at::TensorList weights, at::TensorList shadows, double alpha,
+                        double beta, const OptionalTensor& alpha_tensor,
+                        const OptionalTensor& beta_tensor, bool skip_nonfinite,
+                        const OptionalTensor& skipped) {
+  BelayStep::rows(Exec{},
+                  checked_lists("belay_step_foreach_",
+                                {{weights, "weights"}, {shadows, "shadows"}}),
+                  alpha, beta, alpha_tensor, beta_tensor, skip_nonfinite, skipped);
+}
+
+template <typename Exec>
+void two_point_average(const Tensor& out, const Tensor& weights, const Tensor& snapshot) {
+  TwoPointAverage::rows(
+      Exec{}, checked_row("two_point_average_",
+                          {{out, "out"}, {weights, "weights"}, {snapshot, "snapshot"}}));
+}
+
+template <typename Exec>
+void two_point_average_foreach(at::TensorList outs, at::TensorList weights,
+                               at::TensorList snapshots) {
+  TwoPointAverage::rows(
+      Exec{}, checked_lists("two_point_average_foreach_",
+                            {{outs, "outs"}, {weights, "weights"}, {snapshots, "snapshots"}}));
+}
+
+template <typename Exec>
+void swap(const Tensor& weights, const Tensor& shadow, bool inverse) {
+  Swap::rows(Exec{}, checked_row("swap_", {{weights, "weights"}, {shadow, "shadow"}}), inverse);
+}
+
+template <typename Exec>
+void swap_foreach(at::TensorList weights, at::TensorList shadows, bool inverse) {
+  Swap::rows(Exec{}, checked_lists("swap_foreach_", {{weights, "weights"}, {shadows, "shadows"}}),
+             inverse);
+}
+
+// The K-profile EMA's checks name the op with its namespace, as its messages always have.
+template <typename Exec>
+void multi_ema_update(at::TensorList shadows, const Tensor& weights, at::ArrayRef<double> decays,
                       const c10::List<std::optional<Tensor>>& decay_tensors,
                       bool skip_nonfinite, const OptionalTensor& skipped) {
-    constexpr const char* op = "belay_kernels::multi_ema_update_foreach_";
-    const size_t k = decays.size();
-    const size_t n = weights.size();
-    TORCH_CHECK_VALUE(shadows.size() == k * n, op, ": got ", shadows.size(), " shadows for ",
-                      k, " decays and ", n, " weights; pass each profile's ", n,
-                      " shadows, profile after profile.");
-    std::vector<std::string> names;
-    std::vector<std::vector<Tensor>> columns;
-    for (size_t p = 0; p < k; ++p) {
-      names.push_back("shadows[" + std::to_string(p) + "]");
-      columns.emplace_back(shadows.begin() + p * n, shadows.begin() + (p + 1) * n);
-    }
-    names.push_back("weights");
-    columns.push_back(weights.vec());
-    rows(Exec{}, check_lists(op, names, columns), decays, decay_tensors, skip_nonfinite, skipped);
+  constexpr const char* op = "belay_kernels::multi_ema_update_";
+  TORCH_CHECK_VALUE(shadows.size() == decays.size(), op, ": got ", shadows.size(),
+                    " shadows but ", decays.size(), " decays; pass one decay per shadow.");
+  c10::SmallVector<Column, kMaxProfiles + 1> columns;
+  for (size_t p = 0; p < shadows.size(); ++p) {
+    columns.push_back({shadows[p], "shadows", static_cast<int64_t>(p)});
   }
-};
-
-// --- the registered functions -------------------------------------------------------------
-
-// The schema of an op whose roles are one tensor each: written roles get the alias sets
-// a, b, ... in order, and the skipped counter the next one.
-template <typename Op>
-std::string table_schema(bool list) {
-  std::vector<std::string> args;
-  char alias = 'a';
-  for (const Role& role : Op::kRoles) {
-    const std::string type = role.written ? std::string("Tensor(") + alias++ + "!)" : "Tensor";
-    args.push_back(list ? type + "[] " + role.list_name : type + " " + role.name);
-  }
-  if (*Op::kScalars != '\0') args.emplace_back(Op::kScalars);
-  if (Op::kCountsSkipped) args.push_back(std::string("Tensor(") + alias + "!)? skipped");
-  std::string text = std::string(list ? Op::kForeach : Op::kName) + "(";
-  for (size_t i = 0; i < args.size(); ++i) text += (i ? ", " : "") + args[i];
-  return text + ") -> ()";
+  columns.push_back({weights, "weights"});
+  Rows rows(std::move(columns), /*foreach=*/false);
+  check_row(op, rows, 0);
+  MultiEmaUpdate::rows(Exec{}, rows, decays, decay_tensors, skip_nonfinite, skipped);
 }
 
-// An op that spells its own schemas and entry points (schema(), flat(), foreach()).
-template <typename Op>
-constexpr bool has_own_entries = requires { Op::kOwnEntries; };
-
-template <typename Op>
-std::string schema(bool list) {
-  if constexpr (has_own_entries<Op>) {
-    return Op::schema(list);
-  } else {
-    return table_schema<Op>(list);
+// The list op takes the K profiles' shadow lists one after the other (shadows[p * N + i]
+// for weights[i]).
+template <typename Exec>
+void multi_ema_update_foreach(at::TensorList shadows, at::TensorList weights,
+                              at::ArrayRef<double> decays,
+                              const c10::List<std::optional<Tensor>>& decay_tensors,
+                              bool skip_nonfinite, const OptionalTensor& skipped) {
+  constexpr const char* op = "belay_kernels::multi_ema_update_foreach_";
+  const size_t k = decays.size();
+  const size_t n = weights.size();
+  TORCH_CHECK_VALUE(shadows.size() == k * n, op, ": got ", shadows.size(), " shadows for ",
+                    k, " decays and ", n, " weights; pass each profile's ", n,
+                    " shadows, profile after profile.");
+  c10::SmallVector<Column, kMaxProfiles + 1> columns;
+  for (size_t p = 0; p < k; ++p) {
+    columns.push_back({shadows.slice(p * n, n), "shadows", static_cast<int64_t>(p)});
   }
-}
-
-template <std::size_t, typename T>
-using Repeat = T;
-
-// The flat and foreach functions of a table-shaped op, with the signature its schema
-// declares: one tensor (or one list) per role, then rows()'s scalars.
-template <typename Exec, typename Op, typename RowsFn, typename Indices>
-struct Entry;
-template <typename Exec, typename Op, typename... Scalars, std::size_t... I>
-struct Entry<Exec, Op, void (*)(const Exec&, const Rows&, Scalars...), std::index_sequence<I...>> {
-  static void flat(Repeat<I, const Tensor&>... tensors, Scalars... scalars) {
-    check_row(Op::kName, {Op::kRoles[I].name...}, {tensors...});
-    Op::rows(Exec{}, Rows{{tensors...}}, scalars...);
-  }
-  static void foreach(Repeat<I, at::TensorList>... lists, Scalars... scalars) {
-    Op::rows(Exec{}, check_lists(Op::kForeach, {Op::kRoles[I].list_name...}, {lists.vec()...}),
-             scalars...);
-  }
-};
-
-template <typename Exec, typename Op>
-void register_impls(torch::Library& m) {
-  if constexpr (has_own_entries<Op>) {
-    m.impl(Op::kName, &Op::template flat<Exec>);
-    m.impl(Op::kForeach, &Op::template foreach<Exec>);
-  } else {
-    using E = Entry<Exec, Op, decltype(&Op::template rows<Exec>),
-                    std::make_index_sequence<Op::kRoles.size()>>;
-    m.impl(Op::kName, &E::flat);
-    m.impl(Op::kForeach, &E::foreach);
-  }
-}
-
-// Registers the kernels of Ops for one executor (one dispatch key of one library).
-template <typename Exec, typename... Ops>
-void register_all(torch::Library& m) {
-  (register_impls<Exec, Ops>(m), ...);
+  columns.push_back({weights, "weights"});
+  MultiEmaUpdate::rows(Exec{}, checked_lists(op, Rows(std::move(columns), /*foreach=*/true)),
+                       decays, decay_tensors, skip_nonfinite, skipped);
 }
 
 }  // namespace belay
-
-// Every op, once: the schemas (registration.cpp) and the CUDA registrations
-// (cuda_kernels.cu) are generated from this list, and each CPU kernel file registers the
-// ops it instantiates (BELAY_CPU_KERNELS in cpu_loops.h).
-#define BELAY_OPS(X) \
-  X(EmaUpdate)       \
-  X(MultiEmaUpdate)  \
-  X(SwaUpdate)       \
-  X(BelayStep)       \
-  X(TwoPointAverage) \
-  X(Swap)

@@ -3,7 +3,7 @@ by the ``cpp`` and ``cuda`` backends: the registered ops choose the CPU or CUDA 
 from the tensors' device. One flat and one foreach function per op, written out.
 
 The ops layer has already checked the arguments; this module only converts them to the
-ops' schema (csrc/op_entries.h): a hyperparameter is a number, or a one-element tensor
+ops' schema (csrc/registration.cpp): a hyperparameter is a number, or a one-element tensor
 passed alongside (converted to float64 / int64 on the tensors' device, where the kernel
 reads it). The schema takes the scalars' numbers, then their tensors, then the flags.
 """
