@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from belay_kernels.benchmark.overhead import (
     LERP,
     TIMM,
     Layout,
+    build_steps,
     parse_layouts,
     time_interleaved,
 )
@@ -95,3 +97,12 @@ def test_interleaved_timing_counts_every_call():
     assert [len(s) for s in samples] == [9, 9]
     assert calls == [11, 11]
     assert all(t >= 0 for s in samples for t in s)
+
+
+def test_a_missing_timm_is_a_note_not_a_failure(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    monkeypatch.setitem(sys.modules, "timm.utils", None)
+    cases = build_steps(Layout(True, 2), torch.device("cpu"), str(tmp_path), ["EMA"], [LERP, TIMM])
+    notes = {row["impl"]: (row["note"], step is not None) for row, step in cases}
+    assert notes["EMA"] == ("", True) and notes[LERP] == ("", True)
+    assert notes[TIMM][0].startswith("not installed") and not notes[TIMM][1]
