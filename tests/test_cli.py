@@ -129,3 +129,17 @@ def test_update_docs_refuses_a_quick_run(capsys):
         cli.main(["reproduce", "sandler-table1", "--quick", "--update-docs"])
     assert stop.value.code == 2
     assert "drop --quick" in capsys.readouterr().err
+
+
+def test_demo_prints_our_time_beside_foreach_lerp(capsys):
+    pytest.importorskip("sklearn")
+    assert cli.main(["demo", "--epochs", "1", "--seeds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(line for line in lines if line.startswith("method"))
+    assert head.split()[-2:] == ["update", "_foreach_lerp_"]
+    rows = {line.split()[0]: line for line in lines[lines.index(head) + 1 :]}
+    assert set(rows) == {"none", "EMA", "SWA", "BELAY"}
+    assert rows["none"].split()[-2:] == ["-", "-"]
+    for method in ("EMA", "SWA", "BELAY"):
+        ours, _, lerp, unit = rows[method].split()[-4:]
+        assert unit == "us" and float(ours) > 0 and float(lerp) > 0

@@ -64,6 +64,15 @@ def _sizes(text):
         raise argparse.ArgumentTypeError(f"sizes are numbers like 1e5,1e6: {exc}") from exc
 
 
+def _layouts(text):
+    from .overhead import parse_layouts
+
+    try:
+        return parse_layouts(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="belay-kernels bench",
@@ -84,7 +93,7 @@ def parse_args(argv):
         "--quick",
         action="store_true",
         help=f"a short run: sizes {', '.join(f'{n:.0e}' for n in QUICK_SIZES)}, "
-        "short timing, the sweep only",
+        "short timing, the sweep only (with --mode overhead: 20 calls per implementation)",
     )
     p.add_argument(
         "--device",
@@ -93,12 +102,21 @@ def parse_args(argv):
     )
     p.add_argument(
         "--mode",
-        choices=("sweep", "models", "multi", "all", "distributed"),
+        choices=("sweep", "models", "multi", "all", "distributed", "overhead"),
         default=None,
         help="sweep (flat buffers), models (real model shapes), multi (K post-hoc "
         "EMA profiles in one pass against K passes, torch.compile and ema-pytorch's "
-        "PostHocEMA), all, or distributed (an FSDP2-sharded GPT-2-like model on gloo "
-        "ranks) (default: all; sweep with --quick)",
+        "PostHocEMA), all, distributed (an FSDP2-sharded GPT-2-like model on gloo "
+        "ranks), or overhead (the host time of one step() of each averager on 16x16 "
+        "tensors, against torch._foreach_lerp_ and timm's ModelEmaV3, at one thread; "
+        "writes overhead.json and overhead.md) (default: all; sweep with --quick)",
+    )
+    p.add_argument(
+        "--layouts",
+        type=_layouts,
+        default=None,
+        help="layouts for --mode overhead, flat:N (a flat buffer over N tensors) or list:N "
+        "(flatten=False, N tensors) (default: flat:2,flat:148,list:148,list:1000)",
     )
     p.add_argument(
         "--profiles",
@@ -162,7 +180,8 @@ def parse_args(argv):
         "--min-run-time",
         type=float,
         default=None,
-        help="seconds of timing per point (default 0.3, 0.05 with --quick)",
+        help="seconds of timing per point (default 0.3, 0.05 with --quick; with --mode "
+        "overhead the least time per implementation, spread over its rounds)",
     )
     p.add_argument(
         "--stream-size",
@@ -172,7 +191,11 @@ def parse_args(argv):
         "(default: 64M, 16M with --quick)",
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's own choice; 1 for --mode overhead and, "
+        "per rank, for --mode distributed)",
     )
     p.add_argument(
         "--out",
@@ -207,6 +230,10 @@ def main(argv=None) -> int:
         from .distributed import main_distributed
 
         return main_distributed(args, log)
+    if args.mode == "overhead":
+        from .overhead import main_overhead
+
+        return main_overhead(args, raw_argv, log)
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = machine_info(args.device)
