@@ -15,6 +15,7 @@ import torch
 from belay_kernels.benchmark import main
 from belay_kernels.benchmark.overhead import (
     AVERAGER_NAMES,
+    CHECK,
     LERP,
     TIMM,
     Layout,
@@ -50,7 +51,8 @@ def test_bench_overhead_mode(tmp_path, capsys):
     rows = result["rows"]
     peers = [LERP] + ([TIMM] if importlib.util.find_spec("timm") else [])
     layouts = ["flat:2", "flat:5", "list:3"]
-    expected = {(layout, impl) for layout in layouts for impl in (*AVERAGER_NAMES, *peers)}
+    impls = (*AVERAGER_NAMES, CHECK, *peers)
+    expected = {(layout, impl) for layout in layouts for impl in impls}
     timed = {(r["layout"], r["impl"]) for r in rows if "median_us" in r}
     assert timed == expected, [r["note"] for r in rows if r["note"]]
     for r in rows:
@@ -67,7 +69,7 @@ def test_bench_overhead_mode(tmp_path, capsys):
     assert all(f"{layout} " in table for layout in layouts)
     md = (out / "overhead.md").read_text()
     assert md.startswith("Command: `belay-kernels bench --quick")
-    assert md.count("\n| list:3 |") == len(AVERAGER_NAMES) + len(peers)
+    assert md.count("\n| list:3 |") == len(impls)
 
 
 def test_layouts_parse_and_refuse():

@@ -40,6 +40,7 @@ DECAY = 0.999
 NEVER = 10**12  # a snapshot interval no timed run reaches
 LERP = "torch._foreach_lerp_"
 TIMM = "timm ModelEmaV3.update"
+CHECK = "EMA's memory check alone"
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,11 @@ def build_steps(layout: Layout, device: torch.device, folder: str, averagers, pe
         except Exception as exc:  # this averager refused the layout or the device
             row["note"] = f"failed: {_one_phrase(exc)}"
             cases.append((row, None))
+            continue
+        if name == "EMA":
+            # the part of the step that looks at every tensor: that the model still holds
+            # the planned memory (belay_kernels/bound.py)
+            cases.append((_row(layout, CHECK, "part"), averager._bound.first_moved))
     for name in peers:
         row = _row(layout, name, "peer")
         try:
@@ -294,7 +300,7 @@ def _cells(r) -> list[str]:
         fmt(r["median_us"]),
         fmt(r["p10_us"]),
         fmt(r["p90_us"]),
-        f"{r['vs_lerp']:.1f}x" if "vs_lerp" in r else "",
+        f"{r['vs_lerp']:.2f}x" if "vs_lerp" in r else "",
         str(r["samples"]),
     ]
 
