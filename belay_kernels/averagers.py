@@ -1027,7 +1027,9 @@ class Belay(Averager):
             if track.is_param:
                 pulled += self._track_launches("belay_step_", track, (track.weights, track.shadow))
             else:
-                averaged += self._track_launches("ema_update_", track, (track.shadow, track.weights))
+                averaged += self._track_launches(
+                    "ema_update_", track, (track.shadow, track.weights)
+                )
         return pulled, averaged
 
     def _update(self, t: int) -> None:

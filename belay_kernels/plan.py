@@ -101,7 +101,9 @@ def launches(
             columns = [list(column) for column in zip(*group)]
             planned.append(Launch(foreach, _arguments(method, columns), skipped))
         else:
-            planned += [Launch(getattr(module, op), _arguments(method, row), skipped) for row in group]
+            planned += [
+                Launch(getattr(module, op), _arguments(method, row), skipped) for row in group
+            ]
     return planned
 
 

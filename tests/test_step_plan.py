@@ -27,9 +27,7 @@ def averagers(model: nn.Module, tmp_path, **options) -> list:
         bk.Belay(model, alpha=0.1, beta=0.1, **options),
         bk.TwoPoint(model, gap=1, **options),
         bk.PowerEMA(model, sigma_rel=0.1, **options),
-        bk.PostHocEMA(
-            model, snapshot_every=10**9, snapshot_dir=tmp_path / "snapshots", **options
-        ),
+        bk.PostHocEMA(model, snapshot_every=10**9, snapshot_dir=tmp_path / "snapshots", **options),
     ]
 
 
@@ -42,7 +40,10 @@ def python_calls(fn) -> tuple[int, list]:
         if event != "call":
             return
         calls.append(frame.f_code.co_name)
-        if frame.f_code.co_filename.endswith("torch/_ops.py") and frame.f_code.co_name == "__call__":
+        if (
+            frame.f_code.co_filename.endswith("torch/_ops.py")
+            and frame.f_code.co_name == "__call__"
+        ):
             depth, f = 1, frame.f_back
             while f is not None and not (
                 f.f_code.co_name == "step" and f.f_code.co_filename.endswith("averagers.py")

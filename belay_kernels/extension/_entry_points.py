@@ -151,7 +151,10 @@ def multi_ema_update_(shadows, weights, decays, skip_nonfinite=True, skipped=Non
 def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True, skipped=None):
     _ops.multi_ema_update_foreach_(
         list(itertools.chain.from_iterable(shadows)),  # profile after profile
-        list(weights), *_rates(decays, _first(weights)), skip_nonfinite, skipped
+        list(weights),
+        *_rates(decays, _first(weights)),
+        skip_nonfinite,
+        skipped,
     )
 
 
