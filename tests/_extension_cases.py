@@ -53,7 +53,7 @@ def simulated_grid(blocks, threads, chunk=64):
     """Backend "cpp" runs the compiled CUDA bodies on a simulated grid of ``blocks`` blocks
     of ``threads`` threads inside the block, tensor lists cut into chunks of ``chunk``
     elements (the tests' one door to the simulation)."""
-    from belay_kernels.extension._entry_points import simulated_grid as grid
+    from belay_kernels.backends._compiled import simulated_grid as grid
 
     with grid(blocks, threads, chunk):
         yield
