@@ -11,8 +11,8 @@ from _backend_cases import BY_NAME, METHOD_PAIRS, Case, check, method_pair_id, p
 from _extension_cases import (  # noqa: F401 (cpp_backend, one_cpu_thread: fixtures)
     cpp_backend,
     one_cpu_thread,
-    simulated_grid,
 )
+from _grid import simulated_grid
 
 from belay_kernels.testing import DTYPE_PAIRS, random_like_model
 

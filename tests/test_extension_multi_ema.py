@@ -16,9 +16,9 @@ from _extension_cases import (  # noqa: F401 (cpp_backend, one_cpu_thread: fixtu
     cpp_backend,
     one_cpu_thread,
     refuses,
-    simulated_grid,
 )
 from _fingerprints import lerp_rounding
+from _grid import simulated_grid
 
 from belay_kernels import reference
 from belay_kernels.testing import DTYPE_PAIRS, random_like_model
