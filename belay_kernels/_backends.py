@@ -26,12 +26,14 @@ from ._checks import BelayInputError
 
 # name -> module implementing it
 _MODULES = {
-    "torch": "belay_kernels.fast_torch",  # the reference's ops without full-size temporaries
-    "reference": "belay_kernels.reference",  # the spec itself, out of place; never auto
-    "inductor": "belay_kernels.inductor",  # the reference through torch.compile; opt-in
-    "cpp": "belay_kernels.extension.cpu",
-    "cuda": "belay_kernels.extension.cuda",
-    "triton": "belay_kernels.triton",
+    "torch": "belay_kernels.backends.torch",  # the reference's ops without full-size temporaries
+    # the spec itself, out of place; never auto. It stays at the package's top level, not in
+    # backends/: every backend, the ops and the averagers import it as the definition.
+    "reference": "belay_kernels.reference",
+    "inductor": "belay_kernels.backends.inductor",  # the reference through torch.compile; opt-in
+    "cpp": "belay_kernels.backends.cpp",  # the compiled CPU kernels (csrc/)
+    "cuda": "belay_kernels.backends.cuda",  # the compiled CUDA kernels (csrc/)
+    "triton": "belay_kernels.backends.triton",
 }
 
 # What "auto" tries, per tensor device type, fastest first. A backend with

@@ -232,10 +232,11 @@ def report() -> dict:
     from _fingerprints import _bits as fingerprint_bits
     from _fingerprints import lerp_rounding
 
-    from belay_kernels import backends, fast_torch
+    from belay_kernels import backends
+    from belay_kernels.backends import torch as torch_backend
 
     torch.set_num_threads(1)
-    fast_torch.CPU_CHUNK = CHUNK
+    torch_backend.CPU_CHUNK = CHUNK
     compiled = ("cpp",) if backends()["cpp"].startswith("available") else ()
     rows = []
     for seed, (name, method, pair, sizes, kwargs, policy) in enumerate(_cases()):

@@ -1,10 +1,9 @@
 """Shared by the tests of the compiled extension: skipping where a compiled backend is
-absent, its fixtures, the refusal check, and the one switch to the simulated CUDA grid.
+absent, its fixtures and the refusal check (the simulated CUDA grid is in tests/_grid.py).
 Runs against the reference go through the one harness, tests/_backend_cases.py."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -46,14 +45,3 @@ def require_backend(name: str) -> None:
 @pytest.fixture(scope="module")
 def cpp_backend():
     require_backend("cpp")
-
-
-@contextlib.contextmanager
-def simulated_grid(blocks, threads, chunk=64):
-    """Backend "cpp" runs the compiled CUDA bodies on a simulated grid of ``blocks`` blocks
-    of ``threads`` threads inside the block, tensor lists cut into chunks of ``chunk``
-    elements (the tests' one door to the simulation)."""
-    from belay_kernels.extension._entry_points import simulated_grid as grid
-
-    with grid(blocks, threads, chunk):
-        yield

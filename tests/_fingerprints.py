@@ -295,9 +295,9 @@ def _run(method, backend, pair, sizes, variant, seed):
 @contextlib.contextmanager
 def _grid():
     """The compiled CUDA bodies on a simulated grid of 3 blocks of 32 threads."""
-    from belay_kernels.extension._entry_points import simulated_grid as grid
+    from _grid import simulated_grid
 
-    with grid(3, 32, 64):
+    with simulated_grid(3, 32, 64):
         yield
 
 

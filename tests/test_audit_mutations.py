@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from _distributed import run_ranks
 from _distributed_models import local, tiny
-from _extension_cases import simulated_grid
+from _grid import simulated_grid
 from _untouched import cpu_backends
 from torch import nn
 

@@ -16,7 +16,8 @@ import os
 import pytest
 import torch
 from _backend_cases import METHOD_PAIRS, STEPS, Case, check
-from _extension_cases import require_backend, simulated_grid
+from _extension_cases import require_backend
+from _grid import simulated_grid
 
 from belay_kernels.testing import ODD_SIZES, torch_threads
 

@@ -11,8 +11,8 @@ from _backend_cases import BY_NAME, METHOD_PAIRS, Case, check, method_pair_id, p
 from _extension_cases import (  # noqa: F401 (cpp_backend, one_cpu_thread: fixtures)
     cpp_backend,
     one_cpu_thread,
-    simulated_grid,
 )
+from _grid import simulated_grid
 
 from belay_kernels.testing import DTYPE_PAIRS, random_like_model
 
@@ -109,9 +109,7 @@ def test_a_rate_of_one_copies_over_nonfinite_values(grid, pair, scalar):
             )
             assert _bits_equal(shadow, weights), "SWA count 0"
             shadows = [_nonfinite_shadow(n, shadow_dtype, seed=n + 3 + p)[0] for p in range(3)]
-            _entry_points().multi_ema_update_(
-                shadows, weights, [value(0.0), 0.5, value(0.0)], False, None
-            )
+            _cpp().multi_ema_update_(shadows, weights, [value(0.0), 0.5, value(0.0)], False, None)
             assert _bits_equal(shadows[0], weights) and _bits_equal(shadows[2], weights)
             # BELAY: weights <- shadow (beta 1) and shadow <- weights (alpha 1), both
             # from the values before the call, NaN and inf on both sides
@@ -131,7 +129,7 @@ def test_a_rate_of_one_copies_over_nonfinite_values(grid, pair, scalar):
             assert _bits_equal(shadow, model_before), "BELAY alpha 1"
 
 
-def _entry_points():
-    from belay_kernels.extension import cpu
+def _cpp():
+    from belay_kernels.backends import cpp
 
-    return cpu
+    return cpp

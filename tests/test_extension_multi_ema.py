@@ -16,9 +16,9 @@ from _extension_cases import (  # noqa: F401 (cpp_backend, one_cpu_thread: fixtu
     cpp_backend,
     one_cpu_thread,
     refuses,
-    simulated_grid,
 )
 from _fingerprints import lerp_rounding
+from _grid import simulated_grid
 
 from belay_kernels import reference
 from belay_kernels.testing import DTYPE_PAIRS, random_like_model
@@ -39,9 +39,9 @@ REFERENCE_FUSED = lerp_rounding() == "fused"
 
 
 def _backend():
-    from belay_kernels.extension import cpu
+    from belay_kernels.backends import cpp
 
-    return cpu
+    return cpp
 
 
 def _decays(k, tensors):
@@ -235,7 +235,7 @@ def test_grid_simulation_runs_the_multi_ema_body():
 
 
 def _ops():
-    from belay_kernels.extension._library import ops
+    from belay_kernels.backends._library import ops
 
     return ops()
 
@@ -322,11 +322,11 @@ def test_refuses_bad_input_before_writing():
 
 
 def test_supports():
-    from belay_kernels.extension import cpu
+    from belay_kernels.backends import cpp
 
     f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
-    assert cpu.supports("multi_ema_update_", (f32, f32, bf16))
-    assert cpu.supports("multi_ema_update_foreach_", (f32,) * 9)
-    assert not cpu.supports("multi_ema_update_", (f32,) * 10)  # 9 profiles
-    assert not cpu.supports("multi_ema_update_", (f32, f64, f32))
-    assert not cpu.supports("multi_ema_update_", (bf16, f32))
+    assert cpp.supports("multi_ema_update_", (f32, f32, bf16))
+    assert cpp.supports("multi_ema_update_foreach_", (f32,) * 9)
+    assert not cpp.supports("multi_ema_update_", (f32,) * 10)  # 9 profiles
+    assert not cpp.supports("multi_ema_update_", (f32, f64, f32))
+    assert not cpp.supports("multi_ema_update_", (bf16, f32))

@@ -9,7 +9,8 @@ import torch
 from _backend_cases import BY_NAME, Case, check
 from _extension_cases import one_cpu_thread  # noqa: F401 (fixture)
 
-from belay_kernels import _backends, inductor, ops
+from belay_kernels import _backends, ops
+from belay_kernels.backends import inductor
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

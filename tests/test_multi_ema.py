@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 from _backend_cases import _bits, _inject_nonfinite
-from _extension_cases import require_backend, simulated_grid
+from _extension_cases import require_backend
+from _grid import simulated_grid
 
 from belay_kernels import ops, reference
 from belay_kernels.methods import DTYPE_PAIRS

@@ -7,7 +7,8 @@ same words in triton_interpreter_cases.py.)"""
 
 import pytest
 import torch
-from _extension_cases import require_backend, simulated_grid
+from _extension_cases import require_backend
+from _grid import simulated_grid
 
 import belay_kernels as bk
 from belay_kernels import ops

@@ -1,4 +1,4 @@
-"""The ``torch`` backend (belay_kernels/fast_torch.py) against the ``reference`` backend,
+"""The ``torch`` backend (belay_kernels/backends/torch.py) against the ``reference`` backend,
 bit for bit: every op of the method table, flat tensors and lists, every dtype pair, sizes
 that cross many chunk boundaries, several steps, both non-finite policies, hyperparameters
 as numbers and as tensors (in and out of range, and weights that round to 1), on shadows
@@ -9,7 +9,8 @@ import pytest
 import torch
 from _extension_cases import one_cpu_thread  # noqa: F401 (fixture)
 
-from belay_kernels import _backends, fast_torch, ops, reference
+from belay_kernels import _backends, ops, reference
+from belay_kernels.backends import torch as torch_backend
 from belay_kernels.methods import DTYPE_PAIRS, METHODS
 from belay_kernels.reference import swap_supported
 from belay_kernels.testing import random_like_model
@@ -37,7 +38,7 @@ VARIANTS = {  # name: (values, as tensors, non-finite policy)
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(fast_torch, "CPU_CHUNK", CHUNK)
+    monkeypatch.setattr(torch_backend, "CPU_CHUNK", CHUNK)
 
 
 def _bits(t):
@@ -161,7 +162,7 @@ def test_the_chunk_loop_gives_the_thread_count_back():
 
 def test_torch_is_the_fast_path_and_auto_never_takes_the_reference():
     fp32 = (torch.float32,) * 2
-    assert _backends.resolve("torch", "ema_update_", "cpu", fp32, True) is fast_torch
+    assert _backends.resolve("torch", "ema_update_", "cpu", fp32, True) is torch_backend
     for device_type in ("cpu", "cuda", "mps", "xpu"):
         for contiguous in (True, False):
             module = _backends.resolve("auto", "ema_update_", device_type, fp32, contiguous)
@@ -192,7 +193,7 @@ def _multi_decays(kind, k, step):
 
 def _run_multi(k, pair, sizes, kind, policy, fused, seed=0):
     """Every shadow after each of STEPS steps, and the skipped counter: K profiles by
-    ``fast_torch.multi_ema_update_(_foreach_)`` when ``fused``, else K reference calls."""
+    ``torch_backend.multi_ema_update_(_foreach_)`` when ``fused``, else K reference calls."""
     gen = torch.Generator().manual_seed(seed)
     weights_dtype, shadow_dtype = pair
     shadows = [_fresh(sizes, shadow_dtype, gen, poison_every=41) for _ in range(k)]
@@ -207,9 +208,11 @@ def _run_multi(k, pair, sizes, kind, policy, fused, seed=0):
                 for s, w in zip(profile, weights):
                     reference.ema_update_(s, w, decay, skip, skipped)
         elif len(sizes) == 1:
-            fast_torch.multi_ema_update_([p[0] for p in shadows], weights[0], decays, skip, skipped)
+            torch_backend.multi_ema_update_(
+                [p[0] for p in shadows], weights[0], decays, skip, skipped
+            )
         else:
-            fast_torch.multi_ema_update_foreach_(shadows, weights, decays, skip, skipped)
+            torch_backend.multi_ema_update_foreach_(shadows, weights, decays, skip, skipped)
         written += [t.clone() for profile in shadows for t in profile]
     return written, skipped
 
@@ -243,7 +246,7 @@ def test_multi_ema_reads_each_weights_chunk_once_for_all_profiles(monkeypatch):
     upcasts = []
     real_up = reference._up
     monkeypatch.setattr(reference, "_up", lambda t, d: upcasts.append(t.dtype) or real_up(t, d))
-    fast_torch.multi_ema_update_(shadows, weights, [0.9, 0.99, 0.999], True, None)
+    torch_backend.multi_ema_update_(shadows, weights, [0.9, 0.99, 0.999], True, None)
     assert upcasts.count(torch.bfloat16) == 4  # one per chunk
 
 
@@ -261,6 +264,6 @@ def test_finite_weights_whose_sum_overflows_still_match(dtype):
     expected, got = shadow.clone(), shadow.clone()
     counted = [torch.zeros((), dtype=torch.int64) for _ in range(2)]
     reference.ema_update_(expected, weights, 0.7, True, counted[0])
-    fast_torch.ema_update_(got, weights, 0.7, True, counted[1])
+    torch_backend.ema_update_(got, weights, 0.7, True, counted[1])
     assert torch.equal(_bits(got), _bits(expected))
     assert int(counted[1]) == int(counted[0]) == 0

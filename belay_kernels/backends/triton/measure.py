@@ -3,10 +3,10 @@ kernel's achieved bandwidth, and the launches one averaging step costs.
 
 Meant to be called by ``belay-kernels bench`` on a GPU machine::
 
-    from belay_kernels.triton.measure import measure
+    from belay_kernels.backends.triton.measure import measure
     results = measure("cuda")           # a dict, JSON-serialisable
 
-or run alone: ``python -m belay_kernels.triton.measure [--numel N] [--runs R]``.
+or run alone: ``python -m belay_kernels.backends.triton.measure [--numel N] [--runs R]``.
 
 Bytes are counted explicitly: each input element read once and each output element
 written once (the same count the static PTX check asserts), so GB/s = counted bytes /
@@ -25,10 +25,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .. import methods as method_table
-from ..methods import DTYPE_PAIRS
-from ..reference import swap_supported
-from ..samples import random_like_model
+from ... import methods as method_table
+from ...methods import DTYPE_PAIRS
+from ...reference import swap_supported
+from ...samples import random_like_model
 from . import aot
 from .device_step import StepGate, advance_step_
 from .ema import ema_update_, ema_update_foreach_

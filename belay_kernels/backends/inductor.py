@@ -29,8 +29,9 @@ import types
 
 import torch
 
-from . import fast_torch, reference
-from .methods import BY_OP
+from .. import reference
+from ..methods import BY_OP
+from . import torch as torch_backend
 
 DEVICE_TYPES = reference.DEVICE_TYPES - {"meta"}
 REQUIRES_CONTIGUOUS = True
@@ -94,7 +95,7 @@ def _as_tensor(value, dtype, device) -> torch.Tensor:
 
 def _run(op: str, tensors, scalars, flags) -> None:
     if tensors[0].numel() < 2:
-        getattr(fast_torch, op)(*tensors, *scalars, *flags)
+        getattr(torch_backend, op)(*tensors, *scalars, *flags)
         return
     device = tensors[0].device
     kinds = {"rate": torch.float64, "count": torch.int64}
@@ -131,7 +132,7 @@ def two_point_average_(out, weights, snapshot):
 
 
 # The swap moves memory and computes nothing: the eager torch backend runs it.
-swap_ = fast_torch.swap_
+swap_ = torch_backend.swap_
 
 
 # --- whether auto should take it ---------------------------------------------------------
@@ -174,7 +175,7 @@ def faster_than_eager(op: str, device_type: str, dtypes) -> tuple[bool, str]:
         device = torch.device(device_type)
         try:
             compiled = _sample_call(sys.modules[__name__], op, dtypes, device)
-            eager = _sample_call(fast_torch, op, dtypes, device)
+            eager = _sample_call(torch_backend, op, dtypes, device)
             compiled()
             eager()
             t_compiled, t_eager = _median_s(compiled, device), _median_s(eager, device)

@@ -10,7 +10,6 @@ reads it). The schema takes the scalars' numbers, then their tensors, then the f
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import torch
@@ -24,7 +23,8 @@ _METHOD_OF = {name: m for m in BY_OP.values() for name in (m.op, m.foreach)}
 
 # The backend registry calls unavailable_reason() (which loads the compiled module) before
 # it hands out this module, so the ops exist by the time these functions run. A plain
-# attribute keeps the functions traceable by torch.compile; simulated_grid() swaps it.
+# attribute keeps the functions traceable by torch.compile; the tests swap it for the
+# simulated CUDA grid's ops (tests/_grid.py).
 _ops = torch.ops.belay_kernels
 
 # The compiled kernels read flat contiguous storage.
@@ -172,20 +172,3 @@ __all__ = [
     "multi_ema_update_",
     "multi_ema_update_foreach_",
 ]
-
-
-@contextlib.contextmanager
-def simulated_grid(blocks: int, threads: int, chunk: int = 64):
-    """Test machinery: inside it, the ``cpp`` backend runs the CUDA kernels' bodies on a
-    simulated grid of ``blocks`` x ``threads`` (tensor lists in chunks of ``chunk``
-    elements), through the ops of ``torch.ops.belay_kernels_grid``."""
-    global _ops
-    from .. import _C
-
-    _C._simulate_cuda_grid(blocks, threads, chunk)
-    _ops = torch.ops.belay_kernels_grid
-    try:
-        yield
-    finally:
-        _ops = torch.ops.belay_kernels
-        _C._simulate_cuda_grid(0, 0, 0)

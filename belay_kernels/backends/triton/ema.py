@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..schedules import Warmup
+from ...schedules import Warmup
 from . import _launch
 from ._blocks import (
     _host_float,

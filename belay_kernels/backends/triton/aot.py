@@ -30,7 +30,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .. import methods
+from ... import methods
 from . import _launch
 from .multi_ema import _multi_ema_update_kernel
 
@@ -175,8 +175,8 @@ class Case:
 
 def fast_cases(foreach: bool = False) -> list[Case]:
     """Every method and dtype pair it supports, in the common configuration."""
-    from ..methods import DTYPE_PAIRS
-    from ..reference import swap_supported
+    from ...methods import DTYPE_PAIRS
+    from ...reference import swap_supported
 
     return [
         Case(m, w, s, foreach)
@@ -202,7 +202,7 @@ def multi_ema_method(k: int) -> Method:
 
 def multi_ema_cases(foreach: bool = False) -> list[Case]:
     """The multi-EMA kernel for each K of MULTI_EMA_PROFILES and every dtype pair."""
-    from ..methods import DTYPE_PAIRS
+    from ...methods import DTYPE_PAIRS
 
     return [
         Case(multi_ema_method(k), w, s, foreach) for k in MULTI_EMA_PROFILES for w, s in DTYPE_PAIRS

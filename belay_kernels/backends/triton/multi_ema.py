@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import BelayInputError
+from ..._checks import BelayInputError
 from . import _launch
 from ._blocks import (
     _column,

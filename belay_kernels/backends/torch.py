@@ -3,7 +3,7 @@
 :mod:`belay_kernels.reference` is the spec and computes out of place: every call allocates
 several temporaries the size of the buffer, and on a large buffer their page faults cost
 more than the arithmetic. This module gives the reference's results bit for bit
-(``tests/test_fast_torch.py``, ``tests/test_fingerprints.py``) in one of two ways:
+(``tests/test_torch_backend.py``, ``tests/test_fingerprints.py``) in one of two ways:
 
 - **in place**, where the reference's new shadow is one ``lerp`` of the shadow toward the
   weights in their own dtype: an EMA or SWA step on fp32 or fp64 tensors with a number
@@ -33,8 +33,8 @@ import contextlib
 
 import torch
 
-from . import reference
-from .reference import DEVICE_TYPES, one_minus, opmath_dtype, rounds_to_one, swa_weight
+from .. import reference
+from ..reference import DEVICE_TYPES, one_minus, opmath_dtype, rounds_to_one, swa_weight
 
 __all__ = ["DEVICE_TYPES"]  # the backend API; the ops below complete it
 

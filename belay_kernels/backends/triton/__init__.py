@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from ..reference import swap_supported
+from ...reference import swap_supported
 
 try:
     import triton  # noqa: F401
