@@ -1,7 +1,8 @@
 """Fused kernels for averaged ("shadow") weights in PyTorch training: EMA, SWA, BELAY and
 the two-point average, one pass over memory per (device, dtype) group and step."""
 
-from . import backends, ops, posthoc, power, schedules
+from . import ops, posthoc, power, schedules
+from ._backends import backends
 from ._checks import BelayInputError
 from .averagers import EMA, SWA, Averager, Belay, TwoPoint
 from .posthoc import PostHocEMA, PowerEMA

@@ -26,14 +26,14 @@ from ._checks import BelayInputError
 
 # name -> module implementing it
 _MODULES = {
-    "torch": "belay_kernels.backends.torch",  # the reference's ops without full-size temporaries
+    "torch": "belay_kernels.backend.torch",  # the reference's ops without full-size temporaries
     # the spec itself, out of place; never auto. It stays at the package's top level, not in
-    # backends/: every backend, the ops and the averagers import it as the definition.
+    # backend/: every backend, the ops and the averagers import it as the definition.
     "reference": "belay_kernels.reference",
-    "inductor": "belay_kernels.backends.inductor",  # the reference through torch.compile; opt-in
-    "cpp": "belay_kernels.backends.cpp",  # the compiled CPU kernels (csrc/)
-    "cuda": "belay_kernels.backends.cuda",  # the compiled CUDA kernels (csrc/)
-    "triton": "belay_kernels.backends.triton",
+    "inductor": "belay_kernels.backend.inductor",  # the reference through torch.compile; opt-in
+    "cpp": "belay_kernels.backend.cpp",  # the compiled CPU kernels (csrc/)
+    "cuda": "belay_kernels.backend.cuda",  # the compiled CUDA kernels (csrc/)
+    "triton": "belay_kernels.backend.triton",
 }
 
 # What "auto" tries, per tensor device type, fastest first. A backend with

@@ -65,7 +65,7 @@ _COMPILED: list = []  # [the compiled class, or None], filled on first use
 def _compiled_class():
     """The compiled checker; None where the extension is not built (or predates it)."""
     if not _COMPILED:
-        from .backends._library import cpu_module
+        from .backend._library import cpu_module
 
         _COMPILED.append(getattr(cpu_module()[0], "BoundTensors", None))
     return _COMPILED[0]

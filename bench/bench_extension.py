@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from belay_kernels import backends, reference
-from belay_kernels.backends._library import ops as compiled_ops
+from belay_kernels.backend._library import ops as compiled_ops
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 

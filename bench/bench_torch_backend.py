@@ -1,4 +1,4 @@
-"""The torch backend (belay_kernels/backends/torch.py) against bare torch ops of the same bytes,
+"""The torch backend (belay_kernels/backend/torch.py) against bare torch ops of the same bytes,
 the reference backend, timm's ModelEmaV3 on ResNet-50, and (with --inductor) the inductor
 backend against the cpp backend. One process measures everything at 1 thread and at 2;
 each round calls every case once, in turn (A/B interleaved on a shared machine), and the

@@ -193,7 +193,7 @@ def device_guard() -> dict:
 
 def list_bandwidth() -> dict:
     from belay_kernels import ops
-    from belay_kernels.backends.triton import measure
+    from belay_kernels.backend.triton import measure
 
     copy = measure.copy_bandwidth("cuda", 1 << 27, runs=20, warmup=3)
     result = {"copy_gbps": copy["gbps"]}

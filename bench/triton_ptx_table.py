@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from belay_kernels.backends.triton import aot
+from belay_kernels.backend.triton import aot
 
 H100_PEAK_BYTES_PER_S = 3.35e12  # HBM3, H100 SXM datasheet
 ROOFLINE_FRACTION = 0.9

@@ -315,7 +315,7 @@ struct CpuExec {
 inline const SimulatedGrid& checked_grid() {
   const SimulatedGrid& grid = simulated_grid();
   TORCH_CHECK_VALUE(grid.blocks > 0, "belay_kernels_grid: no simulated grid is set; use "
-                    "belay_kernels.extension._entry_points.simulated_grid().");
+                    "tests/_grid.py's simulated_grid().");
   return grid;
 }
 

@@ -4,7 +4,7 @@
 // read by the kernel itself (so a CUDA graph can replay with new values). The entry points
 // with these signatures are in op_entries.h, registered by cpu_kernels*.cpp and
 // cuda_kernels.cu; the fake (meta) implementations are in
-// belay_kernels/extension/_library.py.
+// belay_kernels/backend/_library.py.
 //
 // belay_kernels_grid declares the same ops for the tests: its CPU kernels run the CUDA
 // kernels' bodies over a simulated grid (cpu_loops.h), so the production ops carry no

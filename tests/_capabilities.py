@@ -233,7 +233,7 @@ def report() -> dict:
     from _fingerprints import lerp_rounding
 
     from belay_kernels import backends
-    from belay_kernels.backends import torch as torch_backend
+    from belay_kernels.backend import torch as torch_backend
 
     torch.set_num_threads(1)
     torch_backend.CPU_CHUNK = CHUNK

@@ -4,7 +4,7 @@ The compiled CPU module also registers a second op library, ``belay_kernels_grid
 (csrc/registration.cpp, csrc/cpu_loops.h): the same schemas, whose CPU kernels run the
 CUDA kernels' bodies over a simulated grid of blocks and threads. Inside
 :func:`simulated_grid`, backend ``"cpp"`` calls those ops: the functions of
-:mod:`belay_kernels.backends._compiled` call their module's ``_ops``, which this swaps."""
+:mod:`belay_kernels.backend._compiled` call their module's ``_ops``, which this swaps."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def simulated_grid(blocks: int, threads: int, chunk: int = 64):
     of ``threads`` threads inside the block, tensor lists cut into chunks of ``chunk``
     elements."""
     from belay_kernels import _C
-    from belay_kernels.backends import _compiled
+    from belay_kernels.backend import _compiled
 
     _C._simulate_cuda_grid(blocks, threads, chunk)
     _compiled._ops = torch.ops.belay_kernels_grid

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from belay_kernels.backends import _library
+from belay_kernels.backend import _library
 
 
 def fake_module(arches="750,800,900", error=""):  # as __CUDA_ARCH_LIST__ reads

@@ -46,7 +46,7 @@ def test_auto_prefers_cpp_on_cpu():
     from belay_kernels import _backends
 
     module = _backends.resolve("auto", "ema_update_", "cpu", (torch.float32,) * 2, True)
-    assert module.__name__ == "belay_kernels.backends.cpp"
+    assert module.__name__ == "belay_kernels.backend.cpp"
     # non-contiguous tensors go to the pure-PyTorch backend
     module = _backends.resolve("auto", "ema_update_", "cpu", (torch.float32,) * 2, False)
     assert module is _backends._load("torch").module

@@ -48,7 +48,7 @@ def test_device_hyperparameters_and_current_stream():
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
 def test_multi_ema_matches_k_reference_updates(pair):
     from belay_kernels import reference
-    from belay_kernels.backends import cuda
+    from belay_kernels.backend import cuda
 
     generator = torch.Generator().manual_seed(0)
     decays = [

@@ -130,6 +130,6 @@ def test_a_rate_of_one_copies_over_nonfinite_values(grid, pair, scalar):
 
 
 def _cpp():
-    from belay_kernels.backends import cpp
+    from belay_kernels.backend import cpp
 
     return cpp

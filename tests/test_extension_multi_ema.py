@@ -39,7 +39,7 @@ REFERENCE_FUSED = lerp_rounding() == "fused"
 
 
 def _backend():
-    from belay_kernels.backends import cpp
+    from belay_kernels.backend import cpp
 
     return cpp
 
@@ -235,7 +235,7 @@ def test_grid_simulation_runs_the_multi_ema_body():
 
 
 def _ops():
-    from belay_kernels.backends._library import ops
+    from belay_kernels.backend._library import ops
 
     return ops()
 
@@ -322,7 +322,7 @@ def test_refuses_bad_input_before_writing():
 
 
 def test_supports():
-    from belay_kernels.backends import cpp
+    from belay_kernels.backend import cpp
 
     f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
     assert cpp.supports("multi_ema_update_", (f32, f32, bf16))

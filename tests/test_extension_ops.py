@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("cpp_backend", "one_cpu_thread")
 
 
 def _ops():
-    from belay_kernels.backends._library import ops
+    from belay_kernels.backend._library import ops
 
     return ops()
 
@@ -201,7 +201,7 @@ def test_refuses_mixed_devices():
 
 
 def test_a_missing_build_is_reported_not_raised():
-    from belay_kernels.backends import _library
+    from belay_kernels.backend import _library
 
     module, reason = _library._load("belay_kernels._no_such_build")
     assert module is None and "not importable" in reason

@@ -10,7 +10,7 @@ from _backend_cases import BY_NAME, Case, check
 from _extension_cases import one_cpu_thread  # noqa: F401 (fixture)
 
 from belay_kernels import _backends, ops
-from belay_kernels.backends import inductor
+from belay_kernels.backend import inductor
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

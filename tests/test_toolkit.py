@@ -13,7 +13,7 @@ import torch
 
 from belay_kernels import _toolkit
 from belay_kernels._toolkit import find_toolkit
-from belay_kernels.backends import _library
+from belay_kernels.backend import _library
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The ``torch`` backend (belay_kernels/backends/torch.py) against the ``reference`` backend,
+"""The ``torch`` backend (belay_kernels/backend/torch.py) against the ``reference`` backend,
 bit for bit: every op of the method table, flat tensors and lists, every dtype pair, sizes
 that cross many chunk boundaries, several steps, both non-finite policies, hyperparameters
 as numbers and as tensors (in and out of range, and weights that round to 1), on shadows
@@ -10,7 +10,7 @@ import torch
 from _extension_cases import one_cpu_thread  # noqa: F401 (fixture)
 
 from belay_kernels import _backends, ops, reference
-from belay_kernels.backends import torch as torch_backend
+from belay_kernels.backend import torch as torch_backend
 from belay_kernels.methods import DTYPE_PAIRS, METHODS
 from belay_kernels.reference import swap_supported
 from belay_kernels.testing import random_like_model

@@ -1,5 +1,5 @@
 """Static GPU check of the Triton kernels, no GPU needed: compile every kernel ahead of
-time for sm_80 and sm_90 and read the PTX (see belay_kernels/backends/triton/aot.py)."""
+time for sm_80 and sm_90 and read the PTX (see belay_kernels/backend/triton/aot.py)."""
 
 import os
 
@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("the AOT check needs compiled (not interpreted) kernels", allow_module_level=True)
 
-from belay_kernels.backends.triton import aot  # noqa: E402
+from belay_kernels.backend.triton import aot  # noqa: E402
 
 CASES = aot.fast_cases() + aot.fast_cases(foreach=True) + aot.graph_cases()
 

@@ -24,10 +24,10 @@ import _triton_interpreter  # noqa: E402
 from _backend_cases import pair_id  # noqa: E402
 
 from belay_kernels import backends, ops, reference  # noqa: E402
-from belay_kernels.backends.triton import StepGate, advance_step_  # noqa: E402
-from belay_kernels.backends.triton import belay as triton_belay  # noqa: E402
-from belay_kernels.backends.triton import ema as triton_ema  # noqa: E402
-from belay_kernels.backends.triton import swa as triton_swa  # noqa: E402
+from belay_kernels.backend.triton import StepGate, advance_step_  # noqa: E402
+from belay_kernels.backend.triton import belay as triton_belay  # noqa: E402
+from belay_kernels.backend.triton import ema as triton_ema  # noqa: E402
+from belay_kernels.backend.triton import swa as triton_swa  # noqa: E402
 from belay_kernels.schedules import Warmup  # noqa: E402
 from belay_kernels.testing import (  # noqa: E402
     DTYPE_PAIRS,
@@ -137,7 +137,7 @@ def test_warmup_without_gate_is_refused():
 
 def test_measure_counts_bytes_explicitly(monkeypatch):
     """The GPU measurement's bookkeeping (timing replaced: no GPU here)."""
-    from belay_kernels.backends.triton import measure
+    from belay_kernels.backend.triton import measure
 
     monkeypatch.setattr(
         measure,
@@ -228,7 +228,7 @@ def test_packed_swap_keeps_nan_and_restores_bits(foreach):
 
 
 def _tables():
-    from belay_kernels.backends.triton._launch import PointerTable
+    from belay_kernels.backend.triton._launch import PointerTable
 
     return PointerTable._tables
 
@@ -287,7 +287,7 @@ def test_each_tensor_is_aligned_on_its_own():
     a tensor misaligned alike in every column after its scalar head, go in the table
     launched with ALIGNED=True; the heads and a tensor whose columns never align (here
     misaligned by 4 bytes in the shadow only) in a second. Results match the reference."""
-    from belay_kernels.backends.triton._launch import PointerTable
+    from belay_kernels.backend.triton._launch import PointerTable
 
     gen = torch.Generator().manual_seed(31)
     shadow_storage = [fresh(n + 1, torch.float32, gen) for n in LIST_SIZES]
@@ -310,7 +310,7 @@ def test_each_tensor_is_aligned_on_its_own():
 
 def test_building_a_table_during_capture_is_refused_before_anything_is_written(monkeypatch):
     from belay_kernels import BelayInputError
-    from belay_kernels.backends.triton import _launch
+    from belay_kernels.backend.triton import _launch
 
     gen = torch.Generator().manual_seed(37)
     built = (
@@ -334,7 +334,7 @@ def test_building_a_table_during_capture_is_refused_before_anything_is_written(m
 def test_a_cpu_scalar_next_to_cuda_tensors_is_passed_by_value():
     """Triton cannot read a CPU pointer from a CUDA kernel: such a scalar is read on the
     host (checked without a GPU: only the argument encoding is involved)."""
-    from belay_kernels.backends.triton import _launch
+    from belay_kernels.backend.triton import _launch
 
     cuda = torch.device("cuda", 0)
     bits, pointer, from_ptr = _launch.scalar_args(torch.tensor(0.25), cuda, one_minus=True)
@@ -361,7 +361,7 @@ def test_nan_stays_nan_inside_averaged():
 # --- K EMA shadows of the same weights in one pass (issue 14) ------------------------
 
 from belay_kernels import BelayInputError  # noqa: E402
-from belay_kernels.backends.triton import multi_ema as triton_multi  # noqa: E402
+from belay_kernels.backend.triton import multi_ema as triton_multi  # noqa: E402
 
 # Per profile: 1 - decay on both sides of lerp's 0.5 switch, and decay 0 (an exact copy).
 MULTI_DECAYS = (0.9, 0.3, 0.0, 0.999, 0.6)
@@ -495,7 +495,7 @@ def test_multi_ema_refuses_mismatched_decays_and_lists():
 def test_multi_ema_rates_never_respecialize_the_kernel():
     """The rates' words are odd and above 2**36 whatever the decay (see _launch.odd_words):
     Triton's int specialization (== 1, divisible by 16) never applies to them."""
-    from belay_kernels.backends.triton import _launch
+    from belay_kernels.backend.triton import _launch
 
     for decay in (0.0, 1.0, 0.5, 0.999, 5e-324, 1 - 2**-52, 0.25):
         for word in _launch.odd_words(_launch.float_bits(1 - decay)):

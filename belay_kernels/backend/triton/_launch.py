@@ -23,7 +23,7 @@ import triton.language as tl
 # spilling nothing, while 8 fp64 elements spilled 8 bytes in BELAY on sm_80, hence 4 for
 # fp64. One program per block keeps the grid large (half a million programs for 1B
 # elements), so the tail wave is negligible. A heuristic, not tuned on a GPU:
-# belay_kernels.backends.triton.measure reports the bandwidth it achieves.
+# belay_kernels.backend.triton.measure reports the bandwidth it achieves.
 NUM_WARPS = 8
 _THREADS = 32 * NUM_WARPS
 

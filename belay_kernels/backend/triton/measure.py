@@ -3,10 +3,10 @@ kernel's achieved bandwidth, and the launches one averaging step costs.
 
 Meant to be called by ``belay-kernels bench`` on a GPU machine::
 
-    from belay_kernels.backends.triton.measure import measure
+    from belay_kernels.backend.triton.measure import measure
     results = measure("cuda")           # a dict, JSON-serialisable
 
-or run alone: ``python -m belay_kernels.backends.triton.measure [--numel N] [--runs R]``.
+or run alone: ``python -m belay_kernels.backend.triton.measure [--numel N] [--runs R]``.
 
 Bytes are counted explicitly: each input element read once and each output element
 written once (the same count the static PTX check asserts), so GB/s = counted bytes /

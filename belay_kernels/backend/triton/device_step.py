@@ -2,7 +2,7 @@
 averaging ``step()`` run with no host synchronisation, and so be captured in a CUDA graph.
 
 Neither :mod:`belay_kernels.ops` nor the averagers reach this module: it is for code that
-calls the Triton kernels of :mod:`belay_kernels.backends.triton` directly, and its interface may
+calls the Triton kernels of :mod:`belay_kernels.backend.triton` directly, and its interface may
 change. The averagers follow a decay schedule on the host instead.
 
 A :class:`StepGate` holds two device tensors:
@@ -32,7 +32,7 @@ step before capturing, so that kernels are compiled and any pointer table is bui
 outside the capture::
 
     from belay_kernels.schedules import Warmup
-    from belay_kernels.backends.triton import StepGate, advance_step_, ema_update_foreach_
+    from belay_kernels.backend.triton import StepGate, advance_step_, ema_update_foreach_
 
     found_inf = torch.zeros(1, device="cuda")      # one tensor, written in place each step
     gate = StepGate.on("cuda", skip=found_inf, start=0, every=1)
