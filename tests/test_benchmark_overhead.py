@@ -16,6 +16,7 @@ from belay_kernels.benchmark import main
 from belay_kernels.benchmark.overhead import (
     AVERAGER_NAMES,
     CHECK,
+    KERNELS,
     LERP,
     TIMM,
     Layout,
@@ -51,7 +52,7 @@ def test_bench_overhead_mode(tmp_path, capsys):
     rows = result["rows"]
     peers = [LERP] + ([TIMM] if importlib.util.find_spec("timm") else [])
     layouts = ["flat:2", "flat:5", "list:3"]
-    impls = (*AVERAGER_NAMES, CHECK, *peers)
+    impls = (*AVERAGER_NAMES, CHECK, KERNELS, *peers)
     expected = {(layout, impl) for layout in layouts for impl in impls}
     timed = {(r["layout"], r["impl"]) for r in rows if "median_us" in r}
     assert timed == expected, [r["note"] for r in rows if r["note"]]

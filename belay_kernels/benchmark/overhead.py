@@ -41,6 +41,7 @@ NEVER = 10**12  # a snapshot interval no timed run reaches
 LERP = "torch._foreach_lerp_"
 TIMM = "timm ModelEmaV3.update"
 CHECK = "EMA's memory check alone"
+KERNELS = "EMA's kernel calls alone"
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,16 @@ def make_model(tensors: int, device: torch.device) -> nn.Module:
     return nn.Sequential(*[nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(tensors)]).to(device)
 
 
+def _kernel_calls(averager):
+    launches = averager._launches
+
+    def run():
+        for launch in launches:
+            launch.kernel(*launch.tensors, DECAY, True, launch.skipped)
+
+    return run
+
+
 def _lerp_step(model: nn.Module):
     weights = [p.detach() for p in model.parameters()]
     shadows = [w.clone() for w in weights]
@@ -155,9 +166,11 @@ def build_steps(layout: Layout, device: torch.device, folder: str, averagers, pe
             cases.append((row, None))
             continue
         if name == "EMA":
-            # the part of the step that looks at every tensor: that the model still holds
-            # the planned memory (belay_kernels/bound.py)
+            # The step's two parts that grow with the tensors: the check that the model
+            # still holds the planned memory (belay_kernels/bound.py), and the planned
+            # kernel calls, whose arithmetic on 148 x 256 elements is no longer negligible.
             cases.append((_row(layout, CHECK, "part"), averager._bound.first_moved))
+            cases.append((_row(layout, KERNELS, "part"), _kernel_calls(averager)))
     for name in peers:
         row = _row(layout, name, "peer")
         try:
