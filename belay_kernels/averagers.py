@@ -453,6 +453,14 @@ class Averager:
         rows = checked_rows(names, tuple(map(_detached, columns)), written)
         return launches(op, rows, self.backend, self._skipped[track.device])
 
+    def _shadow_launches(self, op: str) -> list[Launch]:
+        """``op``'s launches on every track's (shadow, weights): an update of the shadow."""
+        return [
+            launch
+            for track in self._tracks
+            for launch in self._track_launches(op, track, (track.shadow, track.weights))
+        ]
+
     def _bind(self) -> BoundTensors:
         """Where the model holds each averaged tensor now, for step()'s check."""
         tensors = [t for track in self._tracks for t in track.live]
@@ -929,11 +937,7 @@ class EMA(Averager):
         return every_k(self.schedule.decay_at(t), self.every)
 
     def _plan_launches(self):
-        return [
-            launch
-            for track in self._tracks
-            for launch in self._track_launches("ema_update_", track, (track.shadow, track.weights))
-        ]
+        return self._shadow_launches("ema_update_")
 
     def _update(self, t: int) -> None:
         if t % self.every:
@@ -960,11 +964,7 @@ class SWA(Averager):
         return [("swa_update_", (shadow_dtype, weights_dtype))]
 
     def _plan_launches(self):
-        return [
-            launch
-            for track in self._tracks
-            for launch in self._track_launches("swa_update_", track, (track.shadow, track.weights))
-        ]
+        return self._shadow_launches("swa_update_")
 
     def _update(self, t: int) -> None:
         if t < self.start or (t - self.start) % self.every:

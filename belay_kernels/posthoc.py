@@ -97,11 +97,7 @@ class PowerEMA(Averager):
         return [("ema_update_", (shadow_dtype, weights_dtype))]
 
     def _plan_launches(self):
-        return [
-            launch
-            for track in self._tracks
-            for launch in self._track_launches("ema_update_", track, (track.shadow, track.weights))
-        ]
+        return self._shadow_launches("ema_update_")
 
     def _update(self, t: int) -> None:
         if not _update_due(t, self.every):

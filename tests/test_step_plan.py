@@ -56,7 +56,7 @@ def python_calls(fn) -> tuple[int, list]:
         fn()
     finally:
         sys.setprofile(None)
-    return len(calls) - 1, depths  # less the call of sys.setprofile's own return path
+    return len(calls), depths  # the call of fn itself included
 
 
 @pytest.mark.skipif(not HAVE_CPP, reason="the compiled kernels are not built")

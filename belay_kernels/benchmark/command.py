@@ -137,6 +137,12 @@ def parse_args(argv):
         help="processes for --mode distributed (threads per rank: --threads, default 1)",
     )
     p.add_argument(
+        "--tiny-widths",
+        action="store_true",
+        help="--mode distributed on GPT-2 small's 148 tensors at width 16, so that the "
+        "arithmetic is nothing and the host time per step is what is timed",
+    )
+    p.add_argument(
         "--sizes",
         type=_sizes,
         default=None,

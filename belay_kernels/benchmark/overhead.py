@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .report import markdown_header
+
 WIDTH = 16
 DECAY = 0.999
 NEVER = 10**12  # a snapshot interval no timed run reaches
@@ -361,12 +363,7 @@ def write_files(out: Path, machine: dict, rows, command: str, settings: dict) ->
         json.dumps({"machine": machine, "settings": settings, "rows": rows}, indent=1)
     )
     text = [
-        f"Command: `{command}`  ",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB"
-        f"{', ' + machine['gpu'] if machine['gpu'] else ''}; device {machine['device']}; "
-        f"torch threads {machine['torch_threads']}; date {machine['date']}  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()) + "  ",
-        "Backends: " + "; ".join(f"{k}: {v}" for k, v in machine["backends"].items()) + "  ",
+        *markdown_header(command, machine, device=machine["device"]),
         f"Timing: {settings['description']}",
         "",
         markdown_table(rows),

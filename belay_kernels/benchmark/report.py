@@ -255,15 +255,23 @@ def markdown_sweep_summary(rows, numel: int) -> str:
     return "\n".join(lines)
 
 
+def markdown_header(command: str, machine: dict, device: str = "") -> list[str]:
+    """The lines every results file opens with: the command, the machine, the versions."""
+    return [
+        f"Command: `{command}`  ",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB"
+        f"{', ' + machine['gpu'] if machine['gpu'] else ''}; "
+        + (f"device {device}; " if device else "")
+        + f"torch threads {machine['torch_threads']}; date {machine['date']}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()) + "  ",
+        "Backends: " + "; ".join(f"{k}: {v}" for k, v in machine["backends"].items()) + "  ",
+    ]
+
+
 def write_markdown(path: Path, machine: dict, stream: dict, rows, command: str) -> None:
     """results.md: what bench/README.md quotes (command, machine, date, tables)."""
     parts = [
-        f"Command: `{command}`  ",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB"
-        f"{', ' + machine['gpu'] if machine['gpu'] else ''}; torch threads "
-        f"{machine['torch_threads']}; date {machine['date']}  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()) + "  ",
-        "Backends: " + "; ".join(f"{k}: {v}" for k, v in machine["backends"].items()) + "  ",
+        *markdown_header(command, machine),
         f"Streaming copy (fp32, {stream['numel']:.1e} elements, read + write counted): "
         f"{stream['gbps']:.1f} GB/s (best of {stream['runs_gbps']})",
     ]
