@@ -1,10 +1,10 @@
 """The averagers a training loop holds: EMA, SWA, Belay and TwoPoint.
 
 Each one collects a model's tensors, moves them into flat buffers (one per device and
-dtype, see :mod:`belay_kernels.flat`), keeps a shadow laid out like each buffer, and
-on ``step()`` calls one functional op per buffer (:mod:`belay_kernels.ops`). Tensors that
-cannot be flattened take the tensor-list path through the same ops, with the same
-results.
+dtype, see :mod:`belay_kernels.flat`), keeps a shadow laid out like each buffer, checks
+them and picks each kernel once (:mod:`belay_kernels.plan`), and on ``step()`` calls one
+kernel per buffer. Tensors that cannot be flattened take the tensor-list path: one
+multi-tensor kernel call per list, with the same results.
 
     ema = EMA(model, decay=0.999)
     for batch in loader:
@@ -262,8 +262,9 @@ class Averager:
     """Shared machinery: flat buffers, shadows, swap, copy and checkpoints.
 
     Subclasses set ``method`` and, before calling this constructor, ``_hparams`` (a frozen
-    :class:`~belay_kernels.hparams.Hparams`); they implement ``_update()`` and
-    ``_track_ops()``. Where evaluation or checkpoints differ from "the shadow", they
+    :class:`~belay_kernels.hparams.Hparams`); they implement ``_track_ops()``,
+    ``_plan_launches()`` and ``_update()``, and allocate any further tensors in
+    ``_add_state()``. Where evaluation or checkpoints differ from "the shadow", they
     override ``_eval_buffers()`` (TwoPoint's average, PostHocEMA's selected profile) and
     ``_saved_tensors()``.
     """
