@@ -40,8 +40,7 @@ from .hparams import (
     TwoPointHparams,
     decay_schedule,
 )
-from .methods import BY_OP, MULTI_EMA
-from .plan import Launch, checked_rows, launches
+from .plan import Launch, checked_rows, launches, roles
 from .reference import SWAP_PAIRS, swap_supported
 from .schedules import Constant, Warmup, every_k
 
@@ -365,9 +364,12 @@ class Averager:
     @backend.setter
     def backend(self, name: str) -> None:
         _backends.check_name(name)
-        self._backend = name
-        if hasattr(self, "_launches"):  # not while the constructor sets it
+        before, self._backend = self._backend, name
+        try:
             self._plan()
+        except BelayInputError:  # a backend that cannot run some track: nothing changes
+            self._backend = before
+            raise
 
     def _shadow_dtype_rule(self, shadow_dtype):
         if shadow_dtype is not None:
@@ -445,12 +447,7 @@ class Averager:
         """``op``'s launches over one track's tensors: ``columns`` are the op's tensor roles
         in its order, each a flat buffer or a list; lists of the model's tensors are taken
         detached, so a launch needs no autograd mode."""
-        method = BY_OP[op]
-        if method is MULTI_EMA:
-            k = len(columns) - 1
-            names, written = (*(f"shadows[{p}]" for p in range(k)), "weights"), tuple(range(k))
-        else:
-            names, written = method.tensors, method.written_columns
+        names, written = roles(op, len(columns))
         rows = checked_rows(names, tuple(map(_detached, columns)), written)
         return launches(op, rows, self.backend, self._skipped[track.device])
 

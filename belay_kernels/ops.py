@@ -21,7 +21,7 @@ from ._checks import (
     check_skipped,
     check_unit_interval,
 )
-from .plan import checked_rows, launches
+from .plan import checked_rows, roles, run
 from .reference import SWAP_PAIRS, swap_supported
 
 TensorOrList = torch.Tensor | Sequence[torch.Tensor]
@@ -50,9 +50,7 @@ def ema_update_(
         ("shadow", "weights"), (shadow, weights), (0,), nonfinite, skipped
     )
     check_unit_interval("decay", decay, device)
-    with torch.no_grad():
-        for launch in launches("ema_update_", rows, backend, skipped):
-            launch.kernel(*launch.tensors, decay, skip, launch.skipped)
+    run("ema_update_", rows, backend, (decay, skip), skipped)
     return shadow
 
 
@@ -84,15 +82,11 @@ def multi_ema_update_(
         raise BelayInputError(
             f"decays must be a list of one decay per shadow ({len(shadows)}), got {decays!r}."
         )
-    k = len(shadows)
-    names = tuple(f"shadows[{i}]" for i in range(k)) + ("weights",)
-    rows, device, skip = _checked(names, (*shadows, weights), tuple(range(k)), nonfinite, skipped)
+    names, written = roles("multi_ema_update_", len(shadows) + 1)
+    rows, device, skip = _checked(names, (*shadows, weights), written, nonfinite, skipped)
     for i, decay in enumerate(decays):
         check_unit_interval(f"decays[{i}]", decay, device)
-    decays = list(decays)
-    with torch.no_grad():
-        for launch in launches("multi_ema_update_", rows, backend, skipped):
-            launch.kernel(*launch.tensors, decays, skip, launch.skipped)
+    run("multi_ema_update_", rows, backend, (list(decays), skip), skipped)
     return shadows
 
 
@@ -112,9 +106,7 @@ def swa_update_(
         ("shadow", "weights"), (shadow, weights), (0,), nonfinite, skipped
     )
     check_count(count, device)
-    with torch.no_grad():
-        for launch in launches("swa_update_", rows, backend, skipped):
-            launch.kernel(*launch.tensors, count, skip, launch.skipped)
+    run("swa_update_", rows, backend, (count, skip), skipped)
     return shadow
 
 
@@ -136,9 +128,7 @@ def belay_step_(
     )
     check_unit_interval("alpha", alpha, device)
     check_unit_interval("beta", beta, device)
-    with torch.no_grad():
-        for launch in launches("belay_step_", rows, backend, skipped):
-            launch.kernel(*launch.tensors, alpha, beta, skip, launch.skipped)
+    run("belay_step_", rows, backend, (alpha, beta, skip), skipped)
     return weights, shadow
 
 
@@ -156,9 +146,7 @@ def two_point_average(
         else:
             out = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
     rows = checked_rows(("out", "weights", "snapshot"), (out, weights, snapshot), (0,))
-    with torch.no_grad():
-        for launch in launches("two_point_average_", rows, backend):
-            launch.kernel(*launch.tensors)
+    run("two_point_average_", rows, backend, ())
     return out
 
 
@@ -182,7 +170,4 @@ def swap_(
                 f"shadow; supported: {', '.join(SWAP_PAIRS)}. Use copy_to() for evaluation, "
                 "or choose shadow_dtype to match the weights."
             )
-    inverse = bool(inverse)
-    with torch.no_grad():
-        for launch in launches("swap_", rows, backend):
-            launch.kernel(*launch.tensors, inverse)
+    run("swap_", rows, backend, (bool(inverse),))

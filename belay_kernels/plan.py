@@ -73,6 +73,17 @@ def checked_rows(
     return rows
 
 
+def roles(op: str, columns: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """``op``'s tensor roles as its checks name them, and the columns it writes, for a call
+    with ``columns`` tensor columns (the multi-EMA op: K shadows, ``shadows[0]``, ...,
+    then the weights)."""
+    method = BY_OP[op]
+    if method is MULTI_EMA:
+        k = columns - 1
+        return (*(f"shadows[{p}]" for p in range(k)), "weights"), tuple(range(k))
+    return method.tensors, method.written_columns
+
+
 def launches(
     op: str, rows: Sequence[tuple[torch.Tensor, ...]], backend: str, skipped=None
 ) -> list[Launch]:
@@ -105,6 +116,20 @@ def launches(
                 Launch(getattr(module, op), _arguments(method, row), skipped) for row in group
             ]
     return planned
+
+
+def run(op: str, rows, backend: str, scalars: tuple, skipped=None) -> None:
+    """Plan ``op`` on checked ``rows`` and run every launch, outside autograd (the
+    functional ops' path): ``kernel(*tensors, *scalars)``, and then the skipped counter for
+    an op that counts. Every backend is resolved before the first launch runs."""
+    planned = launches(op, rows, backend, skipped)
+    counts = BY_OP[op].counts_skipped
+    with torch.no_grad():
+        for launch in planned:
+            if counts:
+                launch.kernel(*launch.tensors, *scalars, launch.skipped)
+            else:
+                launch.kernel(*launch.tensors, *scalars)
 
 
 def _arguments(method, row_or_columns) -> tuple:

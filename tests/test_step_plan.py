@@ -196,3 +196,7 @@ def test_changing_the_policy_or_the_backend_takes_effect_at_the_next_step():
     with pytest.raises(bk.BelayInputError, match="backend"):
         ema.backend = "fortran"
     assert ema.backend == "reference"
+    with pytest.raises(bk.BelayInputError, match="unavailable|cannot run"):
+        ema.backend = "cuda"  # no CUDA kernel for these CPU tensors
+    assert ema.backend == "reference"
+    ema.step()  # still planned on the reference
