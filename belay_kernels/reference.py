@@ -353,3 +353,177 @@ def swap_(weights: torch.Tensor, shadow: torch.Tensor, inverse: bool = False) ->
         new_slot = (packed_shadow_high(model_bits, low) << 16) | low
     weights.view(torch.int16).copy_(_wrap_to_signed(new_model, 16, torch.int16))
     shadow.view(torch.int32).copy_(_wrap_to_signed(new_slot, 32, torch.int32))
+
+
+# --- an optimizer's step and the average in one pass ------------------------------------
+# ``adam_average_`` and ``sgd_average_`` are the fused optimizer's ops
+# (:mod:`belay_kernels.fused`): the step of ``torch.optim.Adam``/``AdamW`` or ``SGD``,
+# rounded op for op as torch's single-tensor implementation (``foreach=False``) rounds it,
+# then the averager's update of the new weights. Every list is laid out like ``params``,
+# except ``shadows``: K profiles of n tensors each, profile after profile.
+#
+# ``average`` names the update and ``average_scalars`` holds its numbers:
+#   "none"    no update (a step on which the averager does not update)
+#   "ema"     K decays: ``multi_ema_update_`` (for K = 1, ``ema_update_``)
+#   "swa"     [count]: ``swa_update_``
+#   "belay"   [alpha, beta]: ``belay_step_`` after the step (the post-step form)
+#   "poster"  [alpha, beta]: the poster's form, :func:`belay_poster_`
+#
+# ``grad_scale`` and ``found_inf`` are torch.amp.GradScaler's (0-d float32 tensors on the
+# parameters' device, or None): a nonzero ``found_inf`` leaves every tensor as it was,
+# state steps included; otherwise the gradients are first unscaled in place, multiplied by
+# ``1 / grad_scale`` taken in float64 then rounded to float32 (as ``GradScaler.unscale_``).
+
+AVERAGE_KINDS = ("none", "ema", "swa", "belay", "poster")
+
+
+def belay_poster_(
+    weights: torch.Tensor,
+    before: torch.Tensor,
+    shadow: torch.Tensor,
+    alpha: float,
+    beta: float,
+    skip_nonfinite: bool = True,
+    skipped: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BELAY as the poster writes it. ``weights`` hold ``w1 + eta f(w1)``, the optimizer's
+    step already taken, and ``before`` the weights ``w1`` from before that step::
+
+        w1 <- (1 - beta) (w1 + eta f(w1)) + beta w2    = lerp(weights, shadow, beta)
+        w2 <- (1 - alpha) w2 + alpha w1                 = lerp(shadow, before, alpha)
+
+    The shadow follows the weights from before the step (the post-step form,
+    :func:`belay_step_`, follows them after it). The non-finite skip tests ``before``."""
+    op = opmath_dtype(weights, shadow)
+    w, b, s = _up(weights, op), _up(before, op), _up(shadow, op)
+    new_w = _lerp(w, s, beta)
+    new_s = _keep_where(_kept(b, skip_nonfinite, None), s, _lerp(s, b, alpha), skipped)
+    _store(weights, new_w)
+    _store(shadow, new_s)
+    return weights, shadow
+
+
+def _average_(average, scalars, i, n, params, befores, shadows, skip_nonfinite, skipped):
+    """The averager's update of tensor ``i`` (of ``n``) after the optimizer's step."""
+    param = params[i]
+    if average == "ema":
+        profiles = [shadows[k * n + i] for k in range(len(scalars))]
+        multi_ema_update_(profiles, param, list(scalars), skip_nonfinite, skipped)
+    elif average == "swa":
+        swa_update_(shadows[i], param, int(scalars[0]), skip_nonfinite, skipped)
+    elif average == "belay":
+        belay_step_(param, shadows[i], scalars[0], scalars[1], skip_nonfinite, skipped)
+    elif average == "poster":
+        belay_poster_(
+            param, befores[i], shadows[i], scalars[0], scalars[1], skip_nonfinite, skipped
+        )
+
+
+def unscale_factor(grad_scale: torch.Tensor) -> torch.Tensor:
+    """What GradScaler multiplies the gradients by: ``1 / scale`` in float64, as float32."""
+    return grad_scale.double().reciprocal().float()
+
+
+def _amp_skips(grads, grad_scale, found_inf) -> bool:
+    """Whether GradScaler found an inf (then nothing is written); else unscale in place."""
+    if found_inf is not None and bool(found_inf.item()):
+        return True
+    if grad_scale is not None:
+        factor = unscale_factor(grad_scale)
+        for g in grads:
+            g.mul_(factor.to(g.device))
+    return False
+
+
+def adam_average_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    shadows: list[torch.Tensor],
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    average: str,
+    average_scalars: list[float],
+    skip_nonfinite: bool = True,
+    skipped: torch.Tensor | None = None,
+) -> None:
+    """Adam (``decoupled=False``) or AdamW, then the average (see the section's comment).
+    ``max_exp_avg_sqs`` is empty, or holds AMSGrad's maxima; ``state_steps`` are torch's
+    per-parameter step counts (0-d float32 tensors on the CPU), incremented here."""
+    if _amp_skips(grads, grad_scale, found_inf):
+        return
+    n = len(params)
+    befores = [p.clone() for p in params] if average == "poster" else None
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+        step_t += 1
+        if weight_decay != 0:
+            if decoupled:
+                param.mul_(1 - lr * weight_decay)
+            else:
+                grad = grad.add(param, alpha=weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        if max_exp_avg_sqs:
+            torch.maximum(max_exp_avg_sqs[i], exp_avg_sq, out=max_exp_avg_sqs[i])
+            denom = (max_exp_avg_sqs[i].sqrt() / bias_correction2_sqrt).add_(eps)
+        else:
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+        _average_(average, average_scalars, i, n, params, befores, shadows, skip_nonfinite, skipped)
+
+
+def sgd_average_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    shadows: list[torch.Tensor],
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    average: str,
+    average_scalars: list[float],
+    skip_nonfinite: bool = True,
+    skipped: torch.Tensor | None = None,
+) -> None:
+    """SGD, then the average. ``momentum_buffers`` is empty when ``momentum`` is 0; with
+    ``first_step`` they are new and take the (decayed) gradient, as torch's do."""
+    if _amp_skips(grads, grad_scale, found_inf):
+        return
+    n = len(params)
+    befores = [p.clone() for p in params] if average == "poster" else None
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if first_step:
+                buf.copy_(grad)
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        param.add_(grad, alpha=-lr)
+        _average_(average, average_scalars, i, n, params, befores, shadows, skip_nonfinite, skipped)
