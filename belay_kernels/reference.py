@@ -403,20 +403,30 @@ def belay_poster_(
     return weights, shadow
 
 
-def _average_(average, scalars, i, n, params, befores, shadows, skip_nonfinite, skipped):
-    """The averager's update of tensor ``i`` (of ``n``) after the optimizer's step."""
-    param = params[i]
-    if average == "ema":
-        profiles = [shadows[k * n + i] for k in range(len(scalars))]
-        multi_ema_update_(profiles, param, list(scalars), skip_nonfinite, skipped)
-    elif average == "swa":
-        swa_update_(shadows[i], param, int(scalars[0]), skip_nonfinite, skipped)
-    elif average == "belay":
-        belay_step_(param, shadows[i], scalars[0], scalars[1], skip_nonfinite, skipped)
-    elif average == "poster":
-        belay_poster_(
-            param, befores[i], shadows[i], scalars[0], scalars[1], skip_nonfinite, skipped
-        )
+def average_(
+    average: str,
+    average_scalars: list[float],
+    params: list[torch.Tensor],
+    befores: list[torch.Tensor] | None,
+    shadows: list[torch.Tensor],
+    skip_nonfinite: bool = True,
+    skipped: torch.Tensor | None = None,
+) -> None:
+    """The averager's update after the optimizer's step: ``params`` hold the new weights,
+    ``befores`` (for "poster" only) the weights from before it."""
+    n = len(params)
+    for i, param in enumerate(params):
+        if average == "ema":
+            profiles = [shadows[k * n + i] for k in range(len(average_scalars))]
+            multi_ema_update_(profiles, param, list(average_scalars), skip_nonfinite, skipped)
+        elif average == "swa":
+            swa_update_(shadows[i], param, int(average_scalars[0]), skip_nonfinite, skipped)
+        elif average == "belay":
+            alpha, beta = average_scalars
+            belay_step_(param, shadows[i], alpha, beta, skip_nonfinite, skipped)
+        elif average == "poster":
+            alpha, beta = average_scalars
+            belay_poster_(param, befores[i], shadows[i], alpha, beta, skip_nonfinite, skipped)
 
 
 def unscale_factor(grad_scale: torch.Tensor) -> torch.Tensor:
@@ -424,7 +434,7 @@ def unscale_factor(grad_scale: torch.Tensor) -> torch.Tensor:
     return grad_scale.double().reciprocal().float()
 
 
-def _amp_skips(grads, grad_scale, found_inf) -> bool:
+def gradscaler_skips(grads, grad_scale, found_inf) -> bool:
     """Whether GradScaler found an inf (then nothing is written); else unscale in place."""
     if found_inf is not None and bool(found_inf.item()):
         return True
@@ -460,9 +470,8 @@ def adam_average_(
     """Adam (``decoupled=False``) or AdamW, then the average (see the section's comment).
     ``max_exp_avg_sqs`` is empty, or holds AMSGrad's maxima; ``state_steps`` are torch's
     per-parameter step counts (0-d float32 tensors on the CPU), incremented here."""
-    if _amp_skips(grads, grad_scale, found_inf):
+    if gradscaler_skips(grads, grad_scale, found_inf):
         return
-    n = len(params)
     befores = [p.clone() for p in params] if average == "poster" else None
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
@@ -486,7 +495,7 @@ def adam_average_(
         else:
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
-        _average_(average, average_scalars, i, n, params, befores, shadows, skip_nonfinite, skipped)
+    average_(average, average_scalars, params, befores, shadows, skip_nonfinite, skipped)
 
 
 def sgd_average_(
@@ -510,9 +519,8 @@ def sgd_average_(
 ) -> None:
     """SGD, then the average. ``momentum_buffers`` is empty when ``momentum`` is 0; with
     ``first_step`` they are new and take the (decayed) gradient, as torch's do."""
-    if _amp_skips(grads, grad_scale, found_inf):
+    if gradscaler_skips(grads, grad_scale, found_inf):
         return
-    n = len(params)
     befores = [p.clone() for p in params] if average == "poster" else None
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
@@ -526,4 +534,4 @@ def sgd_average_(
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
         param.add_(grad, alpha=-lr)
-        _average_(average, average_scalars, i, n, params, befores, shadows, skip_nonfinite, skipped)
+    average_(average, average_scalars, params, befores, shadows, skip_nonfinite, skipped)
