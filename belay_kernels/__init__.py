@@ -5,6 +5,7 @@ from . import ops, posthoc, power, schedules
 from ._backends import backends
 from ._checks import BelayInputError
 from .averagers import EMA, SWA, Averager, Belay, TwoPoint
+from .fused import FusedOptimizer, fuse
 from .posthoc import PostHocEMA, PowerEMA
 
 __all__ = [
@@ -13,10 +14,12 @@ __all__ = [
     "Averager",
     "Belay",
     "BelayInputError",
+    "FusedOptimizer",
     "PostHocEMA",
     "PowerEMA",
     "TwoPoint",
     "backends",
+    "fuse",
     "ops",
     "posthoc",
     "power",

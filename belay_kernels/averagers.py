@@ -329,6 +329,11 @@ class Averager:
                 _build_tracks(named_buffers, False, shadow_dtype_for, flatten)
             )
         self._names = [n for n, _ in params + named_buffers]  # the caller's order
+        self._parameters = [t for _, t in params]  # what an optimizer may step (fuse())
+        # Set by fuse(): the fused optimizer that steps this averager, and the tensors its
+        # kernels update, which this averager's own launches then leave out.
+        self._fused_by = None
+        self._fused_ids: frozenset[int] = frozenset()
         self._binding = (
             distributed.Binding(self._module, self._names, [t for _, t in params + named_buffers])
             if self._module is not None
@@ -422,9 +427,28 @@ class Averager:
     def step(self) -> None:
         """Update the shadow (and for BELAY the weights). Call after ``optimizer.step()``.
         Every check comes before the first write: a refused step changes nothing."""
+        if self._fused_by is not None:
+            self._refuse_fused_step()
         self._ensure_bound("step()")
+        self._advance()
+
+    def _refuse_fused_step(self) -> None:
+        raise BelayInputError(
+            f"this {self.method} is fused with {type(self._fused_by).__name__} (fuse()): the "
+            "fused optimizer's step() updates it in the same pass as the weights. Call "
+            "optimizer.step() only; a second update here would average twice."
+        )
+
+    def _advance(self) -> None:
+        """One step: the planned launches, then the counters (and what follows a step)."""
         self._update(self._steps)
         self._steps += 1
+
+    def _average_at(self, t: int) -> tuple[str, tuple]:
+        """The update that 0-based step ``t`` makes, as the fused optimizer's kernels take it
+        (:mod:`belay_kernels.reference`, ``average_``): ("ema", decays), ("swa", (count,)),
+        ("belay" or "poster", (alpha, beta)), or ("none", ()) on a step without one."""
+        raise NotImplementedError
 
     def _update(self, t: int) -> None:
         """Run the planned launches for 0-based step ``t`` (only scalars are computed here)."""
@@ -448,7 +472,14 @@ class Averager:
         in its order, each a flat buffer or a list; lists of the model's tensors are taken
         detached, so a launch needs no autograd mode."""
         names, written = roles(op, len(columns))
-        rows = checked_rows(names, tuple(map(_detached, columns)), written)
+        columns = tuple(map(_detached, columns))
+        fused = [i for i, t in enumerate(track.live) if id(t) in self._fused_ids]
+        if fused:  # a fused optimizer updates these: the launches take the rest, as lists
+            rest = [i for i in range(len(track.live)) if i not in set(fused)]
+            if not rest:
+                return []
+            columns = tuple([track.views(c)[i] for i in rest] for c in columns)
+        rows = checked_rows(names, columns, written)
         return launches(op, rows, self.backend, self._skipped[track.device])
 
     def _shadow_launches(self, op: str) -> list[Launch]:
@@ -937,11 +968,14 @@ class EMA(Averager):
     def _plan_launches(self):
         return self._shadow_launches("ema_update_")
 
+    def _average_at(self, t: int) -> tuple[str, tuple]:
+        return ("none", ()) if t % self.every else ("ema", (self.decay_at(t),))
+
     def _update(self, t: int) -> None:
-        if t % self.every:
+        average, scalars = self._average_at(t)
+        if average == "none":
             return
-        decay = self.decay_at(t)
-        skip = self._skip
+        decay, skip = scalars[0], self._skip
         for launch in self._launches:
             launch.kernel(*launch.tensors, decay, skip, launch.skipped)
         self._updates += 1
@@ -964,10 +998,16 @@ class SWA(Averager):
     def _plan_launches(self):
         return self._shadow_launches("swa_update_")
 
-    def _update(self, t: int) -> None:
+    def _average_at(self, t: int) -> tuple[str, tuple]:
         if t < self.start or (t - self.start) % self.every:
+            return "none", ()
+        return "swa", (self._updates,)
+
+    def _update(self, t: int) -> None:
+        average, scalars = self._average_at(t)
+        if average == "none":
             return
-        count, skip = self._updates, self._skip
+        count, skip = scalars[0], self._skip
         for launch in self._launches:
             launch.kernel(*launch.tensors, count, skip, launch.skipped)
         self._updates += 1
@@ -983,16 +1023,46 @@ class Belay(Averager):
 
     ``beta = 0`` is exactly an EMA with ``decay = 1 - alpha``. Floating buffers (running
     statistics) are averaged by that EMA and are not pulled.
+
+    ``form="poster"`` is BELAY as the poster writes it: the shadow follows the weights from
+    *before* the optimizer's step. Only an optimizer fused with the averager
+    (:func:`belay_kernels.fuse`) has those weights, so this form's own ``step()`` refuses.
     """
 
     method = "Belay"
     _buffers_join_params = False
     _can_shard_shadow = False
-    alpha, beta, eta = HparamAttribute(), HparamAttribute(), HparamAttribute()
+    alpha, beta, eta, form = (
+        HparamAttribute(),
+        HparamAttribute(),
+        HparamAttribute(),
+        HparamAttribute(),
+    )
 
-    def __init__(self, module_or_params, *, alpha: float, beta: float, **options):
-        self._hparams = BelayHparams(alpha, beta)
+    def __init__(
+        self,
+        module_or_params,
+        *,
+        alpha: float,
+        beta: float,
+        form: str = "post-step",
+        **options,
+    ):
+        self._hparams = BelayHparams(alpha, beta, form=form)
         super().__init__(module_or_params, **options)
+
+    def step(self) -> None:
+        if self.form == "poster" and self._fused_by is None:
+            raise BelayInputError(
+                "Belay(form='poster') updates the shadow from the weights of before the "
+                "optimizer's step, which are gone once optimizer.step() returns; only a fused "
+                "step has both. Fuse the two (optimizer = belay_kernels.fuse(optimizer, "
+                "belay)) and call optimizer.step(), or use the post-step form."
+            )
+        super().step()
+
+    def _average_at(self, t: int) -> tuple[str, tuple]:
+        return ("poster" if self.form == "poster" else "belay"), (self.alpha, self.beta)
 
     @classmethod
     def from_physics(cls, module_or_params, *, k: float, m1: float, m2: float, **options) -> Belay:

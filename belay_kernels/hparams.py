@@ -96,14 +96,22 @@ class SWAHparams(Hparams):
         check_every("every", self.every)
 
 
+# BELAY's two forms: the shadow follows the weights from after the optimizer's step (any
+# optimizer, Belay.step()), or from before it, as the poster writes it (a fused step only).
+BELAY_FORMS = ("post-step", "poster")
+
+
 @dataclass(frozen=True)
 class BelayHparams(Hparams):
     alpha: float
     beta: float
     # the optimizer step scale that from_physics() implies; informational
     eta: float | None = None
+    form: str = "post-step"  # one of BELAY_FORMS
 
     def __post_init__(self):
+        if self.form not in BELAY_FORMS:
+            raise BelayInputError(f"form must be one of {BELAY_FORMS}, got {self.form!r}.")
         check_unit_interval("alpha", self.alpha, None)
         check_unit_interval("beta", self.beta, None)
         eta = self.eta

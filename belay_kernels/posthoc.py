@@ -99,10 +99,16 @@ class PowerEMA(Averager):
     def _plan_launches(self):
         return self._shadow_launches("ema_update_")
 
-    def _update(self, t: int) -> None:
+    def _average_at(self, t: int) -> tuple[str, tuple]:
         if not _update_due(t, self.every):
+            return "none", ()
+        return "ema", (power.decay(self._updates + 1, self.gamma),)
+
+    def _update(self, t: int) -> None:
+        average, scalars = self._average_at(t)
+        if average == "none":
             return
-        decay, skip = power.decay(self._updates + 1, self.gamma), self._skip
+        decay, skip = scalars[0], self._skip
         for launch in self._launches:
             launch.kernel(*launch.tensors, decay, skip, launch.skipped)
         self._updates += 1
@@ -247,17 +253,23 @@ class PostHocEMA(Averager):
             )
         ]
 
-    def _update(self, t: int) -> None:
+    def _average_at(self, t: int) -> tuple[str, tuple]:
         if not _update_due(t, self.every):
-            return
+            return "none", ()
         n = self._updates + 1
-        decays, skip = [power.decay(n, g) for g in self._hparams.gammas], self._skip
+        return "ema", tuple(power.decay(n, g) for g in self._hparams.gammas)
+
+    def _update(self, t: int) -> None:
+        average, decays = self._average_at(t)
+        if average == "none":
+            return
+        decays, skip = list(decays), self._skip
         for launch in self._launches:
             launch.kernel(*launch.tensors, decays, skip, launch.skipped)
         self._updates += 1
 
-    def step(self) -> None:
-        super().step()
+    def _advance(self) -> None:
+        super()._advance()
         if self._steps % self.snapshot_every == 0:
             self._write_snapshot()
 
