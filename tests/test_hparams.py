@@ -39,7 +39,7 @@ SAVED = [
     (lambda m, d: bk.SWA(m, start=1, every=2), {"start": 1, "every": 2}),
     (
         lambda m, d: bk.Belay.from_physics(m, k=0.1, m1=1.0, m2=2.0),
-        {"alpha": 0.025, "beta": 0.05, "eta": 0.5},
+        {"alpha": 0.025, "beta": 0.05, "eta": 0.5, "form": "post-step"},
     ),
     (lambda m, d: bk.TwoPoint(m, gap=3), {"gap": 3}),
     (lambda m, d: bk.PowerEMA(m, gamma=5.0, every=2), {"gamma": 5.0, "every": 2}),
@@ -155,3 +155,12 @@ def test_the_hyperparameter_dataclasses_are_frozen_and_checked_when_made():
     assert hparams.EMAHparams.from_state(
         hparams.EMAHparams(every=4).to_state()
     ) == hparams.EMAHparams(every=4)
+
+
+def test_belay_checkpoints_from_before_the_poster_form_load_as_post_step():
+    from belay_kernels.hparams import BelayHparams
+
+    older = BelayHparams.from_state({"alpha": 0.025, "beta": 0.05, "eta": 0.5})
+    assert older.form == "post-step"
+    with pytest.raises(bk.BelayInputError, match="form must be one of"):
+        BelayHparams.from_state({"alpha": 0.025, "beta": 0.05, "form": "pre-step"})
