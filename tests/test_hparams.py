@@ -137,7 +137,7 @@ def test_assigning_a_hyperparameter_runs_the_constructors_checks(tmp_path):
     with pytest.raises(bk.BelayInputError, match=r"alpha must be in \[0, 1\]"):
         belay.alpha = 1.5
     belay.eta = 0.25
-    assert belay.hparams() == {"alpha": 0.1, "beta": 0.2, "eta": 0.25}
+    assert belay.hparams() == {"alpha": 0.1, "beta": 0.2, "eta": 0.25, "form": "post-step"}
     phema = bk.PostHocEMA(model(), snapshot_every=4, snapshot_dir=tmp_path)
     phema.snapshot_dtype = torch.float32
     assert phema.snapshot_dtype == torch.float32 and phema.hparams()["snapshot_dtype"] == "float32"
