@@ -49,9 +49,10 @@ _OPS = {"adam": "adam_average_", "sgd": "sgd_average_"}
 # step replaces).
 _REQUIRED_FALSE = ("differentiable", "capturable")
 
-# Every parameter fused so far, with its fused optimizer: a parameter in two fused pairs
-# would be stepped, or averaged, twice.
-_FUSED_PARAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# id(parameter) -> its fused optimizer (a weak reference), for every parameter fused so
+# far: a parameter in two fused pairs would be stepped, or averaged, twice. While that
+# optimizer lives it holds the parameter, so the id names no other tensor.
+_FUSED_PARAMS: dict[int, weakref.ref] = {}
 
 
 @dataclass
@@ -120,7 +121,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             averager._plan()
             raise
         for p in averager._parameters:
-            _FUSED_PARAMS[p] = self
+            _FUSED_PARAMS[id(p)] = weakref.ref(self)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -331,6 +332,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
 def _check_pair(optimizer, averager) -> str:
     """The optimizer's kind, once every refusal has been checked (nothing is changed)."""
+    if isinstance(optimizer, FusedOptimizer):
+        raise BelayInputError("this optimizer is already fused with an averager.")
     kind = _KINDS.get(type(optimizer))
     if kind is None:
         raise BelayInputError(
@@ -346,8 +349,6 @@ def _check_pair(optimizer, averager) -> str:
         )
     if averager._fused_by is not None:
         raise BelayInputError(f"this {averager.method} is already fused with an optimizer.")
-    if isinstance(optimizer, FusedOptimizer):
-        raise BelayInputError("this optimizer is already fused with an averager.")
     if any(t.full_weights is not None for t in averager._tracks):
         raise BelayInputError(
             "fuse() needs the whole shadow of every parameter on each rank; "
@@ -382,7 +383,7 @@ def _check_pair(optimizer, averager) -> str:
             f"{not_stepped[:5]}. Give the optimizer every parameter, or build the averager "
             "with include_frozen=False (frozen parameters) over the optimizer's parameters."
         )
-    twice = [p for p in stepped if p in _FUSED_PARAMS]
+    twice = [p for p in stepped if _FUSED_PARAMS.get(id(p), _dead)() is not None]
     if twice:
         raise BelayInputError(
             f"fuse(): {len(twice)} parameter(s) are already in another fused pair; a "
@@ -392,6 +393,10 @@ def _check_pair(optimizer, averager) -> str:
         if p.is_complex():
             raise BelayInputError("fuse(): complex parameters are not supported.")
     return kind
+
+
+def _dead() -> None:
+    return None
 
 
 def _parameter_names(averager: Averager) -> list[str]:
@@ -439,7 +444,7 @@ def _number(value, name: str) -> float:
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if t is None or t.device == device else t.to(device, non_blocking=True)
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)
 
 
 def _step_device(p: torch.Tensor) -> torch.device:

@@ -469,10 +469,20 @@ def adam_average_(
 ) -> None:
     """Adam (``decoupled=False``) or AdamW, then the average (see the section's comment).
     ``max_exp_avg_sqs`` is empty, or holds AMSGrad's maxima; ``state_steps`` are torch's
-    per-parameter step counts (0-d float32 tensors on the CPU), incremented here."""
+    per-parameter step counts (0-d float32 tensors), incremented here."""
     if gradscaler_skips(grads, grad_scale, found_inf):
         return
     befores = [p.clone() for p in params] if average == "poster" else None
+    adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
+          beta2, eps, weight_decay, decoupled, maximize)  # fmt: skip
+    average_(average, average_scalars, params, befores, shadows, skip_nonfinite, skipped)
+
+
+def adam_(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+    weight_decay, decoupled, maximize,
+) -> None:  # fmt: skip
+    """torch's single-tensor Adam/AdamW step, op for op (in place, tensor by tensor)."""
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
@@ -495,7 +505,6 @@ def adam_average_(
         else:
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
-    average_(average, average_scalars, params, befores, shadows, skip_nonfinite, skipped)
 
 
 def sgd_average_(
@@ -522,6 +531,16 @@ def sgd_average_(
     if gradscaler_skips(grads, grad_scale, found_inf):
         return
     befores = [p.clone() for p in params] if average == "poster" else None
+    sgd_(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+         maximize, first_step)  # fmt: skip
+    average_(average, average_scalars, params, befores, shadows, skip_nonfinite, skipped)
+
+
+def sgd_(
+    params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
+    first_step,
+) -> None:  # fmt: skip
+    """torch's single-tensor SGD step, op for op (in place, tensor by tensor)."""
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         if weight_decay != 0:
@@ -534,4 +553,3 @@ def sgd_average_(
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
         param.add_(grad, alpha=-lr)
-    average_(average, average_scalars, params, befores, shadows, skip_nonfinite, skipped)

@@ -240,10 +240,11 @@ def swap_(weights, shadow, inverse=False):
 
 
 # --- the fused optimizer's ops (see reference.adam_average_) ----------------------------
-# The fallback where no compiled kernel runs: torch's foreach ops, which on the CPU run
-# the single-tensor kernels tensor by tensor (so the reference's bits), then the average
-# through this backend's own ops. Several passes over memory, not one. Reading the state
-# steps and GradScaler's found_inf costs a device synchronisation off the CPU.
+# The fallback where no compiled kernel runs: the reference's optimizer step, whose ops are
+# in place already (torch's own single-tensor step; torch's foreach ops would not do:
+# on the CPU some round a 16-bit tensor's scalar differently), then the average through
+# this backend's ops. Several passes over memory, not one. Reading the state steps and
+# GradScaler's found_inf costs a device synchronisation off the CPU.
 
 
 def _befores(params, average):
@@ -273,84 +274,26 @@ def _average_foreach_(average, scalars, params, befores, shadows, skip_nonfinite
 
 
 def adam_average_(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    shadows,
-    grad_scale,
-    found_inf,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decoupled,
-    maximize,
-    average,
-    average_scalars,
-    skip_nonfinite=True,
-    skipped=None,
-):
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, shadows, grad_scale,
+    found_inf, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, average,
+    average_scalars, skip_nonfinite=True, skipped=None,
+):  # fmt: skip
     if not params or reference.gradscaler_skips(grads, grad_scale, found_inf):
         return
     befores = _befores(params, average)
-    grads = torch._foreach_neg(grads) if maximize else list(grads)
-    torch._foreach_add_(state_steps, 1)
-    if weight_decay != 0:
-        if decoupled:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
-        else:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    if max_exp_avg_sqs:
-        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
-    denom = torch._foreach_sqrt(max_exp_avg_sqs or exp_avg_sqs)
-    steps = [s.item() for s in state_steps]
-    torch._foreach_div_(denom, [(1 - beta2**step) ** 0.5 for step in steps])
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, [-(lr / (1 - beta1**step)) for step in steps])
+    reference.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
+                    beta1, beta2, eps, weight_decay, decoupled, maximize)  # fmt: skip
     _average_foreach_(average, average_scalars, params, befores, shadows, skip_nonfinite, skipped)
 
 
 def sgd_average_(
-    params,
-    grads,
-    momentum_buffers,
-    shadows,
-    grad_scale,
-    found_inf,
-    lr,
-    momentum,
-    dampening,
-    weight_decay,
-    nesterov,
-    maximize,
-    first_step,
-    average,
-    average_scalars,
-    skip_nonfinite=True,
+    params, grads, momentum_buffers, shadows, grad_scale, found_inf, lr, momentum, dampening,
+    weight_decay, nesterov, maximize, first_step, average, average_scalars, skip_nonfinite=True,
     skipped=None,
-):
+):  # fmt: skip
     if not params or reference.gradscaler_skips(grads, grad_scale, found_inf):
         return
     befores = _befores(params, average)
-    grads = torch._foreach_neg(grads) if maximize else list(grads)
-    if weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    if momentum != 0:
-        if first_step:
-            torch._foreach_copy_(momentum_buffers, grads)
-        else:
-            torch._foreach_mul_(momentum_buffers, momentum)
-            torch._foreach_add_(momentum_buffers, grads, alpha=1 - dampening)
-        if nesterov:
-            grads = torch._foreach_add(grads, momentum_buffers, alpha=momentum)
-        else:
-            grads = momentum_buffers
-    torch._foreach_add_(params, grads, alpha=-lr)
+    reference.sgd_(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
+                   nesterov, maximize, first_step)  # fmt: skip
     _average_foreach_(average, average_scalars, params, befores, shadows, skip_nonfinite, skipped)
