@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# What only a GPU can check, in one run (< 8 minutes): build the extension for this GPU,
-# run the CUDA tests and every method on the cuda and triton backends on it, the device
-# checks of bench/gpu_check.py (NaN swap on the device, graph capture and replay after 40
-# other list signatures, the device guard with 2+ GPUs, list kernel GB/s against a
-# device-to-device copy, swap and lerp rounding against the CPU reference), and
-# `belay-kernels bench --quick`. Logs and results go to bench/results/gpu/. Without a GPU
+# What only a GPU can check, in one run (< 10 minutes): build the extension for this GPU,
+# run the CUDA tests and every method on the cuda and triton backends on it, the fused
+# optimizer's kernels on the device, the device checks of bench/gpu_check.py (NaN swap on
+# the device, graph capture and replay after 40 other list signatures, the device guard
+# with 2+ GPUs, list kernel GB/s against a device-to-device copy, swap and lerp rounding
+# against the CPU reference), and `belay-kernels bench --quick`. Logs and results go to bench/results/gpu/. Without a GPU
 # it says so and exits 0.
 #
 #   bash bench/gpu_check.sh             # on a GPU machine, from anywhere
@@ -50,6 +50,9 @@ step tests 90 env BELAY_KERNELS_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -x -p no:
 # every method on the device through the cuda and triton backends, against the reference
 step device_backends 120 env BELAY_KERNELS_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_backends.py tests/test_multi_ema.py -k "cuda or triton"
+# the fused optimizer's kernels (cuda, triton) against torch's optimizer then the averager
+step fused 120 env BELAY_KERNELS_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -p no:cacheprovider \
+  tests/test_fused.py -k "device"
 step checks 60 "$PY" bench/gpu_check.py --out "$OUT"
 step bench 90 "$PY" -m belay_kernels.cli bench --quick --device cuda --no-plot --out "$OUT/bench"
 

@@ -22,7 +22,7 @@ def run(*args):
 def test_dry_run_lists_every_step_and_check():
     result = run("--dry-run")
     assert result.returncode == 0, result.stdout + result.stderr
-    for step in ("== build", "== tests", "== device_backends", "== checks", "== bench"):
+    for step in ("== build", "== tests", "== device_backends", "== fused", "== checks", "== bench"):
         assert step in result.stdout
     for check in ("nan_swap", "swap_and_lerp", "graph_replay", "device_guard", "list_bandwidth"):
         assert f"would run {check}" in result.stdout
