@@ -400,3 +400,30 @@ def test_on_the_device_within_the_stated_bound(
     o1.step()
     del o1.found_inf
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), held))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tensor_lr_is_read_each_step(backend, tmp_path):
+    """A 0-d tensor ``lr`` (changed in place between steps) is read as a number on every
+    step. torch's own step does its lr arithmetic in the tensor's float32, the kernels in
+    float64: the two agree to an ulp or two of fp32 over these steps, not bit for bit."""
+    runs = []
+    for fused in (False, True):
+        model = _model()
+        averager = bk.EMA(model, decay=0.9, backend=backend)
+        lr = torch.tensor(0.01)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, foreach=False)
+        runs.append((model, bk.fuse(optimizer, averager) if fused else optimizer, averager, lr))
+    for step in range(STEPS):
+        for model, optimizer, averager, lr in runs:
+            lr.fill_(0.01 * (STEPS - step) / STEPS)
+            _train(
+                model,
+                optimizer,
+                step,
+                torch.float32,
+                averager=None if averager._fused_by else averager,
+            )
+    (m0, _, a0, _), (m1, _, a1, _) = runs
+    for ours, theirs in zip(_state(m1, a1), _state(m0, a0), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=4e-7, atol=1e-7)
