@@ -12,6 +12,8 @@ pytest.importorskip("sklearn")
 
 from belay_kernels import experiments  # noqa: E402
 from belay_kernels.averagers import Belay  # noqa: E402
+from belay_kernels.experiments._common import generator  # noqa: E402
+from belay_kernels.experiments._toy import ROSENBROCK, Arm, run_arms  # noqa: E402
 from belay_kernels.physics import DampedTwoMass, linear_step_matrix  # noqa: E402
 from belay_kernels.theory import equivalent_lr_schedule, two_point_effective_lr  # noqa: E402
 
@@ -89,9 +91,72 @@ def test_rosenbrock_belay_survives_learning_rates_that_break_sgd(results_dir):
     )
 
 
+def test_rosenbrock_runs_both_forms_of_belay(results_dir):
+    robust = quick("belay-rosenbrock", results_dir).checks["robust"]
+    for opt in ("sgd", "adam"):
+        for beta in experiments.belay_rosenbrock.BETAS:
+            assert (opt, f"BELAY a=0.01 b={beta:g}") in robust
+            assert (opt, f"BELAY poster a=0.01 b={beta:g}") in robust
+
+
+def test_functions_race_both_forms_of_belay(results_dir):
+    result = quick("belay-functions", results_dir)
+    methods = {method for _, _, method in result.checks["steps"]}
+    assert methods == {"none", "ema", "belay", "poster"}
+    assert "poster race: first to cross" in result.table
+
+
 def test_digits_learns(results_dir):
     accuracy = quick("belay-digits", results_dir).checks["final_accuracy"]
     assert accuracy["SGD, no averaging (live)"] > 50
+    # both forms of BELAY learn with the lightest shadow, and follow each other at every m2
+    assert accuracy["BELAY m2=2 (shadow)"] > 50 and accuracy["BELAY poster m2=2 (shadow)"] > 50
+    for m2 in experiments.belay_digits.MASSES:
+        post_step, poster = (
+            accuracy[f"BELAY{form} m2={m2:g} (shadow)"] for form in ("", " poster")
+        )
+        assert abs(post_step - poster) < 5, (m2, post_step, poster)
+
+
+def _rosenbrock_arms(arms, steps=30, seed=5):
+    return run_arms(
+        ROSENBROCK, arms, seeds=3, steps=steps, noise=1.0, gen=generator(seed), record_every=10
+    )
+
+
+def test_poster_arms_leave_the_other_arms_unchanged():
+    arms = [Arm("sgd", 1e-3), Arm("adam", 0.03, "ema", 0.05), Arm("sgd", 1e-3, "belay", 0.05, 0.3)]
+    poster = [Arm("sgd", 1e-3, "poster", 0.05, 0.3), Arm("adam", 0.03, "poster", 0.05, 0.1)]
+    alone = _rosenbrock_arms(arms)
+    both = _rosenbrock_arms([arms[0], poster[0], arms[1], poster[1], arms[2]])
+    kept = [0, 2, 4]
+    for name in ("evaluated", "live", "diverged"):
+        np.testing.assert_array_equal(getattr(alone, name), getattr(both, name)[kept])
+    assert torch.equal(alone.final_live, both.final_live[kept])
+    assert torch.equal(alone.final_evaluated, both.final_evaluated[kept])
+
+
+def test_poster_arm_runs_the_posters_equations_on_its_twins_noise():
+    """w1 <- (1 - beta) (w1 + eta f(w1)) + beta w2, w2 <- (1 - alpha) w2 + alpha w1, with
+    f = -(gradient + the noise its post-step twin saw), in float64 by hand."""
+    lr, alpha, beta, steps = 1e-3, 0.05, 0.3, 30
+    arms = [
+        Arm("sgd", lr, "belay", alpha, beta),
+        Arm("sgd", lr, "poster", alpha, beta),
+        Arm("adam", 0.03, "poster", alpha, 0.1),  # no twin: noise of its own
+    ]
+    result = _rosenbrock_arms(arms, steps)
+    gen = generator(5)
+    w = torch.tensor(ROSENBROCK.start, dtype=torch.float64).expand(3, 2).clone()
+    s = w.clone()
+    for _ in range(steps):
+        noise = torch.randn((3, 2), generator=gen, dtype=torch.float64)  # the twin's draw
+        moved = w - lr * (ROSENBROCK.gradient(w) + noise)
+        w, s = (1 - beta) * moved + beta * s, (1 - alpha) * s + alpha * w
+    torch.testing.assert_close(result.final_live[1], w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result.final_evaluated[1], s, rtol=1e-12, atol=1e-12)
+    assert not result.diverged.any() and np.isfinite(result.evaluated).all()
+    assert not torch.equal(result.final_live[0], result.final_live[1])  # the forms differ
 
 
 def test_damped_system_is_belay_at_critical_damping(results_dir):

@@ -6,6 +6,11 @@ EMA has the same rate as the BELAY it is compared with (``decay = 1 - k / (2 m2)
 training run per seed carries all the EMAs (an EMA does not change training, so its live
 weights are also the no-averaging baseline); each BELAY is its own run, since the spring
 pulls the live weights. Test accuracy of the live and averaged weights, every epoch.
+
+BELAY runs in two forms: the post-step form (``Belay.from_physics`` stepped after the SGD
+step, the library's default) and the poster's exact form
+(``Belay.from_physics(..., form="poster")`` fused with the same ``torch.optim.SGD`` by
+:func:`belay_kernels.fuse`, so that the shadow follows the weights from before the step).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from torch import nn
 
 from ..averagers import EMA, Belay
+from ..fused import fuse
 from ..threads import torch_threads
 from ._common import SEEDS, Result, markdown_table, mean_std, write_outputs
 
@@ -68,17 +74,22 @@ def sgd_epoch(model, optimizer, x_train, y_train, order, averagers) -> None:
 
 def train(seed, epochs, data, averagers_for):
     """One SGD run; ``averagers_for(model)`` -> {name: averager}. Returns per-epoch
-    accuracies {"live": [...], name: [...]} (index 0 = before training)."""
+    accuracies {"live": [...], name: [...]} (index 0 = before training). A BELAY of the
+    poster's form (at most one) is fused with the SGD step instead of stepped after it."""
     x_train, y_train, x_test, y_test = data
     model = make_model(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0 / (2.0 * M1))
     averagers = averagers_for(model)
+    stepped = dict(averagers)
+    for name, averager in averagers.items():
+        if isinstance(averager, Belay) and averager.form == "poster":
+            optimizer = fuse(optimizer, stepped.pop(name))
     acc = {"live": [accuracy(model, x_test, y_test)]} | {
         n: [acc_] for n, acc_ in ((n, accuracy(model, x_test, y_test)) for n in averagers)
     }
     order = torch.Generator().manual_seed(1000 + seed)  # the same batches for every run
     for _ in range(epochs):
-        sgd_epoch(model, optimizer, x_train, y_train, order, averagers.values())
+        sgd_epoch(model, optimizer, x_train, y_train, order, stepped.values())
         acc["live"].append(accuracy(model, x_test, y_test))
         for name, averager in averagers.items():
             with averager.averaged():
@@ -115,6 +126,17 @@ def run(quick: bool, out_dir) -> Result:
                 )
                 curves.setdefault(f"BELAY m2={m2:g} (shadow)", []).append(acc["shadow"])
                 curves.setdefault(f"BELAY m2={m2:g} (live)", []).append(acc["live"])
+            for m2 in MASSES:
+                acc = train(
+                    seed,
+                    epochs,
+                    data,
+                    lambda model, m2=m2: {
+                        "shadow": Belay.from_physics(model, k=K, m1=M1, m2=m2, form="poster")
+                    },
+                )
+                curves.setdefault(f"BELAY poster m2={m2:g} (shadow)", []).append(acc["shadow"])
+                curves.setdefault(f"BELAY poster m2={m2:g} (live)", []).append(acc["live"])
     arrays = {name: 100 * np.array(v) for name, v in curves.items()}  # (seeds, epochs + 1)
     early = min(3, epochs)
     rows = [
@@ -150,6 +172,8 @@ def run(quick: bool, out_dir) -> Result:
             ax.fill_between(
                 epochs_axis, a.mean(0) - a.std(0), a.mean(0) + a.std(0), color=f"C{j}", alpha=0.15
             )
+            poster = f"BELAY poster m2={m2:g} ({'shadow' if kind == 'averaged' else 'live'})"
+            ax.plot(epochs_axis, arrays[poster].mean(0), ":", lw=2, color=f"C{j}", label=poster)
             if kind == "averaged":
                 e = arrays[f"EMA decay {1 - alphas[m2]:g}"]
                 ax.plot(
@@ -169,7 +193,10 @@ def run(quick: bool, out_dir) -> Result:
 batch {BATCH}, {epochs} epochs, {len(seeds)} seeds (init and batch order fixed per seed, shared by all
 runs of a seed). BELAY via Belay.from_physics(k={K}, m1={M1}, m2) -> beta = {K / (2 * M1):g},
 alpha = k/(2 m2) = {", ".join(f"{alphas[m]:g}" for m in MASSES)} for m2 = {", ".join(f"{m:g}" for m in MASSES)};
-each EMA uses decay = 1 - alpha."""
+each EMA uses decay = 1 - alpha. "BELAY" is the post-step form (Belay stepped after the SGD
+step); "BELAY poster" the poster's exact form, Belay.from_physics(..., form="poster") fused with
+the same torch.optim.SGD (the shadow follows the weights from before the step); same init and
+batches. Figure: solid BELAY (post-step), dotted BELAY poster, dashed EMA."""
     files = write_outputs(NAME, out_dir, fig, table, intro)
     checks = {name: float(a[:, -1].mean()) for name, a in arrays.items()}
     return Result(NAME, table, {"final_accuracy": checks}, files)

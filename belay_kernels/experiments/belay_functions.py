@@ -7,6 +7,12 @@ the evaluated weights is below the function's threshold. The grid search picks, 
 (function, optimizer, method), the setting with the fewest steps (ties and
 never-crossing settings: lowest final mean f - f*). The same seeds pick and report, as a
 small grid search on the poster would.
+
+BELAY runs in two forms: the post-step form (``Belay`` stepped after the optimizer, the
+library's default) and the poster's exact form (``Belay(form="poster")`` fused with torch's
+SGD or Adam; same noise as its post-step twin). Each form races no averaging and EMA
+separately: the post-step race is the comparison as it was before the poster form existed,
+the poster race puts the poster form in BELAY's place.
 """
 
 from __future__ import annotations
@@ -23,7 +29,14 @@ NOISE = 1.0
 LRS = {"sgd": (1e-3, 3e-3, 1e-2, 3e-2), "adam": (3e-3, 1e-2, 3e-2, 0.1)}
 ALPHAS = (0.01, 0.05)
 BETAS = (0.03, 0.1, 0.3)
-METHOD_NAMES = {"none": "no averaging", "ema": "EMA", "belay": "BELAY"}
+METHOD_NAMES = {
+    "none": "no averaging",
+    "ema": "EMA",
+    "belay": "BELAY",
+    "poster": "BELAY poster",
+}
+# the methods each form of BELAY races (the poster's stopping rule: the first to cross)
+RACES = {"post-step": ("none", "ema", "belay"), "poster": ("none", "ema", "poster")}
 
 
 def grid(optimizer, lrs=None, alphas=ALPHAS, betas=BETAS):
@@ -31,7 +44,16 @@ def grid(optimizer, lrs=None, alphas=ALPHAS, betas=BETAS):
     arms = [Arm(optimizer, lr) for lr in lrs]
     arms += [Arm(optimizer, lr, "ema", a) for lr in lrs for a in alphas]
     arms += [Arm(optimizer, lr, "belay", a, b) for lr in lrs for a in alphas for b in betas]
+    arms += [Arm(optimizer, lr, "poster", a, b) for lr in lrs for a in alphas for b in betas]
     return arms
+
+
+def race(best, opt, methods):
+    """(the step at which the first of ``methods`` crossed or None, the winners' names)."""
+    crossed = [best[opt, m][1] for m in methods if best[opt, m][1] is not None]
+    stop = min(crossed) if crossed else None
+    winners = [METHOD_NAMES[m] for m in methods if best[opt, m][1] == stop and stop is not None]
+    return stop, winners
 
 
 def steps_to_threshold(mean_gap, record_steps, threshold):
@@ -74,44 +96,71 @@ def run(quick: bool, out_dir) -> Result:
             )
             best, mean_gap = best_arms(results, function.threshold)
             for opt in ("sgd", "adam"):
-                crossed = [best[opt, m][1] for m in METHOD_NAMES if best[opt, m][1] is not None]
-                stop = min(crossed) if crossed else None
-                stop_index = (
-                    np.searchsorted(results.record_steps, stop)
-                    if stop is not None
-                    else len(results.record_steps) - 1
-                )
+                stops = {form: race(best, opt, methods) for form, methods in RACES.items()}
+                stop_index = {
+                    form: (
+                        np.searchsorted(results.record_steps, stop)
+                        if stop is not None
+                        else len(results.record_steps) - 1
+                    )
+                    for form, (stop, _) in stops.items()
+                }
+                stop = stops["post-step"][0]
                 row = [function.name, opt, stop if stop is not None else f"none by {steps}"]
                 for method in METHOD_NAMES:
+                    form = "poster" if method == "poster" else "post-step"
                     i, s = best[opt, method]
                     arm = results.arms[i]
                     setting = (
                         f"lr {arm.lr:g}"
                         + ("" if method == "none" else f", a {arm.alpha:g}")
-                        + (f", b {arm.beta:g}" if method == "belay" else "")
+                        + (f", b {arm.beta:g}" if method in ("belay", "poster") else "")
                     )
-                    row += [
+                    cells = [
                         f"{s if s is not None else '>' + str(steps)} ({setting})",
-                        f"{mean_gap[i, stop_index]:.3g}",
+                        f"{mean_gap[i, stop_index[form]]:.3g}",
                     ]
+                    if method == "poster":
+                        poster_cells = cells
+                    else:
+                        row += cells
                     checks[function.name, opt, method] = s
-                    curves.append((function, opt, method, results.record_steps, mean_gap[i], stop))
+                    curves.append(
+                        (
+                            function,
+                            opt,
+                            method,
+                            results.record_steps,
+                            mean_gap[i],
+                            stops[form][0],
+                        )
+                    )
                 tail = len(results.record_steps) // 4  # the noise floor: last quarter
                 floor_rows.append(
                     [function.name, opt]
                     + [f"{mean_gap[best[opt, m][0], -tail:].mean():.2g}" for m in METHOD_NAMES]
                 )
-                winners = [
-                    METHOD_NAMES[m]
-                    for m in METHOD_NAMES
-                    if best[opt, m][1] == stop and stop is not None
-                ]
+                winners = stops["post-step"][1]
                 row.append(", ".join(winners) if winners else "none")
+                poster_stop, poster_winners = stops["poster"]
+                row += poster_cells + [
+                    poster_stop if poster_stop is not None else f"none by {steps}",
+                    ", ".join(poster_winners) if poster_winners else "none",
+                ]
                 rows.append(row)
     headers = ["function", "optimizer", "stopped at step"]
-    for m in METHOD_NAMES.values():
-        headers += [f"{m}: steps (best setting)", f"{m}: f - f* at stop"]
+    for m in ("none", "ema", "belay"):
+        headers += [
+            f"{METHOD_NAMES[m]}: steps (best setting)",
+            f"{METHOD_NAMES[m]}: f - f* at stop",
+        ]
     headers.append("first to cross")
+    headers += [
+        "BELAY poster: steps (best setting)",
+        "BELAY poster: f - f* at its race's stop",
+        "poster race (BELAY poster in BELAY's place): stopped at step",
+        "poster race: first to cross",
+    ]
     table = markdown_table(headers, rows)
 
     floor_table = markdown_table(
@@ -132,7 +181,7 @@ def run(quick: bool, out_dir) -> Result:
         for function_, opt, method, record_steps, gap, _stop in curves:
             if function_ is not function:
                 continue
-            color = {"none": "C0", "ema": "C1", "belay": "C2"}[method]
+            color = {"none": "C0", "ema": "C1", "belay": "C2", "poster": "C3"}[method]
             ax.plot(
                 record_steps,
                 np.maximum(gap, 1e-8),
@@ -152,11 +201,16 @@ def run(quick: bool, out_dir) -> Result:
     fig.tight_layout()
     intro = f"""Additive gradient noise N(0, {NOISE}^2), {steps} steps at most, 5 seeds. Grid per method: lr in
 {LRS["sgd"]} (SGD) or {LRS["adam"]} (Adam); EMA alpha in {ALPHAS}; BELAY alpha in {ALPHAS},
-beta in {BETAS}. Start points and thresholds on f - f*:
+beta in {BETAS}, in two forms: "BELAY" is the post-step form (Belay stepped after the
+optimizer), "BELAY poster" the poster's exact form, Belay(form="poster") fused with
+torch.optim.SGD / Adam (the shadow follows the weights from before the step), on the same
+gradient noise as its post-step twin. Start points and thresholds on f - f*:
 {"; ".join(f"{f.name} from {f.start}, {f.threshold:g}" for f in functions)}.
 Each "steps" cell is that method's own first crossing with its best setting ('>N': never);
 "f - f* at stop" is its mean gap when the first method crossed (the poster's stopping rule).
-The figure shows every best setting's full curve (solid SGD, dashed Adam); the dotted line
+Each form of BELAY races no averaging and EMA on its own: "stopped at step" and "first to
+cross" are the race with the post-step form; the last two columns the race with the poster
+form in its place. The figure shows every best setting's full curve (solid SGD, dashed Adam); the dotted line
 is the threshold.
 
 Noise floor after convergence: mean f - f* over the last quarter of the {steps} steps, each
