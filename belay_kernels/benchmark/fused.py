@@ -456,7 +456,8 @@ def main_fused(args, raw_argv, log) -> int:
     numel = args.fused_size
     threads = [args.threads] if args.threads else [1, 2]
     rounds, reps, warmup = (1, 2, 1) if args.quick else (3, 3, 2)
-    machine = machine_info(args.device)
+    machine = machine_info(torch.device("cpu"))
+    machine["torch_threads"] = ", ".join(map(str, threads))  # each table says its own
     log(header(machine))
     if args.device.type != "cpu":
         log("--mode fused times the CPU only; running on the CPU")
