@@ -87,11 +87,11 @@ def test_fused_step(benchmark, impl, setup, tmp_path):
     weights_dtype, shadow_dtype = FUSED_SETUPS[setup]
     start = make_fused_weights(SIZE, weights_dtype)
     try:
-        step, backend = build_fused_case(impl, start, shadow_dtype, str(tmp_path))
+        case = build_fused_case(impl, start, shadow_dtype, str(tmp_path))
     except ImportError as exc:
         pytest.skip(f"not installed: {exc}")
     nbytes = fused_bytes_per_param(impl, setup) * start.numel
-    benchmark.extra_info.update(numel=start.numel, bytes=nbytes, device="cpu", backend=backend)
-    benchmark(step)
+    benchmark.extra_info.update(numel=start.numel, bytes=nbytes, device="cpu", backend=case.backend)
+    benchmark(case.step)
     median = benchmark.stats.stats.median
     benchmark.extra_info["gbps"] = nbytes / median / 1e9 if median else None

@@ -106,8 +106,23 @@ def test_a_missing_peer_is_a_note_not_a_failure(monkeypatch, tmp_path):
 def test_every_case_starts_from_the_same_weights(tmp_path):
     start = make_weights(512, torch.bfloat16)
     assert isinstance(start, Weights) and start.weights[0].dtype == torch.bfloat16
-    step, _ = build_case(fused_name("Belay"), start, torch.float32, str(tmp_path))
-    step()
+    build_case(fused_name("Belay"), start, torch.float32, str(tmp_path)).step()
     again = make_weights(512, torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(start.weights, again.weights))
     assert all(torch.equal(a, b) for a, b in zip(start.grads, again.grads))
+
+
+def test_every_case_moves_the_weights_each_step(tmp_path):
+    """A case whose step changed nothing (an optimizer that dropped the gradients after
+    its first step) would time an empty call."""
+    start = make_weights(512, torch.float32)
+    for name in row_names():
+        try:
+            case = build_case(name, start, torch.float32, str(tmp_path))
+        except ImportError:
+            continue
+        params = list(case.model.parameters())
+        for _ in range(3):
+            before = [p.detach().clone() for p in params]
+            case.step()
+            assert all(not torch.equal(p, b) for p, b in zip(params, before)), name

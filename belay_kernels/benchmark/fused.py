@@ -207,7 +207,7 @@ def _heavyball_adamw(model: nn.Module):
         "mars_gamma": 0.0025,
         "beta2_scale": 0.8,
     }
-    return C.BaseOpt(
+    optimizer = C.BaseOpt(
         model.parameters(),
         defaults,
         None,
@@ -215,13 +215,31 @@ def _heavyball_adamw(model: nn.Module):
         False,
         fns=(C.weight_decay_to_ema, C.update_by_adam),
     )
+    # HeavyBall sets each .grad to None once it has read it; the fixed gradients stay for
+    # every timed step (it does not write them)
+    optimizer.consume_grad = False
+    return optimizer
 
 
-def build_case(impl: str, start: Weights, shadow_dtype: torch.dtype, folder: str):
-    """(step, backend) for one row; raises ImportError where a peer is not installed."""
+@dataclass
+class Case:
+    """One row's step, the backend that runs it, and the model it steps."""
+
+    step: Callable[[], object]
+    backend: str
+    model: nn.Module
+
+
+def build_case(impl: str, start: Weights, shadow_dtype: torch.dtype, folder: str) -> Case:
+    """One row's case on a fresh model; raises ImportError where a peer is not installed."""
+    model = make_model(start)
+    step, backend = _case_step(impl, model, shadow_dtype, folder)
+    return Case(step, backend, model)
+
+
+def _case_step(impl: str, model: nn.Module, shadow_dtype: torch.dtype, folder: str):
     import belay_kernels as bk
 
-    model = make_model(start)
     if impl == ADAMW:
         return _adamw(model, fused=True).step, "torch fused AdamW"
     if impl == TIMM:
@@ -259,7 +277,7 @@ def _one_phrase(exc: BaseException) -> str:
 
 
 def time_cases(
-    builders: dict[str, Callable[[], tuple[Callable, str]]],
+    builders: dict[str, Callable[[], Case]],
     *,
     rounds: int,
     reps: int,
@@ -278,14 +296,14 @@ def time_cases(
             if name in notes:
                 continue
             try:
-                step, backend = builders[name]()
+                case = builders[name]()
             except ImportError as exc:
                 notes[name] = f"not installed ({_one_phrase(exc)})"
                 continue
             except Exception as exc:  # a peer refused this setup
                 notes[name] = f"failed: {_one_phrase(exc)}"
                 continue
-            backends[name] = backend
+            backends[name], step = case.backend, case.step
             for _ in range(warmup):
                 step()
             gc_was_enabled = gc.isenabled()
@@ -298,7 +316,7 @@ def time_cases(
             finally:
                 if gc_was_enabled:
                     gc.enable()
-            del step
+            del case, step
             gc.collect()  # the case's cycles (a fused optimizer and its averager) and memory
     return samples, backends, notes
 
