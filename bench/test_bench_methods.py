@@ -20,6 +20,11 @@ from belay_kernels.benchmark.flat_cases import (
     make_operands,
     our_step,
 )
+from belay_kernels.benchmark.fused import SETUPS as FUSED_SETUPS
+from belay_kernels.benchmark.fused import build_case as build_fused_case
+from belay_kernels.benchmark.fused import bytes_per_param as fused_bytes_per_param
+from belay_kernels.benchmark.fused import make_weights as make_fused_weights
+from belay_kernels.benchmark.fused import row_names as fused_row_names
 from belay_kernels.benchmark.peers import PEER_METHODS, FlatModel, Unsupported, peer_step
 from belay_kernels.benchmark.sweep import DTYPE_PAIRS
 from belay_kernels.benchmark.traffic import METHODS, bytes_per_step
@@ -70,3 +75,23 @@ def test_peer(benchmark, peer, method, pair):
     except Unsupported as exc:
         pytest.skip(str(exc))
     _run(benchmark, step, method, pair)
+
+
+@pytest.mark.parametrize("setup", list(FUSED_SETUPS))
+@pytest.mark.parametrize("impl", fused_row_names())
+def test_fused_step(benchmark, impl, setup, tmp_path):
+    """One AdamW step with an averager (``belay-kernels bench --mode fused``'s rows), on
+    the CPU: fused by belay_kernels.fuse, and the unfused pairs and peers it is compared to."""
+    if DEVICE.type != "cpu":
+        pytest.skip("--mode fused times the CPU only")
+    weights_dtype, shadow_dtype = FUSED_SETUPS[setup]
+    start = make_fused_weights(SIZE, weights_dtype)
+    try:
+        case = build_fused_case(impl, start, shadow_dtype, str(tmp_path))
+    except ImportError as exc:
+        pytest.skip(f"not installed: {exc}")
+    nbytes = fused_bytes_per_param(impl, setup) * start.numel
+    benchmark.extra_info.update(numel=start.numel, bytes=nbytes, device="cpu", backend=case.backend)
+    benchmark(case.step)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["gbps"] = nbytes / median / 1e9 if median else None

@@ -102,14 +102,18 @@ def parse_args(argv):
     )
     p.add_argument(
         "--mode",
-        choices=("sweep", "models", "multi", "all", "distributed", "overhead"),
+        choices=("sweep", "models", "multi", "all", "distributed", "overhead", "fused"),
         default=None,
         help="sweep (flat buffers), models (real model shapes), multi (K post-hoc "
         "EMA profiles in one pass against K passes, torch.compile and ema-pytorch's "
         "PostHocEMA), all, distributed (an FSDP2-sharded GPT-2-like model on gloo "
         "ranks), or overhead (the host time of one step() of each averager on 16x16 "
         "tensors, against torch._foreach_lerp_ and timm's ModelEmaV3, at one thread; "
-        "writes overhead.json and overhead.md) (default: all; sweep with --quick)",
+        "writes overhead.json and overhead.md), or fused (one AdamW step with EMA, BELAY or "
+        "two post-hoc EMA profiles, fused by belay_kernels.fuse() against torch's fused "
+        "AdamW followed by the averager's step(), timm's ModelEmaV3 and HeavyBall's "
+        "weight_decay_to_ema, fp32 and bf16 weights, at 1 and 2 threads or --threads; "
+        "writes fused.json and fused.md) (default: all; sweep with --quick)",
     )
     p.add_argument(
         "--layouts",
@@ -129,6 +133,13 @@ def parse_args(argv):
         type=float,
         default=None,
         help="elements of --mode multi's flat buffer (default: 64M, 1M with --quick)",
+    )
+    p.add_argument(
+        "--fused-size",
+        type=float,
+        default=None,
+        help="parameters of --mode fused's model, in 8 square layers (default: 32M, "
+        "64K with --quick)",
     )
     p.add_argument(
         "--ranks",
@@ -222,6 +233,11 @@ def parse_args(argv):
 
     args.profiles = args.profiles or list(DEFAULT_PROFILES)
     args.multi_size = int(args.multi_size or (QUICK_NUMEL if args.quick else DEFAULT_NUMEL))
+    from . import fused
+
+    args.fused_size = int(
+        args.fused_size or (fused.QUICK_NUMEL if args.quick else fused.DEFAULT_NUMEL)
+    )
     return args
 
 
@@ -240,6 +256,10 @@ def main(argv=None) -> int:
         from .overhead import main_overhead
 
         return main_overhead(args, raw_argv, log)
+    if args.mode == "fused":
+        from .fused import main_fused
+
+        return main_fused(args, raw_argv, log)
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = machine_info(args.device)
