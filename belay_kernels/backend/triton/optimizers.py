@@ -1,0 +1,944 @@
+"""An optimizer's step and the averager's update in one pass (reference.adam_average_,
+reference.sgd_average_): each program loads its block of the parameter, gradient,
+optimizer state and shadows once, takes the step in registers, then the average of the
+new weights, and stores each tensor once.
+
+Every list goes out in one launch through a pointer table (_launch.launch), whatever
+the number of tensors; all the tensors travel as one tuple of pointers (param, grad,
+the optimizer's state, then the shadows, profile after profile), so one kernel covers
+every optimizer option and every average kind with each pointer keeping its dtype.
+
+Nothing is read on the host: GradScaler's ``found_inf`` and ``grad_scale`` are read by
+the kernels, and Adam's step counts are advanced and read on the device. The step counts
+go up in a launch of their own before the step: every program of a tensor needs the
+count of this step, and within one launch no program can know that the others have
+read the old count before one of them writes the new one.
+
+The math runs in fp32 (fp64 when a tensor is fp64) and each tensor is rounded once on
+store. Where the reference reads back a tensor it has just stored (the moments, the
+momentum buffer, the decayed and the stepped weights), the kernel rounds that value to
+the tensor's dtype first, so bf16 state steps as the reference's does; only the
+temporaries in between (the decayed gradient, the denominator) stay in fp32. Divisions
+and square roots are correctly rounded, as the CPU's are (_sqrt, _div).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._checks import (
+    BelayInputError,
+    check_count,
+    check_float_tensor,
+    check_rows_disjoint,
+    check_skipped,
+    check_unit_interval,
+)
+from ...reference import AVERAGE_KINDS, swa_weight
+from . import _launch
+from ._blocks import (
+    _columns,
+    _host_float,
+    _lerp,
+    _lerp_into,
+    _load,
+    _locate,
+    _odd_words_bits,
+    _offsets,
+    _row_scalar,
+    _spring_and_follow,
+    _store,
+)
+from .multi_ema import MAX_PROFILES
+
+# Column order in the pointer tuple: param, grad, the optimizer's state (Adam: exp_avg,
+# exp_avg_sq, then max_exp_avg_sq with AMSGrad; SGD: the momentum buffer when momentum is
+# nonzero), then the shadows.
+PARAM = tl.constexpr(0)
+GRAD = tl.constexpr(1)
+# What the kernels do with the shadows: "lerp" moves each toward the new weights by its
+# rate (the EMA's K profiles, and SWA's one), "belay" and "poster" are BELAY's two forms.
+_KERNEL_AVERAGE = {
+    "none": "none",
+    "ema": "lerp",
+    "swa": "lerp",
+    "belay": "belay",
+    "poster": "poster",
+}
+
+
+# --- per-element pieces ------------------------------------------------------------------
+
+
+@triton.jit
+def _as_stored(value, ptr, COMPUTE: tl.constexpr):
+    """``value`` rounded to ptr's dtype and back: what the reference reads after storing it."""
+    return value.to(ptr.dtype.element_ty).to(COMPUTE)
+
+
+@triton.jit
+def _sqrt(x):
+    """Correctly rounded square root: fp32's tl.sqrt is approximate on a GPU, fp64's is not
+    (and sqrt_rn takes fp32 only)."""
+    if x.dtype == tl.float64:
+        root = tl.sqrt(x)
+    else:
+        root = tl.sqrt_rn(x)
+    return root
+
+
+@triton.jit
+def _div(a, b):
+    """Correctly rounded division: fp32's ``/`` is approximate on a GPU, fp64's is not."""
+    if a.dtype == tl.float64:
+        quotient = a / b
+    else:
+        quotient = tl.div_rn(a, b)
+    return quotient
+
+
+@triton.jit
+def _amp_active(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    """False where GradScaler found an inf or NaN: then nothing is written."""
+    active = tl.full([], 1, tl.int1)
+    if HAS_FOUND_INF:
+        active = tl.load(found_inf_ptr) == 0
+    return active
+
+
+@triton.jit
+def _unscale_factor(grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr):
+    """GradScaler.unscale_'s factor, ``1 / scale`` in fp64 rounded to fp32 (1 without a scale)."""
+    factor = tl.full([], 1.0, tl.float32)
+    if HAS_GRAD_SCALE:
+        factor = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32)
+    return factor
+
+
+@triton.jit
+def _gradient(
+    grad_ptr,
+    offs,
+    n,
+    factor,
+    MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    MASKED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    """The gradient the step follows. With a scale the gradient is unscaled and written
+    back in its dtype first, as GradScaler.unscale_ leaves it (its product rounded to fp32,
+    or taken in fp64 for an fp64 gradient, as torch multiplies by a 0-d fp32 tensor)."""
+    grad = _load(grad_ptr, offs, n, MASKED)
+    if HAS_GRAD_SCALE:
+        grad = (grad.to(COMPUTE) * factor.to(COMPUTE)).to(grad_ptr.dtype.element_ty)
+        _store(grad_ptr, offs, grad, n, MASKED)
+    grad = grad.to(COMPUTE)
+    if MAXIMIZE:
+        grad = -grad
+    return grad
+
+
+@triton.jit
+def _rate(words, index: tl.constexpr, COMPUTE: tl.constexpr):
+    """The average's rate ``index``, passed as two odd words (_launch.odd_words)."""
+    return _host_float(_odd_words_bits(words[2 * index], words[2 * index + 1]), COMPUTE)
+
+
+@triton.jit
+def _average_and_store(
+    ptrs,
+    offs,
+    n,
+    old_weights,
+    new_weights,
+    words,
+    skipped_ptr,
+    AVERAGE: tl.constexpr,
+    FIRST_SHADOW: tl.constexpr,
+    MASKED: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_SKIPPED: tl.constexpr,
+    COMPUTES: tl.constexpr,
+):
+    """Store the stepped weights and update the shadows from them (as the reference does,
+    from the weights as stored: rounded to their dtype). ``old_weights``: the weights
+    loaded before the step, in their dtype; ``new_weights``: after it, in the step's math."""
+    param_ptr = ptrs[PARAM]
+    new_weights = new_weights.to(param_ptr.dtype.element_ty)
+    if AVERAGE == "belay" or AVERAGE == "poster":
+        shadow_ptr = ptrs[FIRST_SHADOW]
+        compute: tl.constexpr = COMPUTES[0]
+        weights = new_weights.to(compute)
+        followed = weights
+        if AVERAGE == "poster":
+            followed = old_weights.to(compute)
+        shadow = _load(shadow_ptr, offs, n, MASKED).to(compute)
+        sprung, new_shadow = _spring_and_follow(
+            weights,
+            followed,
+            shadow,
+            _rate(words, 0, compute),
+            _rate(words, 1, compute),
+            skipped_ptr,
+            SKIP_NONFINITE,
+            HAS_SKIPPED,
+        )
+        _store(param_ptr, offs, sprung, n, MASKED)
+        _store(shadow_ptr, offs, new_shadow, n, MASKED)
+    else:
+        _store(param_ptr, offs, new_weights, n, MASKED)
+        if AVERAGE == "lerp":
+            for k in tl.static_range(len(COMPUTES)):
+                _lerp_into(
+                    ptrs[FIRST_SHADOW + k],
+                    offs,
+                    n,
+                    new_weights,
+                    _rate(words, k, COMPUTES[k]),
+                    skipped_ptr,
+                    MASKED,
+                    SKIP_NONFINITE,
+                    HAS_SKIPPED,
+                    COMPUTES[k],
+                )
+
+
+# --- Adam / AdamW ------------------------------------------------------------------------
+
+
+@triton.jit
+def _bias_corrections(step_ptr, lr_bits, log2_beta1_bits, log2_beta2_bits):
+    """(step_size, bc2_sqrt) in fp64 from this step's count, as the reference computes
+    them from ``step_t.item()``: ``beta ** step`` as ``exp2(step * log2(beta))``, the
+    logarithm taken on the host."""
+    step = tl.load(step_ptr).to(tl.float64)
+    bias_correction1 = 1 - tl.exp2(step * _host_float(log2_beta1_bits, tl.float64))
+    bias_correction2 = 1 - tl.exp2(step * _host_float(log2_beta2_bits, tl.float64))
+    step_size = _host_float(lr_bits, tl.float64) / bias_correction1
+    return step_size, _sqrt(bias_correction2)
+
+
+@triton.jit
+def _adam_block(
+    ptrs,
+    start,
+    n,
+    factor,
+    step_size,
+    bc2_sqrt,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    words,
+    skipped_ptr,
+    AMSGRAD: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    AVERAGE: tl.constexpr,
+    MASKED: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_SKIPPED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    COMPUTES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = _offsets(start, BLOCK)
+    param_ptr, exp_avg_ptr, exp_avg_sq_ptr = ptrs[PARAM], ptrs[2], ptrs[3]
+    old_weights = _load(param_ptr, offs, n, MASKED)
+    grad = _gradient(ptrs[GRAD], offs, n, factor, MAXIMIZE, HAS_GRAD_SCALE, MASKED, COMPUTE)
+    weights = old_weights.to(COMPUTE)
+    if WEIGHT_DECAY:
+        if DECOUPLED:  # weight_decay holds 1 - lr * weight_decay here
+            weights = _as_stored(weights * weight_decay, param_ptr, COMPUTE)
+        else:
+            grad = tl.fma(weights, weight_decay, grad)
+    exp_avg = _load(exp_avg_ptr, offs, n, MASKED).to(COMPUTE)
+    exp_avg = _as_stored(_lerp(exp_avg, grad, one_minus_beta1), exp_avg_ptr, COMPUTE)
+    exp_avg_sq = _load(exp_avg_sq_ptr, offs, n, MASKED).to(COMPUTE)
+    exp_avg_sq = _as_stored(exp_avg_sq * beta2, exp_avg_sq_ptr, COMPUTE)
+    exp_avg_sq = _as_stored(exp_avg_sq + one_minus_beta2 * grad * grad, exp_avg_sq_ptr, COMPUTE)
+    _store(exp_avg_ptr, offs, exp_avg, n, MASKED)
+    _store(exp_avg_sq_ptr, offs, exp_avg_sq, n, MASKED)
+    second = exp_avg_sq
+    if AMSGRAD:
+        max_ptr = ptrs[4]
+        most = _load(max_ptr, offs, n, MASKED).to(COMPUTE)
+        second = tl.maximum(most, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
+        _store(max_ptr, offs, second, n, MASKED)
+    denom = _div(_sqrt(second), bc2_sqrt.to(COMPUTE)) + eps
+    new_weights = weights - step_size.to(COMPUTE) * _div(exp_avg, denom)
+    _average_and_store(
+        ptrs,
+        offs,
+        n,
+        old_weights,
+        new_weights,
+        words,
+        skipped_ptr,
+        AVERAGE,
+        4 + AMSGRAD,
+        MASKED,
+        SKIP_NONFINITE,
+        HAS_SKIPPED,
+        COMPUTES,
+    )
+
+
+@triton.jit(
+    do_not_specialize=[
+        "lr_bits",
+        "one_minus_beta1_bits",
+        "beta2_bits",
+        "one_minus_beta2_bits",
+        "log2_beta1_bits",
+        "log2_beta2_bits",
+        "eps_bits",
+        "weight_decay_bits",
+    ]
+)
+def _adam_average_kernel(
+    table_ptr,
+    owner_ptr,
+    size,
+    ptrs,
+    state_step_ptr,
+    found_inf_ptr,
+    grad_scale_ptr,
+    skipped_ptr,
+    lr_bits,
+    one_minus_beta1_bits,
+    beta2_bits,
+    one_minus_beta2_bits,
+    log2_beta1_bits,
+    log2_beta2_bits,
+    eps_bits,
+    weight_decay_bits,
+    words,
+    IS_LIST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    AVERAGE: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_SKIPPED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    COMPUTES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    tensor, start, n = _locate(table_ptr, owner_ptr, size, len(ptrs), IS_LIST, BLOCK)
+    ptrs = _columns(table_ptr, ptrs, 0, tensor, size, IS_LIST, ALIGNED)
+    state_step_ptr = _row_scalar(table_ptr, state_step_ptr, 0, tensor, size, len(ptrs), IS_LIST)
+    if _amp_active(found_inf_ptr, HAS_FOUND_INF):
+        step_size, bc2_sqrt = _bias_corrections(
+            state_step_ptr, lr_bits, log2_beta1_bits, log2_beta2_bits
+        )
+        factor = _unscale_factor(grad_scale_ptr, HAS_GRAD_SCALE)
+        one_minus_beta1 = _host_float(one_minus_beta1_bits, COMPUTE)
+        beta2 = _host_float(beta2_bits, COMPUTE)
+        one_minus_beta2 = _host_float(one_minus_beta2_bits, COMPUTE)
+        eps = _host_float(eps_bits, COMPUTE)
+        weight_decay = _host_float(weight_decay_bits, COMPUTE)
+        if start + BLOCK <= n:
+            _adam_block(
+                ptrs,
+                start,
+                n,
+                factor,
+                step_size,
+                bc2_sqrt,
+                one_minus_beta1,
+                beta2,
+                one_minus_beta2,
+                eps,
+                weight_decay,
+                words,
+                skipped_ptr,
+                AMSGRAD,
+                WEIGHT_DECAY,
+                DECOUPLED,
+                MAXIMIZE,
+                HAS_GRAD_SCALE,
+                AVERAGE,
+                False,
+                SKIP_NONFINITE,
+                HAS_SKIPPED,
+                COMPUTE,
+                COMPUTES,
+                BLOCK,
+            )
+        else:
+            _adam_block(
+                ptrs,
+                start,
+                n,
+                factor,
+                step_size,
+                bc2_sqrt,
+                one_minus_beta1,
+                beta2,
+                one_minus_beta2,
+                eps,
+                weight_decay,
+                words,
+                skipped_ptr,
+                AMSGRAD,
+                WEIGHT_DECAY,
+                DECOUPLED,
+                MAXIMIZE,
+                HAS_GRAD_SCALE,
+                AVERAGE,
+                True,
+                SKIP_NONFINITE,
+                HAS_SKIPPED,
+                COMPUTE,
+                COMPUTES,
+                BLOCK,
+            )
+
+
+@triton.jit
+def _advance_steps_kernel(
+    table_ptr,
+    owner_ptr,
+    size,
+    ptrs,
+    found_inf_ptr,
+    IS_LIST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``state_step += 1`` for each tensor (one program each), unless found_inf is set."""
+    tensor, start, n = _locate(table_ptr, owner_ptr, size, 1, IS_LIST, BLOCK)
+    (step_ptr,) = _columns(table_ptr, ptrs, 0, tensor, size, IS_LIST, ALIGNED)
+    if _amp_active(found_inf_ptr, HAS_FOUND_INF):
+        tl.store(step_ptr, tl.load(step_ptr) + 1)
+
+
+# --- SGD ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sgd_block(
+    ptrs,
+    start,
+    n,
+    factor,
+    lr,
+    momentum,
+    one_minus_dampening,
+    weight_decay,
+    words,
+    skipped_ptr,
+    MOMENTUM: tl.constexpr,
+    FIRST_STEP: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    AVERAGE: tl.constexpr,
+    MASKED: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_SKIPPED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    COMPUTES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = _offsets(start, BLOCK)
+    old_weights = _load(ptrs[PARAM], offs, n, MASKED)
+    grad = _gradient(ptrs[GRAD], offs, n, factor, MAXIMIZE, HAS_GRAD_SCALE, MASKED, COMPUTE)
+    weights = old_weights.to(COMPUTE)
+    if WEIGHT_DECAY:
+        grad = tl.fma(weights, weight_decay, grad)
+    if MOMENTUM:
+        buf_ptr = ptrs[2]
+        if FIRST_STEP:  # a new buffer takes the gradient (nothing to load)
+            buf = grad
+        else:
+            buf = _load(buf_ptr, offs, n, MASKED).to(COMPUTE)
+            buf = _as_stored(buf * momentum, buf_ptr, COMPUTE)
+            buf = tl.fma(grad, one_minus_dampening, buf)
+        buf = _as_stored(buf, buf_ptr, COMPUTE)
+        _store(buf_ptr, offs, buf, n, MASKED)
+        if NESTEROV:
+            grad = tl.fma(buf, momentum, grad)
+        else:
+            grad = buf
+    new_weights = tl.fma(grad, -lr, weights)
+    _average_and_store(
+        ptrs,
+        offs,
+        n,
+        old_weights,
+        new_weights,
+        words,
+        skipped_ptr,
+        AVERAGE,
+        2 + MOMENTUM,
+        MASKED,
+        SKIP_NONFINITE,
+        HAS_SKIPPED,
+        COMPUTES,
+    )
+
+
+@triton.jit(
+    do_not_specialize=["lr_bits", "momentum_bits", "one_minus_dampening_bits", "weight_decay_bits"]
+)
+def _sgd_average_kernel(
+    table_ptr,
+    owner_ptr,
+    size,
+    ptrs,
+    found_inf_ptr,
+    grad_scale_ptr,
+    skipped_ptr,
+    lr_bits,
+    momentum_bits,
+    one_minus_dampening_bits,
+    weight_decay_bits,
+    words,
+    IS_LIST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    MOMENTUM: tl.constexpr,
+    FIRST_STEP: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    AVERAGE: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_SKIPPED: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    COMPUTES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    tensor, start, n = _locate(table_ptr, owner_ptr, size, len(ptrs), IS_LIST, BLOCK)
+    ptrs = _columns(table_ptr, ptrs, 0, tensor, size, IS_LIST, ALIGNED)
+    if _amp_active(found_inf_ptr, HAS_FOUND_INF):
+        factor = _unscale_factor(grad_scale_ptr, HAS_GRAD_SCALE)
+        lr = _host_float(lr_bits, COMPUTE)
+        momentum = _host_float(momentum_bits, COMPUTE)
+        one_minus_dampening = _host_float(one_minus_dampening_bits, COMPUTE)
+        weight_decay = _host_float(weight_decay_bits, COMPUTE)
+        if start + BLOCK <= n:
+            _sgd_block(
+                ptrs,
+                start,
+                n,
+                factor,
+                lr,
+                momentum,
+                one_minus_dampening,
+                weight_decay,
+                words,
+                skipped_ptr,
+                MOMENTUM,
+                FIRST_STEP,
+                NESTEROV,
+                WEIGHT_DECAY,
+                MAXIMIZE,
+                HAS_GRAD_SCALE,
+                AVERAGE,
+                False,
+                SKIP_NONFINITE,
+                HAS_SKIPPED,
+                COMPUTE,
+                COMPUTES,
+                BLOCK,
+            )
+        else:
+            _sgd_block(
+                ptrs,
+                start,
+                n,
+                factor,
+                lr,
+                momentum,
+                one_minus_dampening,
+                weight_decay,
+                words,
+                skipped_ptr,
+                MOMENTUM,
+                FIRST_STEP,
+                NESTEROV,
+                WEIGHT_DECAY,
+                MAXIMIZE,
+                HAS_GRAD_SCALE,
+                AVERAGE,
+                True,
+                SKIP_NONFINITE,
+                HAS_SKIPPED,
+                COMPUTE,
+                COMPUTES,
+                BLOCK,
+            )
+
+
+# --- host side: checks -------------------------------------------------------------------
+
+
+def _check_number(name: str, value: object, low: float, high: float = math.inf, open_high=False):
+    """A Python number in [low, high] ([low, high) with ``open_high``), as torch.optim checks."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BelayInputError(f"{name} must be a Python number, got {value!r}.")
+    above = value >= high if open_high else value > high
+    if math.isnan(value) or value < low or above:
+        interval = f"[{low}, {high})" if open_high else f"[{low}, {high}]"
+        raise BelayInputError(f"{name} must be in {interval}, got {value!r}.")
+
+
+def _check_average(average, scalars, num_shadows: int, n: int) -> int:
+    """The average's scalars and shadow count; returns the number of shadows per tensor."""
+    if average not in AVERAGE_KINDS:
+        raise BelayInputError(f"average must be one of {AVERAGE_KINDS}, got {average!r}.")
+    scalars = list(scalars)
+    if average == "ema":
+        profiles = len(scalars)
+        if not 1 <= profiles <= MAX_PROFILES:
+            raise BelayInputError(
+                f"the Triton fused EMA takes 1 to {MAX_PROFILES} decays, got {profiles}."
+            )
+        for k, decay in enumerate(scalars):
+            _check_host_scalar(f"decay {k}", decay)
+            check_unit_interval(f"decay {k}", decay, None)
+    else:
+        wanted = {"none": 0, "swa": 1, "belay": 2, "poster": 2}[average]
+        if len(scalars) != wanted:
+            raise BelayInputError(
+                f'average "{average}" takes {wanted} scalars, got {len(scalars)}: {scalars!r}.'
+            )
+        profiles = 0 if average == "none" else 1
+        if average == "swa":
+            _check_host_scalar("count", scalars[0])
+            check_count(scalars[0], None)
+        for name, rate in zip(("alpha", "beta"), scalars if wanted == 2 else ()):
+            _check_host_scalar(name, rate)
+            check_unit_interval(name, rate, None)
+    if num_shadows != profiles * n:
+        raise BelayInputError(
+            f'average "{average}" needs {profiles} shadow(s) per parameter, '
+            f"{profiles * n} in all (profile after profile), got {num_shadows}."
+        )
+    return profiles
+
+
+def _check_host_scalar(name: str, value: object) -> None:
+    if isinstance(value, torch.Tensor):
+        raise BelayInputError(
+            f"{name} must be a Python number for the fused Triton step, got a tensor; "
+            f"pass {name}.item() (read once on the host)."
+        )
+
+
+def _check_amp(name: str, value, device: torch.device) -> None:
+    if value is None:
+        return
+    if (
+        not isinstance(value, torch.Tensor)
+        or value.numel() != 1
+        or value.dtype != torch.float32
+        or value.device != device
+    ):
+        raise BelayInputError(
+            f"{name} must be GradScaler's one-element float32 tensor on {device}, got {value!r}."
+        )
+
+
+def _check_lists(columns: dict, n: int, device_types, grads_written: bool) -> None:
+    """Every list as long as ``params``; each column one dtype, one device, contiguous;
+    each row one shape; no written tensor sharing memory with any other."""
+    params = columns["params"]
+    for name, column in columns.items():
+        if len(column) != n:
+            raise BelayInputError(
+                f"{name} must hold {n} tensors (one per parameter), got {len(column)}."
+            )
+        for i, t in enumerate(column):
+            check_float_tensor(f"{name}[{i}]", t)
+            if t.shape != params[i].shape:
+                raise BelayInputError(
+                    f"{name}[{i}] has shape {tuple(t.shape)} but params[{i}] has shape "
+                    f"{tuple(params[i].shape)}; they must match element for element."
+                )
+            if t.device != params[0].device:
+                raise BelayInputError(
+                    f"{name}[{i}] is on {t.device} but params[0] is on {params[0].device}; "
+                    "every tensor of the step must be on one device."
+                )
+            if not t.is_contiguous():
+                raise BelayInputError(
+                    f"{name}[{i}] is not contiguous; the Triton kernels read flat storage "
+                    f"(pass {name}[{i}].contiguous(), or use another backend)."
+                )
+            if t.dtype != column[0].dtype:
+                raise BelayInputError(
+                    f"{name} mixes dtypes ({column[0].dtype} and {t.dtype} at {i}); one "
+                    "launch takes one dtype per list: group the tensors by dtype."
+                )
+    if params[0].device.type not in device_types:
+        raise BelayInputError(
+            f"the Triton backend runs on {sorted(device_types)} tensors, got {params[0].device}."
+        )
+    names = list(columns)
+    rows = [[columns[name][i] for name in names] for i in range(n)]
+    # everything but the gradients is written, and they are too when they get unscaled
+    written = [j for j, name in enumerate(names) if grads_written or name != "grads"]
+    check_rows_disjoint(names, rows, written)
+
+
+def _check_steps(state_steps, n: int, device: torch.device) -> None:
+    if len(state_steps) != n:
+        raise BelayInputError(f"state_steps must hold {n} tensors, got {len(state_steps)}.")
+    for i, step in enumerate(state_steps):
+        if (
+            not isinstance(step, torch.Tensor)
+            or step.numel() != 1
+            or step.dtype not in (torch.float32, torch.float64)
+            or step.device != device
+            or step.dtype != state_steps[0].dtype
+        ):
+            raise BelayInputError(
+                f"state_steps[{i}] must be a one-element float32 (or float64) tensor on "
+                f"{device}, like the others, got {step!r}; the step count is advanced and "
+                "read on the device (torch.optim keeps it there with capturable=True)."
+            )
+
+
+# --- host side: launches -----------------------------------------------------------------
+
+
+def _bits(value: float) -> int:
+    return _launch.float_bits(value)
+
+
+def _average_args(average: str, scalars) -> tuple[int, ...]:
+    """The average's rates as odd words (see _launch.odd_words): the EMA's 1 - decay per
+    profile, SWA's 1 / (count + 1), BELAY's alpha and beta; "none" passes one unused rate,
+    since a kernel argument cannot be an empty tuple."""
+    if average == "ema":
+        rates = [1.0 - float(d) for d in scalars]
+    elif average == "swa":
+        rates = [swa_weight(int(scalars[0]))]
+    elif average == "none":
+        rates = [0.0]
+    else:
+        rates = [float(r) for r in scalars]
+    return tuple(word for rate in rates for word in _launch.odd_words(_bits(rate)))
+
+
+def _common_flags(average, columns, shadow_columns, skip_nonfinite, skipped, found_inf, grad_scale):
+    params = columns[0]
+    dtypes = [column[0].dtype for column in (*columns, *shadow_columns)]
+    return dict(
+        HAS_FOUND_INF=found_inf is not None,
+        HAS_GRAD_SCALE=grad_scale is not None,
+        AVERAGE=_KERNEL_AVERAGE[average],
+        SKIP_NONFINITE=bool(skip_nonfinite),
+        HAS_SKIPPED=skipped is not None,
+        COMPUTE=_launch.compute_dtype(*(column[0].dtype for column in columns)),
+        COMPUTES=tuple(_launch.compute_dtype(params[0].dtype, s[0].dtype) for s in shadow_columns),
+        **_launch.shape_flags(*dtypes),
+    )
+
+
+def _profiles(shadows, n: int, profiles: int) -> list[list[torch.Tensor]]:
+    return [list(shadows[k * n : (k + 1) * n]) for k in range(profiles)]
+
+
+def _advance_steps(state_steps, found_inf) -> None:
+    flags = {
+        "HAS_FOUND_INF": found_inf is not None,
+        "BLOCK": _launch.block_size(state_steps[0].dtype),
+        "num_warps": 1,
+    }
+    placeholder = state_steps[0]
+    args = (placeholder if found_inf is None else found_inf,)
+    _launch.launch(_advance_steps_kernel, [list(state_steps)], args, flags, tuple_columns=1)
+
+
+def adam_average_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    shadows,
+    grad_scale,
+    found_inf,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    maximize,
+    average,
+    average_scalars,
+    skip_nonfinite=True,
+    skipped=None,
+) -> None:
+    """reference.adam_average_ in two launches (the step counts, then the step and the
+    average); the checks run before either."""
+    from . import DEVICE_TYPES
+
+    n = len(params)
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        _check_number(name, value, 0.0)
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        _check_number(name, value, 0.0, 1.0, open_high=True)
+    profiles = _check_average(average, average_scalars, len(shadows), n)
+    if n == 0:
+        return
+    amsgrad = len(max_exp_avg_sqs) > 0
+    columns = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if amsgrad:
+        columns["max_exp_avg_sqs"] = max_exp_avg_sqs
+    shadow_columns = _profiles(shadows, n, profiles)
+    named = dict(columns, **{f"shadows (profile {k})": s for k, s in enumerate(shadow_columns)})
+    _check_lists(named, n, DEVICE_TYPES, grads_written=grad_scale is not None)
+    device = params[0].device
+    _check_steps(state_steps, n, device)
+    _check_amp("grad_scale", grad_scale, device)
+    _check_amp("found_inf", found_inf, device)
+    check_skipped(skipped, device)
+
+    _advance_steps(state_steps, found_inf)
+    placeholder = state_steps[0]
+    args = (
+        placeholder if found_inf is None else found_inf,
+        placeholder if grad_scale is None else grad_scale,
+        placeholder if skipped is None else skipped,
+        _bits(lr),
+        _bits(1.0 - beta1),
+        _bits(beta2),
+        _bits(1.0 - beta2),
+        _bits(math.log2(beta1) if beta1 > 0 else -math.inf),
+        _bits(math.log2(beta2) if beta2 > 0 else -math.inf),
+        _bits(eps),
+        _bits(1.0 - lr * weight_decay if decoupled else weight_decay),
+        _average_args(average, average_scalars),
+    )
+    optimizer_columns = list(columns.values())
+    flags = dict(
+        AMSGRAD=amsgrad,
+        WEIGHT_DECAY=weight_decay != 0,
+        DECOUPLED=bool(decoupled),
+        MAXIMIZE=bool(maximize),
+        **_common_flags(
+            average,
+            optimizer_columns,
+            shadow_columns,
+            skip_nonfinite,
+            skipped,
+            found_inf,
+            grad_scale,
+        ),
+    )
+    all_columns = [list(c) for c in (*optimizer_columns, *shadow_columns)]
+    _launch.launch(
+        _adam_average_kernel,
+        all_columns,
+        args,
+        flags,
+        tuple_columns=len(all_columns),
+        row_scalars=[list(state_steps)],
+    )
+
+
+def sgd_average_(
+    params,
+    grads,
+    momentum_buffers,
+    shadows,
+    grad_scale,
+    found_inf,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    first_step,
+    average,
+    average_scalars,
+    skip_nonfinite=True,
+    skipped=None,
+) -> None:
+    """reference.sgd_average_ in one launch; the checks run before it."""
+    from . import DEVICE_TYPES
+
+    n = len(params)
+    for name, value in (
+        ("lr", lr),
+        ("momentum", momentum),
+        ("dampening", dampening),
+        ("weight_decay", weight_decay),
+    ):
+        _check_number(name, value, 0.0)
+    if nesterov and (momentum == 0 or dampening != 0):
+        raise BelayInputError("nesterov momentum needs momentum > 0 and dampening 0, as torch's.")
+    if (momentum != 0) != bool(momentum_buffers) and n:
+        raise BelayInputError(
+            f"momentum_buffers must hold one tensor per parameter when momentum is nonzero, "
+            f"and be empty when it is 0; got {len(momentum_buffers)} for momentum {momentum}."
+        )
+    profiles = _check_average(average, average_scalars, len(shadows), n)
+    if n == 0:
+        return
+    columns = {"params": params, "grads": grads}
+    if momentum != 0:
+        columns["momentum_buffers"] = momentum_buffers
+    shadow_columns = _profiles(shadows, n, profiles)
+    named = dict(columns, **{f"shadows (profile {k})": s for k, s in enumerate(shadow_columns)})
+    _check_lists(named, n, DEVICE_TYPES, grads_written=grad_scale is not None)
+    device = params[0].device
+    _check_amp("grad_scale", grad_scale, device)
+    _check_amp("found_inf", found_inf, device)
+    check_skipped(skipped, device)
+
+    placeholder = params[0]
+    args = (
+        placeholder if found_inf is None else found_inf,
+        placeholder if grad_scale is None else grad_scale,
+        placeholder if skipped is None else skipped,
+        _bits(lr),
+        _bits(momentum),
+        _bits(1.0 - dampening),
+        _bits(weight_decay),
+        _average_args(average, average_scalars),
+    )
+    optimizer_columns = list(columns.values())
+    flags = dict(
+        MOMENTUM=momentum != 0,
+        FIRST_STEP=bool(first_step),
+        NESTEROV=bool(nesterov),
+        WEIGHT_DECAY=weight_decay != 0,
+        MAXIMIZE=bool(maximize),
+        **_common_flags(
+            average,
+            optimizer_columns,
+            shadow_columns,
+            skip_nonfinite,
+            skipped,
+            found_inf,
+            grad_scale,
+        ),
+    )
+    all_columns = [list(c) for c in (*optimizer_columns, *shadow_columns)]
+    _launch.launch(_sgd_average_kernel, all_columns, args, flags, tuple_columns=len(all_columns))
