@@ -14,12 +14,13 @@ go up in a launch of their own before the step: every program of a tensor needs 
 count of this step, and within one launch no program can know that the others have
 read the old count before one of them writes the new one.
 
-The math runs in fp32 (fp64 when a tensor is fp64) and each tensor is rounded once on
-store. Where the reference reads back a tensor it has just stored (the moments, the
-momentum buffer, the decayed and the stepped weights), the kernel rounds that value to
-the tensor's dtype first, so bf16 state steps as the reference's does; only the
-temporaries in between (the decayed gradient, the denominator) stay in fp32. Divisions
-and square roots are correctly rounded, as the CPU's are (_sqrt, _div).
+The math runs in fp32 (fp64 when a tensor is fp64), in registers. Every tensor that the
+reference's torch ops make or update in place (the decayed gradient, the moments, the
+denominator, the momentum buffer, the decayed weights) is a value the kernel rounds to
+that tensor's dtype where the reference rounds it (_as_stored: nothing for fp32), so
+bf16 weights and state step as the reference's do; a 16-bit rounding left out there
+changes a bf16 momentum buffer by an ulp of the gradient, many ulps of a small buffer.
+Divisions and square roots are correctly rounded, as the CPU's are (_sqrt, _div).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ _KERNEL_AVERAGE = {
 
 @triton.jit
 def _as_stored(value, ptr, COMPUTE: tl.constexpr):
-    """``value`` rounded to ptr's dtype and back: what the reference reads after storing it."""
+    """``value`` rounded to ptr's dtype and back: a tensor of that dtype in the reference."""
     return value.to(ptr.dtype.element_ty).to(COMPUTE)
 
 
@@ -260,7 +261,7 @@ def _adam_block(
         if DECOUPLED:  # weight_decay holds 1 - lr * weight_decay here
             weights = _as_stored(weights * weight_decay, param_ptr, COMPUTE)
         else:
-            grad = tl.fma(weights, weight_decay, grad)
+            grad = _as_stored(tl.fma(weights, weight_decay, grad), ptrs[GRAD], COMPUTE)
     exp_avg = _load(exp_avg_ptr, offs, n, MASKED).to(COMPUTE)
     exp_avg = _as_stored(_lerp(exp_avg, grad, one_minus_beta1), exp_avg_ptr, COMPUTE)
     exp_avg_sq = _load(exp_avg_sq_ptr, offs, n, MASKED).to(COMPUTE)
@@ -274,7 +275,10 @@ def _adam_block(
         most = _load(max_ptr, offs, n, MASKED).to(COMPUTE)
         second = tl.maximum(most, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
         _store(max_ptr, offs, second, n, MASKED)
-    denom = _div(_sqrt(second), bc2_sqrt.to(COMPUTE)) + eps
+    # denom = (sqrt(v) / bc2_sqrt) + eps, each op a tensor in v's dtype in the reference
+    denom = _as_stored(_sqrt(second), exp_avg_sq_ptr, COMPUTE)
+    denom = _as_stored(_div(denom, bc2_sqrt.to(COMPUTE)), exp_avg_sq_ptr, COMPUTE)
+    denom = _as_stored(denom + eps, exp_avg_sq_ptr, COMPUTE)
     new_weights = weights - step_size.to(COMPUTE) * _div(exp_avg, denom)
     _average_and_store(
         ptrs,
@@ -462,7 +466,7 @@ def _sgd_block(
     grad = _gradient(ptrs[GRAD], offs, n, factor, MAXIMIZE, HAS_GRAD_SCALE, MASKED, COMPUTE)
     weights = old_weights.to(COMPUTE)
     if WEIGHT_DECAY:
-        grad = tl.fma(weights, weight_decay, grad)
+        grad = _as_stored(tl.fma(weights, weight_decay, grad), ptrs[GRAD], COMPUTE)
     if MOMENTUM:
         buf_ptr = ptrs[2]
         if FIRST_STEP:  # a new buffer takes the gradient (nothing to load)
@@ -474,7 +478,7 @@ def _sgd_block(
         buf = _as_stored(buf, buf_ptr, COMPUTE)
         _store(buf_ptr, offs, buf, n, MASKED)
         if NESTEROV:
-            grad = tl.fma(buf, momentum, grad)
+            grad = _as_stored(tl.fma(buf, momentum, grad), ptrs[GRAD], COMPUTE)
         else:
             grad = buf
     new_weights = tl.fma(grad, -lr, weights)
@@ -603,9 +607,12 @@ def _check_number(name: str, value: object, low: float, high: float = math.inf, 
 
 
 def _check_average(average, scalars, num_shadows: int, n: int) -> int:
-    """The average's scalars and shadow count; returns the number of shadows per tensor."""
+    """The average's scalars and shadow count; returns the number of shadows per tensor.
+    "none" updates no shadow: it ignores whatever shadows and scalars it is given."""
     if average not in AVERAGE_KINDS:
         raise BelayInputError(f"average must be one of {AVERAGE_KINDS}, got {average!r}.")
+    if average == "none":
+        return 0
     scalars = list(scalars)
     if average == "ema":
         profiles = len(scalars)
@@ -617,12 +624,12 @@ def _check_average(average, scalars, num_shadows: int, n: int) -> int:
             _check_host_scalar(f"decay {k}", decay)
             check_unit_interval(f"decay {k}", decay, None)
     else:
-        wanted = {"none": 0, "swa": 1, "belay": 2, "poster": 2}[average]
+        wanted = {"swa": 1, "belay": 2, "poster": 2}[average]
         if len(scalars) != wanted:
             raise BelayInputError(
                 f'average "{average}" takes {wanted} scalars, got {len(scalars)}: {scalars!r}.'
             )
-        profiles = 0 if average == "none" else 1
+        profiles = 1
         if average == "swa":
             _check_host_scalar("count", scalars[0])
             check_count(scalars[0], None)
