@@ -61,6 +61,12 @@ from .multi_ema import MAX_PROFILES
 # nonzero), then the shadows.
 PARAM = tl.constexpr(0)
 GRAD = tl.constexpr(1)
+# A ceiling on registers per thread, passed to ptxas (maxnreg). The correctly rounded
+# divisions and square roots have slow paths that ptxas calls, and with those calls and
+# no ceiling it kept a kernel to 64 registers and spilled (Adam with AMSGrad and BELAY,
+# fp32, sm_90); given a ceiling it takes what it needs (72 there). See aot.fused_cases.
+MAX_REGISTERS = 128
+
 # What the kernels do with the shadows: "lerp" moves each toward the new weights by its
 # rate (the EMA's K profiles, and SWA's one), "belay" and "poster" are BELAY's two forms.
 _KERNEL_AVERAGE = {
@@ -147,7 +153,17 @@ def _gradient(
 @triton.jit
 def _rate(words, index: tl.constexpr, COMPUTE: tl.constexpr):
     """The average's rate ``index``, passed as two odd words (_launch.odd_words)."""
-    return _host_float(_odd_words_bits(words[2 * index], words[2 * index + 1]), COMPUTE)
+    return _host_float(_decoded(words)[index], COMPUTE)
+
+
+@triton.jit
+def _decoded(words):
+    """The int64 float64 bits of each number passed as two odd words (decoded to a float
+    by _host_float where it is used)."""
+    out = ()
+    for k in tl.static_range(len(words) // 2):
+        out = out + (_odd_words_bits(words[2 * k], words[2 * k + 1]),)
+    return out
 
 
 @triton.jit
@@ -210,18 +226,38 @@ def _average_and_store(
 
 
 # --- Adam / AdamW ------------------------------------------------------------------------
+# The hyperparameters are decoded where they are used, inside the block, not before the
+# full/tail split: holding them (and the fp64 bias corrections) across the block's loads
+# spilled registers on sm_80 (bf16 weights, and fp64). The bias corrections and the
+# unscale factor are the exception: their fp64 math (the factor's IEEE division, whose
+# slow path ptxas calls) taken among the block's loads spilled on sm_90; taken once,
+# before any load, only three fp32 values stay live.
 
 
 @triton.jit
-def _bias_corrections(step_ptr, lr_bits, log2_beta1_bits, log2_beta2_bits):
-    """(step_size, bc2_sqrt) in fp64 from this step's count, as the reference computes
-    them from ``step_t.item()``: ``beta ** step`` as ``exp2(step * log2(beta))``, the
-    logarithm taken on the host."""
+def _reciprocal(x):
+    """``1 / x`` for an fp64 ``x`` in (0, 1], by two Newton steps from an fp32 estimate:
+    within an ulp or two of the fp64 division, so the same number once rounded to fp32
+    (the step size's use) but in a 2**-28 fraction of cases. ptxas compiles the IEEE fp64
+    division with a slow path it calls, and that call gave the kernels a stack frame and
+    spilled registers on sm_80 and sm_90."""
+    estimate = (1.0 / x.to(tl.float32)).to(tl.float64)
+    for _ in tl.static_range(2):
+        estimate = tl.fma(estimate, tl.fma(-x, estimate, 1.0), estimate)
+    return estimate
+
+
+@triton.jit
+def _bias_corrections(step_ptr, lr_bits, log2_beta1_bits, log2_beta2_bits, COMPUTE: tl.constexpr):
+    """(step_size, bc2_sqrt) from this step's count, taken in fp64 as the reference takes
+    them from ``step_t.item()`` (``beta ** step`` as ``exp2(step * log2(beta))``, the
+    logarithm taken on the host; ``lr / bc1`` as ``lr * (1 / bc1)``, see _reciprocal),
+    then rounded to COMPUTE as torch rounds a Python scalar."""
     step = tl.load(step_ptr).to(tl.float64)
     bias_correction1 = 1 - tl.exp2(step * _host_float(log2_beta1_bits, tl.float64))
     bias_correction2 = 1 - tl.exp2(step * _host_float(log2_beta2_bits, tl.float64))
-    step_size = _host_float(lr_bits, tl.float64) / bias_correction1
-    return step_size, _sqrt(bias_correction2)
+    step_size = _host_float(lr_bits, tl.float64) * _reciprocal(bias_correction1)
+    return step_size.to(COMPUTE), _sqrt(bias_correction2).to(COMPUTE)
 
 
 @triton.jit
@@ -229,14 +265,10 @@ def _adam_block(
     ptrs,
     start,
     n,
-    factor,
     step_size,
     bc2_sqrt,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    eps,
-    weight_decay,
+    factor,
+    bits,
     words,
     skipped_ptr,
     AMSGRAD: tl.constexpr,
@@ -252,21 +284,25 @@ def _adam_block(
     COMPUTES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay = bits
     offs = _offsets(start, BLOCK)
     param_ptr, exp_avg_ptr, exp_avg_sq_ptr = ptrs[PARAM], ptrs[2], ptrs[3]
     old_weights = _load(param_ptr, offs, n, MASKED)
     grad = _gradient(ptrs[GRAD], offs, n, factor, MAXIMIZE, HAS_GRAD_SCALE, MASKED, COMPUTE)
     weights = old_weights.to(COMPUTE)
     if WEIGHT_DECAY:
+        weight_decay = _host_float(weight_decay, COMPUTE)
         if DECOUPLED:  # weight_decay holds 1 - lr * weight_decay here
             weights = _as_stored(weights * weight_decay, param_ptr, COMPUTE)
         else:
             grad = _as_stored(tl.fma(weights, weight_decay, grad), ptrs[GRAD], COMPUTE)
     exp_avg = _load(exp_avg_ptr, offs, n, MASKED).to(COMPUTE)
-    exp_avg = _as_stored(_lerp(exp_avg, grad, one_minus_beta1), exp_avg_ptr, COMPUTE)
+    exp_avg = _lerp(exp_avg, grad, _host_float(one_minus_beta1, COMPUTE))
+    exp_avg = _as_stored(exp_avg, exp_avg_ptr, COMPUTE)
     exp_avg_sq = _load(exp_avg_sq_ptr, offs, n, MASKED).to(COMPUTE)
-    exp_avg_sq = _as_stored(exp_avg_sq * beta2, exp_avg_sq_ptr, COMPUTE)
-    exp_avg_sq = _as_stored(exp_avg_sq + one_minus_beta2 * grad * grad, exp_avg_sq_ptr, COMPUTE)
+    exp_avg_sq = _as_stored(exp_avg_sq * _host_float(beta2, COMPUTE), exp_avg_sq_ptr, COMPUTE)
+    exp_avg_sq = exp_avg_sq + _host_float(one_minus_beta2, COMPUTE) * grad * grad
+    exp_avg_sq = _as_stored(exp_avg_sq, exp_avg_sq_ptr, COMPUTE)
     _store(exp_avg_ptr, offs, exp_avg, n, MASKED)
     _store(exp_avg_sq_ptr, offs, exp_avg_sq, n, MASKED)
     second = exp_avg_sq
@@ -277,9 +313,9 @@ def _adam_block(
         _store(max_ptr, offs, second, n, MASKED)
     # denom = (sqrt(v) / bc2_sqrt) + eps, each op a tensor in v's dtype in the reference
     denom = _as_stored(_sqrt(second), exp_avg_sq_ptr, COMPUTE)
-    denom = _as_stored(_div(denom, bc2_sqrt.to(COMPUTE)), exp_avg_sq_ptr, COMPUTE)
-    denom = _as_stored(denom + eps, exp_avg_sq_ptr, COMPUTE)
-    new_weights = weights - step_size.to(COMPUTE) * _div(exp_avg, denom)
+    denom = _as_stored(_div(denom, bc2_sqrt), exp_avg_sq_ptr, COMPUTE)
+    denom = _as_stored(denom + _host_float(eps, COMPUTE), exp_avg_sq_ptr, COMPUTE)
+    new_weights = weights - step_size * _div(exp_avg, denom)
     _average_and_store(
         ptrs,
         offs,
@@ -297,18 +333,7 @@ def _adam_block(
     )
 
 
-@triton.jit(
-    do_not_specialize=[
-        "lr_bits",
-        "one_minus_beta1_bits",
-        "beta2_bits",
-        "one_minus_beta2_bits",
-        "log2_beta1_bits",
-        "log2_beta2_bits",
-        "eps_bits",
-        "weight_decay_bits",
-    ]
-)
+@triton.jit
 def _adam_average_kernel(
     table_ptr,
     owner_ptr,
@@ -318,14 +343,7 @@ def _adam_average_kernel(
     found_inf_ptr,
     grad_scale_ptr,
     skipped_ptr,
-    lr_bits,
-    one_minus_beta1_bits,
-    beta2_bits,
-    one_minus_beta2_bits,
-    log2_beta1_bits,
-    log2_beta2_bits,
-    eps_bits,
-    weight_decay_bits,
+    bits,
     words,
     IS_LIST: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -342,32 +360,28 @@ def _adam_average_kernel(
     COMPUTES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """``bits``: lr, 1 - beta1, beta2, 1 - beta2, log2(beta1), log2(beta2), eps and the
+    weight decay (1 - lr * weight_decay when DECOUPLED), each a float64 as two odd words
+    (_launch.odd_words: plain bits in a tuple would respecialize the kernel)."""
     tensor, start, n = _locate(table_ptr, owner_ptr, size, len(ptrs), IS_LIST, BLOCK)
     ptrs = _columns(table_ptr, ptrs, 0, tensor, size, IS_LIST, ALIGNED)
     state_step_ptr = _row_scalar(table_ptr, state_step_ptr, 0, tensor, size, len(ptrs), IS_LIST)
     if _amp_active(found_inf_ptr, HAS_FOUND_INF):
-        step_size, bc2_sqrt = _bias_corrections(
-            state_step_ptr, lr_bits, log2_beta1_bits, log2_beta2_bits
+        lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay = _decoded(
+            bits
         )
+        step_size, bc2_sqrt = _bias_corrections(state_step_ptr, lr, log2_beta1, log2_beta2, COMPUTE)
+        hyper = (one_minus_beta1, beta2, one_minus_beta2, eps, decay)
         factor = _unscale_factor(grad_scale_ptr, HAS_GRAD_SCALE)
-        one_minus_beta1 = _host_float(one_minus_beta1_bits, COMPUTE)
-        beta2 = _host_float(beta2_bits, COMPUTE)
-        one_minus_beta2 = _host_float(one_minus_beta2_bits, COMPUTE)
-        eps = _host_float(eps_bits, COMPUTE)
-        weight_decay = _host_float(weight_decay_bits, COMPUTE)
         if start + BLOCK <= n:
             _adam_block(
                 ptrs,
                 start,
                 n,
-                factor,
                 step_size,
                 bc2_sqrt,
-                one_minus_beta1,
-                beta2,
-                one_minus_beta2,
-                eps,
-                weight_decay,
+                factor,
+                hyper,
                 words,
                 skipped_ptr,
                 AMSGRAD,
@@ -388,14 +402,10 @@ def _adam_average_kernel(
                 ptrs,
                 start,
                 n,
-                factor,
                 step_size,
                 bc2_sqrt,
-                one_minus_beta1,
-                beta2,
-                one_minus_beta2,
-                eps,
-                weight_decay,
+                factor,
+                hyper,
                 words,
                 skipped_ptr,
                 AMSGRAD,
@@ -441,10 +451,7 @@ def _sgd_block(
     start,
     n,
     factor,
-    lr,
-    momentum,
-    one_minus_dampening,
-    weight_decay,
+    bits,
     words,
     skipped_ptr,
     MOMENTUM: tl.constexpr,
@@ -461,27 +468,30 @@ def _sgd_block(
     COMPUTES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    lr, momentum, one_minus_dampening, weight_decay = bits
     offs = _offsets(start, BLOCK)
     old_weights = _load(ptrs[PARAM], offs, n, MASKED)
     grad = _gradient(ptrs[GRAD], offs, n, factor, MAXIMIZE, HAS_GRAD_SCALE, MASKED, COMPUTE)
     weights = old_weights.to(COMPUTE)
     if WEIGHT_DECAY:
+        weight_decay = _host_float(weight_decay, COMPUTE)
         grad = _as_stored(tl.fma(weights, weight_decay, grad), ptrs[GRAD], COMPUTE)
     if MOMENTUM:
         buf_ptr = ptrs[2]
+        momentum = _host_float(momentum, COMPUTE)
         if FIRST_STEP:  # a new buffer takes the gradient (nothing to load)
             buf = grad
         else:
             buf = _load(buf_ptr, offs, n, MASKED).to(COMPUTE)
             buf = _as_stored(buf * momentum, buf_ptr, COMPUTE)
-            buf = tl.fma(grad, one_minus_dampening, buf)
+            buf = tl.fma(grad, _host_float(one_minus_dampening, COMPUTE), buf)
         buf = _as_stored(buf, buf_ptr, COMPUTE)
         _store(buf_ptr, offs, buf, n, MASKED)
         if NESTEROV:
             grad = _as_stored(tl.fma(buf, momentum, grad), ptrs[GRAD], COMPUTE)
         else:
             grad = buf
-    new_weights = tl.fma(grad, -lr, weights)
+    new_weights = tl.fma(grad, -_host_float(lr, COMPUTE), weights)
     _average_and_store(
         ptrs,
         offs,
@@ -499,9 +509,7 @@ def _sgd_block(
     )
 
 
-@triton.jit(
-    do_not_specialize=["lr_bits", "momentum_bits", "one_minus_dampening_bits", "weight_decay_bits"]
-)
+@triton.jit
 def _sgd_average_kernel(
     table_ptr,
     owner_ptr,
@@ -510,10 +518,7 @@ def _sgd_average_kernel(
     found_inf_ptr,
     grad_scale_ptr,
     skipped_ptr,
-    lr_bits,
-    momentum_bits,
-    one_minus_dampening_bits,
-    weight_decay_bits,
+    bits,
     words,
     IS_LIST: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -531,24 +536,18 @@ def _sgd_average_kernel(
     COMPUTES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """``bits``: lr, momentum, 1 - dampening and the weight decay, as in the Adam kernel."""
     tensor, start, n = _locate(table_ptr, owner_ptr, size, len(ptrs), IS_LIST, BLOCK)
     ptrs = _columns(table_ptr, ptrs, 0, tensor, size, IS_LIST, ALIGNED)
     if _amp_active(found_inf_ptr, HAS_FOUND_INF):
         factor = _unscale_factor(grad_scale_ptr, HAS_GRAD_SCALE)
-        lr = _host_float(lr_bits, COMPUTE)
-        momentum = _host_float(momentum_bits, COMPUTE)
-        one_minus_dampening = _host_float(one_minus_dampening_bits, COMPUTE)
-        weight_decay = _host_float(weight_decay_bits, COMPUTE)
         if start + BLOCK <= n:
             _sgd_block(
                 ptrs,
                 start,
                 n,
                 factor,
-                lr,
-                momentum,
-                one_minus_dampening,
-                weight_decay,
+                _decoded(bits),
                 words,
                 skipped_ptr,
                 MOMENTUM,
@@ -571,10 +570,7 @@ def _sgd_average_kernel(
                 start,
                 n,
                 factor,
-                lr,
-                momentum,
-                one_minus_dampening,
-                weight_decay,
+                _decoded(bits),
                 words,
                 skipped_ptr,
                 MOMENTUM,
@@ -729,8 +725,9 @@ def _check_steps(state_steps, n: int, device: torch.device) -> None:
 # --- host side: launches -----------------------------------------------------------------
 
 
-def _bits(value: float) -> int:
-    return _launch.float_bits(value)
+def _words(*values: float) -> tuple[int, ...]:
+    """Each number as two odd words (_launch.odd_words), decoded by _decoded."""
+    return tuple(w for value in values for w in _launch.odd_words(_launch.float_bits(value)))
 
 
 def _average_args(average: str, scalars) -> tuple[int, ...]:
@@ -745,7 +742,7 @@ def _average_args(average: str, scalars) -> tuple[int, ...]:
         rates = [0.0]
     else:
         rates = [float(r) for r in scalars]
-    return tuple(word for rate in rates for word in _launch.odd_words(_bits(rate)))
+    return _words(*rates)
 
 
 def _common_flags(average, columns, shadow_columns, skip_nonfinite, skipped, found_inf, grad_scale):
@@ -759,6 +756,7 @@ def _common_flags(average, columns, shadow_columns, skip_nonfinite, skipped, fou
         HAS_SKIPPED=skipped is not None,
         COMPUTE=_launch.compute_dtype(*(column[0].dtype for column in columns)),
         COMPUTES=tuple(_launch.compute_dtype(params[0].dtype, s[0].dtype) for s in shadow_columns),
+        maxnreg=MAX_REGISTERS,
         **_launch.shape_flags(*dtypes),
     )
 
@@ -831,14 +829,16 @@ def adam_average_(
         placeholder if found_inf is None else found_inf,
         placeholder if grad_scale is None else grad_scale,
         placeholder if skipped is None else skipped,
-        _bits(lr),
-        _bits(1.0 - beta1),
-        _bits(beta2),
-        _bits(1.0 - beta2),
-        _bits(math.log2(beta1) if beta1 > 0 else -math.inf),
-        _bits(math.log2(beta2) if beta2 > 0 else -math.inf),
-        _bits(eps),
-        _bits(1.0 - lr * weight_decay if decoupled else weight_decay),
+        _words(
+            lr,
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            math.log2(beta1) if beta1 > 0 else -math.inf,
+            math.log2(beta2) if beta2 > 0 else -math.inf,
+            eps,
+            1.0 - lr * weight_decay if decoupled else weight_decay,
+        ),
         _average_args(average, average_scalars),
     )
     optimizer_columns = list(columns.values())
@@ -924,10 +924,7 @@ def sgd_average_(
         placeholder if found_inf is None else found_inf,
         placeholder if grad_scale is None else grad_scale,
         placeholder if skipped is None else skipped,
-        _bits(lr),
-        _bits(momentum),
-        _bits(1.0 - dampening),
-        _bits(weight_decay),
+        _words(lr, momentum, 1.0 - dampening, weight_decay),
         _average_args(average, average_scalars),
     )
     optimizer_columns = list(columns.values())
