@@ -106,3 +106,19 @@ def test_fused_step_moves_each_element_once_with_128_bit_accesses(case, arch):
     columns = len(case.inputs)
     steps = 2 if case.optimizer == "adam" else 0
     assert report.scalar_loads <= 3 + columns + steps + 2, report.fast_loads
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in aot.fused_cases() if c.optimizer == "adam" and c.average == "lerp"],
+    ids=lambda c: c.label.replace(" ", "-"),
+)
+def test_adam_bias_corrections_are_fp64_math(case):
+    """bc1, bc2, lr / bc1 and sqrt(bc2) from the device's step count: fp64 exp2 and an IEEE
+    fp64 division and square root, none of the approximate fp32 instructions; the
+    per-element divisions and square roots are the correctly rounded fp32 ones."""
+    ptx = aot.compile_case(case, 90).asm["ptx"]
+    for exact in ("div.rn.f64", "sqrt.rn.f64"):
+        assert exact in ptx, exact
+    for approximate in ("ex2.approx.f32", "lg2.approx.f32", "div.full.f32", "sqrt.approx"):
+        assert approximate not in ptx, approximate

@@ -228,35 +228,21 @@ def _average_and_store(
 # --- Adam / AdamW ------------------------------------------------------------------------
 # The hyperparameters are decoded where they are used, inside the block, not before the
 # full/tail split: holding them (and the fp64 bias corrections) across the block's loads
-# spilled registers on sm_80 (bf16 weights, and fp64). The bias corrections and the
-# unscale factor are the exception: their fp64 math (the factor's IEEE division, whose
-# slow path ptxas calls) taken among the block's loads spilled on sm_90; taken once,
-# before any load, only three fp32 values stay live.
-
-
-@triton.jit
-def _reciprocal(x):
-    """``1 / x`` for an fp64 ``x`` in (0, 1], by two Newton steps from an fp32 estimate:
-    within an ulp or two of the fp64 division, so the same number once rounded to fp32
-    (the step size's use) but in a 2**-28 fraction of cases. ptxas compiles the IEEE fp64
-    division with a slow path it calls, and that call gave the kernels a stack frame and
-    spilled registers on sm_80 and sm_90."""
-    estimate = (1.0 / x.to(tl.float32)).to(tl.float64)
-    for _ in tl.static_range(2):
-        estimate = tl.fma(estimate, tl.fma(-x, estimate, 1.0), estimate)
-    return estimate
+# spilled registers on sm_80 (bf16 weights, and fp64; measured before MAX_REGISTERS).
+# The bias corrections and the unscale factor are the exception: their fp64 math (IEEE
+# divisions, whose slow paths ptxas calls) taken among the block's loads spilled on
+# sm_90; taken once, before any load, only three fp32 values stay live.
 
 
 @triton.jit
 def _bias_corrections(step_ptr, lr_bits, log2_beta1_bits, log2_beta2_bits, COMPUTE: tl.constexpr):
     """(step_size, bc2_sqrt) from this step's count, taken in fp64 as the reference takes
     them from ``step_t.item()`` (``beta ** step`` as ``exp2(step * log2(beta))``, the
-    logarithm taken on the host; ``lr / bc1`` as ``lr * (1 / bc1)``, see _reciprocal),
-    then rounded to COMPUTE as torch rounds a Python scalar."""
+    logarithm taken on the host), then rounded to COMPUTE as torch rounds a Python scalar."""
     step = tl.load(step_ptr).to(tl.float64)
     bias_correction1 = 1 - tl.exp2(step * _host_float(log2_beta1_bits, tl.float64))
     bias_correction2 = 1 - tl.exp2(step * _host_float(log2_beta2_bits, tl.float64))
-    step_size = _host_float(lr_bits, tl.float64) * _reciprocal(bias_correction1)
+    step_size = _host_float(lr_bits, tl.float64) / bias_correction1
     return step_size.to(COMPUTE), _sqrt(bias_correction2).to(COMPUTE)
 
 
