@@ -63,7 +63,7 @@ AVERAGES = {
     "none": lambda step: [],
     "ema": lambda step: [0.9],
     "ema-k2": lambda step: [0.9, 0.3 + 0.1 * step],  # both sides of lerp's 0.5 switch
-    "swa": lambda step: [step],
+    "swa": lambda step: [float(step)],  # a whole float: average_scalars is a list of floats
     "belay": lambda step: [0.1, 0.6],
     "poster": lambda step: [0.3, 0.05],
 }

@@ -614,7 +614,7 @@ def _check_average(average, scalars, num_shadows: int, n: int) -> int:
         profiles = 1
         if average == "swa":
             _check_host_scalar("count", scalars[0])
-            check_count(scalars[0], None)
+            check_count(_integral(scalars[0]), None)
         for name, rate in zip(("alpha", "beta"), scalars if wanted == 2 else ()):
             _check_host_scalar(name, rate)
             check_unit_interval(name, rate, None)
@@ -624,6 +624,13 @@ def _check_average(average, scalars, num_shadows: int, n: int) -> int:
             f"{profiles * n} in all (profile after profile), got {num_shadows}."
         )
     return profiles
+
+
+def _integral(count: object) -> object:
+    """A count given as a whole float (``average_scalars`` is a list of floats) as an int."""
+    if isinstance(count, float) and count.is_integer():
+        return int(count)
+    return count
 
 
 def _check_host_scalar(name: str, value: object) -> None:
