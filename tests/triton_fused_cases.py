@@ -202,8 +202,10 @@ def _run(case: Case, steps=STEPS, nonfinite_at=None, skip=True, grad_scale=None)
         scale = 1.0 if grad_scale is None else float(grad_scale)
         grads = _grads(case, step, nonfinite=step == nonfinite_at, scale=scale)
         ref_grads = [g.clone() for g in grads]
-        case.step(triton_backend, step, grads, grad_scale, None, skip, counters[0])
-        want.step(reference, step, ref_grads, grad_scale, None, skip, counters[1])
+        # with a scale, GradScaler's found_inf too: zero, so the step runs
+        found_inf = None if grad_scale is None else torch.zeros(())
+        case.step(triton_backend, step, grads, grad_scale, found_inf, skip, counters[0])
+        want.step(reference, step, ref_grads, grad_scale, found_inf, skip, counters[1])
         where = f"{case.optimizer} {case.options} {case.average} step {step}"
         _compare(case, want, where)
         for i, (a, b) in enumerate(zip(grads, ref_grads)):
