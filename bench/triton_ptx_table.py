@@ -3,7 +3,8 @@
 Compiles each kernel ahead of time for sm_80 and sm_90 (no GPU needed), then prints a
 markdown table: kernel, dtype pair, arch, fast-path vector width, local memory,
 registers, and bytes moved per element as counted from the PTX's global loads and
-stores (``multi_ema_update_xK``: K shadows of one weights tensor in one pass). Then the
+stores (``multi_ema_update_xK``: K shadows of one weights tensor in one pass; the fused
+optimizer steps as ``<optimizer>_average_ <average>x<shadows>``). Then the
 estimated time per step at 90% of H100 HBM3 peak bandwidth.
 
     PYTHONPATH=. python bench/triton_ptx_table.py            # all kernels, both archs
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
             + aot.multi_ema_cases(foreach=True)
             + aot.graph_cases()
             + aot.multi_ema_graph_cases()
+            + aot.fused_cases()
         )
     )
     print(

@@ -1,6 +1,7 @@
 """Runs the Triton backend's tests in a subprocess with TRITON_INTERPRET=1: every method
 against the reference (test_backends.py) and the Triton-only behaviour, the K-profile
-EMA's kernels among it (triton_interpreter_cases.py).
+EMA's kernels among it (triton_interpreter_cases.py), and the fused optimizer steps
+against their spec (triton_fused_cases.py).
 
 The variable has to be set before Triton is imported, and setting it in this process
 would turn every other test's Triton kernels into interpreted ones; a subprocess keeps
@@ -23,6 +24,7 @@ ROOT = HERE.parent
 FILES = [
     ("test_backends.py", None),
     ("triton_interpreter_cases.py", None),
+    ("triton_fused_cases.py", None),
     ("test_audit_mutations.py", "test_1_"),  # the two-point average's overflow
 ]
 

@@ -87,3 +87,38 @@ def test_multi_ema_loads_the_weights_once_and_each_shadow_once(case, arch):
     decay_loads = 2 * k if case.graph else 0
     table_loads = 3 + k + 1 if case.foreach else 0
     assert report.scalar_loads <= decay_loads + table_loads, report.fast_loads
+
+
+@pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("case", aot.fused_cases(), ids=lambda c: c.label.replace(" ", "-"))
+def test_fused_step_moves_each_element_once_with_128_bit_accesses(case, arch):
+    """The optimizer's step and the average in one pass: one load of the param, the
+    gradient, the optimizer's state and each shadow, one store of each (the gradient is
+    stored too: it is unscaled in place), all 128-bit, no spills."""
+    report = aot.analyse(case, arch)
+    assert report.local_ops == 0, "ld.local/st.local in the PTX"
+    assert report.usage["stack_bytes"] == 0 and report.usage["spill_bytes"] == 0, report.usage
+    assert report.fast_stores and set(report.fast_stores) == {128}, report.fast_stores
+    assert report.load_bytes_per_element == case.bytes_per_element(case.inputs)
+    assert report.store_bytes_per_element == case.bytes_per_element(case.outputs)
+    # the table's owner, size, first block and one offset per column; the step count's
+    # offset and the count (Adam); found_inf and grad_scale
+    columns = len(case.inputs)
+    steps = 2 if case.optimizer == "adam" else 0
+    assert report.scalar_loads <= 3 + columns + steps + 2, report.fast_loads
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in aot.fused_cases() if c.optimizer == "adam" and c.average == "lerp"],
+    ids=lambda c: c.label.replace(" ", "-"),
+)
+def test_adam_bias_corrections_are_fp64_math(case):
+    """bc1, bc2, lr / bc1 and sqrt(bc2) from the device's step count: fp64 exp2 and an IEEE
+    fp64 division and square root, none of the approximate fp32 instructions; the
+    per-element divisions and square roots are the correctly rounded fp32 ones."""
+    ptx = aot.compile_case(case, 90).asm["ptx"]
+    for exact in ("div.rn.f64", "sqrt.rn.f64"):
+        assert exact in ptx, exact
+    for approximate in ("ex2.approx.f32", "lg2.approx.f32", "div.full.f32", "sqrt.approx"):
+        assert approximate not in ptx, approximate

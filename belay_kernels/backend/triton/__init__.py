@@ -1,7 +1,8 @@
 """The Triton backend: one launch per flat buffer (or per tensor list), one pass over
 memory, for every op of :mod:`belay_kernels.reference`.
 
-One file per method (``ema``, ``multi_ema``, ``swa``, ``belay``, ``two_point``, ``swap``), each with its
+One file per method (``ema``, ``multi_ema``, ``swa``, ``belay``, ``two_point``, ``swap``, and
+``optimizers``: an optimizer's step and the average in one pass), each with its
 ``@triton.jit`` kernels first and a thin launcher after; shared per-element pieces are
 in ``_blocks``, host-side launch details in ``_launch``, and the device-side step
 counters (graph-capturable steps) in ``device_step``.
@@ -34,6 +35,7 @@ if _IMPORT_ERROR is None:
     from .device_step import StepGate, advance_step_
     from .ema import ema_update_, ema_update_foreach_
     from .multi_ema import multi_ema_update_, multi_ema_update_foreach_
+    from .optimizers import adam_average_, sgd_average_
     from .swa import swa_update_, swa_update_foreach_
     from .swap import swap_, swap_foreach_
     from .two_point import two_point_average_, two_point_average_foreach_
@@ -44,8 +46,9 @@ def unavailable_reason() -> str | None:
 
 
 def supports(op: str, dtypes) -> bool:
-    """Every floating dtype combination ops accepts; swap_ covers the reference's pairs
-    (same dtype, and bf16 weights with an fp32 shadow, by bit packing)."""
+    """Every floating dtype combination ops accepts, the fused optimizer's steps
+    (adam_average_, sgd_average_: (param dtype, shadow dtype)) included; swap_ covers the
+    reference's pairs (same dtype, and bf16 weights with an fp32 shadow, by bit packing)."""
     if op == "swap_":
         return swap_supported(*dtypes)
     return True
@@ -70,4 +73,6 @@ __all__ = [
     "swap_foreach_",
     "multi_ema_update_",
     "multi_ema_update_foreach_",
+    "adam_average_",
+    "sgd_average_",
 ]

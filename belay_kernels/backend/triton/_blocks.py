@@ -61,6 +61,29 @@ def _keep_where_nonfinite(new, old, incoming, skipped_ptr, HAS_SKIPPED: tl.const
 
 
 @triton.jit
+def _spring_and_follow(
+    weights,
+    followed,
+    shadow,
+    alpha,
+    beta,
+    skipped_ptr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_SKIPPED: tl.constexpr,
+):
+    """BELAY's element update: the spring ``lerp(weights, shadow, beta)`` and the shadow's
+    EMA step toward ``followed``, ``lerp(shadow, followed, alpha)``, which keeps the old
+    shadow where ``followed`` is non-finite. ``followed`` is the weights themselves in the
+    post-step form, and the weights from before the optimizer's step in the poster's form
+    (reference.belay_poster_)."""
+    new_weights = _lerp(weights, shadow, beta)
+    new_shadow = _lerp(shadow, followed, alpha)
+    if SKIP_NONFINITE:
+        new_shadow = _keep_where_nonfinite(new_shadow, shadow, followed, skipped_ptr, HAS_SKIPPED)
+    return new_weights, new_shadow
+
+
+@triton.jit
 def _lerp_into(
     shadow_ptr,
     offs,
@@ -205,8 +228,9 @@ def _rate(bits, ptr, FROM_PTR: tl.constexpr, ONE_MINUS: tl.constexpr, COMPUTE: t
 # The table built by _launch.PointerTable (int64): for each of C columns (shadow,
 # weights, ...) the T tensors' element offsets from the column's base pointer (the table's
 # own address, passed as one kernel argument per column so the pointers keep their dtype
-# and the JIT's alignment facts), then the T sizes, then each tensor's first block; plus,
-# separately, every block's owner (int32).
+# and the JIT's alignment facts), then the T sizes, then each tensor's first block, then
+# for each row scalar (a one-element tensor per row: the optimizer's step counts) the T
+# offsets of the pieces' row's element; plus, separately, every block's owner (int32).
 
 
 @triton.jit
@@ -301,3 +325,22 @@ def _table_pointer(
         VECTOR: tl.constexpr = 128 // base_ptr.dtype.element_ty.primitive_bitwidth
         offset = offset // VECTOR * VECTOR
     return base_ptr + offset
+
+
+@triton.jit
+def _row_scalar(
+    table_ptr,
+    ptr,
+    index: tl.constexpr,
+    tensor,
+    num_tensors,
+    NUM_COLUMNS: tl.constexpr,
+    IS_LIST: tl.constexpr,
+):
+    """The pointer to the row scalar ``index`` of this program's tensor: ``ptr`` itself in
+    a flat launch. Not rounded as ALIGNED rounds the columns: the scalar is one element
+    whatever its address."""
+    if IS_LIST:
+        offset = tl.load(table_ptr + (NUM_COLUMNS + 2 + index) * num_tensors + tensor)
+        ptr = ptr + offset
+    return ptr

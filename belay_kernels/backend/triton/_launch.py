@@ -81,7 +81,9 @@ def on_device(device: torch.device):
     return torch.cuda.device(device)
 
 
-def launch(kernel, columns, args, flags, owners=None, tuple_columns: int = 0) -> None:
+def launch(
+    kernel, columns, args, flags, owners=None, tuple_columns: int = 0, row_scalars=()
+) -> None:
     """One launch of a kernel written for both forms (``IS_LIST``): ``columns`` are tensors
     (one program per block of them; nothing for empty ones) or lists of tensors (one
     launch over every block of every tensor, two where some tensors, or their first few
@@ -90,7 +92,10 @@ def launch(kernel, columns, args, flags, owners=None, tuple_columns: int = 0) ->
     and owner, and size is its numel. ``tuple_columns``: how many leading columns travel
     as one tuple argument (the multi-EMA's K shadows). ``owners``: the tensors whose
     lifetime the pointer tables follow, when ``columns`` holds temporary views of them
-    (default: ``columns``)."""
+    (default: ``columns``). ``row_scalars``: per-tensor one-element tensors (the
+    optimizer's step counts), one tensor or list per scalar, passed as one pointer each
+    after the columns' pointers; every program of a row reads that row's element (see
+    PointerTable)."""
 
     def pointers(columns):
         columns = tuple(columns)
@@ -107,13 +112,15 @@ def launch(kernel, columns, args, flags, owners=None, tuple_columns: int = 0) ->
                     columns[0],
                     n,
                     *pointers(columns),
+                    *row_scalars,
                     *args,
                     IS_LIST=False,
                     ALIGNED=True,
                     **flags,
                 )
         return
-    tables = PointerTable.of(columns, owners if owners is not None else columns)
+    owners = owners if owners is not None else columns
+    tables = PointerTable.of(columns, [*owners, *row_scalars], row_scalars)
     with on_device(columns[0][0].device):
         for table in tables:
             kernel[(table.num_blocks,)](
@@ -121,6 +128,7 @@ def launch(kernel, columns, args, flags, owners=None, tuple_columns: int = 0) ->
                 table.owner,
                 table.num_tensors,
                 *pointers(table.bases),
+                *table.scalar_bases,
                 *args,
                 IS_LIST=True,
                 ALIGNED=table.aligned,
@@ -178,12 +186,21 @@ class PointerTable:
     pieces that are 16-byte aligned in every column (whole tensors, or what follows a
     tensor's scalar head) go in one table launched with 128-bit accesses, the heads and
     tensors that never align in a second. Building allocates and copies from the host,
-    which a CUDA graph capture forbids: run one step before capturing."""
+    which a CUDA graph capture forbids: run one step before capturing.
+
+    ``row_scalars``: lists of one-element tensors, one per row (tensor index), stored
+    after the first blocks as each piece's offset to its row's element: a piece that is
+    only part of a tensor still reads that tensor's scalar, which takes no part in the
+    alignment of the pieces."""
 
     _tables: dict = {}
 
     def __init__(
-        self, columns: list[list[torch.Tensor]], pieces: list[tuple[int, int, int]], aligned: bool
+        self,
+        columns: list[list[torch.Tensor]],
+        pieces: list[tuple[int, int, int]],
+        aligned: bool,
+        row_scalars=(),
     ):
         self.block = block_size(*(column[0].dtype for column in columns))
         sizes = [length for _, _, length in pieces]
@@ -192,17 +209,15 @@ class PointerTable:
         for b in blocks[:-1]:
             first.append(first[-1] + b)
         device = columns[0][0].device
-        self.table = torch.empty((len(columns) + 2) * len(pieces), dtype=torch.int64, device=device)
-        offsets = []
-        for column in columns:
-            size = column[0].element_size()
-            for i, start, _ in pieces:
-                distance = _address(column[i], start) - self.table.data_ptr()
-                if distance % size:  # never for a tensor of this dtype's own storage
-                    raise ValueError(f"a tensor's address is not a multiple of {size} bytes")
-                offsets.append(distance // size)
-        self.table.copy_(torch.tensor(offsets + sizes + first, dtype=torch.int64))
+        rows = len(columns) + 2 + len(row_scalars)
+        self.table = torch.empty(rows * len(pieces), dtype=torch.int64, device=device)
+        offsets = [self._offset(column[i], start) for column in columns for i, start, _ in pieces]
+        scalar_offsets = [
+            self._offset(column[i], 0) for column in row_scalars for i, _, _ in pieces
+        ]
+        self.table.copy_(torch.tensor(offsets + sizes + first + scalar_offsets, dtype=torch.int64))
         self.bases = [self.table.view(column[0].dtype) for column in columns]
+        self.scalar_bases = [self.table.view(column[0].dtype) for column in row_scalars]
         owners = torch.repeat_interleave(
             torch.arange(len(sizes), dtype=torch.int32), torch.tensor(blocks, dtype=torch.int64)
         )
@@ -211,11 +226,26 @@ class PointerTable:
         self.num_blocks = sum(blocks)
         self.aligned = aligned
 
+    def _offset(self, t: torch.Tensor, element: int) -> int:
+        """Element ``element`` of ``t`` as an offset from the table, in t's elements."""
+        size = t.element_size()
+        distance = _address(t, element) - self.table.data_ptr()
+        if distance % size:  # never for a tensor of this dtype's own storage
+            raise ValueError(f"a tensor's address is not a multiple of {size} bytes")
+        return distance // size
+
     @classmethod
-    def of(cls, columns: list[list[torch.Tensor]], owners) -> list[PointerTable]:
-        """The tables for ``columns``, built on first use (refused during a capture);
-        ``owners`` are the tensor objects whose lifetime the tables follow."""
-        key = tuple((t.data_ptr(), t.numel(), t.dtype, t.device) for c in columns for t in c)
+    def of(cls, columns: list[list[torch.Tensor]], owners, row_scalars=()) -> list[PointerTable]:
+        """The tables for ``columns`` (and ``row_scalars``), built on first use (refused
+        during a capture); ``owners`` are the tensor objects whose lifetime the tables
+        follow."""
+        key = tuple(
+            (t.data_ptr(), t.numel(), t.dtype, t.device)
+            for c in (*columns, *row_scalars)
+            for t in c
+        )
+        if row_scalars:  # the same tensors without the scalars have a table of other rows
+            key += (len(row_scalars),)
         tables = cls._tables.get(key)
         if tables is None:
             if _capturing(columns[0][0].device):
@@ -227,7 +257,7 @@ class PointerTable:
                     "while a CUDA graph is being captured. Run the same call once before "
                     "the capture, with the same tensors, so the table exists."
                 )
-            tables = cls._build(columns)
+            tables = cls._build(columns, row_scalars)
             cls._tables[key] = tables
             for t in {id(t): t for c in owners for t in c}.values():
                 weakref.finalize(t, cls._forget, key, tables)
@@ -239,7 +269,7 @@ class PointerTable:
             del cls._tables[key]
 
     @classmethod
-    def _build(cls, columns) -> list[PointerTable]:
+    def _build(cls, columns, row_scalars=()) -> list[PointerTable]:
         aligned, misaligned = [], []
         for i in range(len(columns[0])):
             if columns[0][i].numel():
@@ -247,7 +277,7 @@ class PointerTable:
                 aligned += [(i, start, n) for start, n in good]
                 misaligned += [(i, start, n) for start, n in bad]
         return [
-            cls(columns, pieces, flag)
+            cls(columns, pieces, flag, row_scalars)
             for pieces, flag in ((aligned, True), (misaligned, False))
             if pieces
         ]

@@ -279,12 +279,14 @@ def _signature(case: Case):
     return signature, constexprs, attrs
 
 
-def compile_case(case: Case, arch: int):
-    signature, constexprs, attrs = _signature(case)
+def compile_case(case, arch: int):
+    """Compile a Case or a FusedCase (which knows its own signature)."""
+    signature, constexprs, attrs = _signature(case) if isinstance(case, Case) else case.signature()
     source = ASTSource(case.kernel, signature, constexprs, attrs)
-    return triton.compile(
-        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": _launch.NUM_WARPS}
-    )
+    options = {"num_warps": _launch.NUM_WARPS}
+    if isinstance(case, FusedCase):
+        options["maxnreg"] = case.max_registers
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 _GLOBAL = re.compile(r"^\s*(@!?%p\d+\s+)?(ld|st)\.global(\.[\w:]+)*?\s")
@@ -360,7 +362,7 @@ class PtxReport:
         return len(self.fast_loads) - len(self.streaming_loads)
 
 
-def analyse(case: Case, arch: int) -> PtxReport:
+def analyse(case, arch: int) -> PtxReport:
     ptx = compile_case(case, arch).asm["ptx"]
     loads, stores = [], []
     for line in ptx.splitlines():
@@ -370,3 +372,132 @@ def analyse(case: Case, arch: int) -> PtxReport:
     local_ops = len(re.findall(r"\b(ld|st)\.local\b", ptx))
     shared_ops = len(re.findall(r"\b(ld|st)\.shared\b", ptx))
     return PtxReport(case, arch, loads, stores, local_ops, shared_ops, ptxas_usage(ptx))
+
+
+# --- the fused optimizer steps (optimizers.py) ------------------------------------------
+
+_OPTIMIZER_STATE = {
+    "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    "sgd": ("momentum_buffer",),
+}
+
+
+@dataclass(frozen=True)
+class FusedCase:
+    """One fused optimizer kernel (always a tensor-list launch) with every option that adds
+    traffic or registers on: Adam with AMSGrad, L2 decay and maximize; SGD with momentum
+    (not its first step), nesterov and decay; both with GradScaler's grad_scale (the
+    gradient is written back) and found_inf, and a skipped counter."""
+
+    optimizer: str  # "adam" or "sgd"
+    average: str  # the kernel's: "none", "lerp" (EMA, SWA), "belay", "poster"
+    profiles: int  # shadows per tensor
+    weights_dtype: torch.dtype
+    shadow_dtype: torch.dtype
+    foreach: bool = True
+    graph: bool = False
+
+    @property
+    def kernel(self):
+        from . import optimizers
+
+        return getattr(optimizers, f"_{self.optimizer}_average_kernel")
+
+    @property
+    def max_registers(self) -> int:
+        from . import optimizers
+
+        return optimizers.MAX_REGISTERS
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return ("param", "grad", *_OPTIMIZER_STATE[self.optimizer]) + ("shadow",) * self.profiles
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return ("param", "grad", *_OPTIMIZER_STATE[self.optimizer]) + ("shadow",) * self.profiles
+
+    def role_dtype(self, role: str) -> torch.dtype:
+        return self.shadow_dtype if role == "shadow" else self.weights_dtype
+
+    @property
+    def block(self) -> int:
+        return _launch.block_size(self.weights_dtype, self.shadow_dtype)
+
+    @property
+    def elements_per_thread(self) -> int:
+        return self.block // THREADS
+
+    def bytes_per_element(self, roles) -> int:
+        return sum(self.role_dtype(role).itemsize for role in roles)
+
+    @property
+    def label(self) -> str:
+        pair = "/".join(
+            str(d).removeprefix("torch.") for d in (self.weights_dtype, self.shadow_dtype)
+        )
+        return f"{self.optimizer}_average_ {self.average}x{self.profiles} {pair}"
+
+    def signature(self):
+        fn = self.kernel
+        columns = self.inputs
+        compute = _launch.compute_dtype(self.weights_dtype, self.shadow_dtype)
+        rates = {"none": 1, "lerp": self.profiles, "belay": 2, "poster": 2}[self.average]
+        flags = {
+            "IS_LIST": True,
+            "ALIGNED": True,
+            "AMSGRAD": True,
+            "WEIGHT_DECAY": True,
+            "DECOUPLED": False,
+            "MAXIMIZE": True,
+            "MOMENTUM": True,
+            "FIRST_STEP": False,
+            "NESTEROV": True,
+            "HAS_FOUND_INF": True,
+            "HAS_GRAD_SCALE": True,
+            "AVERAGE": self.average,
+            "SKIP_NONFINITE": True,
+            "HAS_SKIPPED": True,
+            "COMPUTE": compute,
+            "COMPUTES": (compute,) * self.profiles,
+            "BLOCK": self.block,
+        }
+        types = {
+            "ptrs": tuple("*" + _TRITON_TYPES[self.role_dtype(role)] for role in columns),
+            "words": ("i64",) * (2 * rates),
+            # the optimizer's hyperparameters, two words each (optimizers._decoded)
+            "bits": ("i64",) * (2 * (8 if self.optimizer == "adam" else 4)),
+            "state_step_ptr": "*fp32",
+            "found_inf_ptr": "*fp32",
+            "grad_scale_ptr": "*fp32",
+        }
+        signature, constexprs, attrs = {}, {}, {}
+        for index, name in enumerate(fn.arg_names):
+            if name in flags:
+                signature[name] = "constexpr"
+                constexprs[name] = flags[name]
+                continue
+            signature[name] = types.get(name) or _scalar_type(name)
+            if name == "ptrs":
+                for sub in range(len(columns)):
+                    attrs[(index, sub)] = [["tt.divisibility", 16]]
+            elif isinstance(signature[name], str) and signature[name].startswith("*"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        return signature, constexprs, attrs
+
+
+def fused_cases() -> list[FusedCase]:
+    """Each optimizer with each average the kernels have (EMA with 1 and 3 profiles), for
+    fp32 and for bf16 weights with fp32 shadows; fp64 with the K=1 EMA."""
+    pairs = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32))
+    averages = (("none", 0), ("lerp", 1), ("lerp", 3), ("belay", 1), ("poster", 1))
+    cases = [
+        FusedCase(optimizer, average, profiles, w, s)
+        for optimizer in ("adam", "sgd")
+        for average, profiles in averages
+        for w, s in pairs
+    ]
+    return cases + [
+        FusedCase(optimizer, "lerp", 1, torch.float64, torch.float64)
+        for optimizer in ("adam", "sgd")
+    ]

@@ -10,13 +10,12 @@ import triton.language as tl
 
 from . import _launch
 from ._blocks import (
-    _keep_where_nonfinite,
-    _lerp,
     _load,
     _offsets,
     _place,
     _rate,
     _skip_block,
+    _spring_and_follow,
     _store,
 )
 from .device_step import StepGate, _gate, gate_args
@@ -40,10 +39,9 @@ def _belay_block(
     offs = _offsets(start, BLOCK)
     weights = _load(weights_ptr, offs, n, MASKED).to(COMPUTE)
     shadow = _load(shadow_ptr, offs, n, MASKED).to(COMPUTE)
-    new_weights = _lerp(weights, shadow, beta)
-    new_shadow = _lerp(shadow, weights, alpha)
-    if SKIP_NONFINITE:
-        new_shadow = _keep_where_nonfinite(new_shadow, shadow, weights, skipped_ptr, HAS_SKIPPED)
+    new_weights, new_shadow = _spring_and_follow(
+        weights, weights, shadow, alpha, beta, skipped_ptr, SKIP_NONFINITE, HAS_SKIPPED
+    )
     _store(weights_ptr, offs, new_weights, n, MASKED)
     _store(shadow_ptr, offs, new_shadow, n, MASKED)
 
