@@ -101,6 +101,97 @@ BK_HD T belay_shadow(T shadow, T weights, T alpha) {
   return lerp(shadow, weights, alpha);
 }
 
+// --- the optimizers' steps (reference.adam_average_, sgd_average_) ---------------------
+// torch's single-tensor Adam/AdamW and SGD round the result of every tensor op to the
+// parameters' dtype R, each op's math running in opmath T (float for 16-bit parameters).
+// Each function below is one such op, rounded as torch's CPU kernel rounds it (measured
+// on AVX-512 ATen; tests/test_extension_fused.py compares them bit for bit).
+
+// x rounded to R and back: the result of one torch op stored in the parameters' dtype.
+template <typename R, typename T>
+BK_HD T rounded(T x) {
+  return static_cast<T>(static_cast<R>(x));
+}
+
+// a * b rounded once, as an op of its own. On the CPU it is an fma with a -0 addend, which
+// is exactly the product (the sign of a zero included): GCC contracts a plain product into
+// an add that follows it (-ffp-contract=fast, its default for C++) where R is T and the
+// rounding between them is no instruction, and torch's separate ops never fuse them. On
+// the device the product is written with the intrinsic nvcc never contracts.
+BK_HD float product(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return fmaf(a, b, -0.0f);
+#endif
+}
+BK_HD double product(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return fma(a, b, -0.0);
+#endif
+}
+
+// x.mul(a)
+template <typename R, typename T>
+BK_HD T scaled(T x, T a) {
+  return rounded<R>(product(x, a));
+}
+
+// x.add(y, alpha=a): ATen's fmadd(y, a, x), one rounding; alpha is first rounded to the
+// tensor's dtype (for bf16/fp16 tensors ATen takes it as scalar_t, unlike the scalars of
+// its other ops, which stay in opmath).
+template <typename R, typename T>
+BK_HD T add_scaled(T x, T y, T a) {
+  return rounded<R>(multiply_add(y, rounded<R>(a), x));
+}
+
+// x.lerp(end, weight), with belay_math's lerp (torch's two-sided form).
+template <typename R, typename T>
+BK_HD T lerped(T x, T end, T weight) {
+  return rounded<R>(lerp(x, end, weight));
+}
+
+// x.addcmul(y, y, value=a): ATen's x + a * y * y, the last product fused with the add.
+template <typename R, typename T>
+BK_HD T add_squared(T x, T y, T a) {
+  return rounded<R>(multiply_add(product(a, y), y, x));
+}
+
+// x.addcdiv(y, z, value=a): ATen's x + a * y / z, no fma.
+template <typename R, typename T>
+BK_HD T add_quotient(T x, T y, T z, T a) {
+  return rounded<R>(x + product(a, y) / z);
+}
+
+// torch.maximum: NaN when either is NaN.
+template <typename T>
+BK_HD T maximum(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
+// Adam's denominator, (sqrt(v) / bias_correction2_sqrt).add_(eps): three ops.
+template <typename R, typename T>
+BK_HD T adam_denominator(T second_moment, T bias_correction2_sqrt, T eps) {
+  const T root = rounded<R>(static_cast<T>(std::sqrt(second_moment)));
+  return rounded<R>(rounded<R>(root / bias_correction2_sqrt) + eps);
+}
+
+// Adam's bias corrections for the step count ``step`` (>= 1), in float64 as torch's
+// single-tensor Adam computes them from Python floats: ``-lr / (1 - beta1 ** step)`` and
+// ``(1 - beta2 ** step) ** 0.5``, where ``** 0.5`` is the C library's pow, not sqrt (they
+// can differ in the last bit). On the device pow is CUDA's, within 1 ulp of glibc's.
+struct AdamBias {
+  double neg_step_size;
+  double bias_correction2_sqrt;
+};
+BK_HD AdamBias adam_bias(double lr, double beta1, double beta2, double step) {
+  const double bias_correction1 = 1.0 - std::pow(beta1, step);
+  const double bias_correction2 = 1.0 - std::pow(beta2, step);
+  return {-(lr / bias_correction1), std::pow(bias_correction2, 0.5)};
+}
+
 // Two-point average.
 template <typename T>
 BK_HD T two_point(T weights, T snapshot) {

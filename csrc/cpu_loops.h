@@ -183,11 +183,16 @@ BK_HD int64_t cached_block(const Op& op, int64_t begin, int64_t end) {
   return skipped;
 }
 
+// An op that rounds to its storage dtype between steps of its math (the fused optimizer
+// steps) runs on its own storage: in float buffers it would round to float instead.
+template <typename Op>
+constexpr bool rounds_to_storage = requires { requires Op::kRoundsToStorage; };
+
 // One block of an op; kAvx2 as for plain_loop.
 template <bool kAvx2, typename Op>
 BK_HD int64_t one_block(const Op& op, int64_t block, int64_t block_end, bool stream) {
 #if defined(BK_FP16_STAGING)
-  if constexpr (kAvx2 && has_fp16_storage<Op>) {
+  if constexpr (kAvx2 && has_fp16_storage<Op> && !rounds_to_storage<Op>) {
     return staged_block<kBlock>(op, block, block_end, stream);
   }
 #endif
@@ -239,6 +244,7 @@ BK_HD int64_t cpu_loop(const Op& op_in, int64_t begin, int64_t end) {
   Op op = op_in.resolved();
   // An out-of-range tensor hyperparameter: nothing written, every element counted skipped.
   if (!hparams_valid(op)) return end - begin;
+  if (!writes_anything(op)) return 0;
   if constexpr (requires { op.skip_nonfinite; }) {
     if (op.skip_nonfinite) {
       op.skip_nonfinite = true;

@@ -27,8 +27,13 @@ constexpr int kBlockThreads = 256;
 constexpr int kMinBlocksPerSm = 3;
 // The fp64 K-profile EMA holds K fp64 rates and K addresses besides its data, and spilled
 // under 80 registers; at 2 blocks per SM (512 threads) it still has 32 KB in flight.
+//
+// An op may set its own (kMinBlocksPerSm): the fused optimizer steps hold up to five
+// tensors' vectors, the step's scalars and the shadows' addresses, and spilled under 80
+// registers (and some under 128).
 template <typename Op>
 constexpr int min_blocks_per_sm() {
+  if constexpr (requires { Op::kMinBlocksPerSm; }) return Op::kMinBlocksPerSm;
   if constexpr (has_profiles<Op>) {
     if constexpr (sizeof(typename Op::T) == 8) return 2;
   }
@@ -172,4 +177,6 @@ TORCH_LIBRARY_IMPL(belay_kernels, CUDA, m) {
   m.impl("two_point_average_foreach_", &belay::two_point_average_foreach<CudaExec>);
   m.impl("swap_", &belay::swap<CudaExec>);
   m.impl("swap_foreach_", &belay::swap_foreach<CudaExec>);
+  m.impl("adam_average_", &belay::adam_average<CudaExec>);
+  m.impl("sgd_average_", &belay::sgd_average<CudaExec>);
 }

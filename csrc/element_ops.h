@@ -180,6 +180,16 @@ BK_HD bool hparams_valid(const Op& op) {
   return true;
 }
 
+// False when a resolved op is to write nothing at all this call (GradScaler found an inf
+// in the gradients, a flag only the device knows): no element is counted skipped either.
+template <typename Op>
+BK_HD bool writes_anything(const Op& op) {
+  if constexpr (requires { op.writes_anything(); }) {
+    return op.writes_anything();
+  }
+  return true;
+}
+
 // A hyperparameter given as a number, or as the address of a one-element tensor that the
 // kernel reads (so a CUDA graph can replay with a new value).
 template <typename V>
@@ -455,6 +465,325 @@ struct PackedSwapOp {
     store_groups<N, U>(weights + i, w, stride);
     store_groups<N, U>(shadow + i, s, stride);
     return 0;
+  }
+};
+
+// --- an optimizer's step and the average in one pass (reference.adam_average_,
+// sgd_average_) --------------------------------------------------------------------------
+// One element: the parameter, its gradient, its optimizer state and its shadows are loaded
+// once, the step runs in registers (belay_math.h's torch ops, rounded to the parameters'
+// dtype P after each), then the averager's update of the new weights, and every tensor is
+// stored once.
+
+enum class AverageKind : int8_t { kNone, kEma, kSwa, kBelay, kPoster };
+
+// The averager's update after the step, with the element math of the separate ops: EMA's
+// K profiles (EmaOp's), SWA (SwaOp's), BELAY after the step (BelayOp's), or the poster's
+// BELAY, whose shadow follows the weights from before the step. The kind is one value for
+// the whole call, so on the device every thread takes the same branch.
+template <typename S, typename T>
+struct FusedAverage {
+  AverageKind kind;
+  int profiles;  // shadows in use: K for EMA, 1 for SWA and BELAY, 0 for none
+  bool skip_nonfinite;
+  // Unused entries hold shadows[0] (or the parameter's address when there is no shadow):
+  // never read or written, they leave the alignment the loops derive unchanged.
+  S* shadows[kMaxProfiles];
+  // EMA: profile p's 1 - decay; SWA: [1 / (count + 1)]; BELAY: [alpha, beta]. Rounded to
+  // opmath on the host, as the separate ops' resolved() rounds them.
+  T rates[kMaxProfiles];
+
+  // One shadow updated toward w by ``rule``, as ShadowUpdateOp::apply does it.
+  template <int N, int U, typename Rule>
+  BK_HD int update_profile(S* shadow, int64_t i, int64_t stride, const T (&w)[N * U],
+                           const Rule& rule) const {
+    S s_io[N * U];
+    load_groups<N, U>(shadow + i, s_io, stride);
+    int skipped = 0;
+    BK_UNROLL
+    for (int k = 0; k < N * U; ++k) skipped += update_shadow(s_io[k], w[k], skip_nonfinite, rule);
+    store_groups<N, U>(shadow + i, s_io, stride);
+    return skipped;
+  }
+
+  // BELAY (BelayOp::apply's math): w <- lerp(w, s, beta); s <- lerp(s, x, alpha), where x
+  // is the new weights, or for the poster's form the weights from before the step.
+  template <int N, int U>
+  BK_HD int spring(int64_t i, int64_t stride, T (&w)[N * U], const T (&before)[N * U]) const {
+    S s_io[N * U];
+    load_groups<N, U>(shadows[0] + i, s_io, stride);
+    const bool poster = kind == AverageKind::kPoster;
+    int skipped = 0;
+    BK_UNROLL
+    for (int k = 0; k < N * U; ++k) {
+      const T s = static_cast<T>(s_io[k]);
+      const T followed = poster ? before[k] : w[k];
+      const bool keep = keeps_old_shadow(followed, skip_nonfinite);
+      skipped += keep;
+      w[k] = belay_weights(w[k], s, rates[1]);
+      const S updated = static_cast<S>(belay_shadow(s, followed, rates[0]));
+      s_io[k] = keep ? s_io[k] : updated;
+    }
+    store_groups<N, U>(shadows[0] + i, s_io, stride);
+    return skipped;
+  }
+
+  // The update of N * U elements at i, i + stride, ...; w (the new weights) may change.
+  template <int N, int U>
+  BK_HD int apply(int64_t i, int64_t stride, T (&w)[N * U], const T (&before)[N * U]) const {
+    switch (kind) {
+      case AverageKind::kEma: {
+        int skipped = 0;
+        // Over every slot, unrolled on the device: indexed by constants, the shadows and
+        // rates stay in registers; a loop to ``profiles`` put the whole op in local memory
+        // (and its loads on generic addresses, not 128-bit global ones).
+        BK_UNROLL
+        for (int p = 0; p < kMaxProfiles; ++p) {
+          if (p < profiles) {
+            skipped += update_profile<N, U>(shadows[p], i, stride, w,
+                                            EmaRule<T>{{0.0, nullptr}, rates[p]});
+          }
+        }
+        return skipped;
+      }
+      case AverageKind::kSwa:
+        return update_profile<N, U>(shadows[0], i, stride, w, SwaRule<T>{{0, nullptr}, rates[0]});
+      case AverageKind::kBelay:
+      case AverageKind::kPoster:
+        return spring<N, U>(i, stride, w, before);
+      default:
+        return 0;
+    }
+  }
+};
+
+// GradScaler's part of a step: the gradients are first multiplied by ``unscale``
+// (float32(1 / scale), GradScaler.unscale_'s factor) and written back, and a nonzero
+// found_inf writes nothing at all. Read on the host for CPU tensors; for device tensors
+// the kernel reads them (no host sync), in resolved().
+struct AmpScalars {
+  const float* grad_scale;  // device address, or nullptr
+  const float* found_inf;   // device address, or nullptr
+  bool unscales;
+  bool found;     // set by resolved() (or on the host)
+  float unscale;  // set by resolved() (or on the host)
+
+  BK_HD AmpScalars resolved() const {
+    AmpScalars amp = *this;
+    if (grad_scale != nullptr) {
+      amp.unscale = static_cast<float>(1.0 / static_cast<double>(*grad_scale));
+      amp.grad_scale = nullptr;
+    }
+    if (found_inf != nullptr) {
+      amp.found = *found_inf != 0.0f;
+      amp.found_inf = nullptr;
+    }
+    return amp;
+  }
+};
+
+// Adam's per-tensor step count, on the host (bias corrections computed there) or as the
+// address of torch's float32 step tensor on the device, whose bias corrections each thread
+// computes from step + 1 (the host increments the tensor after the kernel).
+template <typename T>
+struct AdamSteps {
+  const float* step;  // device address, or nullptr
+  double lr, beta1, beta2;
+  T neg_step_size;          // -lr / bias_correction1, set on the host or by resolved()
+  T bias_correction2_sqrt;  // likewise
+
+  BK_HD AdamSteps resolved() const {
+    AdamSteps steps = *this;
+    if (step != nullptr) {
+      const AdamBias bias = adam_bias(lr, beta1, beta2, static_cast<double>(*step + 1.0f));
+      steps.neg_step_size = static_cast<T>(bias.neg_step_size);
+      steps.bias_correction2_sqrt = static_cast<T>(bias.bias_correction2_sqrt);
+      steps.step = nullptr;
+    }
+    return steps;
+  }
+};
+
+// The tensors of a fused op: the step's, then kMaxProfiles shadow slots.
+template <typename P, typename S, int... Q>
+BK_HD auto fused_tensors(std::tuple<P*, P*, P*, P*, P*> own, S* const (&shadows)[kMaxProfiles],
+                         std::integer_sequence<int, Q...>) {
+  return std::tuple_cat(own, std::tuple{shadows[Q]...});
+}
+
+// The step's common front: the gradient unscaled (and written back) and negated for
+// maximize, as torch.optim's ``grad = -grad`` after GradScaler.unscale_.
+template <typename P, typename T>
+BK_HD T incoming_grad(P& grad_io, const AmpScalars& amp, bool maximize) {
+  T grad = static_cast<T>(grad_io);
+  if (amp.unscales) {
+    grad = scaled<P>(grad, static_cast<T>(amp.unscale));
+    grad_io = static_cast<P>(grad);
+  }
+  return maximize ? -grad : grad;
+}
+
+// torch.optim.Adam (decoupled = false) or AdamW, single-tensor, then the average.
+// P: parameters, gradients and optimizer state; S: shadows.
+template <typename P, typename S>
+struct AdamAverageOp {
+  using T = opmath_t<P, S>;
+  static constexpr int kVec = vector_width<P, S>();
+  // The CPU loop runs it on its own storage (no fp16 staging in float buffers), since the
+  // step rounds to the parameters' dtype after each op; one vector per thread at a time on
+  // the device, where five tensors' vectors and the step's scalars share the registers.
+  static constexpr bool kRoundsToStorage = true;
+  static constexpr int kVectorsInFlight = 1;
+  // cuda_kernels.cu: under 128 registers (2 blocks per SM) the list kernels of 16-bit and
+  // fp64 parameters spilled, so the cap is 255; the kernels use what they need, and the
+  // launch still fills the GPU with as many blocks as fit (resident_blocks).
+  static constexpr int kMinBlocksPerSm = 1;
+  P* param;
+  P* grad;
+  P* exp_avg;
+  P* exp_avg_sq;
+  P* max_exp_avg_sq;  // AMSGrad's maxima, or the parameter's address when off (untouched)
+  FusedAverage<S, T> average;
+  AmpScalars amp;
+  AdamSteps<T> steps;
+  T weight_decay;      // Adam: grad.add(param, alpha=weight_decay)
+  T decay_factor;      // AdamW: param.mul_(1 - lr * weight_decay), taken in float64
+  T one_minus_beta1;   // the scalars of torch's ops, each rounded to opmath from float64
+  T beta2;
+  T one_minus_beta2;
+  T eps;
+  bool decays;  // weight_decay != 0
+  bool decoupled;
+  bool maximize;
+  bool amsgrad;
+
+  BK_HD AdamAverageOp resolved() const {
+    AdamAverageOp op = *this;
+    op.amp = amp.resolved();
+    op.steps = steps.resolved();
+    return op;
+  }
+  BK_HD bool writes_anything() const { return !amp.found; }
+  BK_HD auto tensors() const {
+    return fused_tensors<P, S>({param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq},
+                               average.shadows, std::make_integer_sequence<int, kMaxProfiles>());
+  }
+
+  // One element's step; returns the new weights (rounded to P) and updates the state.
+  BK_HD T step(T p, T g, T& m, T& v, T& v_max) const {
+    if (decays && decoupled) p = scaled<P>(p, decay_factor);
+    if (decays && !decoupled) g = add_scaled<P>(g, p, weight_decay);
+    m = lerped<P>(m, g, one_minus_beta1);
+    v = add_squared<P>(scaled<P>(v, beta2), g, one_minus_beta2);
+    if (amsgrad) v_max = maximum(v_max, v);
+    const T denominator =
+        adam_denominator<P>(amsgrad ? v_max : v, steps.bias_correction2_sqrt, eps);
+    return add_quotient<P>(p, m, denominator, steps.neg_step_size);
+  }
+
+  template <int N, int U = 1>
+  BK_HD int apply(int64_t i, int64_t stride = 0) const {
+    constexpr int M = N * U;
+    P p_io[M], g_io[M], m_io[M], v_io[M], v_max_io[M];
+    load_groups<N, U>(param + i, p_io, stride);
+    load_groups<N, U>(grad + i, g_io, stride);
+    load_groups<N, U>(exp_avg + i, m_io, stride);
+    load_groups<N, U>(exp_avg_sq + i, v_io, stride);
+    if (amsgrad) load_groups<N, U>(max_exp_avg_sq + i, v_max_io, stride);
+    T w[M], before[M];
+    BK_UNROLL
+    for (int k = 0; k < M; ++k) {
+      before[k] = static_cast<T>(p_io[k]);
+      const T g = incoming_grad<P, T>(g_io[k], amp, maximize);
+      T m = static_cast<T>(m_io[k]);
+      T v = static_cast<T>(v_io[k]);
+      T v_max = amsgrad ? static_cast<T>(v_max_io[k]) : T(0);
+      w[k] = step(before[k], g, m, v, v_max);
+      m_io[k] = static_cast<P>(m);
+      v_io[k] = static_cast<P>(v);
+      if (amsgrad) v_max_io[k] = static_cast<P>(v_max);
+    }
+    const int skipped = average.template apply<N, U>(i, stride, w, before);
+    BK_UNROLL
+    for (int k = 0; k < M; ++k) p_io[k] = static_cast<P>(w[k]);
+    store_groups<N, U>(param + i, p_io, stride);
+    if (amp.unscales) store_groups<N, U>(grad + i, g_io, stride);
+    store_groups<N, U>(exp_avg + i, m_io, stride);
+    store_groups<N, U>(exp_avg_sq + i, v_io, stride);
+    if (amsgrad) store_groups<N, U>(max_exp_avg_sq + i, v_max_io, stride);
+    return skipped;
+  }
+};
+
+// torch.optim.SGD, single-tensor, then the average.
+template <typename P, typename S>
+struct SgdAverageOp {
+  using T = opmath_t<P, S>;
+  static constexpr int kVec = vector_width<P, S>();
+  static constexpr bool kRoundsToStorage = true;  // as AdamAverageOp
+  static constexpr int kVectorsInFlight = 1;
+  static constexpr int kMinBlocksPerSm = 1;  // as AdamAverageOp
+  P* param;
+  P* grad;
+  P* momentum_buffer;  // or the parameter's address when momentum is 0 (untouched)
+  FusedAverage<S, T> average;
+  AmpScalars amp;
+  T neg_lr;
+  T weight_decay;
+  T momentum;
+  T one_minus_dampening;
+  bool decays;       // weight_decay != 0
+  bool has_momentum;  // momentum != 0
+  bool nesterov;
+  bool maximize;
+  bool first_step;  // the buffers are new: they take the gradient
+
+  BK_HD SgdAverageOp resolved() const {
+    SgdAverageOp op = *this;
+    op.amp = amp.resolved();
+    return op;
+  }
+  BK_HD bool writes_anything() const { return !amp.found; }
+  BK_HD auto tensors() const {
+    return fused_tensors<P, S>({param, grad, momentum_buffer, momentum_buffer, momentum_buffer},
+                               average.shadows, std::make_integer_sequence<int, kMaxProfiles>());
+  }
+
+  // One element's step; returns the new weights (rounded to P) and updates the buffer.
+  BK_HD T step(T p, T g, T& buf) const {
+    if (decays) g = add_scaled<P>(g, p, weight_decay);
+    if (has_momentum) {
+      buf = first_step ? g : add_scaled<P>(scaled<P>(buf, momentum), g, one_minus_dampening);
+      g = nesterov ? add_scaled<P>(g, buf, momentum) : buf;
+    }
+    return add_scaled<P>(p, g, neg_lr);
+  }
+
+  template <int N, int U = 1>
+  BK_HD int apply(int64_t i, int64_t stride = 0) const {
+    constexpr int M = N * U;
+    P p_io[M], g_io[M], b_io[M];
+    load_groups<N, U>(param + i, p_io, stride);
+    load_groups<N, U>(grad + i, g_io, stride);
+    // a first step's buffers are only written
+    const bool reads_buffer = has_momentum && !first_step;
+    if (reads_buffer) load_groups<N, U>(momentum_buffer + i, b_io, stride);
+    T w[M], before[M];
+    BK_UNROLL
+    for (int k = 0; k < M; ++k) {
+      before[k] = static_cast<T>(p_io[k]);
+      const T g = incoming_grad<P, T>(g_io[k], amp, maximize);
+      T buf = reads_buffer ? static_cast<T>(b_io[k]) : T(0);
+      w[k] = step(before[k], g, buf);
+      if (has_momentum) b_io[k] = static_cast<P>(buf);
+    }
+    const int skipped = average.template apply<N, U>(i, stride, w, before);
+    BK_UNROLL
+    for (int k = 0; k < M; ++k) p_io[k] = static_cast<P>(w[k]);
+    store_groups<N, U>(param + i, p_io, stride);
+    if (amp.unscales) store_groups<N, U>(grad + i, g_io, stride);
+    if (has_momentum) store_groups<N, U>(momentum_buffer + i, b_io, stride);
+    return skipped;
   }
 };
 

@@ -22,8 +22,11 @@ namespace belay {
 // Vectors a thread loads before it stores any: 16 elements (4 where the math is fp64), so
 // a thread has 64 bytes of each fp32 tensor in flight, at a register cost that stays
 // under kernels' cap without spilling (ptxas -v, bench/README.md).
+// An op may ask for fewer (kVectorsInFlight): the fused optimizer steps hold five tensors'
+// vectors and their scalars at once.
 template <typename Op>
 constexpr int vectors_in_flight() {
+  if constexpr (requires { Op::kVectorsInFlight; }) return Op::kVectorsInFlight;
   constexpr bool fp64_math = requires { requires sizeof(typename Op::T) == 8; };
   return std::clamp((fp64_math ? 4 : 16) / Op::kVec, 1, 4);
 }
@@ -34,6 +37,7 @@ BK_HD int64_t span_body(const Op& op, int64_t begin, int64_t end, int64_t rank,
   constexpr int V = Op::kVec;
   // An out-of-range tensor hyperparameter: nothing written, the span counted as skipped.
   if (!hparams_valid(op)) return rank == 0 ? end - begin : 0;
+  if (!writes_anything(op)) return 0;
   const int64_t aligned = first_aligned(op, begin, end);
   const int64_t head_end = aligned < 0 ? end : aligned;  // all scalar where none aligns
   int64_t skipped = 0;

@@ -7,6 +7,7 @@
 // where ``skipped`` is the int64 counter's address or nullptr.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -16,6 +17,8 @@
 #include <vector>
 
 #include <ATen/core/List.h>
+#include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/eq.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/SmallVector.h>
@@ -50,6 +53,7 @@ class Row {
   Row(const Rows& rows, size_t index) : rows_(rows), index_(index) {}
   const Tensor& operator[](size_t c) const;
   size_t size() const;
+  size_t index() const { return index_; }
 
  private:
   const Rows& rows_;
@@ -451,6 +455,333 @@ struct MultiEmaUpdate {
   }
 };
 
+// --- an optimizer's step and the average in one pass ----------------------------------------
+// adam_average_ and sgd_average_ (reference.adam_average_, sgd_average_). Every argument is
+// checked before anything is written, the state steps included; a refused call changes
+// nothing.
+
+// The average a call names, checked against its numbers and its shadows.
+struct AverageSpec {
+  AverageKind kind;
+  int64_t profiles;  // shadows per tensor the update uses
+};
+
+inline AverageSpec checked_average(const char* op, c10::string_view name,
+                                   at::ArrayRef<double> scalars, size_t shadows, size_t n) {
+  const size_t count = scalars.size();
+  auto rates_in_range = [&](const char* what) {
+    for (size_t j = 0; j < count; ++j) {
+      TORCH_CHECK_VALUE(scalars[j] >= 0.0 && scalars[j] <= 1.0, op, ": average '", name,
+                        "' takes ", what, " in [0, 1], got average_scalars[", j, "] = ",
+                        scalars[j], ".");
+    }
+  };
+  AverageSpec spec{AverageKind::kNone, 0};
+  if (name == "none") {
+    TORCH_CHECK_VALUE(count == 0, op, ": average 'none' takes no average_scalars, got ",
+                      count, ".");
+    return spec;  // the shadows, if any, are not touched
+  } else if (name == "ema") {
+    TORCH_CHECK_VALUE(count >= 1 && count <= static_cast<size_t>(kMaxProfiles), op,
+                      ": average 'ema' takes 1 to ", kMaxProfiles,
+                      " decays (one per profile), got ", count, ".");
+    rates_in_range("decays");
+    spec = {AverageKind::kEma, static_cast<int64_t>(count)};
+  } else if (name == "swa") {
+    TORCH_CHECK_VALUE(count == 1 && scalars[0] >= 0.0 && scalars[0] == std::floor(scalars[0]),
+                      op, ": average 'swa' takes [count], a whole number >= 0; got ", scalars,
+                      ".");
+    spec = {AverageKind::kSwa, 1};
+  } else if (name == "belay" || name == "poster") {
+    TORCH_CHECK_VALUE(count == 2, op, ": average '", name, "' takes [alpha, beta], got ",
+                      count, " numbers.");
+    rates_in_range("alpha and beta");
+    spec = {name == "belay" ? AverageKind::kBelay : AverageKind::kPoster, 1};
+  } else {
+    TORCH_CHECK_VALUE(false, op, ": unknown average '", name,
+                      "'; expected 'none', 'ema', 'swa', 'belay' or 'poster'.");
+  }
+  TORCH_CHECK_VALUE(shadows == static_cast<size_t>(spec.profiles) * n, op, ": average '", name,
+                    "' with ", spec.profiles, " profile(s) of ", n, " tensors needs ",
+                    spec.profiles * n, " shadows (profile after profile), got ", shadows, ".");
+  return spec;
+}
+
+// The averager's part of a row's functor; shadows start at column ``first_shadow``.
+template <typename S, typename T, typename P>
+FusedAverage<S, T> fused_average(const AverageSpec& spec, at::ArrayRef<double> scalars,
+                                 bool skip_nonfinite, const Row& row, size_t first_shadow) {
+  FusedAverage<S, T> average{};
+  average.kind = spec.kind;
+  average.profiles = static_cast<int>(spec.profiles);
+  average.skip_nonfinite = skip_nonfinite;
+  for (int p = 0; p < kMaxProfiles; ++p) {
+    average.shadows[p] = spec.profiles == 0 ? reinterpret_cast<S*>(address<P>(row[0]))
+                         : p < spec.profiles ? address<S>(row[first_shadow + p])
+                                             : address<S>(row[first_shadow]);
+  }
+  switch (spec.kind) {
+    case AverageKind::kEma:  // EmaRule::resolved's rate
+      for (int p = 0; p < spec.profiles; ++p) average.rates[p] = static_cast<T>(1.0 - scalars[p]);
+      break;
+    case AverageKind::kSwa:
+      average.rates[0] = swa_weight<T>(static_cast<int64_t>(scalars[0]));
+      break;
+    case AverageKind::kBelay:
+    case AverageKind::kPoster:  // BelayOp::resolved's alpha and beta
+      average.rates[0] = static_cast<T>(scalars[0]);
+      average.rates[1] = static_cast<T>(scalars[1]);
+      break;
+    default:
+      break;
+  }
+  return average;
+}
+
+// A GradScaler tensor: one float32 element on the parameters' device or on the CPU.
+inline void check_amp_tensor(const char* op, const char* name, const OptionalTensor& t,
+                             const at::Device& device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->defined() && t->numel() == 1 && t->scalar_type() == at::kFloat &&
+                        (t->device() == device || t->is_cpu()),
+                    op, ": ", name, " must be a one-element float32 tensor on ", device,
+                    " or the CPU (GradScaler's), got ",
+                    t->defined() ? c10::str(t->scalar_type(), " with ", t->numel(),
+                                            " elements on ", t->device())
+                                 : std::string("an undefined tensor"),
+                    ".");
+}
+
+// GradScaler's tensors as the kernels take them: values read on the host when on the CPU,
+// device addresses otherwise. ``found`` (a nonzero found_inf read on the host) means the
+// call writes nothing.
+inline AmpScalars amp_scalars(const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
+  AmpScalars amp{nullptr, nullptr, grad_scale.has_value(), false, 1.0f};
+  if (grad_scale.has_value()) {
+    if (grad_scale->is_cpu()) {
+      amp.unscale = static_cast<float>(1.0 / static_cast<double>(grad_scale->item<float>()));
+    } else {
+      amp.grad_scale = grad_scale->const_data_ptr<float>();
+    }
+  }
+  if (found_inf.has_value()) {
+    if (found_inf->is_cpu()) {
+      amp.found = found_inf->item<float>() != 0.0f;
+    } else {
+      amp.found_inf = found_inf->const_data_ptr<float>();
+    }
+  }
+  return amp;
+}
+
+// The columns of a fused call: the step's lists, then each profile's n shadows.
+inline Rows fused_rows(const char* op, std::initializer_list<Column> step_columns,
+                       at::TensorList shadows, int64_t profiles, size_t n) {
+  c10::SmallVector<Column, kMaxProfiles + 1> columns(step_columns.begin(), step_columns.end());
+  for (int64_t p = 0; p < profiles; ++p) {
+    columns.push_back({shadows.slice(p * n, n), "shadows", p});
+  }
+  return checked_lists(op, Rows(std::move(columns), /*foreach=*/true));
+}
+
+// The step's lists share the parameters' dtype, and the profiles one shadow dtype.
+inline void check_fused_dtypes(const char* op, const Rows& rows, size_t step_columns) {
+  if (rows.empty()) return;
+  const Row first = rows[0];
+  for (size_t c = 1; c < rows.columns(); ++c) {
+    const size_t like = c < step_columns ? 0 : step_columns;
+    TORCH_CHECK_VALUE(first[c].scalar_type() == first[like].scalar_type(), op, ": ",
+                      rows.name(c), " are ", first[c].scalar_type(), " but ", rows.name(like),
+                      " are ", first[like].scalar_type(), "; ",
+                      c < step_columns ? "the optimizer's state takes the parameters' dtype."
+                                       : "the profiles take one shadow dtype.");
+  }
+}
+
+// torch's per-parameter step counts: one-element float32 tensors, all on the CPU (read and
+// incremented on the host) or all on the parameters' device (read by the kernel). True for
+// the device.
+inline bool checked_state_steps(const char* op, at::TensorList steps, size_t n,
+                                const at::Device& device) {
+  TORCH_CHECK_VALUE(steps.size() == n, op, ": state_steps has ", steps.size(),
+                    " tensors but params has ", n, ".");
+  if (n == 0) return false;
+  const bool on_device = steps[0].defined() && !steps[0].is_cpu();
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor& t = steps[i];
+    TORCH_CHECK_VALUE(t.defined() && t.numel() == 1 && t.scalar_type() == at::kFloat &&
+                          (on_device ? t.device() == device : t.is_cpu()),
+                      op, ": state_steps[", i, "] must be a one-element float32 tensor, all ",
+                      "of them on the CPU or all on ", device, " (torch's step counts).");
+  }
+  return on_device;
+}
+
+// After a kernel that read device step counts: each + 1, unless GradScaler found an inf
+// (read on the device too, so no host sync).
+inline void increment_device_steps(at::TensorList steps, const AmpScalars& amp,
+                                   const OptionalTensor& found_inf) {
+  if (amp.found) return;
+  if (amp.found_inf != nullptr) {
+    at::_foreach_add_(steps, found_inf->reshape({}).eq(0).to(at::kFloat));
+  } else {
+    at::_foreach_add_(steps, at::Scalar(1.0));
+  }
+}
+
+struct AdamAverage {
+  template <typename Exec>
+  static void call(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                   at::TensorList state_steps, at::TensorList shadows,
+                   const OptionalTensor& grad_scale, const OptionalTensor& found_inf, double lr,
+                   double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+                   bool maximize, c10::string_view average, at::ArrayRef<double> average_scalars,
+                   bool skip_nonfinite, const OptionalTensor& skipped) {
+    constexpr const char* op = "adam_average_";
+    const size_t n = params.size();
+    const bool amsgrad = !max_exp_avg_sqs.empty();
+    const AverageSpec spec = checked_average(op, average, average_scalars, shadows.size(), n);
+    TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, op,
+                      ": betas must be in [0, 1), got (", beta1, ", ", beta2, ").");
+    const Rows rows =
+        amsgrad ? fused_rows(op,
+                             {{params, "params"}, {grads, "grads"}, {exp_avgs, "exp_avgs"},
+                              {exp_avg_sqs, "exp_avg_sqs"}, {max_exp_avg_sqs, "max_exp_avg_sqs"}},
+                             shadows, spec.profiles, n)
+                : fused_rows(op,
+                             {{params, "params"}, {grads, "grads"}, {exp_avgs, "exp_avgs"},
+                              {exp_avg_sqs, "exp_avg_sqs"}},
+                             shadows, spec.profiles, n);
+    const size_t step_columns = amsgrad ? 5 : 4;
+    check_fused_dtypes(op, rows, step_columns);
+    if (rows.empty()) {
+      TORCH_CHECK_VALUE(state_steps.empty(), op, ": state_steps has ", state_steps.size(),
+                        " tensors but params has 0.");
+      return;
+    }
+    const at::Device device = rows[0][0].device();
+    const bool device_steps = checked_state_steps(op, state_steps, n, device);
+    check_amp_tensor(op, "grad_scale", grad_scale, device);
+    check_amp_tensor(op, "found_inf", found_inf, device);
+    int64_t* skipped_at = skipped_address(op, skipped, device);
+    const auto param_dtype = rows[0][0].scalar_type();
+    const auto shadow_dtype =
+        spec.profiles > 0 ? rows[0][step_columns].scalar_type() : param_dtype;
+    dispatch_pair(op, param_dtype, shadow_dtype, [&](auto p_type, auto s_type) {
+      using P = decltype(p_type);
+      using S = decltype(s_type);
+      using T = opmath_t<P, S>;
+      // Checked; from here on memory is written.
+      const AmpScalars amp = amp_scalars(grad_scale, found_inf);
+      if (amp.found) return;  // GradScaler found an inf: nothing changes, steps included
+      std::vector<AdamBias> bias(n);
+      if (!device_steps) {
+        for (size_t i = 0; i < n; ++i) {
+          float* step = state_steps[i].mutable_data_ptr<float>();
+          *step += 1.0f;  // step_t += 1, in float32
+          bias[i] = adam_bias(lr, beta1, beta2, static_cast<double>(*step));
+        }
+      }
+      run_rows(Exec{}, rows, skipped_at, [&](const Row& row) {
+        AdamAverageOp<P, S> adam{};
+        adam.param = address<P>(row[0]);
+        adam.grad = address<P>(row[1]);
+        adam.exp_avg = address<P>(row[2]);
+        adam.exp_avg_sq = address<P>(row[3]);
+        adam.max_exp_avg_sq = amsgrad ? address<P>(row[4]) : adam.param;
+        adam.average = fused_average<S, T, P>(spec, average_scalars, skip_nonfinite, row,
+                                              step_columns);
+        adam.amp = amp;
+        const size_t i = row.index();
+        adam.steps = {device_steps ? state_steps[i].const_data_ptr<float>() : nullptr,
+                      lr,
+                      beta1,
+                      beta2,
+                      static_cast<T>(bias[i].neg_step_size),
+                      static_cast<T>(bias[i].bias_correction2_sqrt)};
+        adam.weight_decay = static_cast<T>(weight_decay);
+        adam.decay_factor = static_cast<T>(1.0 - lr * weight_decay);
+        adam.one_minus_beta1 = static_cast<T>(1.0 - beta1);
+        adam.beta2 = static_cast<T>(beta2);
+        adam.one_minus_beta2 = static_cast<T>(1.0 - beta2);
+        adam.eps = static_cast<T>(eps);
+        adam.decays = weight_decay != 0.0;
+        adam.decoupled = decoupled;
+        adam.maximize = maximize;
+        adam.amsgrad = amsgrad;
+        return adam;
+      });
+      if (device_steps) increment_device_steps(state_steps, amp, found_inf);
+    });
+  }
+};
+
+struct SgdAverage {
+  template <typename Exec>
+  static void call(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   at::TensorList shadows, const OptionalTensor& grad_scale,
+                   const OptionalTensor& found_inf, double lr, double momentum,
+                   double dampening, double weight_decay, bool nesterov, bool maximize,
+                   bool first_step, c10::string_view average,
+                   at::ArrayRef<double> average_scalars, bool skip_nonfinite,
+                   const OptionalTensor& skipped) {
+    constexpr const char* op = "sgd_average_";
+    const size_t n = params.size();
+    const bool has_momentum = momentum != 0.0;
+    TORCH_CHECK_VALUE(has_momentum ? momentum_buffers.size() == n : momentum_buffers.empty(),
+                      op, ": momentum_buffers has ", momentum_buffers.size(), " tensors; with",
+                      has_momentum ? " momentum " : " momentum 0 ", "it takes ",
+                      has_momentum ? n : 0, ".");
+    TORCH_CHECK_VALUE(!nesterov || has_momentum, op, ": nesterov needs a momentum.");
+    const AverageSpec spec = checked_average(op, average, average_scalars, shadows.size(), n);
+    const Rows rows =
+        has_momentum
+            ? fused_rows(op,
+                         {{params, "params"}, {grads, "grads"},
+                          {momentum_buffers, "momentum_buffers"}},
+                         shadows, spec.profiles, n)
+            : fused_rows(op, {{params, "params"}, {grads, "grads"}}, shadows, spec.profiles, n);
+    const size_t step_columns = has_momentum ? 3 : 2;
+    check_fused_dtypes(op, rows, step_columns);
+    if (rows.empty()) return;
+    const at::Device device = rows[0][0].device();
+    check_amp_tensor(op, "grad_scale", grad_scale, device);
+    check_amp_tensor(op, "found_inf", found_inf, device);
+    int64_t* skipped_at = skipped_address(op, skipped, device);
+    const auto param_dtype = rows[0][0].scalar_type();
+    const auto shadow_dtype =
+        spec.profiles > 0 ? rows[0][step_columns].scalar_type() : param_dtype;
+    dispatch_pair(op, param_dtype, shadow_dtype, [&](auto p_type, auto s_type) {
+      using P = decltype(p_type);
+      using S = decltype(s_type);
+      using T = opmath_t<P, S>;
+      // Checked; from here on memory is written.
+      const AmpScalars amp = amp_scalars(grad_scale, found_inf);
+      if (amp.found) return;  // GradScaler found an inf: nothing changes
+      run_rows(Exec{}, rows, skipped_at, [&](const Row& row) {
+        SgdAverageOp<P, S> sgd{};
+        sgd.param = address<P>(row[0]);
+        sgd.grad = address<P>(row[1]);
+        sgd.momentum_buffer = has_momentum ? address<P>(row[2]) : sgd.param;
+        sgd.average =
+            fused_average<S, T, P>(spec, average_scalars, skip_nonfinite, row, step_columns);
+        sgd.amp = amp;
+        sgd.neg_lr = static_cast<T>(-lr);
+        sgd.weight_decay = static_cast<T>(weight_decay);
+        sgd.momentum = static_cast<T>(momentum);
+        sgd.one_minus_dampening = static_cast<T>(1.0 - dampening);
+        sgd.decays = weight_decay != 0.0;
+        sgd.has_momentum = has_momentum;
+        sgd.nesterov = nesterov;
+        sgd.maximize = maximize;
+        sgd.first_step = first_step;
+        return sgd;
+      });
+    });
+  }
+};
+
 // --- the registered entry points -----------------------------------------------------------
 // One function per op, with the signature of its schema (registration.cpp), templated only
 // on the executor: CpuExec and SimulatedGridExec (cpu_loops.h), CudaExec (cuda_kernels.cu).
@@ -576,6 +907,31 @@ void multi_ema_update_foreach(at::TensorList shadows, at::TensorList weights,
   columns.push_back({weights, "weights"});
   MultiEmaUpdate::rows(Exec{}, checked_lists(op, Rows(std::move(columns), /*foreach=*/true)),
                        decays, decay_tensors, skip_nonfinite, skipped);
+}
+
+template <typename Exec>
+void adam_average(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                  at::TensorList state_steps, at::TensorList shadows,
+                  const OptionalTensor& grad_scale, const OptionalTensor& found_inf, double lr,
+                  double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+                  bool maximize, c10::string_view average, at::ArrayRef<double> average_scalars,
+                  bool skip_nonfinite, const OptionalTensor& skipped) {
+  AdamAverage::call<Exec>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                          shadows, grad_scale, found_inf, lr, beta1, beta2, eps, weight_decay,
+                          decoupled, maximize, average, average_scalars, skip_nonfinite, skipped);
+}
+
+template <typename Exec>
+void sgd_average(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                 at::TensorList shadows, const OptionalTensor& grad_scale,
+                 const OptionalTensor& found_inf, double lr, double momentum, double dampening,
+                 double weight_decay, bool nesterov, bool maximize, bool first_step,
+                 c10::string_view average, at::ArrayRef<double> average_scalars,
+                 bool skip_nonfinite, const OptionalTensor& skipped) {
+  SgdAverage::call<Exec>(params, grads, momentum_buffers, shadows, grad_scale, found_inf, lr,
+                         momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                         average, average_scalars, skip_nonfinite, skipped);
 }
 
 }  // namespace belay

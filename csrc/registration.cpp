@@ -28,6 +28,10 @@ void define_ops(torch::Library& m) {
   m.def("two_point_average_foreach_(Tensor(a!)[] outs, Tensor[] weights, Tensor[] snapshots) -> ()");
   m.def("swap_(Tensor(a!) weights, Tensor(b!) shadow, bool inverse) -> ()");
   m.def("swap_foreach_(Tensor(a!)[] weights, Tensor(b!)[] shadows, bool inverse) -> ()");
+  // The fused optimizer step and average (reference.adam_average_, sgd_average_): shadows
+  // are K profiles of len(params) tensors, profile after profile.
+  m.def("adam_average_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, Tensor(g!)[] shadows, Tensor? grad_scale, Tensor? found_inf, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool maximize, str average, float[] average_scalars, bool skip_nonfinite, Tensor(h!)? skipped) -> ()");
+  m.def("sgd_average_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor(d!)[] shadows, Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step, str average, float[] average_scalars, bool skip_nonfinite, Tensor(e!)? skipped) -> ()");
 }
 
 }  // namespace

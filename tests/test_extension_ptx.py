@@ -151,3 +151,28 @@ def test_multi_ema_reads_the_weights_once(compiled, kernel, pair, k):
     assert weights_loads > 0, "no 128-bit load of the weights"
     assert shadow_loads == k * words * weights_loads, (weights_loads, shadow_loads)
     assert shadow_stores == k * words * weights_loads, (weights_loads, shadow_stores)
+
+
+# The fused optimizer steps (adam_average_, sgd_average_): compiled for every dtype pair,
+# flat and list; their spills and 128-bit accesses are checked with every other functor
+# above (fast_paths finds them by name).
+FUSED_PAIRS = [
+    "float, float",
+    "double, double",
+    "c10::BFloat16, c10::BFloat16",
+    "c10::Half, c10::Half",
+    "c10::BFloat16, float",
+    "c10::Half, float",
+]
+
+
+@pytest.mark.parametrize("kernel", ["flat_kernel", "list_kernel"])
+@pytest.mark.parametrize("op", ["AdamAverageOp", "SgdAverageOp"])
+def test_fused_steps_are_compiled_for_every_pair(compiled, kernel, op):
+    _, kernels = compiled
+    for pair in FUSED_PAIRS:
+        functor = f"{op}<{pair}>"
+        bodies = [b for name, b in kernels.items() if kernel in name and functor in name]
+        assert len(bodies) == 1, f"{kernel}<{functor}>: {len(bodies)} kernels"
+        if pair in FAST_PAIRS:
+            assert functor in fast_paths(kernels, pair)

@@ -16,6 +16,7 @@ import torch
 
 from ..methods import BY_OP, DTYPE_PAIRS, MULTI_EMA
 from ..reference import swap_supported
+from ._library import FUSED_OP_NAMES
 
 _PAIRS = frozenset(DTYPE_PAIRS)
 # Each op by its flat or its foreach name.
@@ -39,7 +40,10 @@ def max_profiles() -> int:
 
 
 def supports(op: str, dtypes) -> bool:
-    """Which dtype rows (in the ops' argument order) have a compiled kernel."""
+    """Which dtype rows (in the ops' argument order) have a compiled kernel. The fused
+    optimizer ops take (parameters' dtype, shadows' dtype)."""
+    if op in FUSED_OP_NAMES:
+        return tuple(dtypes) in _PAIRS
     method = _METHOD_OF[op]
     if method is MULTI_EMA:
         *shadows, weights = dtypes
@@ -158,6 +162,96 @@ def multi_ema_update_foreach_(shadows, weights, decays, skip_nonfinite=True, ski
     )
 
 
+# The fused optimizer step and average, in the reference's argument order: lists as
+# lists, ``average_scalars`` as the schema's float[] (an SWA count is a whole number).
+
+
+def adam_average_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    shadows,
+    grad_scale,
+    found_inf,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    maximize,
+    average,
+    average_scalars,
+    skip_nonfinite=True,
+    skipped=None,
+):
+    _ops.adam_average_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        shadows,
+        grad_scale,
+        found_inf,
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        bool(decoupled),
+        bool(maximize),
+        average,
+        [float(x) for x in average_scalars],
+        skip_nonfinite,
+        skipped,
+    )
+
+
+def sgd_average_(
+    params,
+    grads,
+    momentum_buffers,
+    shadows,
+    grad_scale,
+    found_inf,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    first_step,
+    average,
+    average_scalars,
+    skip_nonfinite=True,
+    skipped=None,
+):
+    _ops.sgd_average_(
+        params,
+        grads,
+        momentum_buffers,
+        shadows,
+        grad_scale,
+        found_inf,
+        float(lr),
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        bool(nesterov),
+        bool(maximize),
+        bool(first_step),
+        average,
+        [float(x) for x in average_scalars],
+        skip_nonfinite,
+        skipped,
+    )
+
+
 __all__ = [
     "ema_update_",
     "ema_update_foreach_",
@@ -171,4 +265,6 @@ __all__ = [
     "swap_foreach_",
     "multi_ema_update_",
     "multi_ema_update_foreach_",
+    "adam_average_",
+    "sgd_average_",
 ]

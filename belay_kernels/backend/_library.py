@@ -18,8 +18,15 @@ import torch
 
 from ..methods import BY_OP
 
-# Every op of the method table and its list variant, as csrc/registration.cpp declares them.
-ALL_OP_NAMES = tuple(name for m in BY_OP.values() for name in (m.op, m.foreach))
+# The fused optimizer step and average (reference.adam_average_, sgd_average_), list ops
+# only, outside the method table.
+FUSED_OP_NAMES = ("adam_average_", "sgd_average_")
+# Every op of the method table and its list variant, and the fused ops, as
+# csrc/registration.cpp declares them.
+ALL_OP_NAMES = (
+    *(name for m in BY_OP.values() for name in (m.op, m.foreach)),
+    *FUSED_OP_NAMES,
+)
 
 _BUILD_HINT = (
     "build it with `python setup.py build_ext --inplace` (or `pip install "
