@@ -5,19 +5,11 @@ bodies over a simulated grid, every dtype pair, odd sizes, several steps, Adam/A
 every average, both non-finite policies with NaN and inf in the gradients, GradScaler's
 unscaling and found_inf, one and two threads, and refused calls that change nothing.
 
-Bit for bit where the reference rounds as the kernels do, else within a stated bound:
-- ATen's lerp must be the fused one (``lerp_rounding() == "fused"``, as for every op);
-- torch's float32/float64 ``sqrt`` must be correctly rounded. Where ATen calls MKL's vector
-  sqrt (this dev machine, an AMD CPU: up to 0.75 ulp, a fifth of the roots one ulp off),
-  the kernels' IEEE sqrt makes Adam's denominators differ by an ulp;
-- bf16/fp16 ``x.add(y, alpha=a)`` (SGD's every step, Adam's coupled weight decay): ATen's
-  vector loop rounds alpha to the 16-bit dtype, as the kernels do, but its ragged tail (the
-  last numel % 32 elements) rounds otherwise, a 16-bit ulp now and then.
-Where one of these does not hold, every tensor must agree within BOUND (relative and
-absolute, in units of the dtype's epsilon: the ulp differences above, grown over STEPS
-steps through the optimizer's state), NaN positions and skipped counts exactly."""
+Bit for bit where the reference rounds as the kernels do (``_fused_exactness`` says
+where, and why not elsewhere); else every tensor must agree within BOUND (relative and
+absolute, in units of the dtype's epsilon: an ulp's difference grown over STEPS steps
+through the optimizer's state), NaN positions and skipped counts exactly."""
 
-import math
 
 import pytest
 import torch
@@ -27,7 +19,7 @@ from _extension_cases import (  # noqa: F401 (cpp_backend, one_cpu_thread: fixtu
     one_cpu_thread,
     refuses,
 )
-from _fingerprints import lerp_rounding
+from _fused_exactness import REFERENCE_FUSED, compiled_is_exact
 from _grid import simulated_grid
 
 from belay_kernels import reference
@@ -39,23 +31,8 @@ STEPS = 4
 NONFINITE_STEP = 2
 SIZES = (0, 1, 3, 31, 1009)
 LARGE = 100_003
-SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 # Within BOUND[dtype] * eps(dtype), relative and absolute, where not bit for bit.
 BOUND = 16
-
-REFERENCE_FUSED = lerp_rounding() == "fused"
-
-
-def _sqrt_correctly_rounded() -> bool:
-    """Whether torch's float32 and float64 sqrt round correctly in this process (the float32
-    root of a float64 sqrt is correctly rounded: 53 >= 2 * 24 + 2 bits)."""
-    x = torch.rand(4099, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4
-    singles = torch.equal(x.float().sqrt(), x.float().double().sqrt().float())
-    doubles = all(a == math.sqrt(b) for a, b in zip(x.sqrt().tolist(), x.tolist()))
-    return singles and doubles
-
-
-SQRT_EXACT = _sqrt_correctly_rounded()
 
 ADAM_OPTIONS = {
     "adam": {"weight_decay": 0.0, "decoupled": False, "maximize": False, "amsgrad": False},
@@ -103,14 +80,8 @@ def _backend():
 
 
 def _exact(optimizer, dtype, options) -> bool:
-    if not REFERENCE_FUSED:
-        return False
-    if optimizer == "adam" and dtype not in SIXTEEN_BIT and not SQRT_EXACT:
-        return False
-    adds_with_alpha = optimizer == "sgd" or (
-        options["weight_decay"] != 0 and not options["decoupled"]
-    )
-    return not (dtype in SIXTEEN_BIT and adds_with_alpha)
+    coupled = optimizer == "adam" and options["weight_decay"] != 0 and not options["decoupled"]
+    return compiled_is_exact(optimizer, dtype, coupled)
 
 
 class State:
