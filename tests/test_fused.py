@@ -333,6 +333,11 @@ def _refused(make_optimizer, make_averager, match):
             "differentiable=True",
         ),
         (
+            lambda m: torch.optim.AdamW(m.parameters(), capturable=True),
+            lambda m: bk.EMA(m),
+            "capturable=True",
+        ),
+        (
             lambda m: torch.optim.AdamW(m.a.parameters()),
             lambda m: bk.EMA(m),
             "does not step",
@@ -348,7 +353,7 @@ def _refused(make_optimizer, make_averager, match):
             "TwoPoint",
         ),
     ],
-    ids=["rmsprop", "differentiable", "not-stepped", "not-averaged", "two-point"],
+    ids=["rmsprop", "differentiable", "capturable", "not-stepped", "not-averaged", "two-point"],
 )
 def test_bad_pairs_are_refused_with_nothing_changed(make_optimizer, make_averager, match):
     _refused(make_optimizer, make_averager, match)
