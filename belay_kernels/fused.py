@@ -101,16 +101,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.defaults = optimizer.defaults
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
-        for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
-            setattr(self, hooks, getattr(optimizer, hooks))
+        # The wrapped optimizer's hooks are this one's: a hook registered on either runs
+        # when the fused step does (torch's step wrapper, patched in below, runs them).
         for hooks in (
+            "_optimizer_step_pre_hooks",
+            "_optimizer_step_post_hooks",
             "_optimizer_state_dict_pre_hooks",
             "_optimizer_state_dict_post_hooks",
             "_optimizer_load_state_dict_pre_hooks",
             "_optimizer_load_state_dict_post_hooks",
         ):
             setattr(self, hooks, getattr(optimizer, hooks))
-        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+        self._patch_step_function()
         averager._fused_ids = frozenset(id(p) for p in averager._parameters)
         averager._fused_by = self
         try:

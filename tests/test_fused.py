@@ -449,3 +449,14 @@ def test_a_tensor_lr_is_read_each_step(backend, tmp_path):
     (m0, _, a0, _), (m1, _, a1, _) = runs
     for ours, theirs in zip(_state(m1, a1), _state(m0, a0), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=4e-7, atol=1e-7)
+
+
+def test_step_hooks_run_on_the_fused_step():
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    calls = []
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(type(opt).__name__))
+    fused = bk.fuse(optimizer, bk.EMA(model))
+    fused.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    _train(model, fused, 0, torch.float32)
+    assert calls == ["pre", "FusedOptimizer"]
