@@ -251,13 +251,24 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bucket.skipped,
             )  # fmt: skip
         else:
-            buffers, first_step = self._sgd_state(bucket, options)
-            bucket.module.sgd_average_(
-                bucket.params, grads, buffers, bucket.shadows, *scale_args, options["lr"],
-                options["momentum"], options["dampening"], options["weight_decay"],
-                options["nesterov"], options["maximize"], first_step, average, scalars,
-                skip, bucket.skipped,
-            )  # fmt: skip
+            buffers, new = self._sgd_state(bucket, options)
+            parts = [(bucket, grads, buffers, any(new))]
+            if any(new) and not all(new):
+                # a parameter whose first gradient came after the others' starts its buffer
+                # now (from the gradient, as torch's does): one call for the new buffers,
+                # one for the rest
+                parts = []
+                for first_step in (True, False):
+                    rows = [i for i, is_new in enumerate(new) if is_new is first_step]
+                    part = [[column[i] for i in rows] for column in (grads, buffers)]
+                    parts.append((_subset(bucket, rows), *part, first_step))
+            for part, part_grads, part_buffers, first_step in parts:
+                part.module.sgd_average_(
+                    part.params, part_grads, part_buffers, part.shadows, *scale_args,
+                    options["lr"], options["momentum"], options["dampening"],
+                    options["weight_decay"], options["nesterov"], options["maximize"],
+                    first_step, average, scalars, skip, part.skipped,
+                )  # fmt: skip
 
     def _adam_state(self, bucket: _Bucket, options: dict):
         """The bucket's (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) as the kernels take
@@ -283,10 +294,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         return lists
 
     def _sgd_state(self, bucket: _Bucket, options: dict):
-        """The momentum buffers (none without momentum), and whether they are new: torch's
-        SGD starts a buffer from the gradient itself."""
+        """The momentum buffers (none without momentum), and which are new (created here,
+        uninitialized: torch's SGD starts a buffer from the gradient itself)."""
         if options["momentum"] == 0:
-            return [], False
+            return [], []
         state, buffers, new = self.state, [], []
         for p in bucket.parameters:
             buffer = state[p].get("momentum_buffer")
@@ -296,14 +307,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     p, memory_format=torch.preserve_format
                 )
             buffers.append(_local(buffer))
-        if any(new) and not all(new):
-            raise BelayInputError(
-                "fused SGD: some parameters of a group have momentum buffers and some do not "
-                "(a parameter that had no gradient on earlier steps); the fused kernel starts "
-                "all of a group's buffers together. Give every parameter a gradient from the "
-                "first step, or use plain SGD."
-            )
-        return buffers, all(new)
+        return buffers, new
 
     # ---- what the fused optimizer does not change --------------------------------------
     def add_param_group(self, param_group: dict) -> None:

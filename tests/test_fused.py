@@ -460,3 +460,26 @@ def test_step_hooks_run_on_the_fused_step():
     fused.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
     _train(model, fused, 0, torch.float32)
     assert calls == ["pre", "FusedOptimizer"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parameter_whose_first_gradient_comes_later(backend):
+    """SGD with momentum starts that parameter's buffer on its first gradient (torch's way);
+    until then the optimizer skips it and the averager still averages it."""
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(37)), nn.Parameter(torch.randn(5, 3))]
+        averager = bk.EMA(params, decay=0.9, backend=backend)
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False)
+        runs.append((params, bk.fuse(optimizer, averager) if fused else optimizer, averager))
+    for step in range(4):
+        for params, optimizer, averager in runs:
+            g = torch.Generator().manual_seed(step)
+            params[0].grad = torch.randn(37, generator=g)
+            params[1].grad = torch.randn(5, 3, generator=g) if step >= 2 else None
+            optimizer.step()
+            if averager._fused_by is None:
+                averager.step()
+    (p0, _, a0), (p1, _, a1) = runs
+    _assert_same(p1 + a1.shadow_params(), p0 + a0.shadow_params(), _exact(backend, "sgd"))
