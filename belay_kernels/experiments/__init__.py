@@ -29,7 +29,7 @@ DESCRIPTION = """\
 Check the claims of the three seed documents (Sandler et al.'s two-point average, the
 Ornstein-Uhlenbeck view of SWA, and the BELAY poster), and EDM2's post-hoc EMA, by running
 small experiments with this library's averagers. Each experiment prints its table and writes NAME.png (figure)
-and NAME.md (table and verdict) to the output folder. `all` took about 5 minutes on a
+and NAME.md (table and verdict) to the output folder. `all` took about 2.5 minutes on a
 shared 2-core CPU (docs/results/README.md) and shows a progress bar; --quick is a smoke
 run of seconds per experiment. Nothing is downloaded."""
 
