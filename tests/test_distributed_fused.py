@@ -1,12 +1,14 @@
 """``fuse`` on real process groups (gloo, CPU): FSDP2's local shards, with and without a
 ``MixedPrecisionPolicy`` (bf16 compute, fp32 sharded parameters), and DDP. On every rank
 the fused optimizer leaves the same bits as ``torch.optim.AdamW(foreach=False)`` followed
-by the averager's ``step()``, in the weights and the shadow, and its ``state_dict()`` is
-torch's own (DTensor moments under FSDP2)."""
+by the averager's ``step()``, in the weights and the shadow, where the compiled kernels
+give torch's bits (``_fused_exactness``; else within the bound of ``test_fused``), and its
+``state_dict()`` is torch's own (DTensor moments under FSDP2)."""
 
 import torch
 from _distributed import run_ranks
 from _distributed_models import batch, local, tiny
+from _fused_exactness import compiled_is_exact
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -35,8 +37,21 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _bits(t):
-    return local(t).detach().contiguous().view(-1).view(torch.uint8).clone()
+def _local_copy(t):
+    return local(t).detach().clone()
+
+
+def _compare(results, backend) -> None:
+    """Each rank's (unfused, fused) tensors: bit for bit where the backend gives torch's
+    bits for fp32 AdamW, else within 16 fp32 ulps (an ulp of sqrt, grown over the steps)."""
+    exact = backend != "cpp" or compiled_is_exact("adam", torch.float32, coupled_decay=False)
+    for plain, ours in results:
+        for a, b in zip(plain, ours, strict=True):
+            if exact:
+                assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+            else:
+                eps = 16 * torch.finfo(torch.float32).eps
+                torch.testing.assert_close(a.double(), b.double(), rtol=eps, atol=eps)
 
 
 def fsdp_ranks(rank, world, averager_name, mixed):
@@ -54,25 +69,28 @@ def fsdp_ranks(rank, world, averager_name, mixed):
             _step(model, optimizer, t, rank, None if fused else averager)
         state = optimizer.state_dict()["state"]
         moments = [type(s["exp_avg"]).__name__ for s in state.values()]
-        results.append(
-            (
-                [_bits(p) for p in model.parameters()]
-                + [_bits(s) for s in averager.shadow_params()],
-                moments,
-            )
-        )
+        tensors = list(model.parameters()) + list(averager.shadow_params())
+        results.append(([_local_copy(t) for t in tensors], moments))
     (plain, plain_moments), (ours, our_moments) = results
     assert our_moments == plain_moments and set(our_moments) == {"DTensor"}
-    return all(torch.equal(a, b) for a, b in zip(plain, ours, strict=True))
+    return plain, ours, _backend_of(optimizer)
+
+
+def _backend_of(fused) -> str:
+    return fused._buckets[0][0].module.__name__.rsplit(".", 1)[-1]
+
+
+def _check(results) -> None:
+    _compare([(plain, ours) for plain, ours, _ in results], results[0][2])
 
 
 def test_fused_on_fsdp2_local_shards_matches_unfused():
-    assert run_ranks(fsdp_ranks, 2, "ema", False) == [True, True]
-    assert run_ranks(fsdp_ranks, 2, "belay", False) == [True, True]
+    _check(run_ranks(fsdp_ranks, 2, "ema", False))
+    _check(run_ranks(fsdp_ranks, 2, "belay", False))
 
 
 def test_fused_with_fsdp2_mixed_precision_matches_unfused():
-    assert run_ranks(fsdp_ranks, 2, "ema", True) == [True, True]
+    _check(run_ranks(fsdp_ranks, 2, "ema", True))
 
 
 def ddp_ranks(rank, world):
@@ -86,11 +104,10 @@ def ddp_ranks(rank, world):
             optimizer = bk.fuse(optimizer, averager)
         for t in range(STEPS):
             _step(ddp, optimizer, t, rank, None if fused else averager, per_rank_data=True)
-        results.append(
-            [_bits(p) for p in model.parameters()] + [_bits(s) for s in averager.shadow_params()]
-        )
-    return all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+        tensors = list(model.parameters()) + list(averager.shadow_params())
+        results.append([_local_copy(t) for t in tensors])
+    return results[0], results[1], _backend_of(optimizer)
 
 
 def test_fused_under_ddp_matches_unfused():
-    assert run_ranks(ddp_ranks, 2) == [True, True]
+    _check(run_ranks(ddp_ranks, 2))
