@@ -25,6 +25,7 @@
 #endif
 
 #include "cpu_fp16_staging.h"
+#include "cpu_fused_blocks.h"
 #include "grid_body.h"
 #include "op_entries.h"
 
@@ -73,10 +74,20 @@ BK_HD void prefetch_lines(T* address, int64_t begin, int64_t end) {
   }
 }
 
+// Whether tensor I of ``tensors`` repeats the address of an earlier one (the fused ops list
+// their unused slots that way), whose lines are already prefetched.
+template <std::size_t I, typename Tensors, std::size_t... J>
+BK_HD bool repeats_earlier(const Tensors& tensors, std::index_sequence<J...>) {
+  const void* address = std::get<I>(tensors);
+  return ((static_cast<const void*>(std::get<J>(tensors)) == address) || ...);
+}
+
 template <typename Op, std::size_t... I>
 BK_HD void prefetch(const Op& op, int64_t begin, int64_t end, std::index_sequence<I...>) {
   const auto tensors = op.tensors();
-  ((I == 0 && streams_output<Op> ? void() : prefetch_lines(std::get<I>(tensors), begin, end)),
+  (((I == 0 && streams_output<Op>) || repeats_earlier<I>(tensors, std::make_index_sequence<I>())
+       ? void()
+       : prefetch_lines(std::get<I>(tensors), begin, end)),
    ...);
 }
 
@@ -188,9 +199,22 @@ BK_HD int64_t cached_block(const Op& op, int64_t begin, int64_t end) {
 template <typename Op>
 constexpr bool rounds_to_storage = requires { requires Op::kRoundsToStorage; };
 
+// The fused optimizer steps (cpu_fused_blocks.h) go in smaller blocks, each prefetching the
+// block three ahead: a block of theirs spends long in its divisions and square roots, and
+// 256 elements of five or six tensors at once, prefetched one block ahead, came as a burst
+// that stalled the core on memory and then left memory idle through the arithmetic
+// (measured: 49 ms for AdamW + EMA on 32M fp32 parameters against 36 ms so).
+template <typename Op>
+constexpr int64_t block_size = is_fused_step<Op> ? 64 : kBlock;
+template <typename Op>
+constexpr int64_t prefetch_distance = is_fused_step<Op> ? 3 * block_size<Op> : block_size<Op>;
+
 // One block of an op; kAvx2 as for plain_loop.
 template <bool kAvx2, typename Op>
 BK_HD int64_t one_block(const Op& op, int64_t block, int64_t block_end, bool stream) {
+  if constexpr (is_fused_step<Op>) {
+    return fused_block<block_size<Op>>(op, block, block_end);
+  }
 #if defined(BK_FP16_STAGING)
   if constexpr (kAvx2 && has_fp16_storage<Op> && !rounds_to_storage<Op>) {
     return staged_block<kBlock>(op, block, block_end, stream);
@@ -217,9 +241,10 @@ BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
     stream = (end - begin) * static_cast<int64_t>(sizeof(output_t<Op>)) >= kStreamMinBytes;
   }
   int64_t skipped = 0;
-  for (int64_t block = begin; block < end; block += kBlock) {
-    const int64_t block_end = std::min(end, block + kBlock);
-    prefetch(op, block_end, std::min(end, block_end + kBlock));
+  for (int64_t block = begin; block < end; block += block_size<Op>) {
+    const int64_t block_end = std::min(end, block + block_size<Op>);
+    const int64_t ahead = std::min(end, block + prefetch_distance<Op>);
+    prefetch(op, ahead, std::min(end, ahead + block_size<Op>));
     if constexpr (has_profiles<Op>) {
       // Each profile in turn on this block, whose weights stay in L1 after the first.
       for (int p = 0; p < Op::kProfiles; ++p) {
