@@ -10,7 +10,6 @@ where, and why not elsewhere); else every tensor must agree within BOUND (relati
 absolute, in units of the dtype's epsilon: an ulp's difference grown over STEPS steps
 through the optimizer's state), NaN positions and skipped counts exactly."""
 
-
 import pytest
 import torch
 from _backend_cases import _inject_nonfinite
