@@ -473,9 +473,8 @@ class Averager:
         detached, so a launch needs no autograd mode."""
         names, written = roles(op, len(columns))
         columns = tuple(map(_detached, columns))
-        fused = [i for i, t in enumerate(track.live) if id(t) in self._fused_ids]
-        if fused:  # a fused optimizer updates these: the launches take the rest, as lists
-            rest = [i for i in range(len(track.live)) if i not in set(fused)]
+        rest = [i for i, t in enumerate(track.live) if id(t) not in self._fused_ids]
+        if len(rest) < len(track.live):  # a fused optimizer updates the others
             if not rest:
                 return []
             columns = tuple([track.views(c)[i] for i in rest] for c in columns)
