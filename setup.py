@@ -42,6 +42,7 @@ CPU_SOURCES = [
     *sorted(glob.glob("csrc/cpu_kernels*.cpp")),
     "csrc/cpu_module.cpp",
     "csrc/bound_tensors.cpp",
+    "csrc/cpu_isa.cpp",
 ]
 CUDA_SOURCES = ["csrc/cuda_kernels.cu", "csrc/cuda_module.cpp"]
 # -fno-trapping-math lets GCC turn the per-element choices (lerp's two sides, the

@@ -2,9 +2,10 @@
 // CPU implementations: at::parallel_for over the flat buffer, each chunk a loop over
 // element_ops.h's functors that the compiler vectorizes, in blocks that prefetch the next
 // one. An op whose output is only written (the two-point average) computes each block into
-// a small buffer and stores it past the cache. On x86 the loop is compiled a second time for
-// AVX2+FMA+F16C and picked at run time, since the extension is built for the baseline ISA;
-// there, fp16 storage is converted in bulk with F16C (cpu_fp16_staging.h).
+// a small buffer and stores it past the cache. On x86 the loop is compiled twice more, for
+// AVX2 and for AVX-512, and one clone is picked at run time (cpu_isa.h), since the extension
+// is built for the baseline ISA; in both, fp16 storage is converted in bulk with F16C
+// (cpu_fp16_staging.h).
 //
 // This file also holds the simulated CUDA grid: with _simulate_cuda_grid(blocks, threads,
 // chunk) set, the CPU ops run grid_body.h (the CUDA kernels' bodies) for every (block,
@@ -26,6 +27,7 @@
 
 #include "cpu_fp16_staging.h"
 #include "cpu_fused_blocks.h"
+#include "cpu_isa.h"
 #include "grid_body.h"
 #include "op_entries.h"
 
@@ -50,7 +52,8 @@ struct NoDeviceGuard {
   explicit NoDeviceGuard(const at::Device&) {}
 };
 
-// The loops below are always inlined (BK_HD), so that cpu_loop_avx2 compiles them for AVX2.
+// The loops below are always inlined (BK_HD), so that each clone (cpu_loop_avx2,
+// cpu_loop_avx512) compiles them for its instructions.
 //
 // The CPU loop walks its range in blocks of this many elements. Before a block it
 // prefetches the next block's cache lines: a vectorized loop alone keeps too few loads in
@@ -232,8 +235,8 @@ BK_HD int64_t one_block(const Op& op, int64_t block, int64_t block_end, bool str
   return cached_block(op, block, block_end);
 }
 
-// kAvx2: this loop runs in the AVX2+F16C clone, where fp16 storage goes through float
-// buffers (cpu_fp16_staging.h).
+// kAvx2: this loop runs in a clone with AVX2 and F16C (the AVX2 and AVX-512 clones), where
+// fp16 storage goes through float buffers (cpu_fp16_staging.h).
 template <bool kAvx2, typename Op>
 BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
   bool stream = false;
@@ -296,17 +299,25 @@ __attribute__((target("avx2,fma,f16c"))) int64_t cpu_loop_avx2(const Op& op, int
                                                                 int64_t end) {
   return cpu_loop<true>(op, begin, end);
 }
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
+// prefer-vector-width=512: GCC's default tuning keeps to 256-bit vectors on some CPUs.
+template <typename Op>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
+int64_t cpu_loop_avx512(const Op& op, int64_t begin, int64_t end) {
+  return cpu_loop<true>(op, begin, end);
 }
 #endif
 
 template <typename Op>
 int64_t cpu_chunk(const Op& op, int64_t begin, int64_t end) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (cpu_has_avx2()) return cpu_loop_avx2(op, begin, end);
+  switch (chosen_cpu_isa()) {
+    case CpuIsa::kAvx512:
+      return cpu_loop_avx512(op, begin, end);
+    case CpuIsa::kAvx2:
+      return cpu_loop_avx2(op, begin, end);
+    case CpuIsa::kBaseline:
+      break;
+  }
 #endif
   return cpu_loop<false>(op, begin, end);
 }

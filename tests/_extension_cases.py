@@ -4,12 +4,14 @@ Runs against the reference go through the one harness, tests/_backend_cases.py."
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import torch
 
 from belay_kernels import backends
+from belay_kernels.backend._library import cpu_module
 from belay_kernels.testing import torch_threads
 
 
@@ -45,3 +47,22 @@ def require_backend(name: str) -> None:
 @pytest.fixture(scope="module")
 def cpp_backend():
     require_backend("cpp")
+
+
+def cpu_isas() -> list[str]:
+    """The clones of the CPU loops (csrc/cpu_isa.h) that this CPU runs, narrowest first;
+    none without the extension."""
+    module, _ = cpu_module()
+    return list(module.supported_cpu_isas()) if module is not None else []
+
+
+@contextlib.contextmanager
+def cpu_isa(name: str):
+    """Run the CPU kernels' clone ``name`` inside the block; then the clone the environment
+    chose again (BELAY_KERNELS_CPU_ISA, or the widest)."""
+    module, _ = cpu_module()
+    module._set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        module._set_cpu_isa(os.environ.get("BELAY_KERNELS_CPU_ISA", ""))

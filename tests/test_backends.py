@@ -3,8 +3,10 @@ reference, from one case table: every dtype pair, the odd sizes, many steps, bot
 non-finite policies with the skipped counter, one flat tensor and tensor lists,
 hyperparameters as numbers and as tensors, and unaligned starts.
 
-Backends: "torch" (the reference through ops, bit for bit), "cpp", "grid" (the compiled
-CUDA bodies on a simulated grid of 3 blocks of 32 threads), "cuda" on a GPU, and
+Backends: "torch" (the reference through ops, bit for bit), "cpp" (the widest clone of the
+CPU loops that this CPU runs), "cpp-avx2" and "cpp-baseline" (the narrower clones, where
+the CPU has them: csrc/cpu_isa.h), "grid" (the compiled CUDA bodies on a simulated grid of
+3 blocks of 32 threads), "cuda" on a GPU, and
 "triton" under Triton's interpreter: TRITON_INTERPRET=1 must be set before triton is
 imported, so tests/test_triton_interpreter.py runs this file in a subprocess with it,
 where only the triton cases are collected (over fewer steps: the interpreter is slow).
@@ -16,7 +18,7 @@ import os
 import pytest
 import torch
 from _backend_cases import METHOD_PAIRS, STEPS, Case, check
-from _extension_cases import require_backend
+from _extension_cases import cpu_isa, cpu_isas, require_backend
 from _grid import simulated_grid
 
 from belay_kernels.testing import ODD_SIZES, torch_threads
@@ -51,6 +53,8 @@ if IN_INTERPRETER:
     BACKENDS = {"triton": ("cpu", 3)}
 else:
     BACKENDS = {"torch": ("cpu", STEPS), "cpp": ("cpu", STEPS), "grid": ("cpu", STEPS)}
+    for isa in cpu_isas()[:-1]:
+        BACKENDS[f"cpp-{isa}"] = ("cpu", STEPS)
     if torch.cuda.is_available():
         BACKENDS["cuda"] = ("cuda", STEPS)
         BACKENDS["triton"] = ("cuda", STEPS)  # compiled for the GPU (bench/gpu_check.sh)
@@ -71,8 +75,14 @@ def one_cpu_thread():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_reference(backend, case):
     device, steps = BACKENDS[backend]
-    if backend in ("cpp", "grid", "cuda"):
+    if backend.startswith(("cpp", "grid", "cuda")):
         require_backend("cuda" if backend == "cuda" else "cpp")
-    context = simulated_grid(3, 32) if backend == "grid" else contextlib.nullcontext()
+    if backend == "grid":
+        context = simulated_grid(3, 32)
+    elif backend.startswith("cpp-"):
+        context = cpu_isa(backend.removeprefix("cpp-"))
+    else:
+        context = contextlib.nullcontext()
     with context:
-        check(case, "cpp" if backend == "grid" else backend, device=device, steps=steps)
+        compiled_on_cpu = backend == "grid" or backend.startswith("cpp-")
+        check(case, "cpp" if compiled_on_cpu else backend, device=device, steps=steps)

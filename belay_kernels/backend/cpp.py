@@ -9,3 +9,12 @@ DEVICE_TYPES = frozenset({"cpu"})
 
 def unavailable_reason() -> str:
     return cpu_module()[1]
+
+
+def usage() -> str:
+    """Which clone of the CPU loops runs (what ``belay-kernels backends`` prints)."""
+    module = cpu_module()[0]
+    return (
+        f"CPU loops: the {module.cpu_isa()} clone, of {', '.join(module.supported_cpu_isas())} "
+        "here (BELAY_KERNELS_CPU_ISA picks one)"
+    )
