@@ -4,8 +4,8 @@
 // one. An op whose output is only written (the two-point average) computes each block into
 // a small buffer and stores it past the cache. On x86 the loop is compiled twice more, for
 // AVX2 and for AVX-512, and one clone is picked at run time (cpu_isa.h), since the extension
-// is built for the baseline ISA; in both, fp16 storage is converted in bulk with F16C
-// (cpu_fp16_staging.h).
+// is built for the baseline ISA; in both, 16-bit float storage is converted in bulk
+// (cpu_half_staging.h).
 //
 // This file also holds the simulated CUDA grid: with _simulate_cuda_grid(blocks, threads,
 // chunk) set, the CPU ops run grid_body.h (the CUDA kernels' bodies) for every (block,
@@ -25,7 +25,7 @@
 #define BK_STREAMING_STORES 1
 #endif
 
-#include "cpu_fp16_staging.h"
+#include "cpu_half_staging.h"
 #include "cpu_fused_blocks.h"
 #include "cpu_isa.h"
 #include "grid_body.h"
@@ -212,15 +212,15 @@ constexpr int64_t block_size = is_fused_step<Op> ? 64 : kBlock;
 template <typename Op>
 constexpr int64_t prefetch_distance = is_fused_step<Op> ? 3 * block_size<Op> : block_size<Op>;
 
-// One block of an op; kAvx2 as for plain_loop.
-template <bool kAvx2, typename Op>
+// One block of an op; kIsa: the clone this runs in.
+template <CpuIsa kIsa, typename Op>
 BK_HD int64_t one_block(const Op& op, int64_t block, int64_t block_end, bool stream) {
   if constexpr (is_fused_step<Op>) {
     return fused_block<block_size<Op>>(op, block, block_end);
   }
-#if defined(BK_FP16_STAGING)
-  if constexpr (kAvx2 && has_fp16_storage<Op> && !rounds_to_storage<Op>) {
-    return staged_block<kBlock>(op, block, block_end, stream);
+#if defined(BK_HALF_STAGING)
+  if constexpr (kIsa != CpuIsa::kBaseline && has_half_storage<Op> && !rounds_to_storage<Op>) {
+    return staged_block<kBlock, kIsa == CpuIsa::kAvx512>(op, block, block_end, stream);
   }
 #endif
   if constexpr (streams_output<Op>) {
@@ -235,9 +235,9 @@ BK_HD int64_t one_block(const Op& op, int64_t block, int64_t block_end, bool str
   return cached_block(op, block, block_end);
 }
 
-// kAvx2: this loop runs in a clone with AVX2 and F16C (the AVX2 and AVX-512 clones), where
-// fp16 storage goes through float buffers (cpu_fp16_staging.h).
-template <bool kAvx2, typename Op>
+// kIsa: the clone this loop runs in. In the AVX2 and AVX-512 clones, 16-bit float storage
+// goes through float buffers (cpu_half_staging.h).
+template <CpuIsa kIsa, typename Op>
 BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
   bool stream = false;
   if constexpr (streams_output<Op>) {
@@ -251,11 +251,11 @@ BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
     if constexpr (has_profiles<Op>) {
       // Each profile in turn on this block, whose weights stay in L1 after the first.
       for (int p = 0; p < Op::kProfiles; ++p) {
-        skipped += op.profile_valid(p) ? one_block<kAvx2>(op.profile(p), block, block_end, false)
+        skipped += op.profile_valid(p) ? one_block<kIsa>(op.profile(p), block, block_end, false)
                                        : block_end - block;
       }
     } else {
-      skipped += one_block<kAvx2>(op, block, block_end, stream);
+      skipped += one_block<kIsa>(op, block, block_end, stream);
     }
   }
 #if defined(BK_STREAMING_STORES)
@@ -264,7 +264,7 @@ BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
   return skipped;
 }
 
-template <bool kAvx2, typename Op>
+template <CpuIsa kIsa, typename Op>
 BK_HD int64_t cpu_loop(const Op& op_in, int64_t begin, int64_t end) {
   // A local copy, so stores cannot alias its fields; and when the op has a non-finite
   // policy, a loop per policy with the flag a known constant, so the propagate loop
@@ -276,34 +276,34 @@ BK_HD int64_t cpu_loop(const Op& op_in, int64_t begin, int64_t end) {
   if constexpr (requires { op.skip_nonfinite; }) {
     if (op.skip_nonfinite) {
       op.skip_nonfinite = true;
-      return plain_loop<kAvx2>(op, begin, end);
+      return plain_loop<kIsa>(op, begin, end);
     }
     op.skip_nonfinite = false;
-    return plain_loop<kAvx2>(op, begin, end);
+    return plain_loop<kIsa>(op, begin, end);
   }
   // The swap's direction likewise, so each direction's loop vectorizes.
   if constexpr (requires { op.inverse; }) {
     if (op.inverse) {
       op.inverse = true;
-      return plain_loop<kAvx2>(op, begin, end);
+      return plain_loop<kIsa>(op, begin, end);
     }
     op.inverse = false;
-    return plain_loop<kAvx2>(op, begin, end);
+    return plain_loop<kIsa>(op, begin, end);
   }
-  return plain_loop<kAvx2>(op, begin, end);
+  return plain_loop<kIsa>(op, begin, end);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename Op>
 __attribute__((target("avx2,fma,f16c"))) int64_t cpu_loop_avx2(const Op& op, int64_t begin,
                                                                 int64_t end) {
-  return cpu_loop<true>(op, begin, end);
+  return cpu_loop<CpuIsa::kAvx2>(op, begin, end);
 }
 // prefer-vector-width=512: GCC's default tuning keeps to 256-bit vectors on some CPUs.
 template <typename Op>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
 int64_t cpu_loop_avx512(const Op& op, int64_t begin, int64_t end) {
-  return cpu_loop<true>(op, begin, end);
+  return cpu_loop<CpuIsa::kAvx512>(op, begin, end);
 }
 #endif
 
@@ -319,7 +319,7 @@ int64_t cpu_chunk(const Op& op, int64_t begin, int64_t end) {
       break;
   }
 #endif
-  return cpu_loop<false>(op, begin, end);
+  return cpu_loop<CpuIsa::kBaseline>(op, begin, end);
 }
 
 // Elements per task: large enough to amortize a task, small enough for both cores.

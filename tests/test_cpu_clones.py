@@ -2,8 +2,10 @@
 same bits. Every method of the method table, and the fused optimizer steps with every
 average, run under each clone this CPU has on the same data, on every dtype pair, at sizes
 that take the vector bodies, their tails and the parallel split; every tensor they write is
-compared bit for bit with the baseline clone's, NaN payloads included. (Each clone is
-checked against the reference too: test_backends.py runs its harness under each.)
+compared bit for bit with the baseline clone's, NaN included. (Only an fp16 NaN carrying a
+payload may differ: F16C keeps its payload where c10's scalar code, in the baseline clone,
+writes 0x7E00, cpu_half_staging.h. The NaNs here are arithmetic's.) Each clone is checked
+against the reference too: test_backends.py runs its harness under each.
 
 Where the CPU has one clone only there is nothing to compare, and the tests skip."""
 

@@ -1,5 +1,5 @@
 """What only the compiled CPU kernels (backend "cpp") do: outputs streamed past the
-cache, fp16 rounding through F16C, the split over threads, auto choosing them, and their
+cache, 16-bit rounding in vector code, the split over threads, auto choosing them, and their
 benchmark. Every method against the reference on "cpp" runs in tests/test_backends.py."""
 
 import pytest
@@ -24,21 +24,22 @@ def test_streamed_two_point_output_matches_reference(pair, offsets):
         check(Case(BY_NAME["two_point"], pair, ((3 << 20) + 5,), offsets=offsets), "cpp")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n", [1001, (3 << 20) + 5], ids=["stored", "streamed"])
-def test_fp16_rounds_as_torch_bit_for_bit(n):
-    """fp16 results round to nearest, ties to even, exactly as torch's own conversion: the
-    two-point average of random finite fp16 bit patterns (subnormals, the largest values,
-    and a tie whenever the sum is odd in its last bit), whose fp32 sum is exact. On x86
-    with F16C this goes through cpu_fp16_staging.h; the streamed size through its
-    non-temporal stores."""
+def test_half_rounds_as_torch_bit_for_bit(n, dtype):
+    """16-bit results round to nearest, ties to even, exactly as torch's own conversion:
+    the two-point average of random finite fp16 or bf16 bit patterns (subnormals, the
+    largest values, and ties). On x86 with AVX2 this goes through cpu_half_staging.h
+    (F16C for fp16, its own vector rounding for bf16); the streamed size through its
+    non-temporal stores. The clones are compared with each other in test_cpu_clones.py."""
     generator = torch.Generator().manual_seed(n)
     bits = torch.randint(-(2**15), 2**15, (2, n), generator=generator, dtype=torch.int32)
-    halves = bits.to(torch.int16).view(torch.float16)
+    halves = bits.to(torch.int16).view(dtype)
     weights, snapshot = torch.where(halves.isfinite(), halves, 0.0)
     out = torch.empty_like(weights)
     with torch_threads(2):
         torch.ops.belay_kernels.two_point_average_(out, weights, snapshot)
-    expected = ((weights.float() + snapshot.float()) * 0.5).half()
+    expected = ((weights.float() + snapshot.float()) * 0.5).to(dtype)
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
 
 

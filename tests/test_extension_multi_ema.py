@@ -71,7 +71,7 @@ def _same_bits(got, want, message):
     assert got.dtype == want.dtype and got.shape == want.shape, message
     nan = torch.isnan(want)
     assert torch.equal(torch.isnan(got), nan), f"{message}: NaN positions differ"
-    # NaN payloads aside (fp16 through F16C keeps its payload: cpu_fp16_staging.h)
+    # NaN payloads aside (fp16 through F16C keeps its payload: cpu_half_staging.h)
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
     differ = (got.view(bits) != want.view(bits)) & ~nan
     assert not differ.any(), f"{message}: {int(differ.sum())} elements differ"
