@@ -15,7 +15,7 @@ from .architectures import ARCHITECTURES
 from .compiled import COMPILED_PEERS
 from .peers import PEERS
 from .report import add_stream_fraction, format_table, header, write_csv, write_json, write_markdown
-from .sweep import DTYPE_PAIRS
+from .sweep import DEFAULT_DTYPE_PAIRS, DTYPE_PAIRS
 from .traffic import METHODS
 
 # Largest working set per element across methods and peers: a peer's deep copy plus
@@ -169,8 +169,9 @@ def parse_args(argv):
     p.add_argument(
         "--dtypes",
         type=_csv("dtype pair", DTYPE_PAIRS),
-        default=list(DTYPE_PAIRS),
-        help=f"comma list of weights/shadow dtype pairs (default: all of {','.join(DTYPE_PAIRS)})",
+        default=list(DEFAULT_DTYPE_PAIRS),
+        help=f"comma list of weights/shadow dtype pairs, of {','.join(DTYPE_PAIRS)} "
+        f"(default: {','.join(DEFAULT_DTYPE_PAIRS)})",
     )
     p.add_argument(
         "--peers",

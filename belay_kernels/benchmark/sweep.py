@@ -15,7 +15,13 @@ from .traffic import bytes_per_step, working_set_bytes
 DTYPE_PAIRS = {
     "fp32/fp32": (torch.float32, torch.float32),
     "bf16/fp32": (torch.bfloat16, torch.float32),
+    "fp16/fp32": (torch.float16, torch.float32),
+    "bf16/bf16": (torch.bfloat16, torch.bfloat16),
+    "fp16/fp16": (torch.float16, torch.float16),
+    "fp64/fp64": (torch.float64, torch.float64),
 }
+# What a run times unless told: the pairs training uses most.
+DEFAULT_DTYPE_PAIRS = ("fp32/fp32", "bf16/fp32")
 
 
 def _record(method, pair, numel, impl, kind, nbytes, timing=None, note="", compile_s=None):
