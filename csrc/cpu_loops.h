@@ -1,11 +1,11 @@
 #pragma once
 // CPU implementations: at::parallel_for over the flat buffer, each chunk a loop over
-// element_ops.h's functors that the compiler vectorizes, in blocks that prefetch the next
-// one. An op whose output is only written (the two-point average) computes each block into
-// a small buffer and stores it past the cache. On x86 the loop is compiled twice more, for
-// AVX2 and for AVX-512, and one clone is picked at run time (cpu_isa.h), since the extension
-// is built for the baseline ISA; in both, 16-bit float storage is converted in bulk
-// (cpu_half_staging.h).
+// element_ops.h's functors that the compiler vectorizes, in blocks that may prefetch the
+// next one. An op whose output is only written (the two-point average) computes each block
+// into a small buffer and stores it past the cache. On x86 the loop is compiled twice more,
+// for AVX2 and for AVX-512, and one clone is picked at run time (cpu_isa.h), since the
+// extension is built for the baseline ISA; in both, 16-bit float storage is converted in
+// bulk (cpu_half_staging.h).
 //
 // This file also holds the simulated CUDA grid: with _simulate_cuda_grid(blocks, threads,
 // chunk) set, the CPU ops run grid_body.h (the CUDA kernels' bodies) for every (block,
@@ -56,9 +56,10 @@ struct NoDeviceGuard {
 // cpu_loop_avx512) compiles them for its instructions.
 //
 // The CPU loop walks its range in blocks of this many elements. Before a block it
-// prefetches the next block's cache lines: a vectorized loop alone keeps too few loads in
-// flight to stream from memory at full speed, the more so the more instructions it spends
-// per element. Skipped elements are counted in 32 bits per block, which vectorizes far
+// prefetches the next block's cache lines (except where ``prefetches`` below says not): on
+// the AVX2 machines this was tuned on, a vectorized loop alone kept too few loads in flight
+// to stream from memory at full speed, the more so the more instructions it spent per
+// element. Skipped elements are counted in 32 bits per block, which vectorizes far
 // better than a 64-bit count per element.
 constexpr int64_t kBlock = 256;
 
@@ -222,12 +223,18 @@ constexpr bool runs_staged() {
 #endif
 }
 
-// A staged op that streams its output (the two-point average of 16-bit tensors) is left to
-// the hardware prefetcher: its widening loops are nothing but loads, and prefetching ahead
-// of them made a standalone loop of its bf16 pattern (64M elements, one thread) slower,
-// 16.9-19.4 ms against 14.4-15.5 ms without, medians of 31.
+// Where the software prefetch stays off, leaving the stream to the hardware prefetcher:
+// - in the AVX-512 clone, but for the fused optimizer steps: on the AVX-512 CPU it was
+//   measured on (AMD EPYC, 64M and 4M fp32 elements, one thread, standalone loops of our
+//   blocks, medians of 21), prefetching the next block slowed the EMA from 21.9 to 24.1 ms
+//   and the four-profile EMA from 3.2 to 4.9 ms at 4M;
+// - for a staged op that streams its output (the two-point average of 16-bit tensors): its
+//   widening loops are nothing but loads, and a standalone loop of its bf16 pattern took
+//   16.9-19.4 ms with the prefetch against 14.4-15.5 ms without (64M, medians of 31).
 template <CpuIsa kIsa, typename Op>
-constexpr bool prefetches = !(runs_staged<kIsa, Op>() && streams_output<Op>);
+constexpr bool prefetches =
+    is_fused_step<Op> ||
+    (kIsa != CpuIsa::kAvx512 && !(runs_staged<kIsa, Op>() && streams_output<Op>));
 
 // One block of an op; kIsa: the clone this runs in.
 template <CpuIsa kIsa, typename Op>
