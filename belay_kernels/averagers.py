@@ -432,6 +432,11 @@ class Averager:
         self._ensure_bound("step()")
         self._advance()
 
+    def wait(self) -> None:
+        """Wait for this averager's background work and raise what failed there: a no-op
+        here, and for :class:`~belay_kernels.PostHocEMA` the snapshot being written. Trainer
+        callbacks call it when training ends."""
+
     def _refuse_fused_step(self) -> None:
         raise BelayInputError(
             f"this {self.method} is fused with {type(self._fused_by).__name__} (fuse()): the "

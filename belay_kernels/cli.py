@@ -14,7 +14,7 @@ COMMANDS = {
     "bench": ("belay_kernels.benchmark", "measure the kernels and the peers on this machine"),
     "reproduce": ("belay_kernels.experiments", "reproduce the seed documents' experiments"),
     "posthoc": (
-        "belay_kernels.posthoc",
+        "belay_kernels.reconstruction",
         "reconstruct an EMA of any length from PostHocEMA's snapshots",
     ),
     "backends": ("belay_kernels.cli", "say which backends run here and why the others do not"),

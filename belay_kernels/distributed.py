@@ -85,6 +85,20 @@ class Spec:
             value, self.mesh, list(self.placements), src_data_rank=None
         ).to_local()
 
+    def offsets(self) -> tuple[int, ...]:
+        """Where this rank's piece starts in the full tensor, per dimension."""
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        return tuple(
+            compute_local_shape_and_global_offset(self.shape, self.mesh, self.placements)[1]
+        )
+
+    def counts_here(self) -> bool:
+        """Whether this rank's piece is the first copy of it: on each mesh dimension the
+        tensor is replicated over, this rank has coordinate 0."""
+        coordinate = self.mesh.get_coordinate()
+        return all(c == 0 for c, p in zip(coordinate, self.placements) if p.is_replicate())
+
     def describe(self) -> str:
         return f"{tuple(self.shape)} on mesh {tuple(self.mesh.shape)} as {list(self.placements)}"
 
@@ -185,12 +199,24 @@ def chunk_rows(names, full: list[torch.Tensor], mesh):
             chunks.append(t)
             specs.append(Spec(mesh, (Replicate(),), t.shape, stride))
             continue
-        rows = -(-t.shape[0] // world)
-        start = min(rank * rows, t.shape[0])
-        length = max(0, min(rows, t.shape[0] - start))
-        chunks.append(t.narrow(0, start, length))
+        chunks.append(t.narrow(0, *row_chunk(t.shape[0], rank, world)))
         specs.append(Spec(mesh, (Shard(0),), t.shape, stride))
     return chunks, specs
+
+
+def row_chunk(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """(first row, number of rows) of ``rank``'s chunk of ``rows`` rows: torch.chunk's split."""
+    size = -(-rows // world)
+    start = min(rank * size, rows)
+    return start, max(0, min(size, rows - start))
+
+
+def row_spec(shape, mesh) -> Spec:
+    """DTensor's ``Shard(0)`` over a 1-D ``mesh`` (``Replicate`` for a 0-d tensor)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placement = Replicate() if len(shape) == 0 else Shard(0)
+    return Spec(mesh, (placement,), torch.Size(shape), _contiguous_stride(shape))
 
 
 def _contiguous_stride(shape) -> tuple:

@@ -7,51 +7,42 @@ and reconstruct the EMA of any other length afterwards.
         ...
         optimizer.step()
         phema.step()                    # every profile in one op call per flat buffer
+    phema.wait()                        # the last snapshot is written by a thread
     weights = reconstruct("phema", sigma_rel=0.07)   # after training: no model needed
     model.load_state_dict(weights)
 
-The formulas are in :mod:`belay_kernels.power`. ``belay-kernels posthoc DIR --sigma-rel
-0.07 --out FILE.pt`` is the command-line form of :func:`reconstruct`.
+The formulas are in :mod:`belay_kernels.power`, the snapshots' layouts (a file per
+snapshot, or a sharded checkpoint folder under FSDP2) in :mod:`belay_kernels.snapshots`,
+and reconstruction in :mod:`belay_kernels.reconstruction`. ``belay-kernels posthoc DIR
+--sigma-rel 0.07 --out FILE.pt`` is the command-line form of :func:`reconstruct`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import power
+from . import distributed, power, snapshots
 from ._checks import BelayInputError
 from .averagers import Averager, check_saved_count
 from .hparams import HparamAttribute, Hparams, check_every, set_converted
 
-SNAPSHOT_KIND = "belay_kernels.posthoc snapshot"
-SNAPSHOT_FORMAT = 1
-SNAPSHOT_GLOB = "snapshot-*.pt"
-_HEADER_KEYS = (
-    "kind",
-    "format",
-    "index",
-    "step",
-    "gammas",
-    "names",
-    "shapes",
-    "is_param",
-    "profiles",
-    "buffers",
+# reconstruction lives in its own module; these are its public names, as posthoc.* in the docs
+from .reconstruction import (  # noqa: F401
+    export,
+    plan,
+    read_snapshot,
+    reconstruct,
+    reconstruct_many,
+    snapshot_files,
+    write_dcp,
 )
-_SNAPSHOT_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
 
 
 def _dtype_name(dtype) -> str:
@@ -135,7 +126,7 @@ def _check_snapshot_dir(path) -> Path:
 class PostHocEMAHparams(Hparams):
     gammas: tuple[float, ...]
     snapshot_every: int
-    snapshot_dtype: str = "float16"  # a name in _SNAPSHOT_DTYPES, as checkpoints store it
+    snapshot_dtype: str = "float16"  # a name in snapshots.DTYPES, as checkpoints store it
     every: int = 1
 
     def __post_init__(self):
@@ -150,9 +141,9 @@ class PostHocEMAHparams(Hparams):
                 f"snapshot_every ({self.snapshot_every}) must be a multiple of every "
                 f"({self.every}), so that each snapshot is taken at an update."
             )
-        if self.snapshot_dtype not in _SNAPSHOT_DTYPES:
+        if self.snapshot_dtype not in snapshots.DTYPES:
             raise BelayInputError(
-                f"snapshot_dtype must be one of {list(_SNAPSHOT_DTYPES)}, got {self.snapshot_dtype!r}."
+                f"snapshot_dtype must be one of {list(snapshots.DTYPES)}, got {self.snapshot_dtype!r}."
             )
 
     def to_state(self) -> dict:
@@ -162,9 +153,21 @@ class PostHocEMAHparams(Hparams):
 class PostHocEMA(Averager):
     """K power-function EMA profiles (``sigma_rels``), updated together by one
     :func:`~belay_kernels.ops.multi_ema_update_` call per flat buffer, and every
-    ``snapshot_every`` steps saved to ``snapshot_dir`` as one file holding all K profiles
-    in ``snapshot_dtype`` (written to a temporary file, then renamed). :func:`reconstruct`
-    turns the snapshots into the EMA of any other ``sigma_rel``.
+    ``snapshot_every`` steps saved to ``snapshot_dir`` with all K profiles in
+    ``snapshot_dtype``. :func:`reconstruct` turns the snapshots into the EMA of any other
+    ``sigma_rel``. The layouts, checksums and crash safety are in
+    :mod:`belay_kernels.snapshots`.
+
+    - **Where it writes.** One process writes one file per snapshot. Under DDP only rank 0
+      writes (the ranks' profiles are equal). After ``fully_shard`` (FSDP2) the profiles
+      cover each rank's local shards, and every rank writes its shards into one
+      ``torch.distributed.checkpoint`` folder per snapshot.
+    - **Off the training thread.** A snapshot step copies the profiles into CPU buffers
+      kept for that, and a writer thread writes them (``write_in_background=False``: in
+      ``step()``). One write is in flight at most: the next snapshot, ``state_dict()`` and
+      :meth:`wait` wait for it. A failed write raises
+      :class:`~belay_kernels.snapshots.SnapshotWriteError` at the next step (before it
+      changes anything) or at :meth:`wait`. Call :meth:`wait` when training ends.
 
     ``averaged(sigma_rel=...)`` swaps in one of the tracked profiles (default: the first).
     ``state_dict()`` carries the profiles and counters (the snapshots are files); a run
@@ -185,8 +188,13 @@ class PostHocEMA(Averager):
         snapshot_dir,
         snapshot_dtype: torch.dtype = torch.float16,
         every: int = 1,
+        write_in_background: bool = True,
         **options,
     ):
+        if not isinstance(write_in_background, bool):
+            raise BelayInputError(
+                f"write_in_background must be True or False, got {write_in_background!r}."
+            )
         if isinstance(sigma_rels, (int, float)) or not sigma_rels:
             raise BelayInputError(
                 f"sigma_rels must be a non-empty sequence of numbers, got {sigma_rels!r} "
@@ -199,16 +207,22 @@ class PostHocEMA(Averager):
         self.snapshot_dir = _check_snapshot_dir(snapshot_dir)
         self._selected = 0
         self._snapshots = 0
+        self._writer = snapshots.SnapshotWriter(write_in_background)
         super().__init__(module_or_params, **options)
         module = self._module
         self._buffer_names = {n for n, _ in module.named_buffers()} if module is not None else set()
 
     def _add_state(self) -> None:
-        if any(t.specs is not None for t in self._tracks):
-            raise BelayInputError("PostHocEMA does not support DTensor (FSDP2) parameters yet.")
         # profile 0 is the base class's shadow; the others start as copies of it
         for track in self._tracks:
             track.extra_profiles = [track.like_shadow(torch.clone) for _ in self.gammas[1:]]
+        self._staging: list[list] | None = None  # per profile, per track: the CPU copy
+        self._sharded = any(t.dtensor for t in self._tracks)
+        # one file set per snapshot: under DDP the ranks hold the same profiles
+        self._writes_here = self._sharded or distributed.is_first_rank()
+        self._group = self._mesh = None
+        if self._sharded:
+            self._group, self._mesh = _snapshot_group(self.names(), self._specs_in_order())
 
     @property
     def gammas(self) -> list[float]:
@@ -227,11 +241,17 @@ class PostHocEMA(Averager):
 
     @property
     def snapshot_dtype(self) -> torch.dtype:
-        return _SNAPSHOT_DTYPES[self._hparams.snapshot_dtype]
+        return snapshots.DTYPES[self._hparams.snapshot_dtype]
 
     @snapshot_dtype.setter
     def snapshot_dtype(self, dtype) -> None:
         self._hparams = replace(self._hparams, snapshot_dtype=_dtype_name(dtype))
+        self._writer.wait()  # the write in flight reads the staging buffers
+        self._staging = None
+
+    @property
+    def write_in_background(self) -> bool:
+        return self._writer.background
 
     @property
     def sigma_rels(self) -> list[float]:
@@ -268,10 +288,20 @@ class PostHocEMA(Averager):
             launch.kernel(*launch.tensors, decays, skip, launch.skipped)
         self._updates += 1
 
+    def _ensure_bound(self, what: str) -> None:
+        # every step (fused or not) comes through here before it changes anything
+        self._writer.raise_failure()
+        super()._ensure_bound(what)
+
     def _advance(self) -> None:
         super()._advance()
         if self._steps % self.snapshot_every == 0:
             self._write_snapshot()
+
+    def wait(self) -> None:
+        """Wait for the snapshot write in flight; raise
+        :class:`~belay_kernels.snapshots.SnapshotWriteError` if it failed."""
+        self._writer.wait()
 
     # ---- snapshots ---------------------------------------------------------------------
     def _profile_buffers(self, k: int) -> list:
@@ -284,30 +314,81 @@ class PostHocEMA(Averager):
             [t.views(b) for t, b in zip(self._tracks, self._profile_buffers(k))]
         )
 
+    def _stage(self) -> list[list]:
+        """Profile by profile, each track's profile copied into CPU buffers of the snapshot
+        dtype, kept from one snapshot to the next (the previous write has finished).
+        Returns per profile the per-name views, in the order of names()."""
+        dtype = self.snapshot_dtype
+        if self._staging is None:
+            pinned = torch.cuda.is_available() and any(
+                t.device.type == "cuda" for t in self._tracks
+            )
+            self._staging = [
+                [
+                    t.like_shadow(lambda s: torch.empty(s.shape, dtype=dtype, pin_memory=pinned))
+                    for t in self._tracks
+                ]
+                for _ in self.gammas
+            ]
+        staged = []
+        with torch.no_grad():
+            for k, buffers in enumerate(self._staging):
+                for dest, src in zip(buffers, self._profile_buffers(k)):
+                    if isinstance(dest, torch.Tensor):
+                        dest.copy_(src)
+                    else:
+                        torch._foreach_copy_(dest, src)
+                staged.append(
+                    self._in_caller_order([t.views(b) for t, b in zip(self._tracks, buffers)])
+                )
+        return staged
+
     def _write_snapshot(self) -> None:
         index = self._snapshots + 1
-        names = self.names()
-        payload = {
-            "kind": SNAPSHOT_KIND,
-            "format": SNAPSHOT_FORMAT,
+        self._snapshots = index
+        if not self._writes_here:
+            return
+        self._writer.wait()  # raises if the previous write failed; frees the staging buffers
+        names, specs = self.names(), self._specs_in_order()
+        staged = self._stage()
+        header = {
+            "kind": snapshots.KIND,
+            "format": snapshots.FORMAT,
             "index": index,
             "step": self._steps,
             "gammas": list(self.gammas),
             "sigma_rels": self.sigma_rels,
             "names": names,
-            "shapes": [list(v.shape) for v in self._profile(0)],
-            "is_param": [n not in self._buffer_names for n in names],
-            "profiles": [
-                [v.detach().to("cpu", self.snapshot_dtype, copy=True) for v in self._profile(k)]
-                for k in range(len(self.gammas))
+            "shapes": [
+                list(spec.shape if spec is not None else v.shape)
+                for v, spec in zip(staged[0], specs)
             ],
-            # the model's buffers as they are (BatchNorm statistics are not reconstructed)
-            "buffers": {n: b.detach().to("cpu", copy=True) for n, b in self._module.named_buffers()}
-            if self._module is not None
-            else {},
+            "is_param": [n not in self._buffer_names for n in names],
+            "dtype": self._hparams.snapshot_dtype,
         }
-        _atomic_save(payload, self.snapshot_dir / f"snapshot-{index:06d}.pt")
-        self._snapshots = index
+        # the model's buffers as they are (BatchNorm statistics are not reconstructed)
+        buffers = (
+            {n: b.detach().to("cpu", copy=True) for n, b in self._module.named_buffers()}
+            if self._module is not None
+            else {}
+        )
+        folder = self.snapshot_dir
+        if self._sharded:
+            pieces = [
+                [
+                    (n, v, None if spec is None else replace(spec, mesh=self._mesh))
+                    for n, v, spec in zip(names, profile, specs)
+                ]
+                for profile in staged
+            ]
+            what = f"snapshot {str(folder / snapshots.folder_name(index))!r}"
+            write = functools.partial(
+                snapshots.write_folder, folder, index, header, pieces, buffers, self._group
+            )
+        else:
+            what = f"snapshot {str(folder / snapshots.file_name(index))!r}"
+            write = functools.partial(snapshots.write_file, folder, index, header, staged, buffers)
+        self._writer.submit(what, write)
 
     # ---- evaluation and checkpoints ---------------------------------------------------
     def _index_of(self, sigma_rel) -> int:
@@ -346,9 +427,14 @@ class PostHocEMA(Averager):
         return {f"profile_{k}": self._profile(k) for k in range(len(self.gammas))}
 
     def state_dict(self) -> dict:
+        self.wait()  # a checkpoint taken now never counts a snapshot that is not on disk
         state = super().state_dict()
         state["num_snapshots"] = self._snapshots
         return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.wait()
+        super().load_state_dict(state)
 
     def _checked_state(self, state: object) -> dict:
         checked = super()._checked_state(state)
@@ -366,198 +452,22 @@ class PostHocEMA(Averager):
         self._snapshots = checked["num_snapshots"]
 
 
-def _atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then a rename: a crash leaves
-    the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _snapshot_group(names: list[str], specs) -> tuple:
+    """The process group the writer thread's collectives run on, and its CPU device mesh,
+    on which the staged shards are laid out. A gloo group of its own (made here, when
+    every rank builds the averager), so the writer thread's collectives never interleave
+    with the training thread's. The staged copies live on the CPU, so they need a CPU mesh
+    of the same ranks as the parameters' mesh: that is FSDP2 over one 1-D mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
 
-
-# ---- reconstruction -------------------------------------------------------------------
-def read_snapshot(path, *, mmap: bool = False) -> dict:
-    """One snapshot file, checked; ``mmap=True`` maps its tensors without reading them."""
-    try:
-        snap = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch raises several kinds for a damaged zip
-        raise BelayInputError(
-            f"snapshot {str(path)!r} cannot be read ({type(exc).__name__}: {exc}); it is "
-            "truncated or corrupt. Delete it (the others still reconstruct) or restore it."
-        ) from None
-    if not isinstance(snap, dict) or snap.get("kind") != SNAPSHOT_KIND:
-        raise BelayInputError(f"{str(path)!r} is not a PostHocEMA snapshot.")
-    missing = [k for k in _HEADER_KEYS if k not in snap]
-    if missing or snap["format"] != SNAPSHOT_FORMAT:
-        raise BelayInputError(
-            f"snapshot {str(path)!r} lacks {missing} or has format {snap.get('format')!r} "
-            f"(expected {SNAPSHOT_FORMAT}); it is corrupt or from another version."
-        )
-    return snap
-
-
-def snapshot_files(snapshot_dir) -> list[Path]:
-    folder = Path(snapshot_dir)
-    files = sorted(folder.glob(SNAPSHOT_GLOB)) if folder.is_dir() else []
-    if not files:
-        raise BelayInputError(
-            f"no snapshots ({SNAPSHOT_GLOB}) in {str(folder)!r}"
-            + ("" if folder.is_dir() else " (no such folder)")
-            + "; pass the snapshot_dir that PostHocEMA wrote."
-        )
-    return files
-
-
-def plan(snapshot_dir, *, sigma_rel=None, gamma=None, step=None):
-    """What a reconstruction reads: ``(files, headers, coefficients, target_step,
-    target_gamma)``, ``coefficients[i][k]`` the weight of profile k of ``files[i]``. Every
-    file's metadata is checked (tensors memory-mapped, not read)."""
-    target_gamma = power.resolve_gamma(sigma_rel, gamma)
-    files = snapshot_files(snapshot_dir)
-    headers = []
-    for path in files:
-        snap = read_snapshot(path, mmap=True)
-        headers.append({k: snap[k] for k in ("step", "gammas", "names", "shapes", "is_param")})
-        del snap
-    first = headers[0]
-    for path, h in zip(files[1:], headers[1:]):
-        if h["names"] != first["names"] or h["shapes"] != first["shapes"]:
-            known = {(n, tuple(s)) for n, s in zip(first["names"], first["shapes"])}
-            diff = [
-                f"{n} {tuple(s)}"
-                for n, s in zip(h["names"], h["shapes"])
-                if (n, tuple(s)) not in known
-            ] or ["the order"]
+    world = list(range(dist.get_world_size()))
+    for name, spec in zip(names, specs):
+        if spec is not None and (spec.mesh.ndim != 1 or spec.mesh.mesh.tolist() != world):
             raise BelayInputError(
-                f"snapshot {str(path)!r} is of a different model than {str(files[0])!r}: "
-                f"tensor names or shapes differ ({', '.join(map(str, diff[:3]))}, "
-                f"{len(h['names'])} against {len(first['names'])} tensors). Keep one run's "
-                "snapshots per folder."
+                f"PostHocEMA snapshots of sharded parameters need FSDP2 over one 1-D mesh of "
+                f"every rank; {name} is laid out as {spec.describe()} (HSDP and 2-D meshes "
+                "are not supported yet). Use EMA or PowerEMA on this model, or a 1-D mesh."
             )
-    steps = [h["step"] for h in headers]
-    if step is None:
-        step = max(steps)
-    if step not in steps:
-        shown = steps if len(steps) <= 8 else steps[:4] + ["..."] + steps[-3:]
-        raise BelayInputError(
-            f"there is no snapshot at step {step!r}; the snapshots are at steps {shown}. "
-            "Pass one of them, or no step for the last."
-        )
-    used = [i for i, s in enumerate(steps) if s <= step]  # later ones reach past the target
-    t = [steps[i] for i in used for _ in headers[i]["gammas"]]
-    g = [gm for i in used for gm in headers[i]["gammas"]]
-    x = power.coefficients(t, g, step, target_gamma)
-    coeffs, j = [], 0
-    for i in used:
-        count = len(headers[i]["gammas"])
-        coeffs.append(x[j : j + count].tolist())
-        j += count
-    return [files[i] for i in used], [headers[i] for i in used], coeffs, step, target_gamma
-
-
-def reconstruct(
-    snapshot_dir, *, sigma_rel=None, gamma=None, step=None, progress_bar: bool = False
-) -> dict[str, torch.Tensor]:
-    """The EMA with ``sigma_rel`` (or ``gamma``) at ``step`` (default: the last snapshot),
-    as a state dict, from the snapshots alone (EDM2 Algorithm 3). The snapshot files are
-    read one at a time and summed in fp32 (fp64 for fp64 snapshots), so memory is one
-    model plus one snapshot. Buffers are the model's at the target step's snapshot: a
-    least-squares combination could make a running variance negative."""
-    files, headers, coeffs, target, _ = plan(
-        snapshot_dir, sigma_rel=sigma_rel, gamma=gamma, step=step
-    )
-    from ._progress import progress
-
-    names, is_param = headers[0]["names"], headers[0]["is_param"]
-    sums: list[torch.Tensor] | None = None
-    last = None
-    with progress(len(files), "reading snapshots", enabled=progress_bar) as bar:
-        for path, weights in zip(files, coeffs):
-            bar.set_postfix_str(path.name)
-            snap = read_snapshot(path)
-            for w, profile in zip(weights, snap["profiles"]):
-                if sums is None:
-                    dtype = torch.float64 if profile[0].dtype == torch.float64 else torch.float32
-                    sums = [torch.zeros(v.shape, dtype=dtype) for v in profile]
-                for acc, v in zip(sums, profile):
-                    acc.add_(v.to(acc.dtype), alpha=w)
-            if snap["step"] == target:
-                last = snap
-            bar.update(1)
-    out = {n: v for n, v, p in zip(names, sums, is_param) if p}
-    out.update(last["buffers"])
-    return out
-
-
-# ---- the command ----------------------------------------------------------------------
-def _plot(path, files, headers, coeffs, target, target_gamma) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tau = np.linspace(0, target, 2000)
-    wanted = power.profile(tau, target, target_gamma)
-    got = sum(
-        c * power.profile(tau, h["step"], g)
-        for h, cs in zip(headers, coeffs)
-        for c, g in zip(cs, h["gammas"])
-    )
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(
-        tau,
-        wanted,
-        "k-",
-        lw=2,
-        label=f"target: sigma_rel {power.gamma_to_sigma_rel(target_gamma):.4g}",
-    )
-    ax.plot(tau, got, "C1--", lw=1.5, label=f"reconstructed from {len(files)} snapshots")
-    ax.set(xlabel="training step", ylabel="weight per step", title=f"EMA profile at step {target}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="belay-kernels posthoc",
-        description="Reconstruct the EMA of any sigma_rel from the snapshots PostHocEMA "
-        "wrote (EDM2's post-hoc EMA) and save it as a state dict.",
-    )
-    parser.add_argument("snapshot_dir", metavar="SNAPSHOT_DIR")
-    parser.add_argument(
-        "--sigma-rel",
-        type=float,
-        required=True,
-        help=f"the EMA's relative width, in (0, {power.SIGMA_REL_MAX:.4f})",
-    )
-    parser.add_argument(
-        "--step", type=int, default=None, help="a snapshot's step (default: the last snapshot)"
-    )
-    parser.add_argument("--out", required=True, metavar="FILE.pt", help="where to save the weights")
-    parser.add_argument(
-        "--plot",
-        default=None,
-        metavar="FILE.png",
-        help="draw the target profile and the reconstructed one",
-    )
-    args = parser.parse_args(argv)
-    try:
-        weights = reconstruct(
-            args.snapshot_dir, sigma_rel=args.sigma_rel, step=args.step, progress_bar=True
-        )
-        if args.plot:
-            _plot(args.plot, *plan(args.snapshot_dir, sigma_rel=args.sigma_rel, step=args.step))
-    except BelayInputError as exc:
-        parser.exit(2, f"belay-kernels posthoc: {exc}\n")
-    _atomic_save(weights, Path(args.out))
-    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
-    return 0
+    group = dist.new_group(backend="gloo")
+    return group, DeviceMesh.from_group(group, "cpu")

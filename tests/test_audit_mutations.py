@@ -36,7 +36,7 @@ from _untouched import cpu_backends
 from torch import nn
 
 import belay_kernels as bk
-from belay_kernels import BelayInputError, ops, posthoc, schedules
+from belay_kernels import BelayInputError, ops, posthoc, schedules, snapshots
 from belay_kernels.testing import assert_close
 
 CPU_BACKENDS = cpu_backends()
@@ -431,7 +431,7 @@ def test_5_belay_averages_running_statistics_by_an_ema_and_does_not_pull_them(ba
 
 @pytest.mark.parametrize(
     "field, value",
-    [("format", posthoc.SNAPSHOT_FORMAT + 1), ("kind", "belay_kernels.posthoc snapshot v0")],
+    [("format", snapshots.FORMAT + 1), ("kind", "belay_kernels.posthoc snapshot v0")],
 )
 def test_6_a_snapshot_of_another_format_is_refused_naming_the_file(tmp_path, field, value):
     """Kills ``read_snapshot`` without its format check (or its kind check): a real
@@ -446,6 +446,7 @@ def test_6_a_snapshot_of_another_format_is_refused_naming_the_file(tmp_path, fie
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=g))
         ema.step()
+    ema.wait()
     files = posthoc.snapshot_files(run)
     assert len(files) == 3
     # the control: the folder as written reconstructs

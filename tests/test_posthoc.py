@@ -177,6 +177,7 @@ def _track(path, trajectory, *, snapshot_every, snapshot_dtype=torch.float16, ex
         phema.step()
         for d in direct:
             d.step()
+    phema.wait()
     return p, phema, direct
 
 
@@ -213,6 +214,7 @@ def test_snapshot_contents_and_buffers(tmp_path):
     for _ in range(4):
         model.train()(torch.randn(8, 3))  # moves the running statistics
         phema.step()
+    phema.wait()
     files = sorted(os.listdir(tmp_path / "new" / "dir"))
     assert files == ["snapshot-000001.pt", "snapshot-000002.pt"]  # no temporary files left
     snap = posthoc.read_snapshot(tmp_path / "new" / "dir" / files[-1])
@@ -239,6 +241,7 @@ def test_resume_is_bit_exact(tmp_path):
         with torch.no_grad():
             p.copy_(w)
         whole.step()
+    whole.wait()
     p = nn.Parameter(trajectory[0].clone())
     first = averager(tmp_path / "b", p)
     for w in trajectory[:120]:
@@ -254,6 +257,7 @@ def test_resume_is_bit_exact(tmp_path):
         with torch.no_grad():
             p.copy_(w)
         second.step()
+    second.wait()
     assert (second.num_steps, second.num_updates, second.num_snapshots) == (250, 250, 5)
     for k in (0.05, 0.10):
         assert torch.equal(

@@ -102,7 +102,7 @@ def parse_args(argv):
     )
     p.add_argument(
         "--mode",
-        choices=("sweep", "models", "multi", "all", "distributed", "overhead", "fused"),
+        choices=("sweep", "models", "multi", "all", "distributed", "overhead", "fused", "snapshot"),
         default=None,
         help="sweep (flat buffers), models (real model shapes), multi (K post-hoc "
         "EMA profiles in one pass against K passes, torch.compile and ema-pytorch's "
@@ -113,7 +113,9 @@ def parse_args(argv):
         "two post-hoc EMA profiles, fused by belay_kernels.fuse() against torch's fused "
         "AdamW followed by the averager's step(), timm's ModelEmaV3 and HeavyBall's "
         "weight_decay_to_ema, fp32 and bf16 weights, at 1 and 2 threads or --threads; "
-        "writes fused.json and fused.md) (default: all; sweep with --quick)",
+        "writes fused.json and fused.md), or snapshot (the training step that takes a "
+        "PostHocEMA snapshot against a normal one, at --threads or 1; writes snapshot.json "
+        "and snapshot.md) (default: all; sweep with --quick)",
     )
     p.add_argument(
         "--layouts",
@@ -140,6 +142,19 @@ def parse_args(argv):
         default=None,
         help="parameters of --mode fused's model, in 8 square layers (default: 32M, "
         "64K with --quick)",
+    )
+    p.add_argument(
+        "--snapshot-size",
+        type=float,
+        default=None,
+        help="parameters of --mode snapshot's model, in 4 square layers (default: 100M, "
+        "2M with --quick)",
+    )
+    p.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=None,
+        help="--mode snapshot's snapshot_every (default: 8)",
     )
     p.add_argument(
         "--ranks",
@@ -239,6 +254,13 @@ def parse_args(argv):
     args.fused_size = int(
         args.fused_size or (fused.QUICK_NUMEL if args.quick else fused.DEFAULT_NUMEL)
     )
+    from . import snapshot_step
+
+    args.snapshot_size = int(
+        args.snapshot_size
+        or (snapshot_step.QUICK_NUMEL if args.quick else snapshot_step.DEFAULT_NUMEL)
+    )
+    args.snapshot_every = args.snapshot_every or snapshot_step.DEFAULT_EVERY
     return args
 
 
@@ -261,6 +283,10 @@ def main(argv=None) -> int:
         from .fused import main_fused
 
         return main_fused(args, raw_argv, log)
+    if args.mode == "snapshot":
+        from .snapshot_step import main_snapshot
+
+        return main_snapshot(args, raw_argv, log)
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = machine_info(args.device)

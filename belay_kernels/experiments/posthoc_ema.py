@@ -67,6 +67,8 @@ def train(seed: int, epochs: int, data, folders: dict):
     order = torch.Generator().manual_seed(1000 + seed)
     for _ in range(epochs):
         sgd_epoch(model, optimizer, x_train, y_train, order, (*phemas, *controls.values()))
+    for phema in phemas:
+        phema.wait()  # the last snapshot is on disk before reconstruct() reads the folder
     live = {n: p.detach().clone() for n, p in model.named_parameters()}
     direct = {}
     for s, control in controls.items():
