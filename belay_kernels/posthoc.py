@@ -159,9 +159,10 @@ class PostHocEMA(Averager):
     :mod:`belay_kernels.snapshots`.
 
     - **Where it writes.** One process writes one file per snapshot. Under DDP only rank 0
-      writes (the ranks' profiles are equal). After ``fully_shard`` (FSDP2) the profiles
-      cover each rank's local shards, and every rank writes its shards into one
-      ``torch.distributed.checkpoint`` folder per snapshot.
+      writes (the ranks' profiles are equal). After ``fully_shard`` (FSDP2), or under DDP
+      with ``shard_shadow=True``, the profiles cover each rank's local shards or dim-0
+      chunks, and every rank writes its pieces into one ``torch.distributed.checkpoint``
+      folder per snapshot. Buffers, and any tensor every rank holds whole, are rank 0's.
     - **Off the training thread.** A snapshot step copies the profiles into CPU buffers
       kept for that, and a writer thread writes them (``write_in_background=False``: in
       ``step()``). One write is in flight at most: the next snapshot, ``state_dict()`` and
@@ -175,7 +176,6 @@ class PostHocEMA(Averager):
     """
 
     method = "PostHocEMA"
-    _can_shard_shadow = False
     _STATE_KEYS = Averager._STATE_KEYS + ("num_snapshots",)
     snapshot_every, every = HparamAttribute(), HparamAttribute()
 
@@ -217,7 +217,8 @@ class PostHocEMA(Averager):
         for track in self._tracks:
             track.extra_profiles = [track.like_shadow(torch.clone) for _ in self.gammas[1:]]
         self._staging: list[list] | None = None  # per profile, per track: the CPU copy
-        self._sharded = any(t.dtensor for t in self._tracks)
+        # FSDP2's local shards, or this rank's chunks under shard_shadow=True
+        self._sharded = any(t.specs is not None for t in self._tracks)
         # one file set per snapshot: under DDP the ranks hold the same profiles
         self._writes_here = self._sharded or distributed.is_first_rank()
         self._group = self._mesh = None
@@ -465,9 +466,11 @@ def _snapshot_group(names: list[str], specs) -> tuple:
     for name, spec in zip(names, specs):
         if spec is not None and (spec.mesh.ndim != 1 or spec.mesh.mesh.tolist() != world):
             raise BelayInputError(
-                f"PostHocEMA snapshots of sharded parameters need FSDP2 over one 1-D mesh of "
-                f"every rank; {name} is laid out as {spec.describe()} (HSDP and 2-D meshes "
-                "are not supported yet). Use EMA or PowerEMA on this model, or a 1-D mesh."
+                f"PostHocEMA's sharded snapshots need the profiles sharded over one 1-D mesh "
+                f"of every rank (FSDP2 over the world, or shard_shadow=True with the default "
+                f"group); {name} is laid out as {spec.describe()} (HSDP, 2-D meshes and "
+                "subgroups are not supported yet). Use EMA or PowerEMA on this model, or a "
+                "1-D mesh of every rank."
             )
     group = dist.new_group(backend="gloo")
     return group, DeviceMesh.from_group(group, "cpu")

@@ -257,7 +257,9 @@ def write_folder(folder: Path, index: int, header: dict, pieces, buffers: dict, 
     saves its shards with DCP into the hidden folder, the ranks' checksum parts are summed,
     and rank 0 writes ``header.json`` and renames the folder. ``pieces[k]`` lists profile
     k's tensors as (name, local piece, its DTensor spec or None for a whole tensor that
-    every rank holds)."""
+    every rank holds). Whole tensors and the buffers are saved from rank 0 alone: the
+    ranks' copies may differ (buffers that a forward updates from each rank's batch), and
+    then the snapshot holds rank 0's, as under DDP."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -271,10 +273,14 @@ def write_folder(folder: Path, index: int, header: dict, pieces, buffers: dict, 
     parts = [[_piece_checksum(piece, spec) for _, piece, spec in profile] for profile in pieces]
     parts.append([checksum(b, b.shape) if first else 0 for b in buffers.values()])
     state = {
-        f"profile_{k}": {name: spec.wrap(p) if spec is not None else p for name, p, spec in profile}
+        f"profile_{k}": {
+            name: spec.wrap(p) if spec is not None else p
+            for name, p, spec in profile
+            if spec is not None or first
+        }
         for k, profile in enumerate(pieces)
     }
-    state["buffers"] = dict(buffers)
+    state["buffers"] = dict(buffers) if first else {}
     dcp.save(state, checkpoint_id=str(partial), process_group=group)
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, parts, group=group)

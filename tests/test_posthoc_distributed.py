@@ -126,7 +126,8 @@ def _check_a_flipped_bit_in_a_shard_is_named(folder, copy):
 
 def ddp_write(rank, world, folder):
     """DDP with a different batch per rank: the parameters agree, the BatchNorm buffers
-    do not; rank 0 alone writes."""
+    do not. A PostHocEMA with whole profiles (rank 0 alone writes files) and one with
+    ``shard_shadow=True`` (each rank its dim-0 chunks, into sharded folders)."""
     from torch.nn.parallel import DistributedDataParallel
 
     torch.manual_seed(0)
@@ -134,6 +135,13 @@ def ddp_write(rank, world, folder):
     ddp = DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     phema = bk.PostHocEMA(model, sigma_rels=SIGMAS, snapshot_every=5, snapshot_dir=folder)
+    chunked = bk.PostHocEMA(
+        model,
+        sigma_rels=SIGMAS,
+        snapshot_every=5,
+        snapshot_dir=folder / "chunks",
+        shard_shadow=True,
+    )
     for t in range(20):
         x = torch.randn(16, 6, generator=torch.Generator().manual_seed(100 * rank + t))
         loss = ddp(x).square().mean()
@@ -141,8 +149,12 @@ def ddp_write(rank, world, folder):
         loss.backward()
         opt.step()
         phema.step()
+        chunked.step()
     phema.wait()
-    assert phema.num_snapshots == 4
+    chunked.wait()
+    assert phema.num_snapshots == chunked.num_snapshots == 4
+    half = dict(zip(chunked.names(), chunked._saved_tensors()["profile_1"]))["0.weight"]
+    assert half.shape == (4, 6)  # this rank's chunk of the 8 x 6 weight's profile
     params = {n for n, _ in model.named_parameters()}
     profiles = {
         kind: [v for n, v in zip(phema.names(), values) if n in params]
@@ -154,8 +166,18 @@ def ddp_write(rank, world, folder):
 def test_ddp_writes_one_file_set_from_rank_0(tmp_path):
     (buffers0, profiles0), (buffers1, profiles1) = run_ranks(ddp_write, 2, tmp_path, timeout=120)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f"snapshot-00000{i}.pt" for i in range(1, 5)
+        "chunks",
+        *(f"snapshot-00000{i}.pt" for i in range(1, 5)),
     ]
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == [
+        f"snapshot-00000{i}" for i in range(1, 5)
+    ]
+    for target in TARGETS:  # the chunked snapshots hold what rank 0's files hold
+        _assert_same(
+            posthoc.reconstruct(tmp_path / "chunks", sigma_rel=target),
+            posthoc.reconstruct(tmp_path, sigma_rel=target),
+            f"shard_shadow=True, sigma_rel {target}",
+        )
     for kind in profiles0:  # the parameters' profiles; the buffers' differ by rank
         assert all(torch.equal(a, b) for a, b in zip(profiles0[kind], profiles1[kind]))
     last = posthoc.read_snapshot(tmp_path / "snapshot-000004.pt")
