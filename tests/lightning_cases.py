@@ -129,11 +129,12 @@ def check_matches_lightning_ema(accumulate: int) -> dict:
     return {"steps": expected_steps, "max_abs_diff": worst, "shadow": shadow(ours.averager)}
 
 
-def check_validation_and_resume(ckpt_dir: str) -> dict:
+def check_validation_and_resume(ckpt_dir: str, **averager_kwargs) -> dict:
     """Validation runs on the average and gives the live weights back bit for bit; resuming
-    from the checkpoint written after epoch 1 ends bit-identical to the straight run."""
+    from the checkpoint written after epoch 1 ends bit-identical to the straight run.
+    ``averager_kwargs`` go to bk.EMA besides the decay (shard_shadow=True under DDP)."""
     module = Net()
-    ours = WeightAveraging(bk.EMA, decay=DECAY)
+    ours = WeightAveraging(bk.EMA, decay=DECAY, **averager_kwargs)
     before, after = LiveWeights("on_validation_start"), LiveWeights("on_validation_end")
     saver = ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     t = trainer(callbacks=[before, ours, after, saver], enable_checkpointing=True)
@@ -153,7 +154,7 @@ def check_validation_and_resume(ckpt_dir: str) -> dict:
     straight = state(module), shadow(ours.averager), ours.averager.num_steps
 
     resumed_module = Net()
-    resumed = WeightAveraging(bk.EMA, decay=DECAY)
+    resumed = WeightAveraging(bk.EMA, decay=DECAY, **averager_kwargs)
     t = trainer(callbacks=[resumed])
     t.fit(resumed_module, *loaders(), ckpt_path=os.path.join(ckpt_dir, "epoch=0.ckpt"))
     assert resumed.averager.num_steps == straight[2]

@@ -17,10 +17,13 @@ os.environ["BELAY_TEST_DEVICES"] = "2"
 import lightning_cases as cases  # noqa: E402  (after the environment it reads)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 
 def same_on_every_rank(tensors: dict) -> bool:
-    mine = torch.cat([t.flatten() for t in tensors.values()])
+    # A sharded shadow's values are DTensors: each rank compares the whole of them.
+    whole = [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors.values()]
+    mine = torch.cat([t.flatten() for t in whole])
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     return all(torch.equal(g, gathered[0]) for g in gathered)
@@ -31,6 +34,11 @@ def main(result_path, ckpt_dir):
         "matches_lightning": cases.check_matches_lightning_ema(accumulate=1),
         "matches_lightning_accumulate_4": cases.check_matches_lightning_ema(accumulate=4),
         "validation_and_resume": cases.check_validation_and_resume(ckpt_dir),
+        # Each rank keeps a slice of the shadow; the checkpoint, written by rank 0 alone,
+        # must still hold all of it.
+        "sharded_shadow_validation_and_resume": cases.check_validation_and_resume(
+            os.path.join(ckpt_dir, "sharded"), shard_shadow=True
+        ),
     }
     for result in results.values():
         for kind in ("shadow", "live"):

@@ -1,6 +1,7 @@
 """belay_kernels.integrations.lightning with the real PyTorch Lightning: against its own
-EMAWeightAveraging, validation on the average, checkpoints and resume, DDP on two CPU
-processes, both package spellings."""
+EMAWeightAveraging, validation on the average, checkpoints and resume, PostHocEMA's
+snapshots and their resume, wait() at the end of training, DDP and ModelParallelStrategy
+(FSDP2) on two CPU processes, both package spellings."""
 
 import json
 import os
@@ -16,7 +17,10 @@ from torch import nn
 
 pl = pytest.importorskip("pytorch_lightning")
 
+from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
+
 import belay_kernels as bk  # noqa: E402
+from belay_kernels import posthoc  # noqa: E402
 from belay_kernels.integrations.lightning import WeightAveraging  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -136,16 +140,199 @@ def test_the_lightning_spelling_works_too():
     assert t.callback_metrics["val_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+# ---- PostHocEMA -------------------------------------------------------------------------
+POSTHOC = dict(sigma_rels=(0.05, 0.10), snapshot_every=3, snapshot_dtype=torch.float32)
+
+
+class RecordingNet(cases.Net):
+    """Keeps the weights at the start and after every optimizer step: the trajectory a
+    PostHocEMA driven by hand then follows."""
+
+    def __init__(self):
+        super().__init__()
+        self.trajectory = [cases.state(self)]
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.trajectory.append(cases.state(self))
+
+
+def posthoc_by_hand(trajectory, snapshot_dir):
+    model = cases.Net()
+    model.load_state_dict(trajectory[0])
+    averager = bk.PostHocEMA(model, snapshot_dir=snapshot_dir, **POSTHOC)
+    for weights in trajectory[1:]:
+        model.load_state_dict(weights)  # in place: the averager's views stay bound
+        averager.step()
+    averager.wait()
+    return averager
+
+
+def snapshot_steps(folder):
+    return [posthoc.read_snapshot(path)["step"] for path in posthoc.snapshot_files(folder)]
+
+
+def assert_same_snapshots(folder, expected_folder):
+    files = posthoc.snapshot_files(folder)
+    assert [f.name for f in files] == [f.name for f in posthoc.snapshot_files(expected_folder)]
+    for path in files:
+        got, expected = (posthoc.read_snapshot(d / path.name) for d in (folder, expected_folder))
+        assert (got["index"], got["step"]) == (expected["index"], expected["step"]), path.name
+        for got_profile, expected_profile in zip(got["profiles"], expected["profiles"]):
+            for a, b in zip(got_profile, expected_profile):
+                assert torch.equal(a, b), path.name
+
+
+def assert_same_profiles(averager, expected):
+    got, want = averager.state_dict(), expected.state_dict()
+    for key in ("num_steps", "num_updates", "num_snapshots", "hparams"):
+        assert got[key] == want[key], key
+    for k in range(len(expected.gammas)):
+        cases.assert_equal(got[f"profile_{k}"], want[f"profile_{k}"])
+
+
+def test_posthoc_snapshots_once_per_optimizer_step_as_a_hand_driven_run(tmp_path):
+    module = RecordingNet()
+    ours = WeightAveraging(bk.PostHocEMA, snapshot_dir=tmp_path / "fit", **POSTHOC)
+    t = cases.trainer(
+        callbacks=[ours],
+        accumulate_grad_batches=2,
+        max_epochs=-1,
+        max_steps=10,
+        limit_val_batches=0,
+    )
+    t.fit(module, cases.loaders()[0])
+    # 20 batches, an optimizer step every second one: 10 steps, snapshots after 3, 6 and 9.
+    assert t.global_step == ours.averager.num_steps == len(module.trajectory) - 1 == 10
+    assert ours.averager.num_snapshots == 3
+    assert snapshot_steps(tmp_path / "fit") == [3, 6, 9]
+
+    by_hand = posthoc_by_hand(module.trajectory, tmp_path / "by_hand")
+    assert_same_snapshots(tmp_path / "fit", tmp_path / "by_hand")
+    assert_same_profiles(ours.averager, by_hand)
+    cases.assert_equal(
+        posthoc.reconstruct(tmp_path / "fit", sigma_rel=0.07),
+        posthoc.reconstruct(tmp_path / "by_hand", sigma_rel=0.07),
+    )
+
+
+def test_posthoc_resume_continues_the_snapshots_and_profiles_bit_for_bit(tmp_path):
+    """Three epochs of 4 optimizer steps (snapshots after 3, 6, 9, 12) in one run, and as one
+    epoch whose checkpoint (after step 4 and snapshot 1) a second fit resumes."""
+
+    def fit(folder, max_epochs, ckpt_path=None, checkpoints=None):
+        module = cases.Net()
+        callback = WeightAveraging(bk.PostHocEMA, snapshot_dir=folder, **POSTHOC)
+        callbacks = [callback]
+        if checkpoints is not None:
+            callbacks.append(
+                ModelCheckpoint(dirpath=checkpoints, filename="{epoch}", save_top_k=-1)
+            )
+        cases.trainer(
+            callbacks=callbacks,
+            accumulate_grad_batches=2,
+            max_epochs=max_epochs,
+            limit_val_batches=0,
+            enable_checkpointing=checkpoints is not None,
+        ).fit(module, cases.loaders()[0], ckpt_path=ckpt_path)
+        return module, callback.averager
+
+    straight_module, straight = fit(tmp_path / "straight", max_epochs=3)
+    assert snapshot_steps(tmp_path / "straight") == [3, 6, 9, 12]
+
+    _, first = fit(tmp_path / "resumed", max_epochs=1, checkpoints=tmp_path / "ckpt")
+    assert (first.num_steps, first.num_snapshots) == (4, 1)
+    module, resumed = fit(
+        tmp_path / "resumed", max_epochs=3, ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt"
+    )
+    assert snapshot_steps(tmp_path / "resumed") == [3, 6, 9, 12]
+    assert_same_snapshots(tmp_path / "resumed", tmp_path / "straight")
+    assert_same_profiles(resumed, straight)
+    cases.assert_equal(cases.state(module), cases.state(straight_module))
+
+
+class RecordingPostHocEMA(bk.PostHocEMA):
+    """Logs each wait() and state_dict() the callback makes, with the step it came at."""
+
+    def __init__(self, module, *, events, **kwargs):
+        self.events = events
+        self._in_state_dict = False
+        super().__init__(module, **kwargs)
+
+    def wait(self):
+        # state_dict() may wait by itself; only the callback's own calls are logged.
+        if not self._in_state_dict:
+            self.events.append(("wait", self.num_steps))
+        super().wait()
+
+    def state_dict(self):
+        self.events.append(("state_dict", self.num_steps))
+        self._in_state_dict = True
+        try:
+            return super().state_dict()
+        finally:
+            self._in_state_dict = False
+
+
+def test_wait_runs_before_each_checkpoint_and_when_training_ends(tmp_path):
+    events = []
+    callback = WeightAveraging(
+        RecordingPostHocEMA, events=events, snapshot_dir=tmp_path / "snapshots", **POSTHOC
+    )
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+    t = cases.trainer(callbacks=[callback, saver], enable_checkpointing=True)
+    t.fit(cases.Net(), *cases.loaders())
+    saved_at = [step for kind, step in events if kind == "state_dict"]
+    assert saved_at == [8, 16]  # one checkpoint per epoch
+    for i, event in enumerate(events):
+        if event[0] == "state_dict":
+            assert events[i - 1] == ("wait", event[1]), events
+    assert events[-1] == ("wait", 16), events  # on_train_end, after the last step
+
+
+class FailingWait(bk.PostHocEMA):
+    """A PostHocEMA whose background snapshot write failed: wait() raises that failure."""
+
+    def __init__(self, module, **kwargs):
+        super().__init__(module, **kwargs)
+        self.failure = OSError("the snapshot write failed: disk full")
+
+    def wait(self):
+        raise self.failure
+
+
+def test_a_failed_snapshot_write_fails_fit_without_hiding_an_earlier_error(tmp_path):
+    callback = WeightAveraging(FailingWait, snapshot_dir=tmp_path, **POSTHOC)
+    with pytest.raises(OSError, match="disk full"):
+        cases.trainer(callbacks=[callback], limit_val_batches=0).fit(
+            cases.Net(), cases.loaders()[0]
+        )
+
+    class Failing(cases.Net):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 3:
+                raise RuntimeError("training failed")
+            return super().training_step(batch, batch_idx)
+
+    callback = WeightAveraging(FailingWait, snapshot_dir=tmp_path, **POSTHOC)
+    with (
+        pytest.raises(RuntimeError, match="training failed"),
+        pytest.warns(UserWarning, match="disk full"),
+    ):
+        cases.trainer(callbacks=[callback], limit_val_batches=0).fit(Failing(), cases.loaders()[0])
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_ddp_on_two_cpu_processes(tmp_path):
-    """The same checks under strategy="ddp", devices=2 (gloo), in two processes started
-    together, as torchrun would (Lightning sees LOCAL_RANK and launches nothing itself), so
-    their imports overlap."""
+def run_two_ranks(script, tmp_path, *args, timeout=300):
+    """``tests/<script> RESULT_JSON *args`` in two processes started together, as torchrun
+    would (Lightning sees LOCAL_RANK and launches nothing itself), so their imports
+    overlap. Returns what rank 0 wrote to RESULT_JSON; the processes are killed if they
+    have not finished within ``timeout`` seconds (a hung collective)."""
     root = Path(__file__).parents[1]
     out = tmp_path / "result.json"
     base = dict(
@@ -156,15 +343,10 @@ def test_ddp_on_two_cpu_processes(tmp_path):
         WORLD_SIZE="2",
         NODE_RANK="0",
     )
-    script = [
-        sys.executable,
-        str(root / "tests" / "lightning_ddp_script.py"),
-        str(out),
-        str(tmp_path / "ckpt"),
-    ]
+    command = [sys.executable, str(root / "tests" / script), str(out), *map(str, args)]
     procs = [
         subprocess.Popen(
-            script,
+            command,
             cwd=tmp_path,
             env=dict(base, LOCAL_RANK=str(rank), RANK=str(rank)),
             stdout=subprocess.PIPE,
@@ -177,18 +359,43 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     logs = []
     try:
         for proc in procs:
-            logs.append(proc.communicate(timeout=300)[0])
+            logs.append(proc.communicate(timeout=timeout)[0])
     except subprocess.TimeoutExpired:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the DDP run did not finish in 300 s")
+        pytest.fail(f"{script} did not finish in {timeout} s")
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    """The same checks under strategy="ddp", devices=2 (gloo), and validation and resume
+    again with shard_shadow=True (each rank keeps a slice of the shadow)."""
+    result = run_two_ranks("lightning_ddp_script.py", tmp_path, tmp_path / "ckpt")
     assert result["world_size"] == 2
     assert result["matches_lightning"]["steps"] == 8  # 4 batches per rank per epoch
     assert result["matches_lightning_accumulate_4"]["steps"] == 2
-    assert (
-        result["validation_and_resume"]["val_loss_averaged"]
-        != result["validation_and_resume"]["val_loss_live"]
-    )
+    for check in ("validation_and_resume", "sharded_shadow_validation_and_resume"):
+        assert result[check]["val_loss_averaged"] != result[check]["val_loss_live"]
+
+
+def test_ema_under_model_parallel_strategy_fsdp2_on_two_cpu_processes(tmp_path):
+    """ModelParallelStrategy, fully_shard in configure_model, gloo: each rank's shadow of its
+    shards and the gathered shadow against EMAs computed in the script, validation on the
+    average, and a resume from a checkpoint bit for bit."""
+    result = run_two_ranks("lightning_model_parallel_script.py", tmp_path, tmp_path, "ema")
+    assert result["world_size"] == 2
+    assert result["steps"] == 8
+    assert result["val_loss_averaged"] != result["val_loss_live"]
+
+
+def test_posthoc_under_model_parallel_strategy_fsdp2_on_two_cpu_processes(tmp_path):
+    """As above with PostHocEMA: each rank's profiles against power-function EMAs of its
+    shards, the snapshots against a hand-driven unsharded run, and a resume that goes on
+    numbering the snapshots."""
+    result = run_two_ranks("lightning_model_parallel_script.py", tmp_path, tmp_path, "posthoc")
+    assert result["world_size"] == 2
+    assert result["steps"] == 8
+    assert result["snapshot_steps"] == result["resumed_snapshot_steps"] == [3, 6]
+    assert result["val_loss_averaged"] != result["val_loss_live"]

@@ -1,5 +1,7 @@
 """belay_kernels.integrations.transformers with the real transformers.Trainer, on a tiny
-GPT-2 built from a config (random weights, no downloads) and token data made here."""
+GPT-2 built from a config (random weights, no downloads) and token data made here:
+evaluation on the average, checkpoints and resume, PostHocEMA's snapshots and their
+resume, wait() before each checkpoint and at the end of training."""
 
 import copy
 
@@ -10,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import belay_kernels as bk  # noqa: E402
+from belay_kernels import posthoc  # noqa: E402
 from belay_kernels.integrations.transformers import STATE_FILE, AveragingCallback  # noqa: E402
 
 DECAY = 0.8
@@ -199,3 +202,157 @@ def test_resuming_without_a_saved_average_says_where_it_looked(tmp_path):
     model, trainer = make_trainer(tmp_path, [AveragingCallback(bk.EMA)], eval_strategy="no")
     with pytest.raises(bk.BelayInputError, match="no averager state was found"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+
+
+# ---- PostHocEMA -------------------------------------------------------------------------
+POSTHOC = dict(sigma_rels=(0.05, 0.10), snapshot_every=3, snapshot_dtype=torch.float32)
+
+
+class Trajectory(transformers.TrainerCallback):
+    """The weights when training begins and after every optimizer step (on_optimizer_step,
+    not the callback's own hook): the trajectory a PostHocEMA driven by hand follows."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.weights.append(live(model))
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.weights.append(live(model))
+
+
+def posthoc_by_hand(trajectory, snapshot_dir):
+    model = tiny_gpt2()
+    model.load_state_dict(trajectory[0])
+    averager = bk.PostHocEMA(model, snapshot_dir=snapshot_dir, **POSTHOC)
+    for weights in trajectory[1:]:
+        model.load_state_dict(weights)  # in place: the averager's views stay bound
+        averager.step()
+    averager.wait()
+    return averager
+
+
+def snapshot_steps(folder):
+    return [posthoc.read_snapshot(path)["step"] for path in posthoc.snapshot_files(folder)]
+
+
+def assert_same_snapshots(folder, expected_folder):
+    files = posthoc.snapshot_files(folder)
+    assert [f.name for f in files] == [f.name for f in posthoc.snapshot_files(expected_folder)]
+    for path in files:
+        got, expected = (posthoc.read_snapshot(d / path.name) for d in (folder, expected_folder))
+        assert (got["index"], got["step"]) == (expected["index"], expected["step"]), path.name
+        for got_profile, expected_profile in zip(got["profiles"], expected["profiles"]):
+            for a, b in zip(got_profile, expected_profile):
+                assert torch.equal(a, b), path.name
+
+
+def assert_same_profiles(averager, expected):
+    got, want = averager.state_dict(), expected.state_dict()
+    for key in ("num_steps", "num_updates", "num_snapshots", "hparams"):
+        assert got[key] == want[key], key
+    for k in range(len(expected.gammas)):
+        profile, expected_profile = got[f"profile_{k}"], want[f"profile_{k}"]
+        assert profile.keys() == expected_profile.keys()
+        for name, value in profile.items():
+            assert torch.equal(value, expected_profile[name]), (k, name)
+
+
+def test_posthoc_snapshots_once_per_optimizer_step_as_a_hand_driven_run(tmp_path):
+    trajectory = Trajectory()
+    ours = AveragingCallback(bk.PostHocEMA, snapshot_dir=tmp_path / "train", **POSTHOC)
+    model, trainer = make_trainer(
+        tmp_path, [trajectory, ours], eval_strategy="no", save_strategy="no"
+    )
+    trainer.train()
+    # 16 batches, 2 accumulated per optimizer step: 8 steps, snapshots after 3 and 6.
+    assert trainer.state.global_step == ours.averager.num_steps == 8
+    assert len(trajectory.weights) == 9
+    assert ours.averager.num_snapshots == 2
+    assert snapshot_steps(tmp_path / "train") == [3, 6]
+
+    by_hand = posthoc_by_hand(trajectory.weights, tmp_path / "by_hand")
+    assert_same_snapshots(tmp_path / "train", tmp_path / "by_hand")
+    assert_same_profiles(ours.averager, by_hand)
+    reconstructed = posthoc.reconstruct(tmp_path / "train", sigma_rel=0.07)
+    expected = posthoc.reconstruct(tmp_path / "by_hand", sigma_rel=0.07)
+    assert reconstructed.keys() == expected.keys()
+    for name, value in reconstructed.items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_posthoc_resume_continues_the_snapshots_and_profiles_bit_for_bit(tmp_path):
+    """8 optimizer steps (snapshots after 3 and 6) in one run, and as a run of 4 steps
+    (snapshot 1, a checkpoint at step 4) that a second Trainer resumes to step 8."""
+    straight = AveragingCallback(bk.PostHocEMA, snapshot_dir=tmp_path / "straight", **POSTHOC)
+    straight_model, trainer = make_trainer(
+        tmp_path / "a", [straight], eval_strategy="no", save_strategy="no"
+    )
+    trainer.train()
+    assert snapshot_steps(tmp_path / "straight") == [3, 6]
+
+    first = AveragingCallback(bk.PostHocEMA, snapshot_dir=tmp_path / "resumed", **POSTHOC)
+    _, trainer = make_trainer(tmp_path / "b", [first], eval_strategy="no", max_steps=4)
+    trainer.train()
+    assert (first.averager.num_steps, first.averager.num_snapshots) == (4, 1)
+    resumed = AveragingCallback(bk.PostHocEMA, snapshot_dir=tmp_path / "resumed", **POSTHOC)
+    model, trainer = make_trainer(tmp_path / "b", [resumed], eval_strategy="no", save_strategy="no")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-4"))
+    assert snapshot_steps(tmp_path / "resumed") == [3, 6]
+    assert_same_snapshots(tmp_path / "resumed", tmp_path / "straight")
+    assert_same_profiles(resumed.averager, straight.averager)
+    for k, v in live(model).items():
+        assert torch.equal(v, live(straight_model)[k]), k
+
+
+class RecordingPostHocEMA(bk.PostHocEMA):
+    """Logs each wait() and state_dict() the callback makes, with the step it came at."""
+
+    def __init__(self, model, *, events, **kwargs):
+        self.events = events
+        self._in_state_dict = False
+        super().__init__(model, **kwargs)
+
+    def wait(self):
+        # state_dict() may wait by itself; only the callback's own calls are logged.
+        if not self._in_state_dict:
+            self.events.append(("wait", self.num_steps))
+        super().wait()
+
+    def state_dict(self):
+        self.events.append(("state_dict", self.num_steps))
+        self._in_state_dict = True
+        try:
+            return super().state_dict()
+        finally:
+            self._in_state_dict = False
+
+
+def test_wait_runs_before_each_checkpoint_and_when_training_ends(tmp_path):
+    events = []
+    ours = AveragingCallback(
+        RecordingPostHocEMA, events=events, snapshot_dir=tmp_path / "snapshots", **POSTHOC
+    )
+    _, trainer = make_trainer(tmp_path, [ours], eval_strategy="no")
+    trainer.train()
+    saved_at = [step for kind, step in events if kind == "state_dict"]
+    assert saved_at == [4, 8]  # save_steps=4
+    for i, event in enumerate(events):
+        if event[0] == "state_dict":
+            assert events[i - 1] == ("wait", event[1]), events
+    assert events[-1] == ("wait", 8), events  # on_train_end, after the last step
+
+
+class FailingWait(bk.PostHocEMA):
+    """A PostHocEMA whose background snapshot write failed: wait() raises that failure."""
+
+    def wait(self):
+        raise OSError("the snapshot write failed: disk full")
+
+
+def test_a_failed_snapshot_write_fails_train(tmp_path):
+    ours = AveragingCallback(FailingWait, snapshot_dir=tmp_path / "snapshots", **POSTHOC)
+    _, trainer = make_trainer(tmp_path, [ours], eval_strategy="no", save_strategy="no", max_steps=4)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()

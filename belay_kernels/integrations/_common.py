@@ -1,13 +1,14 @@
-"""What both trainer integrations share: building the averager, and holding a swap open
-between two hooks."""
+"""What both trainer integrations share: building the averager, its state as a checkpoint
+holds it, and holding a swap open between two hooks."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
+from .. import distributed
 from .._checks import BelayInputError
 from ..averagers import Averager
 
@@ -26,11 +27,34 @@ def averager_factory(averager, averager_kwargs: dict) -> Callable[[nn.Module], A
         if not isinstance(made, Averager):
             raise BelayInputError(
                 f"{averager!r} returned a {type(made).__name__}, not a belay_kernels averager "
-                "(EMA, SWA, Belay, TwoPoint)."
+                "(EMA, SWA, Belay, TwoPoint, PowerEMA, PostHocEMA)."
             )
         return made
 
     return build
+
+
+def whole_state(averager: Averager) -> dict:
+    """``averager.state_dict()`` with every DTensor (the average of an FSDP2-sharded model,
+    or a sharded DDP shadow) gathered into a whole tensor on the CPU.
+
+    Both trainers write a callback's state from the first rank alone, with ``torch.save``
+    (Lightning does so under ``ModelParallelStrategy`` too, beside its distributed
+    checkpoint of the model): a DTensor saved that way keeps only that rank's shards, and
+    the other ranks' part of the average would be lost. Whole tensors load into any
+    layout: ``load_state_dict`` cuts out each rank's piece. The price is the whole average
+    on every rank's CPU for the moment of a save. A collective when anything is sharded,
+    so every rank must call it."""
+    state = averager.state_dict()
+    gathered = {}
+    for key, value in state.items():
+        if isinstance(value, Mapping):
+            value = {
+                name: t.full_tensor().cpu() if distributed.is_dtensor(t) else t
+                for name, t in value.items()
+            }
+        gathered[key] = value
+    return gathered
 
 
 def averager_name(averager) -> str:

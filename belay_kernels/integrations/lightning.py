@@ -22,6 +22,15 @@ When each thing happens, and why:
 - The averager's ``state_dict()`` is the callback's state in the checkpoint; resuming with
   ``ckpt_path`` loads it into the new averager. A ``trainer.test(ckpt_path=...)`` with a
   fresh callback builds the averager from the module and evaluates the saved average.
+  The average of a sharded model (``ModelParallelStrategy`` with ``fully_shard``, or
+  ``shard_shadow=True`` under DDP) is saved as whole tensors, gathered from every rank
+  when the checkpoint is written: Lightning writes the callbacks' states from rank 0 alone.
+- ``averager.wait()`` runs when training ends (``on_train_end``) and before the averager's
+  state goes into a checkpoint: a ``PostHocEMA`` may still be writing a snapshot in the
+  background, and a checkpoint that counts that snapshot, or a run that reports success,
+  must not come before the file is on disk. A failed write fails ``fit``. After an error in
+  ``fit`` it runs too (so no write is cut off), and a failure of its own is then a warning:
+  the error the run stopped on is the one ``fit`` raises.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from typing import Any
 
 from .._checks import BelayInputError
 from ..averagers import Averager
-from ._common import HeldSwap, averager_factory, averager_name
+from ._common import HeldSwap, averager_factory, averager_name, whole_state
 
 SPELLINGS = ("lightning.pytorch", "pytorch_lightning")
 
@@ -60,7 +69,8 @@ class WeightAveraging(*_callback_bases()):
     """Keep ``averager(module, **averager_kwargs)`` during ``fit``; evaluate on its average.
 
     ``averager`` is an averager class (``bk.EMA``, ``bk.SWA``, ``bk.Belay``,
-    ``bk.TwoPoint``) or a callable taking the module (``bk.Belay.from_physics``).
+    ``bk.TwoPoint``, ``bk.PowerEMA``, ``bk.PostHocEMA``) or a callable taking the module
+    (``bk.Belay.from_physics``).
     ``copy_at_end=True`` writes the average into the model when ``fit`` ends, as
     Lightning's own ``WeightAveraging`` does; by default the model keeps its live weights
     and only evaluation sees the average. The averager is ``self.averager`` (``None``
@@ -103,6 +113,10 @@ class WeightAveraging(*_callback_bases()):
             self.averager.step()
             self._last_global_step = trainer.global_step
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.averager is not None:
+            self.averager.wait()
+
     def on_fit_end(self, trainer, pl_module) -> None:
         self._swap.leave()
         self._in_fit = False
@@ -143,12 +157,31 @@ class WeightAveraging(*_callback_bases()):
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._swap.leave()
         self._in_fit = False
+        if self.averager is None:
+            return
+        try:
+            self.averager.wait()
+        except Exception as failure:
+            # Raising here would replace the error Lightning is about to re-raise; the
+            # snapshot failure is reported beside it instead (unless it is that error,
+            # raised by the wait() in on_train_end).
+            if failure is not exception:
+                warnings.warn(
+                    f"WeightAveraging: the run stopped on {type(exception).__name__}, and the "
+                    f"averager's background work failed too: {type(failure).__name__}: {failure}",
+                    stacklevel=2,
+                )
 
     # ---- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict:
         if self._pending_state is not None or self.averager is None:  # loaded, not yet built
             return dict(self._pending_state or {})
-        return self.averager.state_dict()
+        # The state counts the snapshots taken; the last one must be written before a
+        # checkpoint says it exists.
+        self.averager.wait()
+        # Lightning asks every rank for it, then rank 0 writes it: a sharded average is
+        # gathered whole (see whole_state) so that no rank's part is lost.
+        return whole_state(self.averager)
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not isinstance(state_dict, dict) or "method" not in state_dict:

@@ -21,6 +21,10 @@ When each thing happens, and why:
   comes before any checkpoint is written: checkpoints hold the live weights.
 - ``on_save`` writes the averager's ``state_dict()`` into the checkpoint folder
   (``belay_averager.pt``); a run resumed with ``resume_from_checkpoint`` loads it.
+- ``averager.wait()`` runs before that state is saved and at ``on_train_end``: a
+  ``PostHocEMA`` may still be writing a snapshot in the background, and neither a
+  checkpoint that counts the snapshot nor the end of ``train()`` may come before the file
+  is on disk. A failed write is raised there.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .._checks import BelayInputError
 from ..averagers import Averager
-from ._common import HeldSwap, averager_factory
+from ._common import HeldSwap, averager_factory, whole_state
 
 STATE_FILE = "belay_averager.pt"
 
@@ -44,7 +48,8 @@ class AveragingCallback(TrainerCallback):
     """Keep ``averager(model, **averager_kwargs)`` while ``Trainer.train()`` runs.
 
     ``averager`` is an averager class (``bk.EMA``, ``bk.SWA``, ``bk.Belay``,
-    ``bk.TwoPoint``) or a callable taking the model (``bk.Belay.from_physics``).
+    ``bk.TwoPoint``, ``bk.PowerEMA``, ``bk.PostHocEMA``) or a callable taking the model
+    (``bk.Belay.from_physics``).
     At the end of training, ``save_pretrained_to=folder`` writes the averaged model with
     ``save_pretrained``, and ``copy_at_end=True`` copies the average into the model
     (by default the model keeps its live weights). The averager is ``self.averager``.
@@ -105,7 +110,11 @@ class AveragingCallback(TrainerCallback):
         self._swap.leave()
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:  # every rank holds the same average; one writes
+        # Every rank: each one's averager may have a snapshot write in flight, and gathering
+        # a sharded average is a collective. Then one rank writes the whole average.
+        self.averager.wait()
+        saved = whole_state(self.averager)
+        if not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not os.path.isdir(folder):
@@ -114,10 +123,11 @@ class AveragingCallback(TrainerCallback):
                 "and it is not there (a hyperparameter-search run directory?). The averager "
                 "state could not be saved with it."
             )
-        torch.save(self.averager.state_dict(), os.path.join(folder, STATE_FILE))
+        torch.save(saved, os.path.join(folder, STATE_FILE))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._swap.leave()
+        self.averager.wait()
         if self.save_pretrained_to is not None and state.is_world_process_zero:
             with self.averager.averaged():
                 model.save_pretrained(self.save_pretrained_to)
