@@ -30,7 +30,7 @@ import torch
 
 from . import distributed, power, snapshots
 from ._checks import BelayInputError
-from .averagers import Averager, check_saved_count
+from .averagers import Averager, _mib, check_saved_count
 from .hparams import HparamAttribute, Hparams, check_every, set_converted
 
 # reconstruction lives in its own module; these are its public names, as posthoc.* in the docs
@@ -298,6 +298,16 @@ class PostHocEMA(Averager):
         super()._advance()
         if self._steps % self.snapshot_every == 0:
             self._write_snapshot()
+
+    def memory_report(self) -> str:
+        """The averager's tensors, and the CPU buffers snapshots are staged in: each
+        profile in ``snapshot_dtype``, made at the first snapshot on a rank that writes."""
+        numel = sum(v.numel() for v in self._local_shadow_views())
+        staged = len(self.gammas) * numel * self.snapshot_dtype.itemsize if self._writes_here else 0
+        return (
+            f"{super().memory_report()}\n"
+            f"snapshot staging on the CPU, from the first snapshot: {_mib(staged)}"
+        )
 
     def wait(self) -> None:
         """Wait for the snapshot write in flight; raise
