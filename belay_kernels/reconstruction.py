@@ -113,7 +113,8 @@ def reconstruct(
       holds whole tensors.
     - With ``process_group`` (every rank of it calls this), each rank reads and sums only
       its dim-0 chunk of each tensor (DTensor's ``Shard(0)``), and the result holds
-      DTensors on a CPU mesh of those ranks: :func:`write_dcp` saves them as they are,
+      DTensors on a CPU mesh of those ranks (a gloo group of the same ranks, made by each
+      call, carries the reading's collectives): :func:`write_dcp` saves them as they are,
       :func:`export` gathers them into one file.
 
     Snapshots are read one at a time and summed in fp32 (fp64 for fp64 snapshots), so

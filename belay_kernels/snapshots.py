@@ -367,10 +367,10 @@ def warn_incomplete(folder) -> list[Path]:
     return skipped
 
 
-def _check_header(snap, path) -> dict:
+def _check_header(snap, path, keys=HEADER_KEYS) -> dict:
     if not isinstance(snap, dict) or snap.get("kind") != KIND:
         raise BelayInputError(f"{str(path)!r} is not a PostHocEMA snapshot.")
-    missing = [k for k in HEADER_KEYS if k not in snap]
+    missing = [k for k in keys if k not in snap]
     if snap.get("format") == FORMAT and "checksums" not in snap:
         missing.append("checksums")
     if missing or snap["format"] not in READABLE_FORMATS:
@@ -390,7 +390,7 @@ def read_file(path, *, mmap: bool = False) -> dict:
             f"snapshot {str(path)!r} cannot be read ({type(exc).__name__}: {exc}); it is "
             "truncated or corrupt. Delete it (the others still reconstruct) or restore it."
         ) from None
-    return _check_header(snap, path)
+    return _check_header(snap, path, HEADER_KEYS + ("profiles", "buffers"))
 
 
 def read_folder_header(path) -> dict:

@@ -315,6 +315,15 @@ struct MultiEmaOp {
   // Profile p alone, for a resolved op.
   BK_HD EmaOp<W, S> profile(int p) const { return {shadows[p], weights, skip_nonfinite, rules[p]}; }
   BK_HD bool profile_valid(int p) const { return rules[p].rate == rules[p].rate; }
+  // Element i of every profile, for a resolved op whose profiles are all valid (its caller
+  // checks that once): no test per profile, so a loop over elements vectorizes.
+  BK_HD int apply_all_valid(int64_t i) const {
+    const T w = static_cast<T>(weights[i]);
+    int skipped = 0;
+    BK_UNROLL
+    for (int p = 0; p < K; ++p) skipped += update_shadow(shadows[p][i], w, skip_nonfinite, rules[p]);
+    return skipped;
+  }
   template <int N, int U = 1>
   BK_HD int apply(int64_t i, int64_t stride = 0) const {
     W w_in[N * U];
