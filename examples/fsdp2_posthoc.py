@@ -20,7 +20,9 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from fsdp2_ema import TinyLM, batch, evaluate, loss_of
+
+# the model, data and training loop of fsdp2_ema.py: train() steps any averager
+from fsdp2_ema import TinyLM, evaluate, train
 from torch.distributed.fsdp import fully_shard
 
 import belay_kernels as bk
@@ -37,17 +39,6 @@ def build(snapshots):
     # after fully_shard, like the optimizer: the profiles cover this rank's shards
     phema = bk.PostHocEMA(model, sigma_rels=(0.05, 0.10), snapshot_every=10, snapshot_dir=snapshots)
     return model, optimizer, phema
-
-
-def train(model, optimizer, phema, steps, start, rank):
-    model.train()
-    for step in range(start, start + steps):
-        loss = loss_of(model, *batch(step, rank))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        phema.step()  # every 10th step stages a copy; a thread writes the shards
-    return loss.item()
 
 
 def main():

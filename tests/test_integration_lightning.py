@@ -17,6 +17,13 @@ from torch import nn
 
 pl = pytest.importorskip("pytorch_lightning")
 
+from _posthoc_trainer_checks import (  # noqa: E402
+    POSTHOC,
+    assert_same_profiles,
+    assert_same_snapshots,
+    posthoc_by_hand,
+    snapshot_steps,
+)
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 
 import belay_kernels as bk  # noqa: E402
@@ -141,7 +148,6 @@ def test_the_lightning_spelling_works_too():
 
 
 # ---- PostHocEMA -------------------------------------------------------------------------
-POSTHOC = dict(sigma_rels=(0.05, 0.10), snapshot_every=3, snapshot_dtype=torch.float32)
 
 
 class RecordingNet(cases.Net):
@@ -155,40 +161,6 @@ class RecordingNet(cases.Net):
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         self.trajectory.append(cases.state(self))
-
-
-def posthoc_by_hand(trajectory, snapshot_dir):
-    model = cases.Net()
-    model.load_state_dict(trajectory[0])
-    averager = bk.PostHocEMA(model, snapshot_dir=snapshot_dir, **POSTHOC)
-    for weights in trajectory[1:]:
-        model.load_state_dict(weights)  # in place: the averager's views stay bound
-        averager.step()
-    averager.wait()
-    return averager
-
-
-def snapshot_steps(folder):
-    return [posthoc.read_snapshot(path)["step"] for path in posthoc.snapshot_files(folder)]
-
-
-def assert_same_snapshots(folder, expected_folder):
-    files = posthoc.snapshot_files(folder)
-    assert [f.name for f in files] == [f.name for f in posthoc.snapshot_files(expected_folder)]
-    for path in files:
-        got, expected = (posthoc.read_snapshot(d / path.name) for d in (folder, expected_folder))
-        assert (got["index"], got["step"]) == (expected["index"], expected["step"]), path.name
-        for got_profile, expected_profile in zip(got["profiles"], expected["profiles"]):
-            for a, b in zip(got_profile, expected_profile):
-                assert torch.equal(a, b), path.name
-
-
-def assert_same_profiles(averager, expected):
-    got, want = averager.state_dict(), expected.state_dict()
-    for key in ("num_steps", "num_updates", "num_snapshots", "hparams"):
-        assert got[key] == want[key], key
-    for k in range(len(expected.gammas)):
-        cases.assert_equal(got[f"profile_{k}"], want[f"profile_{k}"])
 
 
 def test_posthoc_snapshots_once_per_optimizer_step_as_a_hand_driven_run(tmp_path):
@@ -207,7 +179,7 @@ def test_posthoc_snapshots_once_per_optimizer_step_as_a_hand_driven_run(tmp_path
     assert ours.averager.num_snapshots == 3
     assert snapshot_steps(tmp_path / "fit") == [3, 6, 9]
 
-    by_hand = posthoc_by_hand(module.trajectory, tmp_path / "by_hand")
+    by_hand = posthoc_by_hand(cases.Net(), module.trajectory, tmp_path / "by_hand")
     assert_same_snapshots(tmp_path / "fit", tmp_path / "by_hand")
     assert_same_profiles(ours.averager, by_hand)
     cases.assert_equal(

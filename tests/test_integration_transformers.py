@@ -11,6 +11,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from _posthoc_trainer_checks import (  # noqa: E402
+    POSTHOC,
+    assert_same_profiles,
+    assert_same_snapshots,
+    posthoc_by_hand,
+    snapshot_steps,
+)
+
 import belay_kernels as bk  # noqa: E402
 from belay_kernels import posthoc  # noqa: E402
 from belay_kernels.integrations.transformers import STATE_FILE, AveragingCallback  # noqa: E402
@@ -205,7 +213,6 @@ def test_resuming_without_a_saved_average_says_where_it_looked(tmp_path):
 
 
 # ---- PostHocEMA -------------------------------------------------------------------------
-POSTHOC = dict(sigma_rels=(0.05, 0.10), snapshot_every=3, snapshot_dtype=torch.float32)
 
 
 class Trajectory(transformers.TrainerCallback):
@@ -222,43 +229,6 @@ class Trajectory(transformers.TrainerCallback):
         self.weights.append(live(model))
 
 
-def posthoc_by_hand(trajectory, snapshot_dir):
-    model = tiny_gpt2()
-    model.load_state_dict(trajectory[0])
-    averager = bk.PostHocEMA(model, snapshot_dir=snapshot_dir, **POSTHOC)
-    for weights in trajectory[1:]:
-        model.load_state_dict(weights)  # in place: the averager's views stay bound
-        averager.step()
-    averager.wait()
-    return averager
-
-
-def snapshot_steps(folder):
-    return [posthoc.read_snapshot(path)["step"] for path in posthoc.snapshot_files(folder)]
-
-
-def assert_same_snapshots(folder, expected_folder):
-    files = posthoc.snapshot_files(folder)
-    assert [f.name for f in files] == [f.name for f in posthoc.snapshot_files(expected_folder)]
-    for path in files:
-        got, expected = (posthoc.read_snapshot(d / path.name) for d in (folder, expected_folder))
-        assert (got["index"], got["step"]) == (expected["index"], expected["step"]), path.name
-        for got_profile, expected_profile in zip(got["profiles"], expected["profiles"]):
-            for a, b in zip(got_profile, expected_profile):
-                assert torch.equal(a, b), path.name
-
-
-def assert_same_profiles(averager, expected):
-    got, want = averager.state_dict(), expected.state_dict()
-    for key in ("num_steps", "num_updates", "num_snapshots", "hparams"):
-        assert got[key] == want[key], key
-    for k in range(len(expected.gammas)):
-        profile, expected_profile = got[f"profile_{k}"], want[f"profile_{k}"]
-        assert profile.keys() == expected_profile.keys()
-        for name, value in profile.items():
-            assert torch.equal(value, expected_profile[name]), (k, name)
-
-
 def test_posthoc_snapshots_once_per_optimizer_step_as_a_hand_driven_run(tmp_path):
     trajectory = Trajectory()
     ours = AveragingCallback(bk.PostHocEMA, snapshot_dir=tmp_path / "train", **POSTHOC)
@@ -272,7 +242,7 @@ def test_posthoc_snapshots_once_per_optimizer_step_as_a_hand_driven_run(tmp_path
     assert ours.averager.num_snapshots == 2
     assert snapshot_steps(tmp_path / "train") == [3, 6]
 
-    by_hand = posthoc_by_hand(trajectory.weights, tmp_path / "by_hand")
+    by_hand = posthoc_by_hand(tiny_gpt2(), trajectory.weights, tmp_path / "by_hand")
     assert_same_snapshots(tmp_path / "train", tmp_path / "by_hand")
     assert_same_profiles(ours.averager, by_hand)
     reconstructed = posthoc.reconstruct(tmp_path / "train", sigma_rel=0.07)
