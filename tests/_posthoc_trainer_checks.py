@@ -47,3 +47,26 @@ def assert_same_profiles(averager, expected):
         assert profile.keys() == expected_profile.keys()
         for name, value in profile.items():
             assert torch.equal(value, expected_profile[name]), (k, name)
+
+
+class RecordingPostHocEMA(bk.PostHocEMA):
+    """Logs each wait() and state_dict() the callback makes, with the step it came at."""
+
+    def __init__(self, module, *, events, **kwargs):
+        self.events = events
+        self._in_state_dict = False
+        super().__init__(module, **kwargs)
+
+    def wait(self):
+        # state_dict() may wait by itself; only the callback's own calls are logged.
+        if not self._in_state_dict:
+            self.events.append(("wait", self.num_steps))
+        super().wait()
+
+    def state_dict(self):
+        self.events.append(("state_dict", self.num_steps))
+        self._in_state_dict = True
+        try:
+            return super().state_dict()
+        finally:
+            self._in_state_dict = False

@@ -19,6 +19,7 @@ pl = pytest.importorskip("pytorch_lightning")
 
 from _posthoc_trainer_checks import (  # noqa: E402
     POSTHOC,
+    RecordingPostHocEMA,
     assert_same_profiles,
     assert_same_snapshots,
     posthoc_by_hand,
@@ -221,29 +222,6 @@ def test_posthoc_resume_continues_the_snapshots_and_profiles_bit_for_bit(tmp_pat
     assert_same_snapshots(tmp_path / "resumed", tmp_path / "straight")
     assert_same_profiles(resumed, straight)
     cases.assert_equal(cases.state(module), cases.state(straight_module))
-
-
-class RecordingPostHocEMA(bk.PostHocEMA):
-    """Logs each wait() and state_dict() the callback makes, with the step it came at."""
-
-    def __init__(self, module, *, events, **kwargs):
-        self.events = events
-        self._in_state_dict = False
-        super().__init__(module, **kwargs)
-
-    def wait(self):
-        # state_dict() may wait by itself; only the callback's own calls are logged.
-        if not self._in_state_dict:
-            self.events.append(("wait", self.num_steps))
-        super().wait()
-
-    def state_dict(self):
-        self.events.append(("state_dict", self.num_steps))
-        self._in_state_dict = True
-        try:
-            return super().state_dict()
-        finally:
-            self._in_state_dict = False
 
 
 def test_wait_runs_before_each_checkpoint_and_when_training_ends(tmp_path):

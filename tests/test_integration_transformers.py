@@ -13,6 +13,7 @@ pytest.importorskip("accelerate")
 
 from _posthoc_trainer_checks import (  # noqa: E402
     POSTHOC,
+    RecordingPostHocEMA,
     assert_same_profiles,
     assert_same_snapshots,
     posthoc_by_hand,
@@ -274,29 +275,6 @@ def test_posthoc_resume_continues_the_snapshots_and_profiles_bit_for_bit(tmp_pat
     assert_same_profiles(resumed.averager, straight.averager)
     for k, v in live(model).items():
         assert torch.equal(v, live(straight_model)[k]), k
-
-
-class RecordingPostHocEMA(bk.PostHocEMA):
-    """Logs each wait() and state_dict() the callback makes, with the step it came at."""
-
-    def __init__(self, model, *, events, **kwargs):
-        self.events = events
-        self._in_state_dict = False
-        super().__init__(model, **kwargs)
-
-    def wait(self):
-        # state_dict() may wait by itself; only the callback's own calls are logged.
-        if not self._in_state_dict:
-            self.events.append(("wait", self.num_steps))
-        super().wait()
-
-    def state_dict(self):
-        self.events.append(("state_dict", self.num_steps))
-        self._in_state_dict = True
-        try:
-            return super().state_dict()
-        finally:
-            self._in_state_dict = False
 
 
 def test_wait_runs_before_each_checkpoint_and_when_training_ends(tmp_path):
