@@ -60,15 +60,16 @@ def loss_of(model, tokens, target):
     return nn.functional.cross_entropy(model(tokens).flatten(0, 1), target.flatten())
 
 
-def build():
+def build(averager=lambda model: bk.EMA(model, decay=0.98)):
+    """The sharded model, its optimizer and ``averager(model)``, the averager built after
+    fully_shard, like the optimizer."""
     torch.manual_seed(0)
     model = TinyLM()
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    ema = bk.EMA(model, decay=0.98)  # after fully_shard, like the optimizer
-    return model, optimizer, ema
+    return model, optimizer, averager(model)
 
 
 def train(model, optimizer, ema, steps, start, rank):

@@ -21,24 +21,22 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-# the model, data and training loop of fsdp2_ema.py: train() steps any averager
+# the model, data and training loop of fsdp2_ema.py: its build() and train() take any averager
 from fsdp2_ema import TinyLM, evaluate, train
-from torch.distributed.fsdp import fully_shard
+from fsdp2_ema import build as build_sharded
 
 import belay_kernels as bk
 from belay_kernels import posthoc
 
 
 def build(snapshots):
-    torch.manual_seed(0)
-    model = TinyLM()
-    for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    # after fully_shard, like the optimizer: the profiles cover this rank's shards
-    phema = bk.PostHocEMA(model, sigma_rels=(0.05, 0.10), snapshot_every=10, snapshot_dir=snapshots)
-    return model, optimizer, phema
+    # the profiles cover this rank's shards; every 10th step stages a copy, and a thread
+    # writes the shards
+    return build_sharded(
+        lambda model: bk.PostHocEMA(
+            model, sigma_rels=(0.05, 0.10), snapshot_every=10, snapshot_dir=snapshots
+        )
+    )
 
 
 def main():
