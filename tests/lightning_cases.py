@@ -4,6 +4,7 @@ regression net and asserts; the same code passes on one process and on two."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytorch_lightning as pl
@@ -34,12 +35,14 @@ def loaders():
     )
 
 
-class Net(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
-        self.val_records = []  # (the batch, its loss) for each validation batch
+def regression_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+class RegressionSteps:
+    """The LightningModule hooks of the regression net in ``self.net``, for Net and for the
+    model-parallel script's module, which derives from the other spelling of Lightning."""
 
     def forward(self, x):
         return self.net(x)
@@ -56,6 +59,13 @@ class Net(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=0.05)
+
+
+class Net(RegressionSteps, pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = regression_net()
+        self.val_records = []  # (the batch, its loss) for each validation batch
 
 
 def trainer(**kwargs):
@@ -166,3 +176,17 @@ def check_validation_and_resume(ckpt_dir: str, **averager_kwargs) -> dict:
         "shadow": straight[1],
         "live": straight[0],
     }
+
+
+def report_and_leave(result_path: str, result: dict) -> None:
+    """Rank 0 writes what the ranks measured to ``result_path``; then every rank leaves."""
+    import torch.distributed as dist
+
+    result["world_size"] = dist.get_world_size()
+    if dist.get_rank() == 0:
+        with open(result_path, "w") as f:
+            json.dump(result, f)
+    # Leave together and close the group: a rank that exits with gloo's threads still
+    # running can abort ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()

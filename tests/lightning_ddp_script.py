@@ -9,7 +9,6 @@ Every rank runs every check, and the ranks' weights and averages must agree (the
 differ per rank, so they agree only if DDP still reduces the gradients of the flattened
 parameters). Rank 0 writes what it measured to RESULT_JSON."""
 
-import json
 import os
 import sys
 
@@ -44,14 +43,7 @@ def main(result_path, ckpt_dir):
         for kind in ("shadow", "live"):
             if kind in result:
                 assert same_on_every_rank(result.pop(kind)), f"the ranks' {kind} differ"
-    results["world_size"] = dist.get_world_size()
-    if dist.get_rank() == 0:
-        with open(result_path, "w") as f:
-            json.dump(results, f)
-    # Leave together and close the group: a rank that exits with gloo's threads still
-    # running can abort ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
+    cases.report_and_leave(result_path, results)
 
 
 if __name__ == "__main__":

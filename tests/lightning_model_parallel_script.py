@@ -24,7 +24,6 @@ rank 0 alone, so this holds only because the callback saves a sharded average ga
 whole. Rank 0 writes what it measured to RESULT_JSON.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -66,15 +65,14 @@ def assert_equal(got: dict, expected: dict, what: str) -> None:
         assert torch.equal(value, expected[name]), f"{what}: {name} differs"
 
 
-class ShardedNet(L.LightningModule):
+class ShardedNet(cases.RegressionSteps, L.LightningModule):
     """cases.Net's regression net, sharded by FSDP2 over both ranks. The 16 x 1 output layer
     leaves rank 1 an empty shard of its weight. Records the weights at the start of
     training and after each optimizer step, local and gathered."""
 
     def __init__(self):
         super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.net = cases.regression_net()
         self.local_trajectory = []
         self.full_trajectory = []
         self.val_records = []  # (the batch, its loss) for each validation batch
@@ -98,22 +96,6 @@ class ShardedNet(L.LightningModule):
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         self.record()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.mse_loss(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
-        self.val_records.append((batch, loss.detach().clone()))
-        self.log("val_loss", loss, sync_dist=True)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=0.05)
 
 
 class LiveShards(L.Callback):
@@ -290,15 +272,7 @@ CHECKS = {"ema": check_ema, "posthoc": check_posthoc}
 
 
 def main(result_path: str, work_dir: str, check: str) -> None:
-    result = CHECKS[check](Path(work_dir))
-    result["world_size"] = dist.get_world_size()
-    if dist.get_rank() == 0:
-        with open(result_path, "w") as f:
-            json.dump(result, f)
-    # Leave together and close the group: a rank that exits with gloo's threads still
-    # running can abort ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
+    cases.report_and_leave(result_path, CHECKS[check](Path(work_dir)))
 
 
 if __name__ == "__main__":
