@@ -270,7 +270,9 @@ def write_folder(folder: Path, index: int, header: dict, pieces, buffers: dict, 
         remove_leftovers(folder)
         partial.mkdir()
     dist.barrier(group)  # the folder exists before any rank writes into it
-    parts = [[_piece_checksum(piece, spec) for _, piece, spec in profile] for profile in pieces]
+    parts = [
+        [_piece_checksum(piece, spec, first) for _, piece, spec in profile] for profile in pieces
+    ]
     parts.append([checksum(b, b.shape) if first else 0 for b in buffers.values()])
     state = {
         f"profile_{k}": {
@@ -309,15 +311,12 @@ def write_folder(folder: Path, index: int, header: dict, pieces, buffers: dict, 
     dist.barrier(group)  # wait() returns on every rank once the snapshot is complete
 
 
-def _piece_checksum(piece: torch.Tensor, spec) -> int:
+def _piece_checksum(piece: torch.Tensor, spec, first: bool) -> int:
     """This rank's part: its piece of a sharded tensor, or for a tensor every rank holds
-    (a replicated piece) only the first holder's."""
+    (a replicated piece) only the first holder's (rank 0 of the writing group: ``first``)."""
     if spec is None:
-        import torch.distributed as dist
-
-        return checksum(piece, piece.shape) if dist.get_rank() == 0 else 0
-    offsets = spec.offsets()
-    return checksum(piece, spec.shape, offsets) if spec.counts_here() else 0
+        return checksum(piece, piece.shape) if first else 0
+    return checksum(piece, spec.shape, spec.offsets()) if spec.counts_here() else 0
 
 
 def _fsync_folder(folder: Path) -> None:
