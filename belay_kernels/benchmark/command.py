@@ -185,8 +185,8 @@ def parse_args(argv):
         "--dtypes",
         type=_csv("dtype pair", DTYPE_PAIRS),
         default=list(DEFAULT_DTYPE_PAIRS),
-        help=f"comma list of weights/shadow dtype pairs, of {','.join(DTYPE_PAIRS)} "
-        f"(default: {','.join(DEFAULT_DTYPE_PAIRS)})",
+        help=f"comma list of weights/shadow dtype pairs for --mode sweep, models and multi, "
+        f"of {','.join(DTYPE_PAIRS)} (default: {','.join(DEFAULT_DTYPE_PAIRS)})",
     )
     p.add_argument(
         "--peers",
@@ -381,6 +381,7 @@ def main(argv=None) -> int:
                 device=args.device,
                 numel=args.multi_size,
                 profiles=args.profiles,
+                pairs=args.dtypes,
                 backends=args.backends,
                 peers=args.peers,
                 models=[m for m in args.models if m == "gpt2_small_like"],

@@ -1,14 +1,17 @@
 """The multi-profile cases of ``belay-kernels bench --mode multi`` (post-hoc EMA): K EMA
-profiles of the same fp32 weights updated
+profiles of the same weights, for each weights/shadow dtype pair, updated
 
-- by one :func:`~belay_kernels.ops.multi_ema_update_` pass, which must move ``4 + 8K``
-  bytes per element (the weights read once, each shadow read and written);
-- by K separate :func:`~belay_kernels.ops.ema_update_` passes, ``12K`` bytes per element;
+- by one :func:`~belay_kernels.ops.multi_ema_update_` pass, which must move ``w + 2Ks``
+  bytes per element (``w`` and ``s`` the weights' and a shadow's element sizes: the weights
+  read once, each shadow read and written);
+- by K separate :func:`~belay_kernels.ops.ema_update_` passes, ``K(w + 2s)`` bytes;
 - by ``torch.compile`` of the K-profile formula (Inductor fuses it into one loop), charged
-  the fused pass's bytes;
+  the fused pass's bytes. It does our work: the math in the reference's dtype, and the
+  non-finite weights kept out and counted, once per profile. Its ``(uncounted)`` variant
+  (peer ``torch.compile (uncounted)``) keeps them out but counts nothing;
 
 on one flat buffer, for every backend whose ``multi_ema_update_`` runs here (a backend that
-refuses it gets a row saying why). Then, on the GPT-2-small-like model, one step of
+refuses it gets a row saying why). Then, on the GPT-2-small-like model (fp32), one step of
 :class:`~belay_kernels.PostHocEMA` against one ``update()`` of ema-pytorch's
 ``PostHocEMA`` with the same profiles.
 """
@@ -21,12 +24,13 @@ import tempfile
 
 import torch
 
-from .. import ops, power
+from .. import ops, power, reference
 from .._checks import BelayInputError
 from . import architectures
-from .compiled import first_call
+from .compiled import COUNTED, UNCOUNTED, first_call, fresh_compile
 from .flat_cases import available_backends
 from .peers import Unsupported, one_phrase
+from .sweep import DTYPE_PAIRS
 from .timing import time_step
 
 DEFAULT_NUMEL = 1 << 26
@@ -35,16 +39,17 @@ DEFAULT_PROFILES = (2, 4)
 # the first K of these are the K profiles (EDM2 tracks 0.05 and 0.10)
 SIGMA_RELS = (0.05, 0.10, 0.075, 0.15, 0.03, 0.20)
 COMPILED = "torch.compile (K-profile formula)"
+COMPILED_UNCOUNTED = "torch.compile (K-profile formula, uncounted)"
 EMA_PYTORCH = "ema-pytorch PostHocEMA"
 NEVER = 10**12  # a snapshot interval no timed run reaches
 
 
-def fused_bytes(numel: int, k: int) -> int:
-    return numel * (4 + 8 * k)
+def fused_bytes(numel: int, k: int, weights_size: int = 4, shadow_size: int = 4) -> int:
+    return numel * (weights_size + 2 * k * shadow_size)
 
 
-def separate_bytes(numel: int, k: int) -> int:
-    return numel * 12 * k
+def separate_bytes(numel: int, k: int, weights_size: int = 4, shadow_size: int = 4) -> int:
+    return numel * k * (weights_size + 2 * shadow_size)
 
 
 def decays_for(k: int, n: int = 1000) -> list[float]:
@@ -52,14 +57,16 @@ def decays_for(k: int, n: int = 1000) -> list[float]:
     return [power.decay(n, power.sigma_rel_to_gamma(s)) for s in SIGMA_RELS[:k]]
 
 
-def _k_profile_formula(shadows, weights, rates):
-    # the formula a user would write; the non-finite weights are skipped, as by our op
-    keep = ~torch.isfinite(weights)
+def _k_profile_formula(shadows, weights, rates, skipped, math, counted):
+    # the formula a user would write, doing our op's work: the math in ``math``, and the
+    # non-finite weights kept out of every profile and (``counted``) counted once per profile
+    w = weights.to(math)
+    keep = ~torch.isfinite(w)
     for shadow, rate in zip(shadows, rates):
-        shadow.copy_(torch.where(keep, shadow, torch.lerp(shadow, weights, rate)))
-
-
-_compiled = {}
+        s = shadow.to(math)
+        shadow.copy_(torch.where(keep, s, torch.lerp(s, w, rate)))
+    if counted:
+        skipped.add_(keep.sum() * len(shadows))
 
 
 def multi_backend_reason(backend: str, device: torch.device) -> str:
@@ -107,78 +114,100 @@ def _timed(row, step, device, min_run_time, rotate=True):
     return row
 
 
-def run_flat(*, device, numel, profiles, backends, compiled, min_run_time, log) -> list[dict]:
+def run_flat(
+    *, device, numel, profiles, pairs, backends, compiled, min_run_time, log
+) -> list[dict]:
     rows = []
     backends = backends or available_backends(device)
-    for k in profiles:
-        weights = torch.empty(numel, device=device).uniform_(-1, 1)
-        shadows = [torch.empty(numel, device=device).uniform_(-1, 1) for _ in range(k)]
-        decays = decays_for(k)
-        method = f"multi_ema K={k}"
-        for backend in backends:
-            reason = multi_backend_reason(backend, device)
-            for kind, step in flat_steps(backend, shadows, weights, decays).items():
-                name = (
-                    f"belay_kernels[{backend}] multi_ema_update_"
-                    if kind == "fused"
-                    else f"belay_kernels[{backend}] {k} x ema_update_"
-                )
-                nbytes = fused_bytes(numel, k) if kind == "fused" else separate_bytes(numel, k)
-                row = _row(
-                    method=method,
-                    numel=numel,
-                    impl=name,
-                    kind="ours",
-                    backend=backend,
-                    pass_kind=kind,
-                    bytes=nbytes,
-                )
-                if reason and kind == "fused":
-                    row["note"] = reason
-                    rows.append(row)
-                    log(f"  {method} {name}: -- ({reason})")
-                    continue
-                try:
-                    step()
-                except Exception as exc:  # ema_update_ itself refused this backend
-                    row["note"] = f"failed: {one_phrase(exc)}"
-                    rows.append(row)
-                    log(f"  {method} {name}: -- ({row['note']})")
-                    continue
-                rows.append(_timed(row, step, device, min_run_time))
-                log(f"  {method} {name}: {row['median_ms']:.2f} ms, {row['gbps']:.1f} GB/s")
-        if compiled:
+    for pair in pairs:
+        weights_dtype, shadow_dtype = DTYPE_PAIRS[pair]
+        sizes = (weights_dtype.itemsize, shadow_dtype.itemsize)
+        for k in profiles:
+            weights = torch.empty(numel, device=device).uniform_(-1, 1).to(weights_dtype)
+            shadows = [
+                torch.empty(numel, device=device).uniform_(-1, 1).to(shadow_dtype) for _ in range(k)
+            ]
+            rows += _flat_case(
+                pair, k, weights, shadows, backends, compiled, sizes, min_run_time, log
+            )
+            del weights, shadows
+            gc.collect()
+    add_ratios(rows)
+    return rows
+
+
+def _flat_case(pair, k, weights, shadows, backends, compiled, sizes, min_run_time, log):
+    """The rows of K profiles of one dtype pair: each backend's two ways, then each
+    torch.compile variant of ``compiled``, (row name, whether it counts)."""
+    rows = []
+    device, numel = weights.device, weights.numel()
+    decays = decays_for(k)
+    method = f"multi_ema K={k}"
+    label = f"{method} {pair}"
+    for backend in backends:
+        reason = multi_backend_reason(backend, device)
+        for kind, step in flat_steps(backend, shadows, weights, decays).items():
+            name = (
+                f"belay_kernels[{backend}] multi_ema_update_"
+                if kind == "fused"
+                else f"belay_kernels[{backend}] {k} x ema_update_"
+            )
+            nbytes = (fused_bytes if kind == "fused" else separate_bytes)(numel, k, *sizes)
             row = _row(
                 method=method,
+                dtypes=pair,
                 numel=numel,
-                impl=COMPILED,
-                kind="peer",
-                pass_kind="compiled",
-                bytes=fused_bytes(numel, k),
+                impl=name,
+                kind="ours",
+                backend=backend,
+                pass_kind=kind,
+                bytes=nbytes,
             )
-            fn = _compiled.setdefault(
-                k, torch.compile(_k_profile_formula, fullgraph=True, dynamic=False)
-            )
-            rates = [1 - d for d in decays]
-
-            def step(fn=fn, shadows=shadows, weights=weights, rates=rates):
-                fn(shadows, weights, rates)
-
-            try:
-                row["compile_s"] = first_call(step, device)
-            except Unsupported as exc:
-                row["note"] = str(exc)
+            if reason and kind == "fused":
+                row["note"] = reason
                 rows.append(row)
-                log(f"  {method} {COMPILED}: -- ({exc})")
-            else:
-                rows.append(_timed(row, step, device, min_run_time))
-                log(
-                    f"  {method} {COMPILED}: {row['median_ms']:.2f} ms "
-                    f"(compiled in {row['compile_s']:.1f} s)"
-                )
-        del weights, shadows
-        gc.collect()
-    add_ratios(rows)
+                log(f"  {label} {name}: -- ({reason})")
+                continue
+            try:
+                step()
+            except Exception as exc:  # ema_update_ itself refused this backend
+                row["note"] = f"failed: {one_phrase(exc)}"
+                rows.append(row)
+                log(f"  {label} {name}: -- ({row['note']})")
+                continue
+            rows.append(_timed(row, step, device, min_run_time))
+            log(f"  {label} {name}: {row['median_ms']:.2f} ms, {row['gbps']:.1f} GB/s")
+    for impl, counted in compiled:
+        row = _row(
+            method=method,
+            dtypes=pair,
+            numel=numel,
+            impl=impl,
+            kind="peer",
+            pass_kind="compiled",
+            bytes=fused_bytes(numel, k, *sizes),
+        )
+        fresh_compile()  # dynamo keeps only a few dtype and K variants of one function
+        fn = torch.compile(_k_profile_formula, fullgraph=True, dynamic=False)
+        rates = [1 - d for d in decays]
+        math = reference.opmath_dtype(weights, *shadows)
+        skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+        def step(fn=fn, counted=counted):
+            fn(shadows, weights, rates, skipped, math, counted)
+
+        try:
+            row["compile_s"] = first_call(step, device)
+        except Unsupported as exc:
+            row["note"] = str(exc)
+            rows.append(row)
+            log(f"  {label} {impl}: -- ({exc})")
+        else:
+            rows.append(_timed(row, step, device, min_run_time))
+            log(
+                f"  {label} {impl}: {row['median_ms']:.2f} ms "
+                f"(compiled in {row['compile_s']:.1f} s)"
+            )
     return rows
 
 
@@ -246,10 +275,16 @@ def run_model(*, device, model_name, profiles, min_run_time, log, peers=True) ->
 
 def add_ratios(rows) -> None:
     """``vs_separate``: K separate passes' time / the fused pass's, same backend and K;
-    ``vs_compile``: torch.compile's time / ours; ``vs_ema_pytorch``: the peer's / ours."""
+    ``vs_compile``: torch.compile's time / ours (``vs_uncounted``: its uncounted variant's);
+    ``vs_ema_pytorch``: the peer's / ours."""
     timed = [r for r in rows if "median_ms" in r]
     for r in timed:
-        same = [o for o in timed if o["method"] == r["method"] and o.get("model") == r.get("model")]
+        same = [
+            o
+            for o in timed
+            if (o["method"], o["dtypes"], o.get("model"))
+            == (r["method"], r["dtypes"], r.get("model"))
+        ]
         if r.get("pass_kind") == "fused":
             sep = [
                 o
@@ -262,6 +297,8 @@ def add_ratios(rows) -> None:
             for o in same:
                 if o["impl"] == COMPILED:
                     r["vs_compile"] = o["median_ms"] / r["median_ms"]
+                if o["impl"] == COMPILED_UNCOUNTED:
+                    r["vs_uncounted"] = o["median_ms"] / r["median_ms"]
                 if o["impl"].startswith(EMA_PYTORCH):
                     r["vs_ema_pytorch"] = o["median_ms"] / r["median_ms"]
 
@@ -278,12 +315,13 @@ def format_table(rows) -> str:
         "GB/s",
         "vs_separate",
         "vs_compile",
+        "vs_uncounted",
         "vs_ema_pytorch",
     ]
     fmt = lambda v, d=2: "" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines = []
     for r in rows:
-        case = r["method"] + (f" {r['model']}" if r.get("model") else "")
+        case = f"{r['method']} {r['dtypes']}" + (f" {r['model']}" if r.get("model") else "")
         cells = [case, f"{r['numel']:.2e}", r["impl"]]
         if "median_ms" not in r:
             lines.append(cells + ["-- " + r["note"]])
@@ -296,6 +334,7 @@ def format_table(rows) -> str:
             fmt(r["gbps"], 1),
             fmt(r.get("vs_separate")),
             fmt(r.get("vs_compile")),
+            fmt(r.get("vs_uncounted")),
             fmt(r.get("vs_ema_pytorch")),
         ]
         lines.append(cells)
@@ -308,14 +347,23 @@ def format_table(rows) -> str:
     return "\n".join(line.rstrip() for line in out)
 
 
-def run_multi(*, device, numel, profiles, backends, peers, models, min_run_time, log):
-    """The flat cases at ``numel`` elements, then the model cases on ``models``."""
+def run_multi(*, device, numel, profiles, pairs, backends, peers, models, min_run_time, log):
+    """The flat cases at ``numel`` elements of each dtype pair, then the model cases on
+    ``models``."""
     rows = run_flat(
         device=device,
         numel=numel,
         profiles=profiles,
+        pairs=pairs,
         backends=backends,
-        compiled=COMPILED in peers or "torch.compile" in peers,
+        compiled=[
+            (impl, counted)
+            for impl, counted, peer in (
+                (COMPILED, True, COUNTED),
+                (COMPILED_UNCOUNTED, False, UNCOUNTED),
+            )
+            if peer in peers
+        ],
         min_run_time=min_run_time,
         log=log,
     )
