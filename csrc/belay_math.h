@@ -38,6 +38,13 @@ BK_HD double multiply_add(double a, double b, double c) {
 #endif
 }
 
+// lerp (below) for a weight under 0.5, where lerp is this side alone: a loop whose weights
+// are all known to be under 0.5 calls it and skips the other side and both selections.
+template <typename T>
+BK_HD T lerp_below_half(T start, T end, T weight) {
+  return multiply_add(weight, end - start, start);
+}
+
 // torch.lerp's two-sided form, except that a weight of exactly 1 copies ``end`` even over
 // a non-finite ``start`` (where torch.lerp gives NaN): the first SWA update and a zero
 // decay are copies. Each side is one fused multiply-add, as in ATen's vectorized lerp.
@@ -46,7 +53,7 @@ BK_HD double multiply_add(double a, double b, double c) {
 template <typename T>
 BK_HD T lerp(T start, T end, T weight) {
   const T difference = end - start;
-  const T from_start = multiply_add(weight, difference, start);
+  const T from_start = lerp_below_half(start, end, weight);
   const T from_end = multiply_add(-difference, T(1) - weight, end);
   const T blended = weight < T(0.5) ? from_start : from_end;
   return weight == T(1) ? end : blended;

@@ -206,8 +206,14 @@ BK_HD int64_t staged_block(const Op& op, int64_t begin, int64_t end, bool stream
   alignas(64) float buffers[sizeof...(I)][kBlock];
   (widen_block<I, Op, kWide>(std::get<I>(tensors), buffers[I], begin, n), ...);
   const auto in_float = op.with_tensors(staged_address(std::get<I>(tensors), buffers[I], begin)...);
-  int32_t skipped = 0;
-  for (int64_t i = 0; i < n; ++i) skipped += in_float.template apply<1>(i);
+  int64_t skipped = 0;
+  if constexpr (has_profiles<Op>) {
+    skipped = in_float.apply_all_valid(0, n);  // the caller has checked every profile
+  } else {
+    int32_t kept = 0;
+    for (int64_t i = 0; i < n; ++i) kept += in_float.template apply<1>(i);
+    skipped = kept;
+  }
   (narrow_block<I, Op, kWide>(buffers[I], std::get<I>(tensors), begin, n, stream), ...);
   return skipped;
 }

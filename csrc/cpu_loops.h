@@ -247,6 +247,9 @@ BK_HD int64_t one_block(const Op& op, int64_t block, int64_t block_end, bool str
     return staged_block<kBlock, kIsa == CpuIsa::kAvx512>(op, block, block_end, stream);
   }
 #endif
+  if constexpr (has_profiles<Op>) {
+    return op.apply_all_valid(block, block_end);  // the caller has checked every profile
+  }
   if constexpr (streams_output<Op>) {
     if (stream) {
       if constexpr (streams_from_registers<Op>) {
@@ -259,23 +262,6 @@ BK_HD int64_t one_block(const Op& op, int64_t block, int64_t block_end, bool str
   return cached_block(op, block, block_end);
 }
 
-// Elements [begin, end) of every profile of a resolved K-profile op whose profiles are all
-// valid, element by element: the weights are loaded once, into a register. A standalone
-// loop of this shape (bench/multi_profile_loops.cpp, fp32, one thread, an Intel Xeon with
-// AVX-512) took 4.57 ms for K = 4 at 4M elements, where K passes over each 256-element
-// block took 6.19 ms; 123 against 139 ms at 64M. The tensors are distinct (the ops' checks
-// refuse overlapping ones), which the pragma tells the vectorizer: it would otherwise
-// version the loop on every pair of K + 1 pointers, and give up past ten pairs.
-template <typename Op>
-BK_HD int64_t profiles_block(const Op& op, int64_t begin, int64_t end) {
-  int32_t skipped = 0;
-#if defined(__GNUC__) && !defined(__CUDA_ARCH__) && !defined(__clang__)
-#pragma GCC ivdep
-#endif
-  for (int64_t i = begin; i < end; ++i) skipped += op.apply_all_valid(i);
-  return skipped;
-}
-
 // kIsa: the clone this loop runs in. In the AVX2 and AVX-512 clones, 16-bit float storage
 // goes through float buffers (cpu_half_staging.h).
 template <CpuIsa kIsa, typename Op>
@@ -284,9 +270,10 @@ BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
   if constexpr (streams_output<Op>) {
     stream = (end - begin) * static_cast<int64_t>(sizeof(output_t<Op>)) >= kStreamMinBytes;
   }
-  // A K-profile op in float storage, every profile valid: all profiles per element.
+  // A K-profile op, every profile valid: all profiles per element (16-bit storage through
+  // float buffers, the weights widened once for all profiles).
   bool all_profiles = false;
-  if constexpr (has_profiles<Op> && !runs_staged<kIsa, Op>()) {
+  if constexpr (has_profiles<Op>) {
     all_profiles = true;
     for (int p = 0; p < Op::kProfiles; ++p) all_profiles = all_profiles && op.profile_valid(p);
   }
@@ -299,11 +286,11 @@ BK_HD int64_t plain_loop(const Op op, int64_t begin, int64_t end) {
     }
     if constexpr (has_profiles<Op>) {
       if (all_profiles) {
-        skipped += profiles_block(op, block, block_end);
+        skipped += one_block<kIsa>(op, block, block_end, false);
         continue;
       }
-      // Each profile in turn on this block, whose weights stay in L1 after the first (16-bit
-      // storage goes through float buffers profile by profile; an invalid profile is skipped).
+      // Each profile in turn on this block, whose weights stay in L1 after the first (an
+      // invalid profile is skipped).
       for (int p = 0; p < Op::kProfiles; ++p) {
         skipped += op.profile_valid(p) ? one_block<kIsa>(op.profile(p), block, block_end, false)
                                        : block_end - block;

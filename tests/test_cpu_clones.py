@@ -1,6 +1,6 @@
 """The clones of the CPU loops (csrc/cpu_isa.h: baseline x86-64, AVX2, AVX-512) give the
-same bits. Every method of the method table, and the fused optimizer steps with every
-average, run under each clone this CPU has on the same data, on every dtype pair, at sizes
+same bits. Every method of the method table, the K-profile EMA, and the fused optimizer
+steps with every average, run under each clone this CPU has on the same data, on every dtype pair, at sizes
 that take the vector bodies, their tails and the parallel split; every tensor they write is
 compared bit for bit with the baseline clone's, NaN included. (Only an fp16 NaN carrying a
 payload may differ: F16C keeps its payload where c10's scalar code, in the baseline clone,
@@ -88,6 +88,47 @@ def test_methods_give_the_baseline_bits(wider_clones, method, pair, threads):
     for isa in wider_clones:
         with cpu_isa(isa):
             _assert_same_bits(_method_run(case, threads), want, f"{case.id} {isa}")
+
+
+# The K-profile EMA stands beside the method table: decays on both sides of lerp's switch
+# (one K-profile loop), then all above 0.5 (its other loop, lerp_below_half).
+MULTI_DECAYS = ((0.9, 0.3, 0.0, 0.999, 0.5), (0.9, 0.999, 0.5000001, 0.75, 0.99))
+
+
+def _multi_run(k, pair, decays, threads) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(k)
+    weights_dtype, shadow_dtype = pair
+
+    def fresh(dtype):
+        return [torch.randn(n, generator=generator).to(dtype) for n in SIZES]
+
+    shadows = [fresh(shadow_dtype) for _ in range(k)]
+    skipped = torch.zeros((), dtype=torch.int64)
+    written = []
+    with torch_threads(threads):
+        for step in range(STEPS):
+            weights = fresh(weights_dtype)
+            if step == NONFINITE_STEP:
+                for w in weights:
+                    w[::7] = float("nan")
+                    w[3::11] = float("inf")
+            ops.multi_ema_update_(
+                shadows, weights, decays=list(decays[:k]), skipped=skipped, backend="cpp"
+            )
+            written += [t.clone() for profile in shadows for t in profile]
+    return [*written, skipped]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("decays", MULTI_DECAYS, ids=["mixed", "above-half"])
+@pytest.mark.parametrize("pair", fused.DTYPE_PAIRS, ids=fused.pair_id)
+@pytest.mark.parametrize("k", (2, 5))
+def test_multi_ema_gives_the_baseline_bits(wider_clones, k, pair, decays, threads):
+    with cpu_isa("baseline"):
+        want = _multi_run(k, pair, decays, threads)
+    for isa in wider_clones:
+        with cpu_isa(isa):
+            _assert_same_bits(_multi_run(k, pair, decays, threads), want, f"K={k} {isa}")
 
 
 def _fused_tensors(state) -> list[torch.Tensor]:

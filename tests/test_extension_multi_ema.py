@@ -31,6 +31,9 @@ SIZES = (0, 1, 3, 31, 1009, 1_000_003)
 # Numbers on both sides of lerp's switch, the exact copy (0), and 0-d tensors: valid, NaN
 # and out of range (those two leave their profile as it was and count every element).
 NUMBER_DECAYS = (0.9, 0.3, 0.0, 0.999, 0.5, 0.75, 0.1, 0.99)
+# Every rate under 0.5, where the CPU loop takes each lerp's one side (lerp_below_half);
+# 0.5000001 gives a rate just under 0.5.
+ABOVE_HALF_DECAYS = (0.9, 0.999, 0.5000001, 0.75, 0.99, 0.95, 0.6, 0.9999)
 TENSOR_DECAYS = (0.95, float("nan"), 1.5, -0.25)
 
 
@@ -78,12 +81,13 @@ def _same_bits(got, want, message):
 
 
 def check_against_reference(
-    k, pair, sizes, *, skip, tensor_decays, seed, offset=0, steps=STEPS, grid=False
+    k, pair, sizes, *, skip, tensor_decays, seed, offset=0, steps=STEPS, grid=False, decays=None
 ):
     """Runs ``steps`` steps through the cpp backend (one list call when ``sizes`` has more
     than one entry) and through K reference ema_update_ calls per tensor; compares all.
     Where the reference's lerp is not fused, the bits are compared with K compiled
-    ema_update_ calls on the same backend, and the reference within tolerance."""
+    ema_update_ calls on the same backend, and the reference within tolerance. ``decays``
+    replaces _decays(k, tensor_decays)."""
     exact = REFERENCE_FUSED
     weights_dtype, shadow_dtype = pair
     generator = torch.Generator().manual_seed(seed)
@@ -94,7 +98,7 @@ def check_against_reference(
     expected = [[s.clone() for s in profile] for profile in shadows]
     separate = [[s.clone() for s in profile] for profile in shadows]
     skipped_separate = torch.zeros((), dtype=torch.int64)
-    decays = _decays(k, tensor_decays)
+    decays = list(decays) if decays is not None else _decays(k, tensor_decays)
     skipped = torch.zeros((), dtype=torch.int64)
     skipped_ref = torch.zeros((), dtype=torch.int64)
     backend = _backend()
@@ -152,6 +156,23 @@ def test_flat_matches_k_reference_updates(k, pair, skip):
     for n in SIZES:
         skipped = check_against_reference(k, pair, [n], skip=skip, tensor_decays=False, seed=n + k)
         assert (skipped > 0) == (skip and n > 0)
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "propagate"])
+@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
+@pytest.mark.parametrize("k", (2, 3, 5, 8))
+def test_every_decay_above_half(k, pair, skip):
+    """The loop for rates all under 0.5, with numbers and with 0-d tensors; then one rate of
+    exactly 0.5 among them sends the call back to the two-sided lerp."""
+    above = list(ABOVE_HALF_DECAYS[:k])
+    as_tensors = [torch.tensor(d, dtype=torch.float64) if p % 2 else d for p, d in enumerate(above)]
+    with_half = above[:-1] + [0.5]
+    for decays in (above, as_tensors, with_half):
+        for n in (1, 31, 1009, 70_001):
+            skipped = check_against_reference(
+                k, pair, [n], skip=skip, tensor_decays=False, seed=n + k, decays=decays
+            )
+            assert (skipped > 0) == skip
 
 
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
