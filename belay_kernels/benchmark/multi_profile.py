@@ -144,6 +144,10 @@ def _flat_case(pair, k, weights, shadows, backends, compiled, sizes, min_run_tim
     decays = decays_for(k)
     method = f"multi_ema K={k}"
     label = f"{method} {pair}"
+
+    def case_row(**fields):
+        return _row(method=method, dtypes=pair, numel=numel, **fields)
+
     for backend in backends:
         reason = multi_backend_reason(backend, device)
         for kind, step in flat_steps(backend, shadows, weights, decays).items():
@@ -153,10 +157,7 @@ def _flat_case(pair, k, weights, shadows, backends, compiled, sizes, min_run_tim
                 else f"belay_kernels[{backend}] {k} x ema_update_"
             )
             nbytes = (fused_bytes if kind == "fused" else separate_bytes)(numel, k, *sizes)
-            row = _row(
-                method=method,
-                dtypes=pair,
-                numel=numel,
+            row = case_row(
                 impl=name,
                 kind="ours",
                 backend=backend,
@@ -178,10 +179,7 @@ def _flat_case(pair, k, weights, shadows, backends, compiled, sizes, min_run_tim
             rows.append(_timed(row, step, device, min_run_time))
             log(f"  {label} {name}: {row['median_ms']:.2f} ms, {row['gbps']:.1f} GB/s")
     for impl, counted in compiled:
-        row = _row(
-            method=method,
-            dtypes=pair,
-            numel=numel,
+        row = case_row(
             impl=impl,
             kind="peer",
             pass_kind="compiled",
