@@ -43,6 +43,14 @@ def _header(path: Path) -> dict:
     return {k: v for k, v in snap.items() if k not in ("profiles", "buffers")}
 
 
+def _checked_headers(snapshot_dir) -> tuple[list[Path], list[dict]]:
+    """The complete snapshots in ``snapshot_dir`` and their headers, all of one model."""
+    files = snapshot_files(snapshot_dir)
+    headers = [_header(path) for path in files]
+    _check_same_model(files, headers)
+    return files, headers
+
+
 def _check_same_model(files, headers) -> None:
     first = headers[0]
     for path, h in zip(files[1:], headers[1:]):
@@ -89,9 +97,7 @@ def plan(snapshot_dir, *, sigma_rel=None, gamma=None, step=None):
     target_gamma)``, ``coefficients[i][k]`` the weight of profile k of ``files[i]``. Every
     snapshot's header is checked (tensors are not read)."""
     target_gamma = power.resolve_gamma(sigma_rel, gamma)
-    files = snapshot_files(snapshot_dir)
-    headers = [_header(path) for path in files]
-    _check_same_model(files, headers)
+    files, headers = _checked_headers(snapshot_dir)
     used, coeffs, step = _coefficients(headers, step, target_gamma)
     return [files[i] for i in used], [headers[i] for i in used], coeffs, step, target_gamma
 
@@ -150,9 +156,7 @@ def reconstruct_many(
         power.check_gamma(v) if as_gammas else power.sigma_rel_to_gamma(v) for v in sigma_rels
     ]
     snapshots.warn_incomplete(snapshot_dir)
-    files = snapshot_files(snapshot_dir)
-    headers = [_header(path) for path in files]
-    _check_same_model(files, headers)
+    files, headers = _checked_headers(snapshot_dir)
     plans = [_coefficients(headers, step, g) for g in gammas]
     target = plans[0][2]
     weight = {}  # (snapshot index, target) -> coefficients
